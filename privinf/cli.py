@@ -58,13 +58,58 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered model ids")
     models.set_defaults(func=_cmd_models)
 
+    launch = sub.add_parser(
+        "launch", help="start dealer and server locally, run a private inference, stop them",
+        description="Start the dealer (MPC) and server as separate processes on loopback (ports "
+                    "bound with port 0 and announced), run the client here over gRPC with mutual "
+                    "TLS, print the output and the per-layer cost report, then stop the parties.")
+    _add_common_run_args(launch, ("mpc", "he"))
+    launch.add_argument("--preprocess", type=int, default=1,
+                        help="offline material generated ahead for this many inferences")
+    launch.add_argument("--repeat", type=int, default=1,
+                        help="run the same input this many times in one session (reuses offline "
+                             "weight masks); the report is the last run's")
+    launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    launch.add_argument("--workdir", type=Path, default=None,
+                        help="keep certificates and party configs here (default: a temp dir)")
+    launch.add_argument("--verbose", action="store_true", help="show the parties' logs")
+    launch.set_defaults(func=_cmd_launch)
+
+    party = sub.add_parser("party", help="run one party (server or dealer) from a TOML config",
+                           description="Run a long-lived server or dealer party. It prints "
+                                       "'privinf-ready ROLE HOST:PORT' once bound. The client side "
+                                       "is the library (privinf.connect) or `privinf infer`.")
+    party.add_argument("--role", required=True, choices=("client", "server", "dealer"))
+    party.add_argument("--config", required=True, type=Path)
+    party.add_argument("--input", dest="input_text", default=None,
+                       help="client only: the input to run privately")
+    party.add_argument("--protocol", choices=("mpc", "he"), default="mpc", help="client only")
+    party.add_argument("--report", type=Path, default=None, help="client only: JSON report path")
+    party.add_argument("--csv", type=Path, default=None)
+    party.add_argument("--png", type=Path, default=None)
+    party.add_argument("--depth", type=int, default=None)
+    party.set_defaults(func=_cmd_party)
+
+    certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
+                           description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
+                                       "and dealer into DIR (keys mode 0600).")
+    certs.add_argument("--out", required=True, type=Path)
+    certs.add_argument("--host", action="append", default=None,
+                       help="host name or IP the parties are reached at (repeatable; default "
+                            "localhost and 127.0.0.1)")
+    certs.set_defaults(func=_cmd_certs)
+
     return parser
 
 
 def _read_input(bundle: Any, text: str | None) -> Any:
     if text is None:
         raise _usage("--input is required")
-    if bundle.input_kind == "image":
+    return _read_input_kind(bundle.input_kind, text)
+
+
+def _read_input_kind(kind: str, text: str) -> Any:
+    if kind == "image":
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
@@ -114,6 +159,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("output:", _short(result.output))
     _emit_report(report, args)
     return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from models.variants import parse_variant  # noqa: PLC0415
+    from mpc_parties.config import ModelChoice  # noqa: PLC0415
+    from mpc_parties.launch import local_deployment  # noqa: PLC0415
+    from privinf.client import connect  # noqa: PLC0415
+
+    if args.input_text is None:
+        raise _usage("--input is required")
+    if args.repeat < 1:
+        raise _usage(f"--repeat must be >= 1, got {args.repeat}")
+    parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
+    model = ModelChoice(args.model, args.variant,
+                        str(args.overrides.resolve()) if args.overrides else None, args.device)
+    with local_deployment(model, preprocess=max(args.preprocess, args.repeat), workdir=args.workdir,
+                          with_dealer=args.protocol == "mpc", echo_logs=args.verbose) as deployment:
+        with connect(deployment.client, protocol=args.protocol) as session:
+            for _ in range(args.repeat):
+                result = session.infer(_read_input_for(args.model, args.input_text))
+    print("output:", _short(result.output))
+    _emit_report(result.report, args)
+    return 0
+
+
+def _cmd_party(args: argparse.Namespace) -> int:
+    if args.role != "client":
+        from mpc_parties.main import run_party  # noqa: PLC0415
+
+        return run_party(args.role, str(args.config))
+    from mpc_parties.config import load_config  # noqa: PLC0415
+    from privinf.client import connect  # noqa: PLC0415
+
+    if args.input_text is None:
+        raise _usage("the client needs --input")
+    config = load_config(args.config, role="client")
+    with connect(config, protocol=args.protocol) as session:
+        result = session.infer(_read_input_for(config.model.name, args.input_text))
+    print("output:", _short(result.output))
+    _emit_report(result.report, args)
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from protocols.certs import DEFAULT_HOSTS, write_certs  # noqa: PLC0415
+
+    write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS)
+    print(f"certificates for client, server and dealer written to {args.out}")
+    return 0
+
+
+def _read_input_for(model: str, text: str) -> Any:
+    from models.registry import input_kind  # noqa: PLC0415
+
+    return _read_input_kind(input_kind(model), text)
 
 
 def _cmd_variants(_args: argparse.Namespace) -> int:

