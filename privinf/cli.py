@@ -178,7 +178,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           with_dealer=args.protocol == "mpc", echo_logs=args.verbose) as deployment:
         with connect(deployment.client, protocol=args.protocol) as session:
             for _ in range(args.repeat):
-                result = session.infer(_read_input_for(args.model, args.input_text))
+                result = session.infer(_read_input_kind(session.input_kind, args.input_text))
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     return 0
@@ -196,7 +196,7 @@ def _cmd_party(args: argparse.Namespace) -> int:
         raise _usage("the client needs --input")
     config = load_config(args.config, role="client")
     with connect(config, protocol=args.protocol) as session:
-        result = session.infer(_read_input_for(config.model.name, args.input_text))
+        result = session.infer(_read_input_kind(session.input_kind, args.input_text))
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     return 0
@@ -208,12 +208,6 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS)
     print(f"certificates for client, server and dealer written to {args.out}")
     return 0
-
-
-def _read_input_for(model: str, text: str) -> Any:
-    from models.registry import input_kind  # noqa: PLC0415
-
-    return _read_input_kind(input_kind(model), text)
 
 
 def _cmd_variants(_args: argparse.Namespace) -> int:
@@ -245,6 +239,7 @@ def _short(output: Any, limit: int = 8) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `privinf` console script."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

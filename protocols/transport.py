@@ -32,6 +32,7 @@ HEADER_BYTES = 32  # counted per frame on top of the payload: ids, seq, tag, dty
 _ALLOWED_DTYPES = {
     "int64", "int32", "int16", "int8", "uint8", "bool", "float64", "float32", "float16",
 }
+ARRAY_DTYPES = frozenset(_ALLOWED_DTYPES)  # array dtypes a frame may carry (besides bytes, json)
 
 
 class TransportError(RuntimeError):
@@ -67,19 +68,34 @@ class Frame:
     dtype: str
     shape: tuple[int, ...]
     payload: bytes
+    wire: int = 0  # bytes this frame took on the link, when the transport measured them
 
     @property
     def wire_bytes(self) -> int:
-        return len(self.payload) + HEADER_BYTES + len(self.tag)
+        """Measured link bytes if known, else payload plus a nominal header."""
+        return self.wire or len(self.payload) + HEADER_BYTES + len(self.tag)
+
+
+@dataclass
+class LinkStats:
+    """Per-channel totals of data frames: payload bytes alone and bytes on the link."""
+
+    frames_sent: int = 0
+    frames_recv: int = 0
+    payload_sent: int = 0
+    payload_recv: int = 0
+    wire_sent: int = 0
+    wire_recv: int = 0
 
 
 def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     """dtype name, shape and little-endian C-order bytes of ``array``."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d arrays into 1-d
     name = array.dtype.name
     if name not in _ALLOWED_DTYPES:
         raise TypeError(f"cannot send dtype {name}; allowed: {sorted(_ALLOWED_DTYPES)}")
-    return name, tuple(int(d) for d in array.shape), array.astype(array.dtype.newbyteorder("<")).tobytes()
+    little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # no copy if already LE
+    return name, tuple(int(d) for d in array.shape), little.tobytes()
 
 
 def decode_array(dtype: str, shape: tuple[int, ...], payload: bytes) -> np.ndarray:
@@ -110,11 +126,12 @@ class Channel(ABC):
         self._recv_seq = 0
         self._closed = False
         self._peer_error: TransportError | None = None
+        self.stats = LinkStats()
 
     # ----- subclass hooks -----------------------------------------------------------------
     @abstractmethod
-    def _send_frame(self, frame: Frame) -> None:
-        """Put one frame on the link (may chunk it)."""
+    def _send_frame(self, frame: Frame) -> int | None:
+        """Put one frame on the link (may chunk it); return the bytes it took if measured."""
 
     @abstractmethod
     def _recv_frame(self, timeout: float) -> Frame:
@@ -144,9 +161,13 @@ class Channel(ABC):
     def _emit(self, kind: FrameKind, tag: str, dtype: str, shape: tuple[int, ...], data: bytes) -> None:
         frame = Frame(self.session, self._send_seq, tag, kind, dtype, shape, data)
         self._send_seq += 1
-        self._send_frame(frame)
+        measured = self._send_frame(frame)
+        wire = frame.wire_bytes if measured is None else measured
+        self.stats.frames_sent += 1
+        self.stats.payload_sent += len(data)
+        self.stats.wire_sent += wire
         if self.ledger is not None:
-            self.ledger.record_send(frame.wire_bytes)
+            self.ledger.record_send(wire)
 
     # ----- receiving ----------------------------------------------------------------------
     def _next(self, tag: str, timeout: float | None) -> Frame:
@@ -169,6 +190,9 @@ class Channel(ABC):
         if frame.kind == FrameKind.CLOSE:
             self._peer_error = PeerLost(f"{self.peer} closed the session while {self.local} expected {tag!r}")
             raise self._peer_error
+        self.stats.frames_recv += 1
+        self.stats.payload_recv += len(frame.payload)
+        self.stats.wire_recv += frame.wire_bytes
         if self.ledger is not None:
             self.ledger.record_recv(frame.wire_bytes)
         if frame.session != self.session:
@@ -205,9 +229,10 @@ class Channel(ABC):
         """Tell the peer this party failed (reason must hold no secrets), then close."""
         if self._closed:
             return
+        data = reason.encode()[:4096]
         try:
             self._send_frame(Frame(self.session, self._send_seq, "abort", FrameKind.ABORT, "bytes",
-                                   (len(reason),), reason.encode()[:4096]))
+                                   (len(data),), data))
         except Exception:  # noqa: BLE001 - the link may already be gone
             pass
         self._close()
@@ -248,6 +273,7 @@ class MemoryChannel(Channel):
 
     def _send_frame(self, frame: Frame) -> None:
         self._outbox.put(frame)
+        return None
 
     def _recv_frame(self, timeout: float) -> Frame:
         try:

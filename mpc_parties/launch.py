@@ -1,0 +1,159 @@
+"""Local launch: start dealer and server processes on loopback, run the client, stop them all.
+
+Ports are bound with port 0 and announced on each party's stdout (``privinf-ready ...``); the
+launcher waits for those lines, never sleeps. Parties run with ``--exit-with-parent`` so none
+outlives the launcher; a party that dies is named in the error the launcher raises.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from mpc_parties.config import ModelChoice, PartyConfig, dump_config
+from mpc_parties.main import READY_PREFIX
+from privinf.errors import PartyFailure
+from protocols.certs import write_certs
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class PartyProcess:
+    """A started party process and the address it announced."""
+
+    role: str
+    process: subprocess.Popen
+    address: str
+    log_lines: list[str] = field(default_factory=list)
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            tail = " | ".join(self.log_lines[-3:])
+            raise PartyFailure(f"{self.role} process exited with code {code}" + (f": {tail}" if tail else ""))
+
+
+def _drain(stream, sink: list[str]) -> None:
+    for line in iter(stream.readline, ""):
+        sink.append(line.rstrip())
+        if len(sink) > 200:
+            del sink[:100]
+
+
+def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False) -> PartyProcess:
+    """Start one party process and wait for its readiness announcement."""
+    path = workdir / f"{config.role}.toml"
+    path.write_text(dump_config(config))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mpc_parties.main", "--role", config.role, "--config", str(path),
+         "--exit-with-parent"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if echo_logs else subprocess.PIPE,
+        text=True, env=env,
+    )
+    logs: list[str] = []
+    if not echo_logs:
+        threading.Thread(target=_drain, args=(process.stderr, logs), daemon=True).start()
+    announced: list[str] = []
+    done = threading.Event()
+
+    def read_ready() -> None:
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith(READY_PREFIX):
+                announced.append(line.split()[2])
+                done.set()
+                break
+        done.set()
+
+    threading.Thread(target=read_ready, daemon=True).start()
+    if not done.wait(READY_TIMEOUT_S) or not announced:
+        process.kill()
+        process.wait()
+        tail = " | ".join(logs[-3:])
+        raise PartyFailure(f"{config.role} did not become ready (exit code {process.returncode})"
+                           + (f": {tail}" if tail else ""))
+    return PartyProcess(config.role, process, announced[0], logs)
+
+
+def stop_party(party: PartyProcess) -> int | None:
+    """Ask a party to stop (SIGTERM), kill it if it does not within STOP_TIMEOUT_S."""
+    if party.process.poll() is None:
+        party.process.terminate()
+        try:
+            party.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            party.process.kill()
+            party.process.wait()
+    for stream in (party.process.stdin, party.process.stdout):
+        if stream is not None:
+            stream.close()
+    return party.process.returncode
+
+
+@dataclass
+class LocalDeployment:
+    """Certificates, running dealer and server, and a client config pointing at them."""
+
+    workdir: Path
+    client: PartyConfig
+    parties: list[PartyProcess]
+
+    def check_alive(self) -> None:
+        for party in self.parties:
+            party.check_alive()
+
+
+@contextmanager
+def local_deployment(model: ModelChoice, preprocess: int = 1, workdir: Path | None = None,
+                     with_dealer: bool = True, echo_logs: bool = False,
+                     timeout_s: float = 120.0) -> Iterator[LocalDeployment]:
+    """Start dealer (for MPC) and server on loopback; yield; stop both, whatever happens."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="privinf-")
+        workdir = Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = workdir / "certs"
+    write_certs(certs)
+    parties: list[PartyProcess] = []
+    try:
+        peers: dict[str, str] = {}
+        if with_dealer:
+            dealer = start_party(PartyConfig("dealer", certs, timeout_s=timeout_s), workdir, echo_logs)
+            parties.append(dealer)
+            peers["dealer"] = dealer.address
+        server = start_party(PartyConfig("server", certs, peers=dict(peers), model=model,
+                                         preprocess=preprocess, timeout_s=timeout_s), workdir, echo_logs)
+        parties.append(server)
+        peers["server"] = server.address
+        client = PartyConfig("client", certs, peers=peers, model=model, preprocess=preprocess,
+                             timeout_s=timeout_s)
+        (workdir / "client.toml").write_text(dump_config(client))
+        yield LocalDeployment(workdir, client, parties)
+    finally:
+        for party in reversed(parties):
+            stop_party(party)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def wait_all_stopped(parties: list[PartyProcess], timeout: float = STOP_TIMEOUT_S) -> bool:
+    """True when every party process has exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    for party in parties:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            party.process.wait(remaining)
+        except subprocess.TimeoutExpired:
+            return False
+    return True

@@ -1,0 +1,98 @@
+"""Client library: ``with privinf.connect(config) as session: session.infer(x)``.
+
+The client holds the private input and learns only the output. The server loads its model from
+its own configuration; the client never receives weights (it builds the public architecture
+with empty parameters), and the server never receives the input or the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpc_parties.client import open_links
+from mpc_parties.config import PartyConfig, load_config
+from privinf.reports import Report
+
+
+@dataclass(frozen=True)
+class Result:
+    """One private inference: the decoded output and its per-layer cost report."""
+
+    output: Any
+    report: Report
+
+
+class Session:
+    """An open private-inference session (MPC or HE) with a server (and a dealer for MPC)."""
+
+    def __init__(self, config: PartyConfig, protocol: str = "mpc") -> None:
+        if protocol not in ("mpc", "he"):
+            raise ValueError(f"unknown protocol {protocol!r}; expected mpc or he")
+        self.config = config
+        self.protocol = protocol
+        self._links = None
+        self._runner: Any = None
+
+    def __enter__(self) -> "Session":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc is not None)
+
+    def open(self) -> None:
+        """Handshake with the parties and run the offline phase."""
+        links = open_links(self.config, self.protocol)
+        self._links = links
+        try:
+            if self.protocol == "mpc":
+                from protocols.mpc import MpcClient  # noqa: PLC0415
+
+                self._runner = MpcClient(links.spec, self.config.model.overrides, links.server,
+                                         links.dealer, links.ledger)
+            else:
+                from protocols.he import HeClient  # noqa: PLC0415
+
+                self._runner = HeClient(links.spec, self.config, links.server, links.ledger)
+            self._runner.start()
+        except BaseException as exc:
+            links.abort(f"client failed while opening the session: {type(exc).__name__}")
+            self._links = None
+            raise
+
+    @property
+    def input_kind(self) -> str:
+        """What :meth:`infer` takes for this model: "text" or "image" (a [C, H, W] tensor)."""
+        if self._runner is None:
+            raise RuntimeError("session is not open")
+        return self._runner.bundle.input_kind
+
+    def infer(self, value: Any) -> Result:
+        """Run one private inference on ``value`` (text or tensor, per the model)."""
+        if self._runner is None:
+            raise RuntimeError("session is not open (use `with privinf.connect(...) as session`)")
+        output, rows = self._runner.infer(value)
+        report = Report.from_rows(*rows, model=self.config.model.name, protocol=self.protocol,
+                                  variant=self.config.model.variant, output=output)
+        return Result(output, report)
+
+    def close(self, failed: bool = False) -> None:
+        if self._runner is not None:
+            try:
+                if failed:
+                    self._links.abort("client stopped after an error")
+                else:
+                    self._runner.finish()
+                    self._links.close()
+            finally:
+                self._runner = None
+                self._links = None
+
+
+def connect(config: PartyConfig | str | Path, protocol: str = "mpc") -> Session:
+    """A session for the client described by ``config`` (a PartyConfig or a TOML path)."""
+    if not isinstance(config, PartyConfig):
+        config = load_config(config, role="client")
+    return Session(config, protocol)

@@ -1,0 +1,354 @@
+"""The dealer of correlated randomness (Beaver triples and friends) for 2-party MPC.
+
+The dealer shares one 128-bit seed with each computing party (sent once, offline, over the
+mutually authenticated link). For tuple request number ``k`` every party expands its own shares
+locally from ``Stream(seed_p, "tuple/k")``; party 1 expands *all* of its shares, party 0 expands
+its random operands (a0, b0, ...) but not the dependent one. The dealer expands both parties'
+streams, computes the full tuple and sends party 0 only its dependent share, the *correction*
+(e.g. ``c0 = (a0 + a1) * (b0 + b1) - c1``). So the dealer ships one tensor per request, to one
+party, and nothing to party 1. CrypTen's TTP does the same with Mersenne-Twister generators and
+``torch.distributed``; this module is the CSPRNG, channel-based replacement.
+
+Request descriptors (:class:`TupleRequest`) are public: kind, shapes, op and conv arguments,
+nothing secret. For a given model, variant and input shape the sequence is deterministic, so it
+can be recorded once (:class:`RequestSchedule`) and the dealer can generate the corrections for
+``N`` inferences ahead of time (preprocessed mode) instead of answering request by request
+(online mode). Both modes are served by :meth:`Dealer.serve` over one :class:`Channel` per party.
+
+Wire messages on a party<->dealer channel (JSON control + raw int64 arrays, nothing pickled):
+``dealer.seed`` (16 bytes, dealer -> party, once), ``dealer.msg`` JSON from the party
+(``{"type": "tuple", "index", "request"}``, ``{"type": "preprocess", "start", "inferences",
+"schedule"}``, ``{"type": "ws_preprocess", ...}`` (see :mod:`protocols.secure_linear`),
+``{"type": "end"}``), and ``dealer.corr`` arrays back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Any, Iterator
+
+import torch
+
+from privinf.costs import Ledger, Phase
+from protocols import secure_linear
+from protocols.csprng import SEED_BYTES, Stream, check_seed, new_seed
+from protocols.transport import Channel
+
+TAG_SEED = "dealer.seed"
+TAG_MSG = "dealer.msg"
+TAG_CORR = "dealer.corr"
+
+KINDS = ("additive", "square", "binary", "wraps", "B2A")
+ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
+_CONV_KWARGS = ("stride", "padding", "dilation", "groups", "output_padding")
+CORRECTED_RANK = 0  # the party that receives corrections for CrypTen tuples
+WORLD_SIZE = 2
+
+
+class DealerError(ValueError):
+    """A malformed, unexpected or mismatched dealer request or reply."""
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in value)
+    except TypeError:
+        raise DealerError(f"{what} must be a list of ints, got {value!r}") from None
+    if any(d < 0 for d in dims):
+        raise DealerError(f"{what} has a negative dimension: {list(dims)}")
+    return dims
+
+
+def _kwarg_value(key: str, value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
+    if isinstance(value, int):
+        return value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TupleRequest:
+    """One public request for correlated randomness, as CrypTen's provider receives it."""
+
+    kind: str
+    size0: tuple[int, ...]
+    size1: tuple[int, ...] = ()
+    op: str = ""
+    kwargs: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "additive" and self.op not in ADDITIVE_OPS:
+            raise DealerError(f"unsupported additive-triple op {self.op!r}; expected one of {ADDITIVE_OPS}")
+        if self.kind != "additive" and (self.op or self.kwargs):
+            raise DealerError(f"{self.kind} requests take no op or op arguments")
+        for key, _ in self.kwargs:
+            if key not in _CONV_KWARGS:
+                raise DealerError(f"unsupported op argument {key!r}; expected one of {_CONV_KWARGS}")
+
+    @classmethod
+    def additive(cls, size0: Any, size1: Any, op: str, **kwargs: Any) -> "TupleRequest":
+        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
+        return cls("additive", _dims(size0, "size0"), _dims(size1, "size1"), op, items)
+
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of the dependent tensor (c, r^2, theta_r or rA), computed on meta tensors."""
+        if self.kind == "additive":
+            a = torch.empty(self.size0, device="meta")
+            b = torch.empty(self.size1, device="meta")
+            try:
+                return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
+            except RuntimeError as exc:
+                raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
+                                  f"is invalid: {str(exc).splitlines()[0]}") from None
+        if self.kind == "binary":
+            return tuple(torch.broadcast_shapes(self.size0, self.size1))
+        return self.size0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "size0": list(self.size0)}
+        if self.kind in ("additive", "binary"):
+            out["size1"] = list(self.size1)
+        if self.op:
+            out["op"] = self.op
+        if self.kwargs:
+            out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> "TupleRequest":
+        if not isinstance(data, dict) or "kind" not in data or "size0" not in data:
+            raise DealerError(f"malformed tuple request: {data!r}")
+        kwargs = data.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise DealerError(f"tuple request kwargs must be an object, got {kwargs!r}")
+        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
+        return cls(str(data["kind"]), _dims(data["size0"], "size0"),
+                   _dims(data.get("size1", []), "size1"), str(data.get("op", "")), items)
+
+
+class RequestSchedule:
+    """The ordered, public list of tuple requests one inference makes (recorded by party 0)."""
+
+    def __init__(self, requests: list[TupleRequest] | None = None) -> None:
+        self.requests: list[TupleRequest] = list(requests or [])
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, index: int) -> TupleRequest:
+        return self.requests[index]
+
+    def append(self, request: TupleRequest) -> None:
+        self.requests.append(request)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.requests]
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RequestSchedule":
+        if not isinstance(data, list):
+            raise DealerError(f"a request schedule is a JSON list, got {type(data).__name__}")
+        return cls([TupleRequest.from_json(item) for item in data])
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON (both sides check they preprocess the same schedule)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def correction_bytes(self) -> int:
+        """Bytes of corrections party 0 stores per inference of this schedule."""
+        return sum(8 * _numel(r.output_shape()) for r in self.requests)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def count_wraps(shares: list[torch.Tensor]) -> torch.Tensor:
+    """How many times the int64 sum of ``shares`` wraps around 2^64 (signed), as in CrypTen."""
+    result = torch.zeros_like(shares[0])
+    prev = shares[0]
+    for cur in shares[1:]:
+        nxt = prev + cur
+        result -= ((prev < 0) & (cur < 0) & (nxt >= 0)).long()
+        result += ((prev >= 0) & (cur >= 0) & (nxt < 0)).long()
+        prev = nxt
+    return result
+
+
+def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> dict[str, torch.Tensor]:
+    """The shares party ``rank`` derives locally for request ``index`` (all but its correction).
+
+    Party 1 gets every share; party 0 gets the random operands only. The order of reads from
+    the stream is fixed per kind: this function is the single definition both the parties and
+    the dealer use, so they cannot drift apart.
+    """
+    if rank not in (0, 1):
+        raise DealerError(f"the dealer serves 2 parties (ranks 0 and 1), not rank {rank}")
+    stream = Stream(seed, f"tuple/{index}")
+    helper = rank != CORRECTED_RANK
+    out: dict[str, torch.Tensor] = {}
+    if request.kind == "additive":
+        out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
+        if helper:
+            out["c"] = stream.ring(request.output_shape())
+    elif request.kind == "square":
+        out["r"] = stream.ring(request.size0)
+        if helper:
+            out["r2"] = stream.ring(request.size0)
+    elif request.kind == "binary":
+        out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
+        if helper:
+            out["c"] = stream.ring(request.output_shape())
+    elif request.kind == "wraps":
+        out["r"] = stream.ring(request.size0)
+        if helper:
+            out["theta_r"] = stream.ring(request.size0)
+    else:  # B2A
+        out["rB"] = stream.bits(request.size0, 1)
+        if helper:
+            out["rA"] = stream.ring(request.size0)
+    return out
+
+
+def compute_correction(seeds: dict[int, bytes], index: int, request: TupleRequest) -> torch.Tensor:
+    """Party 0's dependent share for request ``index``: full value minus party 1's share."""
+    p0 = expand_shares(seeds[0], 0, index, request)
+    p1 = expand_shares(seeds[1], 1, index, request)
+    if request.kind == "additive":
+        full = getattr(torch, request.op)(p0["a"] + p1["a"], p0["b"] + p1["b"], **dict(request.kwargs))
+        return full - p1["c"]
+    if request.kind == "square":
+        r = p0["r"] + p1["r"]
+        return r * r - p1["r2"]
+    if request.kind == "binary":
+        return ((p0["a"] ^ p1["a"]) & (p0["b"] ^ p1["b"])) ^ p1["c"]
+    if request.kind == "wraps":
+        return count_wraps([p0["r"], p1["r"]]) - p1["theta_r"]
+    return (p0["rB"] ^ p1["rB"]) - p1["rA"]
+
+
+def send_seed(channel: Channel, seed: bytes) -> None:
+    """Dealer side of seed distribution (once per session, offline)."""
+    channel.send(TAG_SEED, check_seed(seed))
+
+
+def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
+    """Party side of seed distribution; records the seed as offline storage."""
+    data = channel.recv(TAG_SEED)
+    if not isinstance(data, bytes) or len(data) != SEED_BYTES:
+        raise DealerError(f"dealer seed must be {SEED_BYTES} raw bytes")
+    if ledger is not None:
+        with ledger.phase(Phase.OFFLINE):
+            ledger.record_storage("seeds", SEED_BYTES)
+    return data
+
+
+class Dealer:
+    """Holds one seed per computing party and answers requests for corrections.
+
+    ``serve(channel, rank)`` runs the request loop for one party's link until that party sends
+    ``end``; run one loop per party link (threads or tasks) when both talk to the dealer.
+    """
+
+    def __init__(self, ledger: Ledger | None = None, seeds: dict[int, bytes] | None = None) -> None:
+        self.ledger = ledger
+        self._seeds = {r: check_seed(s) for r, s in (seeds or {0: new_seed(), 1: new_seed()}).items()}
+        if sorted(self._seeds) != [0, 1]:
+            raise DealerError(f"the dealer needs seeds for ranks 0 and 1, got ranks {sorted(self._seeds)}")
+        if ledger is not None:
+            with ledger.phase(Phase.OFFLINE):
+                ledger.record_storage("seeds", SEED_BYTES * len(self._seeds))
+
+    def __repr__(self) -> str:  # never shows the seeds
+        return "Dealer(ranks=[0, 1])"
+
+    def distribute_seeds(self, channels: dict[int, Channel]) -> None:
+        """Send each party its seed (offline)."""
+        for rank, channel in channels.items():
+            if rank not in self._seeds:
+                raise DealerError(f"no seed for rank {rank}")
+            if self.ledger is not None:
+                with self.ledger.phase(Phase.OFFLINE):
+                    send_seed(channel, self._seeds[rank])
+            else:
+                send_seed(channel, self._seeds[rank])
+
+    def correction(self, index: int, request: TupleRequest) -> torch.Tensor:
+        """Party 0's correction for request ``index``."""
+        return compute_correction(self._seeds, index, request)
+
+    def preprocess(self, start: int, inferences: int, schedule: RequestSchedule) -> Iterator[torch.Tensor]:
+        """Corrections for ``inferences`` runs of ``schedule`` starting at request ``start``."""
+        if inferences < 1:
+            raise DealerError(f"inferences must be >= 1, got {inferences}")
+        if len(schedule) == 0:
+            raise DealerError("cannot preprocess an empty request schedule")
+        index = start
+        for _ in range(inferences):
+            for request in schedule.requests:
+                yield self.correction(index, request)
+                index += 1
+
+    def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
+        """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
+
+        A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
+        """
+        sent = 0
+        expected_index = 0
+        while True:
+            msg = channel.recv_json(TAG_MSG)
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            if kind == "end":
+                return sent
+            if kind == "report":
+                if on_report is None:
+                    raise DealerError("this dealer link does not serve reports")
+                on_report()
+                continue
+            if kind == "tuple":
+                self._require_rank0(rank, kind)
+                index = int(msg["index"])
+                if index < expected_index:
+                    raise DealerError(f"request index {index} repeats or goes back (expected >= {expected_index})")
+                expected_index = index + 1
+                self._send(channel, self.correction(index, TupleRequest.from_json(msg["request"])), Phase.ONLINE)
+                sent += 1
+            elif kind == "preprocess":
+                self._require_rank0(rank, kind)
+                schedule = RequestSchedule.from_json(msg["schedule"])
+                start, n = int(msg["start"]), int(msg["inferences"])
+                if start < expected_index:
+                    raise DealerError(f"preprocess start {start} overlaps requests already served")
+                expected_index = start + n * len(schedule)
+                for corr in self.preprocess(start, n, schedule):
+                    self._send(channel, corr, Phase.OFFLINE)
+                    sent += 1
+            elif kind == "ws_preprocess":
+                for corr in secure_linear.dealer_corrections(self._seeds, rank, msg):
+                    self._send(channel, corr, Phase.OFFLINE)
+                    sent += 1
+            else:
+                raise DealerError(f"unknown dealer message type {kind!r}")
+
+    @staticmethod
+    def _require_rank0(rank: int, kind: str) -> None:
+        if rank != CORRECTED_RANK:
+            raise DealerError(f"{kind!r} requests come from rank {CORRECTED_RANK}, not rank {rank}")
+
+    def _send(self, channel: Channel, tensor: torch.Tensor, phase: Phase) -> None:
+        if self.ledger is None:
+            channel.send(TAG_CORR, tensor)
+            return
+        with self.ledger.phase(phase):
+            channel.send(TAG_CORR, tensor)

@@ -1,0 +1,266 @@
+"""KV-cache selection on secret shares: top-k by comparisons, one-hot gathering, cost model.
+
+:class:`ObliviousSelector` implements :class:`models.kv_pruning.Selector` so the pruning
+policies run unchanged on CrypTen ``MPCTensor`` shares (the functions are duck-typed and run
+on torch tensors too, which the tests use as a reference). Nothing is opened: the selection is
+a secret 0/1 matrix ``S`` [..., k, n] and gathering is the matmul ``S @ X``. The parties learn
+only public sizes (n, k, the number of threshold iterations); which entries were kept is secret.
+
+Top-k, two ways:
+
+* **rank** (exact, for small n such as cluster scores): ``rank_i = #{j : s_j beats s_i}`` from
+  one batch of n^2 comparisons (ties broken by index: the earlier entry wins), then
+  ``keep_i = [rank_i < k]``.
+* **threshold** (for long prompts): a secret bisection on a public range ``[-bound, bound]``;
+  each iteration counts ``#{s_i > mid}`` (n comparisons) and moves ``lo`` or ``hi`` by a secret
+  bit (one comparison, one product). At the end ``s > hi`` holds at most k entries and
+  ``s > lo`` more than k; the missing ones are filled from ``(lo, hi]`` latest first, so exactly
+  k are kept (the exact top-k whenever the bracket is narrower than the gap at the k-th score).
+
+Compaction to an order-preserving one-hot: ``slot_i = #kept before i`` (a local prefix sum),
+``S[t, i] = [z_i > t - 1/2] - [z_i > t + 1/2]`` with ``z = slot + BIG (1 - keep)``: (k+1) n
+comparisons, one batch.
+
+Fixed point: scores are encoded at 2^-16, so ties below that resolution are broken by index;
+counts and slots are exact small integers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models import ops
+from models.config import ModelConfig
+from models.kv_pruning import KVPolicy, Plan
+
+_ULP = 2.0**-16
+_BIG = 1.0e4
+
+
+class SelectError(ValueError):
+    """Bad selection size, method or score bound."""
+
+
+def greater_than_zero(x: Any) -> Any:
+    """``[x > 0]`` as 0/1 in the operand's own type (a secret bit on shares)."""
+    return (x > 0).to(x.dtype) if ops.is_plain(x) else x > 0
+
+
+def _check(n: int, k: int) -> None:
+    if not 1 <= k <= n:
+        raise SelectError(f"top-k needs 1 <= k <= n, got k={k}, n={n}")
+
+
+def ranks(scores: Any) -> Any:
+    """Descending rank of each entry of ``scores`` [..., n] (0 = largest), ties by index."""
+    n = scores.shape[-1]
+    diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [..., j, i] = s_j - s_i
+    earlier = torch.triu(torch.ones(n, n), diagonal=1) * _ULP  # j < i wins a tie
+    return greater_than_zero(diff + earlier).sum(-2)
+
+
+def rank_topk_mask(scores: Any, k: int) -> Any:
+    """0/1 mask [..., n] of the k largest entries (exact; n^2 + n comparisons)."""
+    _check(scores.shape[-1], k)
+    return greater_than_zero((k - 0.5) - ranks(scores))
+
+
+def _suffix_count(bits: Any) -> Any:
+    """``sum_{j >= i} bits_j`` along the last dim (local on shares)."""
+    return bits.sum(-1, keepdim=True) - bits.cumsum(-1) + bits
+
+
+def threshold_topk_mask(scores: Any, k: int, bound: float, iterations: int | None = None) -> Any:
+    """0/1 mask [..., n] of k entries found by secret bisection on ``[-bound, bound]``."""
+    n = scores.shape[-1]
+    _check(n, k)
+    if not bound > 0 or not math.isfinite(bound):
+        raise SelectError(f"threshold top-k needs a public bound > 0 on |scores|, got {bound!r}")
+    if iterations is None:
+        iterations = max(1, math.ceil(math.log2(2.0 * bound / _ULP)) - 2)
+    lead = scores.shape[:-1] + (1,)
+    lo = torch.full(lead, -bound * (1.0 + 1e-3)) if ops.is_plain(scores) else None
+    hi = torch.full(lead, bound * (1.0 + 1e-3))
+    lo_val: Any = lo if lo is not None else torch.full(lead, -bound * (1.0 + 1e-3))
+    hi_val: Any = hi
+    for _ in range(iterations):
+        half = (hi_val - lo_val) * 0.5
+        mid = lo_val + half
+        above = greater_than_zero(scores - mid).sum(-1, keepdim=True)
+        too_many = greater_than_zero(above - (k + 0.5))
+        step = too_many * half if not ops.is_plain(too_many) or not ops.is_plain(half) \
+            else too_many * half
+        lo_val = lo_val + step
+        hi_val = mid + step
+    keep = greater_than_zero(scores - hi_val)
+    candidate = greater_than_zero(scores - lo_val) - keep
+    missing = k - keep.sum(-1, keepdim=True)
+    z = _suffix_count(candidate) + (1.0 - candidate) * _BIG
+    return keep + greater_than_zero(missing + 0.5 - z)
+
+
+def compact(keep: Any, k: int) -> Any:
+    """Order-preserving one-hot [..., k, n] of a 0/1 mask [..., n] with exactly k ones."""
+    slot = keep.cumsum(-1) - keep
+    z = slot + (1.0 - keep) * _BIG
+    thresholds = (torch.arange(k + 1, dtype=torch.float32) - 0.5).unsqueeze(-1)
+    above = greater_than_zero(z.unsqueeze(-2) - thresholds)  # [..., k+1, n]
+    top = ops.index(above, above.dim() - 2, torch.arange(k))
+    bottom = ops.index(above, above.dim() - 2, torch.arange(1, k + 1))
+    return top - bottom
+
+
+def rank_onehot(scores: Any, k: int) -> Any:
+    """One-hot [..., k, n] of the k largest entries in descending score order."""
+    _check(scores.shape[-1], k)
+    r = ranks(scores)
+    thresholds = (torch.arange(k + 1, dtype=torch.float32) - 0.5).unsqueeze(-1)
+    above = greater_than_zero(r.unsqueeze(-2) - thresholds)
+    top = ops.index(above, above.dim() - 2, torch.arange(k))
+    bottom = ops.index(above, above.dim() - 2, torch.arange(1, k + 1))
+    return top - bottom
+
+
+class ObliviousSelector:
+    """:class:`models.kv_pruning.Selector` on shares: secret one-hot selections, nothing opened.
+
+    ``exact_limit``: up to this many candidates use the exact rank method, above it the
+    threshold bisection (which needs the caller's public ``bound``).
+    """
+
+    oblivious = True
+
+    def __init__(self, exact_limit: int = 64, iterations: int | None = None) -> None:
+        if exact_limit < 1:
+            raise SelectError(f"exact_limit must be >= 1, got {exact_limit}")
+        self.exact_limit, self.iterations = exact_limit, iterations
+
+    def method(self, n: int, bound: float) -> str:
+        return "rank" if n <= self.exact_limit or not bound > 0 else "threshold"
+
+    def top_k(self, scores: Any, k: int, ordered: bool, bound: float = 0.0) -> Any:
+        n = scores.shape[-1]
+        if self.method(n, bound) == "threshold":
+            return compact(threshold_topk_mask(scores, k, bound, self.iterations), k)
+        if ordered:
+            return compact(rank_topk_mask(scores, k), k)
+        return rank_onehot(scores, k)
+
+    def gather(self, selection: Any, x: Any) -> Any:
+        return ops.matmul(selection, x)
+
+
+def indices_of(onehot: torch.Tensor) -> torch.Tensor:
+    """Revealed one-hot [..., k, n] -> indices [..., k] (for tests and debugging only)."""
+    return onehot.round().argmax(-1)
+
+
+# ----- cost model ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpCount:
+    """``elements`` of one MPC op kind in one decode step, summed over layers.
+
+    Kinds: ``open`` (ring elements each party sends to open Beaver-masked operands of secret x
+    secret products), ``compare`` (secret comparisons), ``exp`` and ``reciprocal`` (CrypTen's
+    iterative approximations), ``rounds`` (sequential rounds of the op on the critical path).
+    """
+
+    what: str
+    kind: str
+    elements: int
+    rounds: int
+
+
+# Per-element costs per party from DESIGN.md's measured baselines (CrypTen 0.4.1, 2 parties):
+# ReLU [128,3072] 87 MiB -> ~232 B and 9 rounds a comparison; exp by 8 squarings -> 8 opens;
+# a Newton reciprocal ~ 20 opens. An open is one 8-byte ring element.
+BYTES_PER = {"open": 8, "compare": 232, "exp": 64, "reciprocal": 160}
+ROUNDS_PER = {"open": 1, "compare": 9, "exp": 8, "reciprocal": 20}
+
+
+def _attention_ops(config: ModelConfig, attended: int) -> list[OpCount]:
+    """One layer's attention on ``attended`` secret entries for one query (softmax kernel)."""
+    h, d = config.heads, config.head_dim
+    rows = h
+    return [
+        OpCount("qk", "open", h * d + h * attended * d, 1),
+        OpCount("softmax.max", "compare", rows * max(attended - 1, 0),
+                math.ceil(math.log2(max(attended, 2)))),
+        OpCount("softmax.exp", "exp", rows * attended, 1),
+        OpCount("softmax.recip", "reciprocal", rows, 1),
+        OpCount("softmax.norm", "open", 2 * rows * attended, 1),
+        OpCount("pv", "open", rows * attended + h * attended * d, 1),
+    ]
+
+
+def _selection_ops(config: ModelConfig, plan: Plan) -> list[OpCount]:
+    """One selecting layer's cluster scoring, rank top-k and one-hot gathering."""
+    kvh, h, d = config.kv_heads, config.heads, config.head_dim
+    c, r, m = plan.clusters, plan.chosen, plan.cluster_size
+    return [
+        OpCount("select.similarity", "open", h * d + kvh * c * d, 1),
+        OpCount("select.rank", "compare", kvh * c * c, 1),
+        OpCount("select.keep", "compare", kvh * c, 1),
+        OpCount("select.compact", "compare", kvh * (r + 1) * c, 1),
+        OpCount("select.gather", "open", 2 * (kvh * r * c + kvh * c * m * d), 1),
+    ]
+
+
+def decode_step_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
+                     context: int) -> list[OpCount]:
+    """Attention and selection ops of one decode step at ``context`` tokens, all layers.
+
+    The rest of the layer (projections, MLP, norms) is the same for every policy and left out.
+    """
+    plan = policy.plan(prompt, context, config.layers)
+    out = [OpCount(o.what, o.kind, o.elements * config.layers, o.rounds * config.layers)
+           for o in _attention_ops(config, plan.attended)]
+    if plan.clusters:
+        for o in _selection_ops(config, plan):
+            out.append(OpCount(o.what, o.kind, o.elements * plan.selecting_layers,
+                               o.rounds * plan.selecting_layers))
+    return out
+
+
+def eviction_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
+                  selector: ObliviousSelector | None = None) -> list[OpCount]:
+    """One-time ops of the static eviction after prefill (score, top-k, compaction, gather)."""
+    split = getattr(policy, "split", None)
+    if split is None:
+        return []
+    sink, chosen, recent = split(prompt)
+    n = prompt - sink - recent
+    if chosen >= n:
+        return []
+    selector = selector or ObliviousSelector()
+    kvh, d, layers = config.kv_heads, config.head_dim, config.layers
+    w = prompt if policy.window is None else min(policy.window, prompt)
+    voters = w * config.heads
+    bound = float(w * config.heads // kvh)
+    if selector.method(n, bound) == "rank":
+        top = [OpCount("evict.rank", "compare", kvh * (n * n + n) * layers, 2 * layers)]
+    else:
+        it = selector.iterations or max(1, math.ceil(math.log2(2.0 * bound / _ULP)) - 2)
+        top = [OpCount("evict.bisect", "compare", kvh * it * (n + 1) * layers, 2 * it * layers),
+               OpCount("evict.bisect.step", "open", kvh * it * 2 * layers, it * layers),
+               OpCount("evict.fill", "compare", kvh * 3 * n * layers, 2 * layers)]
+    return [
+        OpCount("evict.scores", "open", (voters * d + config.heads * prompt * d) * layers, layers),
+        OpCount("evict.softmax.max", "compare", voters * prompt * layers,
+                math.ceil(math.log2(prompt)) * layers),
+        OpCount("evict.softmax.exp", "exp", voters * prompt * layers, layers),
+        *top,
+        OpCount("evict.compact", "compare", kvh * (chosen + 1) * n * layers, layers),
+        OpCount("evict.gather", "open", 2 * kvh * (chosen * n + n * d) * layers, layers),
+    ]
+
+
+def estimate(counts: list[OpCount]) -> dict[str, float]:
+    """Bytes each party sends and rounds, from :data:`BYTES_PER` / :data:`ROUNDS_PER`."""
+    sent = sum(o.elements * BYTES_PER[o.kind] for o in counts)
+    rounds = sum(o.rounds * ROUNDS_PER[o.kind] for o in counts)
+    return {"bytes": float(sent), "rounds": float(rounds)}

@@ -1,0 +1,397 @@
+"""The MPC inference protocol: client (rank 0), server (rank 1) and dealer, over any Channel.
+
+Per session (offline):
+  1. The dealer hands each computing party a 128-bit CSPRNG seed.
+  2. Both parties start CrypTen over their channel (``crypten_comm``) and bind the CSPRNG
+     randomness and the dealer provider (``crypten_provider``).
+  3. The server sends the public calibration constants of its model (one power of two per
+     norm / normaliser, documented in docs/architecture.md); the client builds the public
+     architecture with empty weights and applies them.
+  4. Every linear layer (and the word embedding, a one-hot matmul) becomes a weight-stationary
+     secure linear: the server sends ``F = W - B`` once; the client stores it. Remaining weights
+     (norm gains, biases, position tables) are secret-shared by the server.
+Per inference:
+  5. The client announces the public input shape; offline material for that shape is fetched
+     (weight-stationary corrections for the server; Beaver/comparison corrections for the
+     client, preprocessed from the recorded request schedule once the shape has been seen).
+  6. The client secret-shares its input, both run the same model forward on shares with ledger
+     scopes per module, and the server sends its output share to the client only.
+  7. The server and the dealer send their ledger rows to the client, which builds the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.layers import Calibrated, Embedding, Linear
+from models.registry import ModelBundle, load_model
+from models.variants import parse_variant
+from privinf.costs import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
+from protocols import crypten_provider
+from protocols.crypten_comm import crypten_session
+from protocols.cryptenlib import MPCTensor, crypten
+from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, receive_seed
+from protocols.secure_linear import SecureLinearClient, SecureLinearServer, preprocess_server
+from protocols.transport import Channel, ProtocolError
+
+log = logging.getLogger("privinf.mpc")
+
+CLIENT, SERVER = 0, 1
+TAG_CALIB = "mpc.calibration"
+TAG_INFER = "mpc.infer"
+TAG_OUTPUT = "mpc.output"
+TAG_ROWS = "mpc.rows"
+TAG_DEALER_ROWS = "dealer.rows"
+SCALE_BITS = 16
+MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for products up to 2^31
+
+
+class MpcInputError(ValueError):
+    """The client's input cannot be computed on privately (shape, NaN/inf, range)."""
+
+
+# ----- model preparation (same module order on both sides: CrypTen calls must match) ----------
+def secure_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules computed with weight-stationary triples: every Linear and the word embedding."""
+    targets = []
+    for path, module in model.named_modules():
+        if isinstance(module, Linear):
+            targets.append((path, module))
+        elif isinstance(module, Embedding) and path.rsplit(".", 1)[-1] == "embed":
+            targets.append((path, module))
+    return targets
+
+
+class _EmbeddingAsLinear(nn.Module):
+    """A one-hot input times a table [vocab, dim] is a linear layer with weight table^T."""
+
+    op_kind = "embedding"
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Any) -> Any:
+        return self.inner(x)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, module)
+
+
+def calibration_of(model: nn.Module) -> dict[str, Any]:
+    """Public calibration constants: per Calibrated module its mpc_scale (and affine flag)."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Calibrated):
+            out[path] = {"mpc_scale": module.mpc_scale,
+                         "calibrated": bool(getattr(module, "calibrated", True))}
+    return out
+
+
+def apply_calibration(model: nn.Module, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise ProtocolError("calibration message is not a JSON object")
+    mine = {path for path, m in model.named_modules() if isinstance(m, Calibrated)}
+    if set(data) != mine:
+        raise ProtocolError("server's calibrated modules do not match the client's architecture "
+                            "(model or variant mismatch)")
+    for path, values in data.items():
+        module = model.get_submodule(path)
+        module.mpc_scale = float(values["mpc_scale"])
+        if hasattr(module, "calibrated"):
+            module.calibrated = bool(values["calibrated"])
+
+
+def strip_weights(model: nn.Module) -> None:
+    """Zero every parameter: the client keeps only the public architecture."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+
+
+def _share_remaining(model: nn.Module) -> None:
+    """Secret-share the server's remaining parameters (rank 1 provides, rank 0 passes shape)."""
+    from models.ops import replace_parameters  # noqa: PLC0415
+
+    replace_parameters(model, lambda p: crypten.cryptensor(p.float(), src=SERVER))
+
+
+def _hidden_shapes(model: nn.Module, targets: list[tuple[str, nn.Module]], input_shape: tuple[int, ...],
+                   vocab: int | None) -> list[tuple[int, ...]]:
+    """Input shape of every target layer for an input of ``input_shape`` (plaintext dry run)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = [module.register_forward_pre_hook(
+        lambda _m, args, path=path: shapes.__setitem__(path, tuple(args[0].shape)))
+        for path, module in targets]
+    try:
+        with torch.no_grad():
+            model(_dummy_input(input_shape, vocab))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [path for path, _ in targets if path not in shapes]
+    if missing:
+        raise ProtocolError(f"layers not reached by the forward pass: {missing[:3]}")
+    return [shapes[path] for path, _ in targets]
+
+
+def _dummy_input(shape: tuple[int, ...], vocab: int | None) -> torch.Tensor:
+    if vocab is not None:
+        return torch.zeros(*shape, vocab)
+    return torch.zeros(*shape)
+
+
+# ----- the computing parties ------------------------------------------------------------------
+class _Party:
+    """What client and server share: CrypTen session, bound randomness, prepared model."""
+
+    rank: int
+
+    def __init__(self, spec: Any, overrides: str | None, peer: Channel, dealer: Channel, ledger: Ledger) -> None:
+        self.spec = spec
+        self.overrides = overrides
+        self.peer = peer
+        self.dealer = dealer
+        self.ledger = ledger
+        self._stack = contextlib.ExitStack()
+        self.bundle: ModelBundle | None = None
+        self.context: Any = None
+        self.model: nn.Module | None = None
+        self.targets: list[tuple[str, nn.Module]] = []
+        self._hooks: Any = None
+        self._schedules: dict[tuple[int, ...], RequestSchedule] = {}
+        self._ws_left: dict[tuple[int, ...], int] = {}
+        self._used: dict[tuple[int, ...], int] = {}
+        self.inferences = 0
+
+    # session ----------------------------------------------------------------------------------
+    def _open(self) -> None:
+        with self.ledger.scope("setup", "offline"), self.ledger.phase(Phase.OFFLINE):
+            seed = receive_seed(self.dealer, self.ledger)
+            crypten_provider.install()  # before crypten.init: CSPRNG generators and our provider
+            self._stack.callback(crypten_provider.uninstall)
+            self._stack.enter_context(crypten_session(self.peer, self.rank, self.ledger))
+            self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger)
+            self._stack.enter_context(crypten_provider.bind(self.context))
+            self.bundle = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides))
+            self.model = self.bundle.model.eval()
+            self.vocab = self._vocab()
+            self._calibrate()
+            self.targets = secure_targets(self.model)
+            self._install_secure_layers(seed)
+            _share_remaining(self.model)
+        self._hooks = self.ledger.attach(self.model, prefix=self.bundle.name)
+        self._stack.callback(self._hooks.remove)
+
+    def _vocab(self) -> int | None:
+        embed = getattr(self.model, "embed", None)
+        return embed.num if isinstance(embed, Embedding) else None
+
+    def close(self, orderly: bool = True) -> None:
+        try:
+            if orderly and self.context is not None:
+                self.context.provider.close()
+        finally:
+            self._stack.close()
+
+    # per inference ----------------------------------------------------------------------------
+    def _forward(self, x: MPCTensor) -> MPCTensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
+        with self.ledger.scope("input", "share"):
+            if self.rank == CLIENT:
+                return crypten.cryptensor(value, src=CLIENT)
+            size = shape + ((self.vocab,) if self.vocab is not None else ())
+            return crypten.cryptensor(torch.zeros(size), src=CLIENT)
+
+    def _run(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
+        """Both parties: provider schedule handling + input sharing + forward."""
+        provider = self.context.provider
+        schedule = self._schedules.get(shape)
+        if schedule is not None and provider.stored == 0 and len(schedule):
+            with self.ledger.scope("preprocess", "offline"):
+                provider.preprocess(schedule, self._budget(shape))
+        if schedule is None:
+            with provider.recording() as recorded:
+                out = self._forward(self._share_input(value, shape))
+            self._schedules[shape] = recorded
+        else:
+            out = self._forward(self._share_input(value, shape))
+        self._used[shape] = self._used.get(shape, 0) + 1
+        return out
+
+    def _budget(self, shape: tuple[int, ...]) -> int:
+        """Inferences of ``shape`` to preprocess now: what is left of the session's budget."""
+        return max(1, self.spec.preprocess - self._used.get(shape, 0))
+
+
+class MpcClient(_Party):
+    """Client (rank 0): holds the input, learns the output, never holds weights."""
+
+    rank = CLIENT
+
+    def __init__(self, spec: Any, overrides: str | None, server: Channel, dealer: Channel, ledger: Ledger) -> None:
+        super().__init__(spec, overrides, server, dealer, ledger)
+
+    def start(self) -> None:
+        self._open()
+
+    def _calibrate(self) -> None:
+        strip_weights(self.model)
+        apply_calibration(self.model, self.peer.recv_json(TAG_CALIB))
+
+    def _install_secure_layers(self, seed: bytes) -> None:
+        for path, module in self.targets:
+            if isinstance(module, Embedding):
+                layer = SecureLinearClient(path, module.num, module.dim, seed, self.peer, self.ledger)
+                _replace(self.model, path, _EmbeddingAsLinear(layer))
+            else:
+                layer = SecureLinearClient(path, module.in_features, module.out_features, seed, self.peer,
+                                           self.ledger)
+                _replace(self.model, path, layer)
+            layer.receive_weight_mask()
+
+    def encode(self, value: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Model input as the tensor to share, and its public shape; checks it at the boundary."""
+        x = self.bundle.encode(value)
+        if self.vocab is not None:
+            if x.dtype != torch.long:
+                raise MpcInputError(f"{self.spec.model} takes token ids, got {x.dtype}")
+            shape = tuple(x.shape)
+            return torch.nn.functional.one_hot(x, self.vocab).float(), shape
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise MpcInputError("input contains NaN or infinite values")
+        if x.abs().max() > MAX_ABS_INPUT:
+            raise MpcInputError(f"input values must lie within +-{MAX_ABS_INPUT:g} (fixed-point range), "
+                                f"got max |x| = {float(x.abs().max()):.3g}")
+        return x, tuple(x.shape)
+
+    def infer(self, value: Any) -> tuple[Any, list[list[Row]]]:
+        """One private inference: (decoded output, [client rows, server rows, dealer rows])."""
+        x, shape = self.encode(value)
+        started = time.perf_counter()
+        self.peer.send_json(TAG_INFER, {"shape": list(shape)})
+        out = self._run(x, shape)
+        with self.ledger.scope("output", "reveal"):
+            server_share = self.peer.recv(TAG_OUTPUT)
+            total = out.share + torch.from_numpy(np.asarray(server_share))
+            raw = total.double() / (1 << SCALE_BITS)
+        self.ledger.record_rounds(0)
+        server_rows = rows_from_dicts(self.peer.recv_json(TAG_ROWS))
+        self.dealer.send_json(TAG_MSG, {"type": "report"})
+        dealer_rows = rows_from_dicts(self.dealer.recv_json(TAG_DEALER_ROWS))
+        self.inferences += 1
+        log.info("inference %d done in %.2f s", self.inferences, time.perf_counter() - started)
+        client_rows = self.ledger.rows()
+        self.ledger.reset()
+        return self.bundle.decode(raw.float()), [client_rows, server_rows, dealer_rows]
+
+    def finish(self) -> None:
+        self.peer.send_json(TAG_INFER, {"bye": True})
+        self.close(orderly=True)
+
+
+class MpcServer(_Party):
+    """Server (rank 1): holds the weights, never sees the input or the output."""
+
+    rank = SERVER
+
+    def _calibrate(self) -> None:
+        self.peer.send_json(TAG_CALIB, calibration_of(self.model))
+
+    def _install_secure_layers(self, seed: bytes) -> None:
+        self._plain = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides)).model.eval()
+        self.secure: list[SecureLinearServer] = []
+        for path, module in self.targets:
+            if isinstance(module, Embedding):
+                layer = SecureLinearServer(path, module.weight.detach().t(), None, seed, self.peer, self.ledger)
+                _replace(self.model, path, _EmbeddingAsLinear(layer))
+            else:
+                layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger)
+                _replace(self.model, path, layer)
+            layer.send_weight_mask()
+            self.secure.append(layer)
+
+    def serve(self) -> None:
+        """Answer inferences until the client says bye."""
+        self._open()
+        while True:
+            msg = self.peer.recv_json(TAG_INFER, timeout=None)
+            if not isinstance(msg, dict):
+                raise ProtocolError("inference request is not a JSON object")
+            if msg.get("bye"):
+                break
+            shape = _check_shape(msg.get("shape"))
+            self._fetch_ws(shape)
+            out = self._run(None, shape)
+            with self.ledger.scope("output", "reveal"):
+                self.peer.send(TAG_OUTPUT, out.share)
+            self.peer.send_json(TAG_ROWS, rows_to_dicts(self.ledger.rows()))
+            self.ledger.reset()
+            self.inferences += 1
+        self.close(orderly=True)
+
+    def _fetch_ws(self, shape: tuple[int, ...]) -> None:
+        """Weight-stationary corrections (C1) for this inference, preprocessed in batches."""
+        left = self._ws_left.get(shape, 0)
+        if left == 0:
+            budget = self._budget(shape)
+            shapes = _hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
+            with self.ledger.scope("preprocess", "offline"):
+                preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT)
+            left = budget
+        self._ws_left[shape] = left - 1
+
+
+def _check_shape(value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value or len(value) > 4
+            or not all(isinstance(v, int) and 0 < v <= 1 << 20 for v in value)):
+        raise ProtocolError(f"bad input shape in inference request: {value!r}")
+    return tuple(value)
+
+
+def serve_mpc_session(spec: Any, bundle: ModelBundle | None, client: Channel, dealer: Channel,
+                      ledger: Ledger, overrides: str | None = None) -> None:
+    """Server side of one MPC session (``bundle`` is loaded again inside for a fresh copy)."""
+    MpcServer(spec, overrides, client, dealer, ledger).serve()
+
+
+# ----- the dealer -----------------------------------------------------------------------------
+def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger) -> None:
+    """Dealer side: seeds, then one request loop per party link (threads), plus report rows."""
+    dealer = Dealer(ledger)
+    dealer.distribute_seeds({CLIENT: client, SERVER: server})
+    errors: list[BaseException] = []
+
+    def serve_server() -> None:
+        try:
+            dealer.serve(server, SERVER)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            client.abort(f"dealer lost the server: {exc}")
+
+    thread = threading.Thread(target=serve_server, daemon=True, name="dealer-server-link")
+    thread.start()
+    dealer.serve(client, CLIENT, on_report=lambda: _send_rows(client, ledger))
+    thread.join(30)
+    if errors:
+        raise errors[0]
+
+
+def _send_rows(channel: Channel, ledger: Ledger) -> None:
+    channel.send_json(TAG_DEALER_ROWS, rows_to_dicts(ledger.rows()))
+    ledger.reset()
