@@ -3,7 +3,9 @@ decoding, and an open :class:`Registry` (``register_model``) for more.
 
 Built in: ``minilm`` (real all-MiniLM-L6-v2), ``smollm2`` (real SmolLM2-135M-Instruct),
 ``gpt2-tiny`` (random GPT-2 shape over UTF-8 bytes, fixed seed) and ``vit-tiny`` (random ViT on
-3x16x16 images, fixed seed). Variants are applied on top of the same weights; every bundle's
+3x16x16 images, fixed seed), plus the HE-friendly models trained in the repo (``spam-encoder``,
+``vit-digits``; :mod:`models.training`, trained and cached on first load; their natural variant is
+``models.training.HE_VARIANT``). Variants are applied on top of the same weights; every bundle's
 norms are calibrated on a fixed plaintext batch (affine norms need it; LayerNorm/RMSNorm get a
 public power-of-two variance scale for the inverse square root on shares).
 """
@@ -11,6 +13,7 @@ public power-of-two variance scale for the inverse square root on shares).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +57,9 @@ class ModelBundle:
 Factory = Callable[[VariantSpec], ModelBundle]
 
 
+_BUILD_LOCK = threading.RLock()
+
+
 class Registry:
     """Name -> factory. Factories receive a parsed :class:`VariantSpec`."""
 
@@ -71,7 +77,8 @@ class Registry:
     def load(self, name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
         if name not in self._factories:
             raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(self.names())}")
-        bundle = self._factories[name](as_variant(variant))
+        with _BUILD_LOCK:  # builders draw from torch's process-wide RNG: one at a time
+            bundle = self._factories[name](as_variant(variant))
         bundle.model.eval()
         return bundle
 
@@ -133,6 +140,8 @@ def _smollm2(variant: VariantSpec) -> ModelBundle:
 
 
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build with torch's global RNG at ``seed`` (restored afterwards). The RNG is process-wide:
+    :meth:`Registry.load` holds ``_BUILD_LOCK`` so no other build draws from it meanwhile."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return make()
@@ -175,6 +184,54 @@ def _vit_tiny(variant: VariantSpec) -> ModelBundle:
     return ModelBundle("vit-tiny", model.config, model, "image", encode, decode, variant)
 
 
+def _classifier_decode(labels: list[str]) -> Callable[[torch.Tensor], Any]:
+    def decode(output: torch.Tensor) -> dict[str, Any]:
+        logits = output.reshape(-1).float()
+        index = int(logits.argmax())
+        return {"class": index, "label": labels[index], "logits": logits.tolist()}
+
+    return decode
+
+
+def _spam_encoder(variant: VariantSpec) -> ModelBundle:
+    from models.data import DatasetError, encode_text  # noqa: PLC0415
+    from models.training import load_trained  # noqa: PLC0415
+
+    model, meta = load_trained("spam-encoder", variant)
+    vocab, seq_len = meta["public"]["vocab"], int(meta["public"]["seq_len"])
+
+    def encode(text: Any) -> torch.Tensor:
+        try:
+            return encode_text(text, vocab, seq_len).unsqueeze(0)
+        except DatasetError as exc:
+            raise InputError(str(exc)) from None
+
+    return ModelBundle("spam-encoder", model.config, model, "text", encode,
+                       _classifier_decode(meta["labels"]), variant)
+
+
+def _vit_digits(variant: VariantSpec) -> ModelBundle:
+    from models.training import load_trained  # noqa: PLC0415
+
+    model, meta = load_trained("vit-digits", variant)
+    shape = tuple(meta["public"]["image_shape"])
+
+    def encode(image: Any) -> torch.Tensor:
+        if not torch.is_tensor(image) or tuple(image.shape) != shape:
+            got = list(image.shape) if torch.is_tensor(image) else type(image).__name__
+            raise InputError(f"vit-digits expects a float tensor of shape {list(shape)} in [0, 1], got {got}")
+        return image.float().unsqueeze(0)
+
+    return ModelBundle("vit-digits", model.config, model, "image", encode,
+                       _classifier_decode(meta["labels"]), variant)
+
+
+def _bert_layer(variant: VariantSpec) -> ModelBundle:
+    from models.bench_layers import bert_base_layer  # noqa: PLC0415
+
+    return bert_base_layer(variant)
+
+
 def default_registry() -> Registry:
     """A registry holding the built-in models."""
     registry = Registry()
@@ -182,6 +239,9 @@ def default_registry() -> Registry:
     registry.register("smollm2", _smollm2)
     registry.register("gpt2-tiny", _gpt2_tiny)
     registry.register("vit-tiny", _vit_tiny)
+    registry.register("spam-encoder", _spam_encoder)
+    registry.register("vit-digits", _vit_digits)
+    registry.register("bert-layer", _bert_layer)
     return registry
 
 

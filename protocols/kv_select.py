@@ -15,7 +15,8 @@ Top-k, two ways:
   each iteration counts ``#{s_i > mid}`` (n comparisons) and moves ``lo`` or ``hi`` by a secret
   bit (one comparison, one product). At the end ``s > hi`` holds at most k entries and
   ``s > lo`` more than k; the missing ones are filled from ``(lo, hi]`` latest first, so exactly
-  k are kept (the exact top-k whenever the bracket is narrower than the gap at the k-th score).
+  k are kept. Bisection stops at a width of 2^-12 and both ends are widened by the truncation
+  drift (2 ulp per step), so scores within ~1e-3 of the k-th are ties, broken latest first.
 
 Compaction to an order-preserving one-hot: ``slot_i = #kept before i`` (a local prefix sum),
 ``S[t, i] = [z_i > t - 1/2] - [z_i > t + 1/2]`` with ``z = slot + BIG (1 - keep)``: (k+1) n
@@ -39,6 +40,7 @@ from models.kv_pruning import KVPolicy, Plan
 
 _ULP = 2.0**-16
 _BIG = 1.0e4
+RESOLUTION = 2.0**-12  # bisection bracket width; closer scores are ties (latest first)
 
 
 class SelectError(ValueError):
@@ -46,8 +48,20 @@ class SelectError(ValueError):
 
 
 def greater_than_zero(x: Any) -> Any:
-    """``[x > 0]`` as 0/1 in the operand's own type (a secret bit on shares)."""
-    return (x > 0).to(x.dtype) if ops.is_plain(x) else x > 0
+    """``[x > 0]`` as 0/1 in the operand's own type (a secret bit on shares).
+
+    CrypTen returns comparison bits with a scale-1 encoder, so a later ``0.5 - bit`` would
+    round the public constant; the bit is rescaled (a local multiply of the share by the
+    operand's scale) to the operand's fixed-point encoding.
+    """
+    if ops.is_plain(x):
+        return (x > 0).to(x.dtype)
+    bit = x > 0
+    factor = int(x.encoder.scale) // int(bit.encoder.scale)
+    if factor != 1:
+        bit.share = bit.share * factor
+        bit.encoder = x.encoder
+    return bit
 
 
 def _check(n: int, k: int) -> None:
@@ -74,6 +88,11 @@ def _suffix_count(bits: Any) -> Any:
     return bits.sum(-1, keepdim=True) - bits.cumsum(-1) + bits
 
 
+def bisection_steps(bound: float) -> int:
+    """Iterations that narrow ``[-bound, bound]`` to :data:`RESOLUTION`."""
+    return max(1, math.ceil(math.log2(2.0 * bound / RESOLUTION)))
+
+
 def threshold_topk_mask(scores: Any, k: int, bound: float, iterations: int | None = None) -> Any:
     """0/1 mask [..., n] of k entries found by secret bisection on ``[-bound, bound]``."""
     n = scores.shape[-1]
@@ -81,23 +100,19 @@ def threshold_topk_mask(scores: Any, k: int, bound: float, iterations: int | Non
     if not bound > 0 or not math.isfinite(bound):
         raise SelectError(f"threshold top-k needs a public bound > 0 on |scores|, got {bound!r}")
     if iterations is None:
-        iterations = max(1, math.ceil(math.log2(2.0 * bound / _ULP)) - 2)
+        iterations = bisection_steps(bound)
     lead = scores.shape[:-1] + (1,)
-    lo = torch.full(lead, -bound * (1.0 + 1e-3)) if ops.is_plain(scores) else None
-    hi = torch.full(lead, bound * (1.0 + 1e-3))
-    lo_val: Any = lo if lo is not None else torch.full(lead, -bound * (1.0 + 1e-3))
-    hi_val: Any = hi
+    lo: Any = torch.full(lead, -bound * (1.0 + 1e-3))
+    hi: Any = torch.full(lead, bound * (1.0 + 1e-3))
     for _ in range(iterations):
-        half = (hi_val - lo_val) * 0.5
-        mid = lo_val + half
+        half = (hi - lo) * 0.5
+        mid = half + lo
         above = greater_than_zero(scores - mid).sum(-1, keepdim=True)
-        too_many = greater_than_zero(above - (k + 0.5))
-        step = too_many * half if not ops.is_plain(too_many) or not ops.is_plain(half) \
-            else too_many * half
-        lo_val = lo_val + step
-        hi_val = mid + step
-    keep = greater_than_zero(scores - hi_val)
-    candidate = greater_than_zero(scores - lo_val) - keep
+        step = greater_than_zero(above - (k + 0.5)) * half  # too many above mid: move up
+        lo, hi = step + lo, step + mid
+    margin = 2.0 * iterations * _ULP  # covers the truncation drift of lo and hi
+    keep = greater_than_zero(scores - (hi + margin))
+    candidate = greater_than_zero(scores - (lo - margin)) - keep
     missing = k - keep.sum(-1, keepdim=True)
     z = _suffix_count(candidate) + (1.0 - candidate) * _BIG
     return keep + greater_than_zero(missing + 0.5 - z)
@@ -244,7 +259,7 @@ def eviction_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
     if selector.method(n, bound) == "rank":
         top = [OpCount("evict.rank", "compare", kvh * (n * n + n) * layers, 2 * layers)]
     else:
-        it = selector.iterations or max(1, math.ceil(math.log2(2.0 * bound / _ULP)) - 2)
+        it = selector.iterations or bisection_steps(bound)
         top = [OpCount("evict.bisect", "compare", kvh * it * (n + 1) * layers, 2 * it * layers),
                OpCount("evict.bisect.step", "open", kvh * it * 2 * layers, it * layers),
                OpCount("evict.fill", "compare", kvh * 3 * n * layers, 2 * layers)]

@@ -179,8 +179,9 @@ class _Party:
     def _open(self) -> None:
         with self.ledger.scope("setup", "offline"), self.ledger.phase(Phase.OFFLINE):
             seed = receive_seed(self.dealer, self.ledger)
-            crypten_provider.install()  # before crypten.init: CSPRNG generators and our provider
-            self._stack.callback(crypten_provider.uninstall)
+            if not crypten_provider.is_installed():  # before crypten.init: CSPRNG + our provider
+                crypten_provider.install()
+                self._stack.callback(crypten_provider.uninstall)
             self._stack.enter_context(crypten_session(self.peer, self.rank, self.ledger))
             self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger)
             self._stack.enter_context(crypten_provider.bind(self.context))
@@ -197,6 +198,15 @@ class _Party:
     def _vocab(self) -> int | None:
         embed = getattr(self.model, "embed", None)
         return embed.num if isinstance(embed, Embedding) else None
+
+    def fail(self, exc: BaseException) -> None:
+        """Abort both links with a reason that names the error, never its data."""
+        reason = f"{self.role_name} failed: {type(exc).__name__}: {_first_line(exc)}"
+        for channel in (self.peer, self.dealer):
+            if channel is not None:
+                channel.abort(reason)
+        with contextlib.suppress(Exception):
+            self._stack.close()
 
     def close(self, orderly: bool = True) -> None:
         try:
@@ -242,12 +252,17 @@ class MpcClient(_Party):
     """Client (rank 0): holds the input, learns the output, never holds weights."""
 
     rank = CLIENT
+    role_name = "client"
 
     def __init__(self, spec: Any, overrides: str | None, server: Channel, dealer: Channel, ledger: Ledger) -> None:
         super().__init__(spec, overrides, server, dealer, ledger)
 
     def start(self) -> None:
-        self._open()
+        try:
+            self._open()
+        except BaseException as exc:
+            self.fail(exc)
+            raise
 
     def _calibrate(self) -> None:
         strip_weights(self.model)
@@ -283,6 +298,13 @@ class MpcClient(_Party):
     def infer(self, value: Any) -> tuple[Any, list[list[Row]]]:
         """One private inference: (decoded output, [client rows, server rows, dealer rows])."""
         x, shape = self.encode(value)
+        try:
+            return self._infer(x, shape)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+
+    def _infer(self, x: torch.Tensor, shape: tuple[int, ...]) -> tuple[Any, list[list[Row]]]:
         started = time.perf_counter()
         self.peer.send_json(TAG_INFER, {"shape": list(shape)})
         out = self._run(x, shape)
@@ -290,6 +312,7 @@ class MpcClient(_Party):
             server_share = self.peer.recv(TAG_OUTPUT)
             total = out.share + torch.from_numpy(np.asarray(server_share))
             raw = total.double() / (1 << SCALE_BITS)
+        self.last_raw = raw.float()
         self.ledger.record_rounds(0)
         server_rows = rows_from_dicts(self.peer.recv_json(TAG_ROWS))
         self.dealer.send_json(TAG_MSG, {"type": "report"})
@@ -309,6 +332,7 @@ class MpcServer(_Party):
     """Server (rank 1): holds the weights, never sees the input or the output."""
 
     rank = SERVER
+    role_name = "server"
 
     def _calibrate(self) -> None:
         self.peer.send_json(TAG_CALIB, calibration_of(self.model))
@@ -327,7 +351,14 @@ class MpcServer(_Party):
             self.secure.append(layer)
 
     def serve(self) -> None:
-        """Answer inferences until the client says bye."""
+        """Answer inferences until the client says bye; on failure tell the peers and re-raise."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+
+    def _serve(self) -> None:
         self._open()
         while True:
             msg = self.peer.recv_json(TAG_INFER, timeout=None)
@@ -355,6 +386,11 @@ class MpcServer(_Party):
                 preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT)
             left = budget
         self._ws_left[shape] = left - 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _check_shape(value: Any) -> tuple[int, ...]:
