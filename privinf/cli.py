@@ -171,7 +171,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise _usage("--input is required")
     if args.repeat < 1:
         raise _usage(f"--repeat must be >= 1, got {args.repeat}")
+    from models.registry import UnknownModelError, model_names  # noqa: PLC0415
+
     parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
+    if args.model not in model_names():
+        raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
     model = ModelChoice(args.model, args.variant,
                         str(args.overrides.resolve()) if args.overrides else None, args.device)
     with local_deployment(model, preprocess=max(args.preprocess, args.repeat), workdir=args.workdir,
