@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.bench_layers import NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
+from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
 from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
 
 MIB = float(2**20)
@@ -86,9 +86,9 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
     layer = build_layer(variant)
     # the server (rank 1) provides the weights; the client passes zeros of the public shapes
     replace_parameters(layer, lambda p: crypten.cryptensor(p if rank == 1 else torch.zeros_like(p), src=1))
-    x = sample_input(INPUT_SEED, seq) if rank == 0 else torch.zeros(1, seq, 768)
+    x = sample_input(INPUT_SEED, seq) if rank == 0 else torch.zeros(1, seq, BERT_BASE.hidden)
     ops: dict[str, dict[str, float]] = {}
-    marks: dict[str, tuple[float, int, float]] = {}
+    marks: dict[str, tuple[int, int, float]] = {}
 
     def pre(_m: Any, _a: Any, path: str) -> None:
         stats = comm.get_communication_stats()
@@ -127,18 +127,21 @@ def run_crypten(variant: str, seq: int, runs: int, work: Path) -> dict[str, Any]
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in (0, 1)]
     results = []
-    for rank, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=PARTY_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-                other.communicate()
-            raise BenchError(f"CrypTen party {rank} ({variant}) did not finish in {PARTY_TIMEOUT_S} s") from None
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise BenchError(f"CrypTen party {rank} ({variant}) failed (exit {proc.returncode}): {err[-2000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                out, err = proc.communicate(timeout=PARTY_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"CrypTen party {rank} ({variant}) did not finish in {PARTY_TIMEOUT_S} s") from None
+            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise BenchError(f"CrypTen party {rank} ({variant}) failed (exit {proc.returncode}): {err[-2000:]}")
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+    finally:
+        for proc in procs:  # a failed party leaves its peer blocked in gloo: stop it
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     if results[0]["rounds"] != results[1]["rounds"]:
         raise BenchError(f"CrypTen parties disagree on rounds: {results[0]['rounds']} vs {results[1]['rounds']}")
     per_run = [max(a, b) for a, b in zip(results[0]["seconds"], results[1]["seconds"])]
@@ -197,11 +200,16 @@ def run_privinf(variant: str, seq: int, runs: int) -> dict[str, Any]:
                 results.append(session.infer(x))
                 infer_s.append(time.perf_counter() - started)
     measured = [privinf_metrics(r.report) for r in results]
-    first = results[0].report  # the client preprocessed the Beaver material of all `runs` here
-    ws_bytes = _sum(warm, "bytes_recv", "server", Phase.OFFLINE, "preprocess") / (1 + runs)
-    ws_s = _sum(warm, "wall_s", "server", Phase.OFFLINE, "preprocess") / (1 + runs)
-    beaver_bytes = _sum(first, "bytes_recv", "client", Phase.OFFLINE, "preprocess") / runs
-    beaver_s = _sum(first, "wall_s", "client", Phase.OFFLINE, "preprocess") / runs
+    reports = [warm] + [r.report for r in results]
+    # the server preprocessed the weight-stationary corrections of all 1 + runs inferences, the
+    # client the Beaver corrections of the `runs` later ones (the warm-up fetched them online)
+    ws_bytes = sum(_sum(r, "bytes_recv", "server", Phase.OFFLINE, "preprocess") for r in reports) / (1 + runs)
+    ws_s = sum(_sum(r, "wall_s", "server", Phase.OFFLINE, "preprocess") for r in reports) / (1 + runs)
+    beaver_bytes = sum(_sum(r, "bytes_recv", "client", Phase.OFFLINE, "preprocess") for r in reports) / runs
+    beaver_s = sum(_sum(r, "wall_s", "client", Phase.OFFLINE, "preprocess") for r in reports) / runs
+    if not ws_bytes or not beaver_bytes or any(m["sent_dealer_online"] for m in measured):
+        raise BenchError("privinf reports do not show the expected offline 'preprocess' rows (server and "
+                         "client) with no online dealer traffic afterwards; protocols/mpc.py changed?")
     online_s = statistics.median(m["online_s"] for m in measured)
     rounds = {m["rounds"] for m in measured}
     if len(rounds) != 1:
@@ -213,7 +221,6 @@ def run_privinf(variant: str, seq: int, runs: int) -> dict[str, Any]:
         "sent_server": statistics.median(m["sent_server"] for m in measured),
         "sent": max(statistics.median(m["sent_client"] for m in measured),
                     statistics.median(m["sent_server"] for m in measured)),
-        "sent_dealer_online": max(m["sent_dealer_online"] for m in measured),
         "offline_bytes": ws_bytes + beaver_bytes,
         "offline_s": ws_s + beaver_s,
         "setup_bytes": _sum(warm, "bytes_sent", phase=Phase.OFFLINE, scope="setup"),
@@ -234,7 +241,10 @@ def _ratio(ours: float, theirs: float) -> str:
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths) - 2), *(fmt(r) for r in rows)])
 
 
@@ -358,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant, res in results.items():
         p = res["privinf"]
         print(f"privinf {variant}: setup {p['setup_s']:.2f} s once per model load; client stores "
-              f"{p['storage_client'] / MIB:.1f} MiB of masked weights; infer() call {p['infer_s']:.3f} s; "
-              f"dealer bytes online {p['sent_dealer_online'] / MIB:.3f} MiB")
+              f"{p['storage_client'] / MIB:.1f} MiB of masked weights; infer() call {p['infer_s']:.3f} s")
     for variant in results:
         rounds, sent, seconds = DESIGN_BASELINE[variant]
         print(f"DESIGN.md CrypTen baseline {variant} (GeLU tanh form): {rounds} rounds, {sent:g} MiB, {seconds} s")

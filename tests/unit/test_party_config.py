@@ -1,0 +1,68 @@
+"""Party configuration files and the public session handshake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpc_parties.config import ConfigError, ModelChoice, PartyConfig, dump_config, load_config
+from mpc_parties.sessions import SessionRefused, SessionSpec, send_hello, refuse, TAG_HELLO
+from protocols.transport import ProtocolError, memory_pair, run_parties
+
+
+def test_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = PartyConfig("client", tmp_path / "certs", peers={"server": "h:1", "dealer": "h:2"},
+                         model=ModelChoice("gpt2-tiny", "mpcformer"), preprocess=3)
+    path = tmp_path / "client.toml"
+    path.write_text(dump_config(config))
+    loaded = load_config(path, role="client")
+    assert loaded.peers == config.peers and loaded.model.variant == "mpcformer"
+    assert loaded.preprocess == 3 and loaded.certs == tmp_path / "certs"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('role = "oracle"\ncerts = "c"', "unknown role"),
+    ('role = "client"\ncerts = "c"', "server"),
+    ('role = "server"\ncerts = "c"\nlisten = "nowhere"', "host:port"),
+    ('role = "server"\ncerts = "c"\nsurprise = 1', "unknown config keys"),
+    ('role = "server"', "certificate directory"),
+    ('role = "server"\ncerts = "c"\npreprocess = 0', "preprocess"),
+    ('role = = "x"', "not valid TOML"),
+])
+def test_bad_configs_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_role_on_command_line_must_match_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('role = "dealer"\ncerts = "c"')
+    with pytest.raises(ConfigError, match="--role is 'server'"):
+        load_config(path, role="server")
+
+
+def test_session_spec_checks_and_mismatch() -> None:
+    spec = SessionSpec("s-1", "mpc", "minilm", "exact")
+    assert spec.mismatch("minilm", "exact") is None
+    assert "variant mismatch" in spec.mismatch("minilm", "mpcformer")
+    with pytest.raises(SessionRefused, match="protocol"):
+        SessionSpec("s-1", "magic", "minilm", "exact")
+    with pytest.raises(ProtocolError, match="unknown keys"):
+        SessionSpec.from_json({"session": "s", "protocol": "mpc", "model": "m", "variant": "v", "x": 1})
+
+
+def test_refused_hello_raises_with_the_reason() -> None:
+    a, b = memory_pair("client", "server")
+
+    def server() -> None:
+        b.recv_json(TAG_HELLO)
+        refuse(b, "variant mismatch: client asked for 'a', server runs 'b'")
+
+    def client() -> None:
+        with pytest.raises(SessionRefused, match="variant mismatch"):
+            send_hello(a, SessionSpec("s-2", "mpc", "m", "a"))
+
+    run_parties(client, server)
