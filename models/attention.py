@@ -85,8 +85,8 @@ class _Quadratic(_Kernel):
         inv_n = 1.0 / mask.counts()
         den = num.sum(-1, keepdim=True) * inv_n + self.eps
         self._observe(den)
-        probs = num * ops.reciprocal(den, self.mpc_scale) * inv_n
-        return ops.matmul(probs, v)
+        # normalise after the product with V: [T, d] instead of [T, T] products on shares
+        return ops.matmul(num, v) * (ops.reciprocal(den, self.mpc_scale, positive=True) * inv_n)
 
 
 class SoftmaxAttention(_Quadratic):
@@ -181,7 +181,7 @@ class LinearAttention(_Kernel):
         inv_n = 1.0 / mask.counts()
         num, den = both[..., :-1], both[..., -1:] * inv_n + self.eps
         self._observe(den)
-        return num * ops.reciprocal(den, self.mpc_scale) * inv_n
+        return num * (ops.reciprocal(den, self.mpc_scale, positive=True) * inv_n)
 
 
 _KERNELS = {

@@ -61,14 +61,27 @@ def exp(x: Tensor) -> Tensor:
     return torch.exp(x) if is_plain(x) else x.exp()
 
 
-def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0) -> Tensor:
-    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in Newton's range."""
+RECIPROCAL_NEWTON_STEPS = 10
+
+
+def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
+    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in Newton's range.
+
+    ``positive=True`` (normalisers of non-negative attention weights plus eps) skips the sign
+    computation CrypTen's general reciprocal does: Newton from CrypTen's own initial guess
+    ``3 exp(1 - 2x) + 0.003``, the same iteration count, about 10 rounds and a comparison less.
+    """
     if is_plain(x):
         return 1.0 / x
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         inv = 1.0 / torch.as_tensor(scale, dtype=torch.float32)
-        return (x * inv).reciprocal() * inv
-    return x.reciprocal()
+        return reciprocal(x * inv, positive=positive) * inv
+    if not positive:
+        return x.reciprocal()
+    guess = (1 - 2 * x).exp() * 3 + 0.003
+    for _ in range(RECIPROCAL_NEWTON_STEPS):
+        guess = guess * 2 - guess.square() * x
+    return guess
 
 
 def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
