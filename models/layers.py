@@ -111,9 +111,7 @@ class LayerNorm(_Norm):
         centred = x - x.mean(-1, keepdim=True)
         var = ops.square(centred).mean(-1, keepdim=True) + self.eps
         self._observe(var)
-        # (inv_sqrt [.., 1] * gain [d]) first: on shares that product opens n + d elements,
-        # so the [n, d] activation is multiplied once instead of twice
-        out = centred * (ops.inv_sqrt(var, self.mpc_scale) * self.weight)
+        out = centred * ops.inv_sqrt(var, self.mpc_scale) * self.weight
         return out if self.bias is None else out + self.bias
 
 
@@ -127,7 +125,7 @@ class RMSNorm(_Norm):
     def forward(self, x: Any) -> Any:
         ms = ops.square(x).mean(-1, keepdim=True) + self.eps
         self._observe(ms)
-        return x * (ops.inv_sqrt(ms, self.mpc_scale) * self.weight)  # see LayerNorm.forward
+        return x * ops.inv_sqrt(ms, self.mpc_scale) * self.weight
 
 
 class AffineNorm(_Norm):
