@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--depth", type=int, default=None)
     party.set_defaults(func=_cmd_party)
 
+    train = sub.add_parser("train", help="train an HE/MPC-friendly model in the repo (cached)",
+                           description="Train spam-encoder (SMS spam) or vit-digits (scikit-learn "
+                                       "digits) deterministically; the weights are cached under "
+                                       "$PRIVINF_CACHE (default ~/.cache/privinf) and reused.")
+    train.add_argument("model", choices=("spam-encoder", "vit-digits"))
+    train.add_argument("--steps", type=int, default=None, help="training steps (default: full budget)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache-dir", type=Path, default=None)
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=_cmd_train)
+
     certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
                            description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
                                        "and dealer into DIR (keys mode 0600).")
@@ -203,6 +214,17 @@ def _cmd_party(args: argparse.Namespace) -> int:
         result = session.infer(_read_input_kind(session.input_kind, args.input_text))
     print("output:", _short(result.output))
     _emit_report(result.report, args)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.training import train_model  # noqa: PLC0415
+
+    result = train_model(args.model, steps=args.steps, seed=args.seed, cache_dir=args.cache_dir,
+                         progress=not args.no_progress)
+    print(f"{result.name}: {result.steps} steps, seed {result.seed}, "
+          f"plaintext test accuracy {result.plaintext_test_accuracy:.4f} on {result.test_examples} "
+          f"examples (train {result.train_accuracy:.4f}); weights in {result.path}")
     return 0
 
 

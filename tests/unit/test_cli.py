@@ -75,3 +75,14 @@ def test_wrong_image_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     torch.save(torch.rand(3, 8, 8), path)
     assert main(["run", "--model", "vit-tiny", "--input", str(path)]) == 2
     assert "shape" in capsys.readouterr().err
+
+
+def test_train_caches_and_reports_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "vit-digits", "--steps", "3", "--cache-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "plaintext test accuracy" in first and "vit-digits" in first
+    assert main(args) == 0  # cached: same result, no retraining
+    assert capsys.readouterr().out == first
+    assert main(["train", "vit-digits", "--steps", "0"]) == 2
+    assert "steps must be a positive int" in capsys.readouterr().err
