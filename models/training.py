@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -241,8 +242,6 @@ def train_model(name: str, steps: int | None = None, seed: int = 0, cache_dir: s
         return _result_from(entry)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    import time  # noqa: PLC0415
-
     started = time.perf_counter()
     try:
         with torch.random.fork_rng():

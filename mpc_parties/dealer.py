@@ -15,6 +15,7 @@ from typing import Callable
 from mpc_parties.config import PartyConfig
 from mpc_parties.sessions import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from privinf.costs import Ledger
+from mpc_parties.front_door import serve_front_door
 from protocols.grpc_transport import PartyServer
 from protocols.transport import Channel, TransportError
 
@@ -32,21 +33,9 @@ class DealerParty:
         self._stop = threading.Event()
 
     def serve(self, ready: Callable[[str], None] | None = None) -> None:
-        host, port = self.config.listen.rsplit(":", 1)
-        front = PartyServer(self.config.tls(), host, int(port), peers={"client", "server"},
-                            max_sessions=2 * self.max_sessions)
-        front.start()
-        if ready is not None:
-            ready(front.address)
-        try:
-            while not self._stop.is_set():
-                channel = front.accept_any("client", timeout=0.5)
-                if channel is None:
-                    continue
-                threading.Thread(target=self._session, args=(front, channel), daemon=True,
-                                 name=f"dealer-{channel.session}").start()
-        finally:
-            front.stop()
+        """Bind (port 0 allowed), announce the address through ``ready``, serve until stopped."""
+        serve_front_door(self.config, {"client", "server"}, 2 * self.max_sessions, self._stop,
+                         self._session, ready)
 
     def stop(self) -> None:
         self._stop.set()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mpc_parties.config import PartyConfig, config_from_dict
 from mpc_parties.sessions import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
-from protocols.grpc_transport import PartyServer
+from mpc_parties.front_door import serve_front_door
 from protocols.transport import Channel, TransportError
 
 log = logging.getLogger("privinf.server")
@@ -39,26 +39,13 @@ class ServerParty:
         self._stop = threading.Event()
         self._workers: list[mp.process.BaseProcess] = []
         self._lock = threading.Lock()
-        self._front: PartyServer | None = None
 
     def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Bind (port 0 allowed), announce the address through ``ready``, serve until stopped."""
-        host, port = self.config.listen.rsplit(":", 1)
-        front = PartyServer(self.config.tls(), host, int(port), peers={"client"},
-                            max_sessions=self.max_sessions)
-        front.start()
-        self._front = front
-        if ready is not None:
-            ready(front.address)
         try:
-            while not self._stop.is_set():
-                channel = front.accept_any("client", timeout=0.5)
-                if channel is None:
-                    continue
-                threading.Thread(target=self._open_session, args=(channel,), daemon=True,
-                                 name=f"open-{channel.session}").start()
+            serve_front_door(self.config, {"client"}, self.max_sessions, self._stop,
+                             lambda _front, channel: self._open_session(channel), ready)
         finally:
-            front.stop()
             self._reap(terminate=True)
 
     def stop(self) -> None:

@@ -12,8 +12,8 @@ server evaluates the model on ciphertexts with plaintext weights. When an op nee
 than a ciphertext has left, the server *refreshes* it: adds a fresh uniform mask r from a CSPRNG
 (|r| <= 2^k with k as large as the ciphertext's remaining modulus and double-precision decoding
 allow, at most 30), the client decrypts, re-encrypts and returns, the server subtracts r. The
-client sees x + r: per slot, statistical distance |x| / 2^k from r alone (k is recorded per
-refresh as ``mask_bits``); CKKS gives no circuit privacy, so decryption noise may leak a little
+client sees x + r: per slot, statistical distance |x| / 2^k from r alone (k >= 23 at the
+bottom level with the default parameters; the smallest used is kept in ``min_mask_bits``); CKKS gives no circuit privacy, so decryption noise may leak a little
 about the weights (a known limit of this design; noise flooding is not implemented). Each
 refresh is one round; its bytes are counted by the channels under ``<scope>.refresh``. At the
 end the server sends the encrypted logits (only row 0 is non-zero) and its ledger rows as JSON.
@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 import numpy as np
+from tenseal import sealapi as sa
 
 from he_kernels.context import HEContext
 from he_kernels.ops import KernelStats, Ops
@@ -55,8 +56,6 @@ def _cts_bytes(cts: list) -> bytes:
 
 
 def _cts_from(ctx: HEContext, data: bytes, expected: int) -> list:
-    from tenseal import sealapi as sa  # noqa: PLC0415
-
     _, blobs = seal_io.unpack(data)
     if len(blobs) != expected:
         raise HeProtocolError(f"expected {expected} ciphertexts, got {len(blobs)}")
@@ -180,6 +179,8 @@ def serve_he_session(spec: Any, config: Any, client_channel: Channel, ledger: Le
 
     if bundle is None:
         bundle = load_model(config.model.name, parse_variant(config.model.variant, config.model.overrides))
+    if spec.model != bundle.name:
+        raise HeProtocolError(f"session is for model {spec.model!r} but this server runs {bundle.name!r}")
     meta = getattr(bundle.model, "he_meta", None)
     if meta is None:
         raise HeModelError(f"model {bundle.name!r} has no HE metadata: only trained HE models "

@@ -7,8 +7,11 @@ Supported: ``spam-encoder`` (post-norm encoder, mean pooling, classifier head) a
 ``vit-digits`` (pre-norm ViT, CLS head), both with power attention (even p), quad GeLU and the
 affine norm: every op is a polynomial of depth <= 2.
 
-Parameters: N=8192, coefficient moduli [60, 30, 30, 30, 60] (210 bits <= 218, 128-bit secure),
-scale 2^30, three levels. Before each op whose depth exceeds the levels left, the ciphertexts
+Parameters: the smallest 128-bit-secure set (:func:`he_kernels.params.params_for_depth`) with
+the depth of the deepest atomic op (3, or log2 p for a larger power) at scale 2^30 and enough
+slots for the packing: N=8192, coefficient moduli [60, 30, 30, 30, 60] (210 <= 218 bits) for
+both models. Few levels keep the Galois keys small (~1.3 MiB each at N=8192, ~14.6 MiB at
+N=16384, where the deeper chain would need fewer refreshes). Before each op whose depth exceeds the levels left, the ciphertexts
 are refreshed through ``refresh`` (mask, client re-encrypts, unmask; see :mod:`protocols.he`).
 
 Tricks that save levels: 1/(sqrt(d) tau) folded into W_q; quad GeLU's 0.125 folded into the
@@ -31,13 +34,15 @@ from he_kernels.attention import attention_rotation_steps, attn_values, qk_score
 from he_kernels.context import HEContext
 from he_kernels.linear import matmul_plain, matmul_rotation_steps
 from he_kernels.ops import KernelStats, Ops
-from he_kernels.params import CkksParams
+from he_kernels.params import CkksParams, params_for_depth
 from he_kernels.poly import NewtonApprox, PolyApprox, eval_poly_ct, power
 from he_kernels.tensor import ColumnLayout, Domain, EncTensor
 from models.attention import PowerAttention
 from models.layers import AffineNorm, Quad
 
-PARAMS = CkksParams(8192, (60, 30, 30, 30, 60), 30)
+SCALE_BITS = 30
+OP_DEPTH = 3  # deepest atomic op: the reciprocal's scaled first guess
+PARAMS: CkksParams = params_for_depth(OP_DEPTH, scale_bits=SCALE_BITS)  # N=8192, [60,30,30,30,60]
 RECIP_TOL = 1e-3
 
 Refresh = Callable[[list, str], list]
@@ -68,7 +73,7 @@ def reciprocal_approx(lo: float, hi: float, what: str = "reciprocal", degree: in
                        f"{RECIP_TOL} relative error in {max_iterations} Newton steps")
 
 
-def _block_for(rows: int, slots: int) -> int:
+def _block_for(rows: int) -> int:
     return max(64, 1 << (2 * rows - 1).bit_length())
 
 
@@ -80,11 +85,15 @@ class HeEvaluator:
         self.config = model.config
         self.vit = self.config.family == "vit"
         self.rows = self.config.num_patches + 1 if self.vit else int(meta["public"]["seq_len"])
-        self.block = _block_for(self.rows, PARAMS.slots)
+        self.block = _block_for(self.rows)
+        p = max(k.p for k in model.modules() if isinstance(k, PowerAttention)) if any(
+            isinstance(k, PowerAttention) for k in model.modules()) else 2
+        self.params = params_for_depth(max(OP_DEPTH, math.ceil(math.log2(p))), scale_bits=SCALE_BITS,
+                                       min_slots=self.block * self.config.hidden)
         self.recips: dict[str, NewtonApprox] = {}
         for i, block in enumerate(model.layer):
             self._check_block(i, block)
-        for norm in [m for m in model.modules() if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()]:
+        for norm in [m for m in model.modules() if "norm" in type(m).__name__.lower()]:
             if not isinstance(norm, AffineNorm) or not norm.calibrated:
                 raise HeModelError(f"{name}: HE needs calibrated affine norms (variant norm=affine)")
 
@@ -101,20 +110,20 @@ class HeEvaluator:
         cal = self.meta.get("he_calibration", {}).get(path)
         if cal is None:
             raise HeModelError(f"{self.name}: no HE calibration for {path} (retrain the model)")
-        lo, hi = float(cal["rowsum_min"]) / 2.0, float(cal["rowsum_max"]) * 1.5
+        lo, hi = float(cal["rowsum_min"]) / 1.5, float(cal["rowsum_max"]) * 1.25
         self.recips[path] = reciprocal_approx(lo, hi, f"{self.name}: {path}")
 
     @property
     def block_cols(self) -> int:
-        return PARAMS.slots // self.block
+        return self.params.slots // self.block
 
     def layout(self, cols: int, duplicated: bool = True) -> ColumnLayout:
-        return ColumnLayout(self.rows, cols, self.block, PARAMS.slots, duplicated)
+        return ColumnLayout(self.rows, cols, self.block, self.params.slots, duplicated)
 
     def rotation_steps(self) -> list[int]:
         lay = self.layout(self.config.hidden)
         steps = set(matmul_rotation_steps(lay)) | set(attention_rotation_steps(lay))
-        steps.add(PARAMS.slots - self.rows)  # duplicate rows after attention
+        steps.add(self.params.slots - self.rows)  # duplicate rows after attention
         return sorted(steps)
 
     def input_spec(self) -> dict[str, Any]:
@@ -129,7 +138,7 @@ class HeEvaluator:
 
     def plan(self) -> dict[str, Any]:
         """Everything public the client needs: parameters, rotation steps, input and output specs."""
-        return {"model": self.name, "params": PARAMS.to_dict(), "rotation_steps": self.rotation_steps(),
+        return {"model": self.name, "params": self.params.to_dict(), "rotation_steps": self.rotation_steps(),
                 "input": self.input_spec(),
                 "output": {"labels": list(self.meta["labels"]), "row": 0}}
 
@@ -268,7 +277,7 @@ class _Run:
             # bounded there (a diverging slot would overflow the modulus and corrupt every slot)
             fill = np.full(self.ev.block, 0.5 * (recip.domain.lo + recip.domain.hi))
             fill[: self.n] = self.n * kernel.eps
-            rowsum = ops.add_plain(ops.sum_ct(powered.cts), np.tile(fill, PARAMS.slots // self.ev.block))
+            rowsum = ops.add_plain(ops.sum_ct(powered.cts), np.tile(fill, self.ev.params.slots // self.ev.block))
             ops.finish([rowsum], level_in, self.ledger)
             inv = self.reciprocal(rowsum, recip, path)
             powered = self.ensure_t(powered, 1, path)
@@ -283,11 +292,14 @@ class _Run:
         return EncTensor(res, out.layout)
 
     def reciprocal(self, x: "sa.Ciphertext", recip: NewtonApprox, path: str) -> "sa.Ciphertext":
-        """Polynomial first guess, then Newton steps y(2 - xy), refreshing between steps."""
+        """Polynomial first guess (depth 3 with the scaling), then Newton steps y(2 - xy),
+        refreshing between steps."""
         x = self.ensure([x], 3, path)[0]
         ops = Ops(self.ctx, KernelStats())
         level_in = self.ctx.level_used(x)
-        y = eval_poly_ct(ops, x, recip.init.coeffs)
+        hi = recip.domain.hi  # the guess is evaluated in t = x / hi: no tiny coefficients to encode
+        t = ops.mul_plain(x, 1.0 / hi)
+        y = eval_poly_ct(ops, t, tuple(a * hi**k for k, a in enumerate(recip.init.coeffs)))
         for _ in range(recip.iterations):
             y = self.ensure([y], 2, path)[0]
             neg = sa.Ciphertext()
