@@ -38,7 +38,7 @@ from models.layers import AffineNorm, Linear, calibrate
 from models.variants import VariantSpec, as_variant
 from models.vit import ViT
 
-HE_VARIANT = "attn=power:p=2,act=quad,norm=affine"
+HE_VARIANT = "attn=power:p=2,act=quad,norm=affine"  # the "he" preset of models.variants
 TRAIN_VARIANT = "attn=power:p=2,act=quad,norm=layernorm"
 DEN_LO, DEN_HI = 0.3, 3.0
 DEN_PENALTY = 10.0

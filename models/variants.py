@@ -47,6 +47,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "relu": ("attn=relu", "ReLU-softmax attention, native act and norm"),
     "scale": ("attn=scale", "scaling attention x/n, native act and norm"),
     "linear": ("attn=linear", "linear attention (ReLU feature map), native act and norm"),
+    "he": ("attn=power:p=2,act=quad,norm=affine",
+           "HE-friendly: Power-Softmax p=2 + quad GeLU + affine norm (polynomial end to end)"),
 }
 
 

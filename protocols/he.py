@@ -72,6 +72,13 @@ class HeClient:
         self.ctx: HEContext | None = None
         self.plan: dict[str, Any] | None = None
 
+    @property
+    def input_kind(self) -> str:
+        """What :meth:`infer` takes: "text" or "image" (from the server's public plan)."""
+        if self.plan is None:
+            raise HeProtocolError("HE session not started (call start() first)")
+        return "image" if self.plan["input"]["kind"] == "image" else "text"
+
     def start(self) -> None:
         """Receive the plan, check the parameters, make keys, send the public context."""
         with self.ledger.phase(Phase.OFFLINE), self.ledger.scope(f"{self.spec.model}.he_keys", "keys"):
