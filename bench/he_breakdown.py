@@ -34,7 +34,12 @@ GROUPS = {"matmul": "matmul", "power": "power-softmax", "quad": "GeLU (quad)",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="spam-encoder", choices=["spam-encoder", "vit-digits"])
-    args = parser.parse_args()
+    print_breakdown(parser.parse_args().model)
+
+
+def print_breakdown(model_name: str) -> None:
+    """Run one HE inference of ``model_name`` in-process and print its latency breakdown."""
+    args = argparse.Namespace(model=model_name)
     torch.set_num_threads(1)
     model, _ = load_trained(args.model)
     bundle = ModelBundle(args.model, model.config, model, "x", None, None, as_variant("exact"))

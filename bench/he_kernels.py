@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--din", type=int, default=768)
     parser.add_argument("--dout", type=int, default=768)
     parser.add_argument("--baseline-rows", type=int, default=2)
+    parser.add_argument("--breakdown-model", default="spam-encoder", choices=["spam-encoder", "vit-digits", "none"],
+                        help="also print the per-layer HE latency breakdown of this trained model")
     args = parser.parse_args()
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
@@ -87,6 +89,11 @@ def main() -> None:
           f"rotations={extra['rotations']:.0f} levels={extra['levels']:.0f} "
           f"out ct_bytes={extra['ct_bytes'] / 2**20:.1f} MiB, Galois keys {key_mib:.1f} MiB")
     print(f"speedup: {base_total / seconds:.1f}x")
+    if args.breakdown_model != "none":
+        from bench.he_breakdown import print_breakdown  # noqa: PLC0415
+
+        print()
+        print_breakdown(args.breakdown_model)
 
 
 if __name__ == "__main__":
