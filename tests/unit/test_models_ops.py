@@ -80,3 +80,11 @@ def test_replace_parameters_converts_shared_weights_once() -> None:
     assert model[0].weight is model[1].weight
     torch.testing.assert_close(model[0].weight, before * 2)
     assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 8, 13])
+def test_row_max_tree_on_shares_matches_torch(crypten, length: int) -> None:
+    x = torch.randn(3, 4, length, generator=torch.Generator().manual_seed(length)) * 5
+    got = reveal(ops.row_max(crypten.cryptensor(x), dim=-1))
+    assert got.shape == (3, 4, 1)
+    assert (got - x.amax(-1, keepdim=True)).abs().max() < 1e-3
