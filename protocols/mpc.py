@@ -17,6 +17,14 @@ Per inference:
   6. The client secret-shares its input, both run the same model forward on shares with ledger
      scopes per module, and the server sends its output share to the client only.
   7. The server and the dealer send their ledger rows to the client, which builds the report.
+Per generation (decoders, :meth:`MpcClient.generate`):
+  8. The client announces the public prompt length, token count and pruning policy; the server
+     fetches weight-stationary corrections for the prefill and every decode step.
+  9. Prefill and each decode step run on shares with a KV-stationary secret-shared cache
+     (:mod:`protocols.kv_generate`); the next token is the argmax on shares (a secret one-hot,
+     fed back as the next input); only its index is revealed, to the client (the server sends
+     its share of it). Greedy decoding only: sampling would need shared randomness on the
+     logits and is not implemented.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import ops
+from models.kv_pruning import POLICIES, PolicyError, make_policy
 from models.layers import Calibrated, Embedding, Linear
 from models.registry import ModelBundle, load_model
 from models.variants import parse_variant
@@ -38,7 +48,11 @@ from privinf.costs import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from protocols import crypten_provider
 from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import MPCTensor, crypten
+from protocols.csprng import new_seed
 from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, receive_seed
+from protocols.kv_generate import StationaryCache, install_kernels
+from protocols.kv_select import ObliviousSelector
+from protocols.kv_stationary import DealerLink, StationaryDealer, StationaryParty
 from protocols.secure_linear import SecureLinearClient, SecureLinearServer, preprocess_server
 from protocols.transport import Channel, ProtocolError
 
@@ -50,6 +64,7 @@ TAG_INFER = "mpc.infer"
 TAG_OUTPUT = "mpc.output"
 TAG_ROWS = "mpc.rows"
 TAG_DEALER_ROWS = "dealer.rows"
+TAG_TOKEN = "mpc.token"
 SCALE_BITS = 16
 MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for products up to 2^31
 
@@ -174,6 +189,7 @@ class _Party:
         self._ws_left: dict[tuple[int, ...], int] = {}
         self._used: dict[tuple[int, ...], int] = {}
         self.inferences = 0
+        self._kvs: StationaryParty | None = None
 
     # session ----------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -192,6 +208,8 @@ class _Party:
             self.targets = secure_targets(self.model)
             self._install_secure_layers(seed)
             _share_remaining(self.model)
+            if _is_decoder(self.model):
+                install_kernels(self.model)
         self._hooks = self.ledger.attach(self.model, prefix=self.bundle.name)
         self._stack.callback(self._hooks.remove)
 
@@ -246,6 +264,59 @@ class _Party:
     def _budget(self, shape: tuple[int, ...]) -> int:
         """Inferences of ``shape`` to preprocess now: what is left of the session's budget."""
         return max(1, self.spec.preprocess - self._used.get(shape, 0))
+
+
+    # per generation -------------------------------------------------------------------------
+    def _generate(self, value: torch.Tensor | None, request: dict[str, Any]) -> list[int]:
+        """Both parties: prefill + decode steps on shares; the client returns the token ids."""
+        if self.context.provider.stored:
+            raise ProtocolError("generate cannot follow preprocessed inferences in one session "
+                                "(set preprocess = 1 for generation sessions)")
+        if self._kvs is None:
+            dealer = self.dealer if self.rank == CLIENT else None
+            self._kvs = StationaryParty(self.rank, self.context.seed, self.peer, dealer, self.ledger)
+        policy = make_policy(request["policy"], request["budget"], ObliviousSelector(), **request["options"])
+        cache = StationaryCache.attach(self.model, policy, self._kvs)
+        tokens: list[int] = []
+        try:
+            if request.get("fill"):
+                with self.ledger.step("fill"):
+                    cfg = self.bundle.config
+                    cache.fill_public(request["fill"], cfg.kv_heads, cfg.head_dim, request["fill_seed"])
+            with self.ledger.step("prefill"):
+                x = self._share_input(value, (1, request["prompt_len"]))
+                onehot = self._next_token(self._forward_cached(x, cache), tokens)
+            for i in range(request["new_tokens"] - 1):
+                with self.ledger.step(f"decode.{i}"):
+                    onehot = self._next_token(self._forward_cached(onehot, cache), tokens)
+        finally:
+            cache.close()
+        self.last_cache = cache
+        return tokens
+
+    def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
+        with torch.no_grad():
+            return self.model(x, cache)
+
+    def _next_token(self, logits: MPCTensor, tokens: list[int]) -> MPCTensor:
+        """Argmax of the last position on shares; its index is revealed to the client only.
+
+        Returns the secret one-hot [1, 1, vocab] at scale 2^16 (the next input)."""
+        with self.ledger.scope("output", "argmax"):
+            last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1]))
+            onehot = last.argmax(dim=-1, one_hot=True)
+            factor = int(last.encoder.scale) // int(onehot.encoder.scale)
+            if factor != 1:  # comparison results come at scale 1; the embedding expects 2^16
+                onehot.share = onehot.share * factor
+                onehot.encoder = last.encoder
+            index_share = (onehot.share * torch.arange(self.vocab)).sum().reshape(1)
+            if self.rank == CLIENT:
+                theirs = torch.from_numpy(np.asarray(self.peer.recv(TAG_TOKEN)))
+                tokens.append(int(round(float(index_share + theirs) / (1 << SCALE_BITS))))
+                self.ledger.record_rounds(1)
+            else:
+                self.peer.send(TAG_TOKEN, index_share)
+        return onehot.reshape(1, 1, self.vocab)
 
 
 class MpcClient(_Party):
@@ -314,14 +385,64 @@ class MpcClient(_Party):
             raw = total.double() / (1 << SCALE_BITS)
         self.last_raw = raw.float()
         self.ledger.record_rounds(0)
+        rows = self._collect_rows()
+        self.inferences += 1
+        log.info("inference %d done in %.2f s", self.inferences, time.perf_counter() - started)
+        return self.bundle.decode(raw.float()), rows
+
+    def _collect_rows(self) -> list[list[Row]]:
         server_rows = rows_from_dicts(self.peer.recv_json(TAG_ROWS))
         self.dealer.send_json(TAG_MSG, {"type": "report"})
         dealer_rows = rows_from_dicts(self.dealer.recv_json(TAG_DEALER_ROWS))
-        self.inferences += 1
-        log.info("inference %d done in %.2f s", self.inferences, time.perf_counter() - started)
         client_rows = self.ledger.rows()
         self.ledger.reset()
-        return self.bundle.decode(raw.float()), [client_rows, server_rows, dealer_rows]
+        return [client_rows, server_rows, dealer_rows]
+
+    def generate(self, prompt: Any, max_new_tokens: int, policy: str = "none", budget: float | int | None = None,
+                 options: dict[str, Any] | None = None, fill: int = 0) -> tuple[dict[str, Any], list[list[Row]]]:
+        """Private greedy decoding: ({"token_ids", "text"}, [client, server, dealer rows]).
+
+        Public: prompt length, ``max_new_tokens``, the policy and its parameters. Bad input
+        (not a decoder, prompt longer than the context, budget <= 0, unknown policy) raises
+        before anything is sent. ``fill`` (benchmarks only) starts from a cache of ``fill`` public
+        random entries instead of the prompt's prefill (:meth:`StationaryCache.fill_public`).
+        """
+        ids, request = self.generation_request(prompt, max_new_tokens, policy, budget, options, fill)
+        try:
+            started = time.perf_counter()
+            self.peer.send_json(TAG_INFER, {"generate": request})
+            onehot = torch.nn.functional.one_hot(ids, self.vocab).float()
+            tokens = self._generate(onehot, request)
+            rows = self._collect_rows()
+            log.info("generated %d tokens in %.2f s", len(tokens), time.perf_counter() - started)
+            return self.bundle.decode(torch.tensor(tokens, dtype=torch.long)), rows
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+
+    def generation_request(self, prompt: Any, max_new_tokens: int, policy: str, budget: float | int | None,
+                           options: dict[str, Any] | None, fill: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Check a generation at the boundary; returns the prompt ids and the public request."""
+        if not _is_decoder(self.model) or self.vocab is None:
+            raise MpcInputError(f"{self.spec.model} is not a decoder with a vocabulary; generate needs one")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MpcInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if policy not in POLICIES:
+            raise PolicyError(f"unknown KV policy {policy!r}; known: {', '.join(POLICIES)}")
+        options = dict(options or {})
+        make_policy(policy, budget, **options)  # budget and options checked here
+        ids = self.bundle.encode(prompt)
+        context = self.bundle.config.max_positions
+        if ids.shape[-1] + max_new_tokens - 1 > context:
+            raise MpcInputError(f"prompt of {ids.shape[-1]} tokens + {max_new_tokens} new tokens exceeds the "
+                                f"model's context of {context}")
+        request = {"prompt_len": int(ids.shape[-1]), "new_tokens": max_new_tokens, "policy": policy,
+                   "budget": budget, "options": options}
+        if fill:
+            if isinstance(fill, bool) or not isinstance(fill, int) or fill + ids.shape[-1] + max_new_tokens - 1 > context:
+                raise MpcInputError(f"fill must be an int with fill + prompt + new tokens <= {context}")
+            request.update(fill=fill, fill_seed=0)
+        return ids, request
 
     def finish(self) -> None:
         self.peer.send_json(TAG_INFER, {"bye": True})
@@ -366,6 +487,13 @@ class MpcServer(_Party):
                 raise ProtocolError("inference request is not a JSON object")
             if msg.get("bye"):
                 break
+            if "generate" in msg:
+                request = _check_generation(msg["generate"], self.bundle.config.max_positions)
+                self._fetch_ws_generation(request)
+                self._generate(None, request)
+                self.peer.send_json(TAG_ROWS, rows_to_dicts(self.ledger.rows()))
+                self.ledger.reset()
+                continue
             shape = _check_shape(msg.get("shape"))
             self._fetch_ws(shape)
             out = self._run(None, shape)
@@ -386,6 +514,44 @@ class MpcServer(_Party):
                 preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT)
             left = budget
         self._ws_left[shape] = left - 1
+
+
+    def _fetch_ws_generation(self, request: dict[str, Any]) -> None:
+        """Weight-stationary corrections for the prefill and every decode step of a generation."""
+        if any(self._ws_left.values()):
+            raise ProtocolError("generate cannot follow preprocessed inferences in one session "
+                                "(set preprocess = 1 for generation sessions)")
+        plan = [((1, request["prompt_len"]), 1), ((1, 1), request["new_tokens"] - 1)]
+        with self.ledger.scope("preprocess", "offline"):
+            for shape, count in plan:
+                if count:
+                    shapes = _hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
+                    preprocess_server(self.secure, shapes, count, self.dealer, CLIENT)
+
+
+def _is_decoder(model: nn.Module) -> bool:
+    return hasattr(model, "new_cache") and hasattr(model, "layer")
+
+
+def _check_generation(data: Any, context: int) -> dict[str, Any]:
+    """The server's check of a generation request (public fields only)."""
+    if not isinstance(data, dict):
+        raise ProtocolError("generation request is not a JSON object")
+    prompt, new = data.get("prompt_len"), data.get("new_tokens")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (prompt, new)):
+        raise ProtocolError(f"bad generation lengths: prompt {prompt!r}, new tokens {new!r}")
+    fill = data.get("fill", 0)
+    if not isinstance(fill, int) or fill < 0 or prompt + new - 1 + fill > context:
+        raise ProtocolError(f"generation of {fill} + {prompt} + {new} tokens exceeds the context of {context}")
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise ProtocolError("generation options must be a JSON object")
+    try:
+        make_policy(str(data.get("policy")), data.get("budget"), **options)
+    except (PolicyError, TypeError) as exc:
+        raise ProtocolError(f"bad generation policy: {_first_line(exc)}") from None
+    return {"prompt_len": prompt, "new_tokens": new, "policy": data["policy"], "budget": data.get("budget"),
+            "options": options, "fill": fill, "fill_seed": int(data.get("fill_seed", 0))}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -409,8 +575,10 @@ def serve_mpc_session(spec: Any, bundle: ModelBundle | None, client: Channel, de
 # ----- the dealer -----------------------------------------------------------------------------
 def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger) -> None:
     """Dealer side: seeds, then one request loop per party link (threads), plus report rows."""
-    dealer = Dealer(ledger)
+    seeds = {CLIENT: new_seed(), SERVER: new_seed()}
+    dealer = Dealer(ledger, seeds)
     dealer.distribute_seeds({CLIENT: client, SERVER: server})
+    client = DealerLink(client, StationaryDealer(seeds, ledger))  # KV-stationary corrections
     errors: list[BaseException] = []
 
     def serve_server() -> None:
