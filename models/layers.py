@@ -92,11 +92,72 @@ class Calibrated(nn.Module):
             self.mpc_scale = float(2.0 ** math.ceil(math.log2(peak / self.target_max)))
         self._record = None
 
+    def public_calibration(self) -> dict[str, Any]:
+        """The public constants calibration produced (what a server sends to its client)."""
+        return {"mpc_scale": self.mpc_scale}
+
+    def load_public_calibration(self, data: dict[str, Any]) -> None:
+        self.mpc_scale = float(data["mpc_scale"])
+
 
 class _Norm(Calibrated):
+    """Norms share the 1/sqrt(mean square) computation, with a wide-range mode.
+
+    Narrow mode (BERT/MiniLM-like activations): ``inv_sqrt(mean(x^2) / mpc_scale)``.
+    Wide mode, chosen at calibration when per-token energies span more than ``WIDE_RATIO`` or
+    their squares would come near the ring's limit (LLM "massive activations": SmolLM2's
+    residual stream reaches 2e4 on some tokens): the sum of squares is a row dot product with
+    ``x / 2^shift`` (formed at double scale and truncated once, kept below 2^SAFE_BITS, where
+    2-party local truncation fails with probability ~2^(SAFE_BITS-63)), and the inverse square
+    root is range-reduced with public thresholds (:func:`models.ops.inv_sqrt_wide`). The shift
+    and the range are public calibration constants, like ``mpc_scale``.
+    """
+
+    WIDE_RATIO = 2.0 ** 10
+    SAFE_BITS = 50
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
+        self.wide: dict[str, float] | None = None
+        self._energy: list[float] | None = None
+
+    def start_calibration(self) -> None:
+        super().start_calibration()
+        self.wide = None
+        self._energy = []
+
+    def finish_calibration(self) -> None:
+        super().finish_calibration()
+        if self._energy:
+            lo = max(min(self._energy), self.eps * self.dim, 1e-6)
+            hi = max(max(self._energy), lo)
+            shift = max(0, math.ceil(math.log2(hi)) + 32 - self.SAFE_BITS)
+            if hi / lo > self.WIDE_RATIO or shift > 0:
+                scale = 2.0 ** -shift
+                self.wide = {"shift": float(shift), "lo": lo * scale / 4, "hi": hi * scale * 4}
+        self._energy = None
+
+    def public_calibration(self) -> dict[str, Any]:
+        return {**super().public_calibration(), "wide": self.wide}
+
+    def load_public_calibration(self, data: dict[str, Any]) -> None:
+        super().load_public_calibration(data)
+        wide = data.get("wide")
+        self.wide = None if wide is None else {k: float(wide[k]) for k in ("shift", "lo", "hi")}
+
+    def _inv_rms(self, x: Any) -> Any:
+        """``1 / sqrt(mean(x^2, -1) + eps)`` with the dim kept."""
+        if self._energy is not None and ops.is_plain(x):
+            energy = ops.square(x.detach().float()).sum(-1)
+            self._energy += [float(energy.min()), float(energy.max())]
+        if self.wide is None:
+            ms = ops.square(x).mean(-1, keepdim=True) + self.eps
+            self._observe(ms)
+            return ops.inv_sqrt(ms, self.mpc_scale)
+        scale = 2.0 ** -self.wide["shift"]
+        energy = ops.rowdot(x, x * scale) + self.eps * self.dim * scale
+        return ops.inv_sqrt_wide(energy, self.wide["lo"], self.wide["hi"]) * math.sqrt(self.dim * scale)
 
 
 class LayerNorm(_Norm):
@@ -109,9 +170,7 @@ class LayerNorm(_Norm):
 
     def forward(self, x: Any) -> Any:
         centred = x - x.mean(-1, keepdim=True)
-        var = ops.square(centred).mean(-1, keepdim=True) + self.eps
-        self._observe(var)
-        out = centred * ops.inv_sqrt(var, self.mpc_scale) * self.weight
+        out = centred * self._inv_rms(centred) * self.weight
         return out if self.bias is None else out + self.bias
 
 
@@ -123,9 +182,7 @@ class RMSNorm(_Norm):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Any) -> Any:
-        ms = ops.square(x).mean(-1, keepdim=True) + self.eps
-        self._observe(ms)
-        return x * ops.inv_sqrt(ms, self.mpc_scale) * self.weight
+        return x * self._inv_rms(x) * self.weight
 
 
 class AffineNorm(_Norm):

@@ -93,6 +93,57 @@ def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
     return x.inv_sqrt()
 
 
+
+def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
+    """A comparison result re-encoded at ``like``'s fixed-point scale (identity in torch).
+
+    CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would round the constant to 0;
+    multiplying the share by the scale ratio (local) gives the same bit at the usual scale.
+    """
+    if is_plain(bit):
+        return bit.to(like.dtype) if is_plain(like) else bit
+    factor = int(like.encoder.scale) // int(bit.encoder.scale)
+    if factor != 1:
+        bit.share = bit.share * factor
+        bit.encoder = like.encoder
+    return bit
+
+
+def rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum(x * y, -1)`` keeping the dim; on shares one batched matmul, so the sum is formed
+    at double scale and truncated once (an elementwise product truncates every term)."""
+    if is_plain(x) and is_plain(y):
+        return (x * y).sum(-1, keepdim=True)
+    return x.unsqueeze(-2).matmul(y.unsqueeze(-1)).squeeze(-1)
+
+
+def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
+    """``1 / sqrt(x)`` for positive ``x`` spanning many orders of magnitude, [lo, hi] public.
+
+    On shares the value is brought into [1, 4) by a public power of four chosen with
+    comparisons against public thresholds 4^j (one batched comparison of [..., K]); since the
+    comparison bits are monotone, the reducing factor 4^-k and the result factor 2^-k are
+    linear in the bits (no products). Then CrypTen's inverse square root runs where it is
+    accurate. Values outside [lo, hi] fall in the first or last interval (Newton still
+    converges well beyond it). Powers of two down to 2^-16 are exact in fixed point, so ``hi``
+    may reach 4^8.
+    """
+    if is_plain(x):
+        return torch.rsqrt(x)
+    first = math.floor(math.log(lo, 4))
+    last = min(max(math.ceil(math.log(hi, 4)), first + 1), 8)
+    powers = list(range(first, last))  # interval k covers [4^powers[k], 4^powers[k]+1)
+    thresholds = torch.tensor([4.0 ** p for p in powers[1:]])
+    factor4 = torch.tensor(4.0 ** -powers[0])
+    factor2 = torch.tensor(2.0 ** -powers[0])
+    if len(powers) > 1:
+        bits = as_fixed_point((x.unsqueeze(-1) - thresholds) > 0, x)
+        step4 = torch.tensor([4.0 ** -p - 4.0 ** -(p - 1) for p in powers[1:]])
+        step2 = torch.tensor([2.0 ** -p - 2.0 ** -(p - 1) for p in powers[1:]])
+        factor4 = (bits * step4).sum(-1) + factor4
+        factor2 = (bits * step2).sum(-1) + factor2
+    return (x * factor4).inv_sqrt() * factor2
+
 def relu(x: Tensor) -> Tensor:
     return torch.relu(x) if is_plain(x) else x.relu()
 

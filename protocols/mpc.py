@@ -105,11 +105,12 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def calibration_of(model: nn.Module) -> dict[str, Any]:
-    """Public calibration constants: per Calibrated module its mpc_scale (and affine flag)."""
+    """Public calibration constants per Calibrated module (scales, wide-range norm settings,
+    affine flag)."""
     out = {}
     for path, module in model.named_modules():
         if isinstance(module, Calibrated):
-            out[path] = {"mpc_scale": module.mpc_scale,
+            out[path] = {**module.public_calibration(),
                          "calibrated": bool(getattr(module, "calibrated", True))}
     return out
 
@@ -123,7 +124,7 @@ def apply_calibration(model: nn.Module, data: Any) -> None:
                             "(model or variant mismatch)")
     for path, values in data.items():
         module = model.get_submodule(path)
-        module.mpc_scale = float(values["mpc_scale"])
+        module.load_public_calibration(values)
         if hasattr(module, "calibrated"):
             module.calibrated = bool(values["calibrated"])
 
