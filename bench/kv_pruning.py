@@ -26,58 +26,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import load_model  # noqa: E402
-from mpc_parties.sessions import SessionSpec  # noqa: E402
-from privinf.costs import Ledger  # noqa: E402
-from protocols import crypten_provider  # noqa: E402
-from protocols.cryptenlib import crypten  # noqa: E402
 from protocols.kv_generate import plain_greedy  # noqa: E402
-from protocols.mpc import MpcClient, MpcServer, serve_dealer_session  # noqa: E402
-from protocols.transport import memory_pair, run_parties  # noqa: E402
+from protocols.mpc import MpcClient  # noqa: E402
+from protocols.local_run import run_local_session  # noqa: E402
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
 
-class _ThreadLocalConfig(type(crypten.cfg)):  # type: ignore[misc]
-    """CrypTen's cfg per thread (two parties in one process), as tests/unit/conftest.py does."""
-
-    import threading as _threading
-    _local = _threading.local()
-
-    @property
-    def config(self) -> Any:
-        return getattr(self._local, "config", None) or self.__dict__["config"]
-
-    @config.setter
-    def config(self, value: Any) -> None:
-        self._local.config = value
-
-
 def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]) -> list[Any]:
     """Client, server and dealer as threads; one generate per (prompt, call)."""
-    load_model(model, "exact")
-    spec = SessionSpec(session="b1", protocol="mpc", model=model, variant="exact", preprocess=1)
-    ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
-    c_s, s_c = memory_pair("client", "server", "b1", ledgers["client"], ledgers["server"], timeout_s=3600)
-    c_d, d_c = memory_pair("client", "dealer", "b1", ledgers["client"], ledgers["dealer"], timeout_s=3600)
-    s_d, d_s = memory_pair("server", "dealer", "b1", ledgers["server"], ledgers["dealer"], timeout_s=3600)
-    client = MpcClient(spec, None, c_s, c_d, ledgers["client"])
-    server = MpcServer(spec, None, s_c, s_d, ledgers["server"])
-    out: list[Any] = []
-
-    def run_client() -> None:
-        client.start()
+    def work(client: MpcClient) -> list[Any]:
+        out = []
         for prompt, call in zip(prompts, calls):
             started = time.perf_counter()
             output, rows = client.generate(prompt, **call)
             out.append((output, rows, time.perf_counter() - started))
-        client.finish()
+        return out
 
-    crypten.cfg.__class__ = _ThreadLocalConfig
-    crypten_provider.install()
-    torch.set_num_threads(1)
-    run_parties(run_client, server.serve, lambda: serve_dealer_session(spec, d_c, d_s, ledgers["dealer"]),
-                timeout_s=7200)
-    return out
+    return run_local_session(model, "exact", work, timeout_s=7200).result
 
 
 def smollm2() -> None:

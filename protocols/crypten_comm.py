@@ -470,3 +470,34 @@ def crypten_session(channel: Channel, rank: int, ledger: Ledger | None = None,
             crypten.uninit()
     finally:
         uninstall()
+
+
+class _ThreadLocalConfig(type(crypten.cfg)):  # type: ignore[misc]
+    """CrypTen's cfg with a per-thread ``config`` (see :func:`parties_as_threads`)."""
+
+    _local = threading.local()
+
+    @property
+    def config(self) -> Any:
+        return getattr(self._local, "config", None) or self.__dict__["config"]
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        self._local.config = value
+
+
+@contextmanager
+def parties_as_threads() -> Iterator[None]:
+    """Let both computing parties run as threads of this process (tests, benches, debugging).
+
+    ``cfg.temp_override`` (inside softmax, max, reciprocal) swaps CrypTen's whole config object
+    and restores it afterwards; two party threads would interleave those swaps and run
+    different circuits. Inside this block the config is per thread. A deployment runs one party
+    per process and never needs it.
+    """
+    original = type(crypten.cfg)
+    crypten.cfg.__class__ = _ThreadLocalConfig
+    try:
+        yield
+    finally:
+        crypten.cfg.__class__ = original

@@ -24,29 +24,8 @@ from protocols.dealer import (
 )
 from protocols.transport import memory_pair, run_parties
 
-from crypten.config.config import CrypTenConfig  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-class _ThreadLocalConfig(CrypTenConfig):
-    """CrypTen's cfg with a per-thread ``config``, for two parties in one process.
-
-    ``cfg.temp_override`` (used inside softmax, max, reciprocal...) swaps the whole config
-    object and restores it afterwards; two party threads interleave those swaps, so one party's
-    override can leak into the other's computation (different circuits, e.g. a different max
-    method) or stay stuck in the process-wide cfg. One party per process never sees this.
-    """
-
-    _local = threading.local()
-
-    @property
-    def config(self) -> Any:
-        return getattr(self._local, "config", None) or self.__dict__["config"]
-
-    @config.setter
-    def config(self, value: Any) -> None:
-        self._local.config = value
 
 
 def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: Dealer | None = None,
@@ -64,7 +43,8 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
     mpc_ledgers = mpc_ledgers or {}
     links = {r: memory_pair("dealer", f"p{r}", ledger_b=ledgers.get(r)) for r in (0, 1)}
     mpc = memory_pair("p0", "p1", "mpc", mpc_ledgers.get(0), mpc_ledgers.get(1))
-    crypten.cfg.__class__ = _ThreadLocalConfig
+    threads = crypten_comm.parties_as_threads()
+    threads.__enter__()
     cp.install()
 
     def make(rank: int) -> Callable[[], Any]:
@@ -97,7 +77,7 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
         *results, served, _ = run_parties(make(0), make(1), serve(0), serve(1), timeout_s=timeout_s)
     finally:
         cp.uninstall()
-        crypten.cfg.__class__ = CrypTenConfig
+        threads.__exit__(None, None, None)
     return results, served
 
 

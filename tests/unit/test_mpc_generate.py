@@ -4,7 +4,6 @@ KV-stationary products, checked against plaintext."""
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import pytest
@@ -12,14 +11,14 @@ import torch
 
 from models.kv_pruning import PolicyError
 from models.registry import InputError, load_model
-from mpc_parties.sessions import SessionSpec
 from privinf.costs import Ledger
 from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import crypten
 from protocols.csprng import new_seed
 from protocols.kv_generate import plain_greedy
 from protocols.kv_stationary import TAG_MSG, StationaryDealer, StationaryError, StationaryParty
-from protocols.mpc import MpcClient, MpcInputError, MpcServer, serve_dealer_session
+from protocols.local_run import run_local_session
+from protocols.mpc import MpcClient, MpcInputError, MpcServer
 from protocols.transport import memory_pair, run_parties
 
 PROMPT = "private generation on shares, a KV cache in MPC"  # 48 bytes = 48 tokens (gpt2-tiny)
@@ -92,39 +91,19 @@ def test_dealer_refuses_a_product_label_twice() -> None:
 
 # ----- generation end to end -----------------------------------------------------------------
 def _run_generation(calls: list[dict[str, Any]], model: str = "gpt2-tiny") -> tuple[list[Any], MpcServer]:
-    load_model(model, "exact")  # import transformers' lazy modules once, not from two threads
-    spec = SessionSpec(session="g1", protocol="mpc", model=model, variant="exact", preprocess=1)
-    ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
-    c_s, s_c = memory_pair("client", "server", "g1", ledgers["client"], ledgers["server"])
-    c_d, d_c = memory_pair("client", "dealer", "g1", ledgers["client"], ledgers["dealer"])
-    s_d, d_s = memory_pair("server", "dealer", "g1", ledgers["server"], ledgers["dealer"])
-    client = MpcClient(spec, None, c_s, c_d, ledgers["client"])
-    server = MpcServer(spec, None, s_c, s_d, ledgers["server"])
-    results: list[Any] = []
-
-    def run_client() -> None:
-        client.start()
+    def work(client: MpcClient) -> list[Any]:
+        results = []
         for call in calls:
             output, rows = client.generate(PROMPT, **call)
             results.append((output, rows, client.last_cache))
-        client.finish()
+        return results
 
-    run_parties(run_client, server.serve, lambda: serve_dealer_session(spec, d_c, d_s, ledgers["dealer"]),
-                timeout_s=300)
-    return results, server
+    session = run_local_session(model, "exact", work, timeout_s=300)
+    return session.result, session.server
 
 
 @pytest.fixture(scope="module")
 def generations() -> Any:
-    from tests.unit.conftest import ThreadLocalCrypTenConfig  # noqa: PLC0415
-    from protocols import crypten_provider  # noqa: PLC0415
-
-    original = type(crypten.cfg)
-    crypten.cfg.__class__ = ThreadLocalCrypTenConfig
-    installed = not crypten_provider.is_installed()
-    if installed:
-        crypten_provider.install()
-    torch.set_num_threads(1)
     calls = [
         {"max_new_tokens": 4},
         {"max_new_tokens": 3, "policy": "window", "budget": 0.5},
@@ -132,12 +111,7 @@ def generations() -> Any:
         {"max_new_tokens": 4, "policy": "mpcache", "budget": 0.5,
          "options": {"cluster": 4, "static": 1.5, "window": 8}},
     ]
-    try:
-        results, server = _run_generation(calls)
-    finally:
-        if installed:
-            crypten_provider.uninstall()
-        crypten.cfg.__class__ = original
+    results, server = _run_generation(calls)
     return calls, results, server.last_cache  # the server's cache of the last call (mpcache)
 
 
@@ -190,19 +164,10 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
     assert clear >= 1  # how many heads are comparable varies with earlier near-ties (fresh seeds)
 
 
-def test_bad_generation_input_raises_before_sending(crypten_threads: Any) -> None:
-    load_model("gpt2-tiny", "exact")
-    spec = SessionSpec(session="g2", protocol="mpc", model="gpt2-tiny", variant="exact", preprocess=1)
-    ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
-    c_s, s_c = memory_pair("client", "server", "g2", ledgers["client"], ledgers["server"])
-    c_d, d_c = memory_pair("client", "dealer", "g2", ledgers["client"], ledgers["dealer"])
-    s_d, d_s = memory_pair("server", "dealer", "g2", ledgers["server"], ledgers["dealer"])
-    client = MpcClient(spec, None, c_s, c_d, ledgers["client"])
-    server = MpcServer(spec, None, s_c, s_d, ledgers["server"])
+def test_bad_generation_input_raises_before_sending() -> None:
     errors: dict[str, Exception] = {}
 
-    def run_client() -> None:
-        client.start()
+    def work(client: MpcClient) -> None:
         cases = {
             "too_long": dict(prompt="x" * 65, max_new_tokens=1),
             "too_long_total": dict(prompt="x" * 60, max_new_tokens=8),
@@ -216,10 +181,8 @@ def test_bad_generation_input_raises_before_sending(crypten_threads: Any) -> Non
                 client.generate(**kwargs)
             except ValueError as exc:
                 errors[name] = exc
-        client.finish()
 
-    run_parties(run_client, server.serve, lambda: serve_dealer_session(spec, d_c, d_s, ledgers["dealer"]),
-                timeout_s=120)
+    run_local_session("gpt2-tiny", "exact", work, timeout_s=120)
     assert isinstance(errors["too_long"], InputError) and "limit is 64" in str(errors["too_long"])
     assert isinstance(errors["too_long_total"], MpcInputError) and "context of 64" in str(errors["too_long_total"])
     assert isinstance(errors["budget"], PolicyError) and "budget must be > 0" in str(errors["budget"])

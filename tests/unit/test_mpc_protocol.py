@@ -12,9 +12,9 @@ import torch
 from models.registry import load_model
 from mpc_parties.sessions import SessionSpec
 from privinf.costs import Ledger, Phase
-from protocols.mpc import MpcClient, MpcInputError, MpcServer, serve_dealer_session
+from protocols.local_run import run_local_session
+from protocols.mpc import MpcClient, MpcInputError, MpcServer
 from protocols.plain import run_plain
-from protocols.transport import memory_pair, run_parties
 
 
 @dataclass
@@ -26,29 +26,17 @@ class Run:
 
 
 def run_mpc(model: str, variant: str, inputs: list[Any], preprocess: int = 1) -> Run:
-    load_model(model, variant)  # import transformers' lazy modules once, not from two threads
-    spec = SessionSpec(session="t1", protocol="mpc", model=model, variant=variant, preprocess=preprocess)
-    ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
-    c_s, s_c = memory_pair("client", "server", "t1", ledgers["client"], ledgers["server"])
-    c_d, d_c = memory_pair("client", "dealer", "t1", ledgers["client"], ledgers["dealer"])
-    s_d, d_s = memory_pair("server", "dealer", "t1", ledgers["server"], ledgers["dealer"])
-    client = MpcClient(spec, None, c_s, c_d, ledgers["client"])
-    server = MpcServer(spec, None, s_c, s_d, ledgers["server"])
-
-    def run_client() -> tuple[list[Any], list[Any]]:
-        client.start()
+    def work(client: MpcClient) -> tuple[list[Any], list[Any]]:
         outs, rows = [], []
         for value in inputs:
             out, party_rows = client.infer(value)
             outs.append(out)
             rows.append(party_rows)
-        client.finish()
         return outs, rows
 
-    results = run_parties(run_client, server.serve,
-                          lambda: serve_dealer_session(spec, d_c, d_s, ledgers["dealer"]), timeout_s=300)
-    outs, rows = results[0]
-    return Run(outs, rows, client, server)
+    session = run_local_session(model, variant, work, preprocess=preprocess, timeout_s=300)
+    outs, rows = session.result
+    return Run(outs, rows, session.client, session.server)
 
 
 def _plain(model: str, variant: str, value: Any) -> Any:
