@@ -41,7 +41,7 @@ from torch import nn
 
 from models import ops
 from models.kv_pruning import POLICIES, PolicyError, make_policy
-from models.layers import Calibrated, Embedding, Linear
+from models.layers import Embedding
 from models.registry import ModelBundle, load_model
 from models.variants import parse_variant
 from privinf.costs import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
@@ -49,6 +49,10 @@ from protocols import crypten_provider
 from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import MPCTensor, crypten
 from protocols.csprng import new_seed
+from protocols.mpc_model import (
+    EmbeddingAsLinear, hidden_shapes, replace_module, share_remaining_weights, apply_calibration, calibration_of,
+    secure_targets, strip_weights,
+)
 from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, receive_seed
 from protocols.kv_generate import StationaryCache, install_kernels
 from protocols.kv_select import ObliviousSelector
@@ -71,101 +75,6 @@ MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for prod
 
 class MpcInputError(ValueError):
     """The client's input cannot be computed on privately (shape, NaN/inf, range)."""
-
-
-# ----- model preparation (same module order on both sides: CrypTen calls must match) ----------
-def secure_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules computed with weight-stationary triples: every Linear and the word embedding."""
-    targets = []
-    for path, module in model.named_modules():
-        if isinstance(module, Linear):
-            targets.append((path, module))
-        elif isinstance(module, Embedding) and path.rsplit(".", 1)[-1] == "embed":
-            targets.append((path, module))
-    return targets
-
-
-class _EmbeddingAsLinear(nn.Module):
-    """A one-hot input times a table [vocab, dim] is a linear layer with weight table^T."""
-
-    op_kind = "embedding"
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: Any) -> Any:
-        return self.inner(x)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, module)
-
-
-def calibration_of(model: nn.Module) -> dict[str, Any]:
-    """Public calibration constants per Calibrated module (scales, wide-range norm settings,
-    affine flag)."""
-    out = {}
-    for path, module in model.named_modules():
-        if isinstance(module, Calibrated):
-            out[path] = {**module.public_calibration(),
-                         "calibrated": bool(getattr(module, "calibrated", True))}
-    return out
-
-
-def apply_calibration(model: nn.Module, data: Any) -> None:
-    if not isinstance(data, dict):
-        raise ProtocolError("calibration message is not a JSON object")
-    mine = {path for path, m in model.named_modules() if isinstance(m, Calibrated)}
-    if set(data) != mine:
-        raise ProtocolError("server's calibrated modules do not match the client's architecture "
-                            "(model or variant mismatch)")
-    for path, values in data.items():
-        module = model.get_submodule(path)
-        module.load_public_calibration(values)
-        if hasattr(module, "calibrated"):
-            module.calibrated = bool(values["calibrated"])
-
-
-def strip_weights(model: nn.Module) -> None:
-    """Zero every parameter: the client keeps only the public architecture."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-
-
-def _share_remaining(model: nn.Module) -> None:
-    """Secret-share the server's remaining parameters (rank 1 provides, rank 0 passes shape)."""
-    from models.ops import replace_parameters  # noqa: PLC0415
-
-    replace_parameters(model, lambda p: crypten.cryptensor(p.float(), src=SERVER))
-
-
-def _hidden_shapes(model: nn.Module, targets: list[tuple[str, nn.Module]], input_shape: tuple[int, ...],
-                   vocab: int | None) -> list[tuple[int, ...]]:
-    """Input shape of every target layer for an input of ``input_shape`` (plaintext dry run)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = [module.register_forward_pre_hook(
-        lambda _m, args, path=path: shapes.__setitem__(path, tuple(args[0].shape)))
-        for path, module in targets]
-    try:
-        with torch.no_grad():
-            model(_dummy_input(input_shape, vocab))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [path for path, _ in targets if path not in shapes]
-    if missing:
-        raise ProtocolError(f"layers not reached by the forward pass: {missing[:3]}")
-    return [shapes[path] for path, _ in targets]
-
-
-def _dummy_input(shape: tuple[int, ...], vocab: int | None) -> torch.Tensor:
-    if vocab is not None:
-        return torch.zeros(*shape, vocab)
-    return torch.zeros(*shape)
 
 
 # ----- the computing parties ------------------------------------------------------------------
@@ -208,7 +117,7 @@ class _Party:
             self._calibrate()
             self.targets = secure_targets(self.model)
             self._install_secure_layers(seed)
-            _share_remaining(self.model)
+            share_remaining_weights(self.model)
             if _is_decoder(self.model):
                 install_kernels(self.model)
         self._hooks = self.ledger.attach(self.model, prefix=self.bundle.name)
@@ -344,11 +253,11 @@ class MpcClient(_Party):
         for path, module in self.targets:
             if isinstance(module, Embedding):
                 layer = SecureLinearClient(path, module.num, module.dim, seed, self.peer, self.ledger)
-                _replace(self.model, path, _EmbeddingAsLinear(layer))
+                replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:
                 layer = SecureLinearClient(path, module.in_features, module.out_features, seed, self.peer,
                                            self.ledger)
-                _replace(self.model, path, layer)
+                replace_module(self.model, path, layer)
             layer.receive_weight_mask()
 
     def encode(self, value: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -465,10 +374,10 @@ class MpcServer(_Party):
         for path, module in self.targets:
             if isinstance(module, Embedding):
                 layer = SecureLinearServer(path, module.weight.detach().t(), None, seed, self.peer, self.ledger)
-                _replace(self.model, path, _EmbeddingAsLinear(layer))
+                replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:
                 layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger)
-                _replace(self.model, path, layer)
+                replace_module(self.model, path, layer)
             layer.send_weight_mask()
             self.secure.append(layer)
 
@@ -510,7 +419,7 @@ class MpcServer(_Party):
         left = self._ws_left.get(shape, 0)
         if left == 0:
             budget = self._budget(shape)
-            shapes = _hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
+            shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
             with self.ledger.scope("preprocess", "offline"):
                 preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT)
             left = budget
@@ -526,7 +435,7 @@ class MpcServer(_Party):
         with self.ledger.scope("preprocess", "offline"):
             for shape, count in plan:
                 if count:
-                    shapes = _hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
+                    shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
                     preprocess_server(self.secure, shapes, count, self.dealer, CLIENT)
 
 
