@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import load_model  # noqa: E402
 from protocols.kv_generate import plain_greedy  # noqa: E402
+from models.bench_layers import GPT2_SMALL  # noqa: E402
 from protocols.mpc import MpcClient  # noqa: E402
 from protocols.local_run import run_local_session  # noqa: E402
 
@@ -76,29 +77,30 @@ def _per_step(rows: list[Any], attention_only: bool = False) -> dict[str, list[f
     return steps
 
 
-def _gpt2_small(variant: Any) -> Any:
-    """GPT-2-small shape with random weights (bytes as token ids for text)."""
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
-
-    from models.hf_import import from_hf  # noqa: PLC0415
-    from models.registry import ModelBundle, _decoder_decode, _seeded, _text_encoder  # noqa: PLC0415
-
-    hf = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
-    model = from_hf(_seeded(0, lambda: GPT2LMHeadModel(hf)), variant)
-    encode = _text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
-    decode = _decoder_decode(lambda ids: repr(ids))
-    return ModelBundle(GPT2_SMALL, model.config, model, "text", encode, decode, variant)
-
-
-GPT2_SMALL = "gpt2-small-random"
 POLICY_NAMES = ("none", "window", "static", "mpcache")
 
 
-def policies(quick: bool) -> None:
-    from models.registry import model_names, register_model  # noqa: PLC0415
+def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]) -> list[Any]:
+    """The same generations over gRPC + mutual TLS: dealer and server processes, client here."""
+    from mpc_parties.config import ModelChoice  # noqa: PLC0415
+    from mpc_parties.launch import local_deployment  # noqa: PLC0415
+    from privinf.client import connect  # noqa: PLC0415
 
-    if GPT2_SMALL not in model_names():
-        register_model(GPT2_SMALL, _gpt2_small)
+    out = []
+    with local_deployment(ModelChoice(model, "exact"), timeout_s=3600) as deployment:
+        with connect(deployment.client) as session:
+            for prompt, call in zip(prompts, calls):
+                call = dict(call)
+                fill = call.pop("fill", 0)
+                started = time.perf_counter()
+                result = session.generate(prompt, fill=fill, **call)
+                wall = time.perf_counter() - started
+                rows = [[r for r in result.report.rows if r.party == party] for party in ("client", "server", "dealer")]
+                out.append((result.output, rows, wall))
+    return out
+
+
+def policies(quick: bool, transport: str) -> None:
     contexts = (64, 128) if quick else (256, 512, 1024)
     new = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
     calls, keys = [], []
@@ -108,7 +110,9 @@ def policies(quick: bool) -> None:
             calls.append({"max_new_tokens": new, "policy": name, "budget": budget, "fill": ctx - new})
             keys.append((ctx, name))
     started = time.perf_counter()
-    results = run_generations(GPT2_SMALL, ["a"] * len(calls), calls)
+    run = grpc_generations if transport == "grpc" else run_generations
+    results = run(GPT2_SMALL, ["a"] * len(calls), calls)
+    print(f"transport: {'gRPC + mutual TLS, 3 processes' if transport == 'grpc' else 'in-memory channels, threads'}")
     print(f"GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, random weights), budget 25%, "
           f"exact softmax; cache of ctx-{new} public-random entries + 1 prompt token; per decode step "
           f"(mean of 2 steps); total run {time.perf_counter() - started:.0f} s")
@@ -140,11 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short contexts only (a smoke run)")
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M tokens vs plaintext instead")
+    parser.add_argument("--transport", choices=("grpc", "memory"), default="grpc",
+                        help="parties as processes over gRPC + mTLS (default) or threads in memory")
     args = parser.parse_args()
     if args.smollm2:
         smollm2()
         return
-    policies(args.quick)
+    policies(args.quick, args.transport)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,21 @@ def bert_base_layer(variant: VariantSpec | str = "exact") -> ModelBundle:
     """Model ``bert-layer``: one BERT-base-shaped block (random seeded weights) as a bundle."""
     variant = as_variant(variant)
     return ModelBundle(NAME, BERT_BASE, build_layer(variant), "image", encode, decode, variant)
+
+
+GPT2_SMALL = "gpt2-small-random"
+
+
+def gpt2_small_random(variant: Any) -> ModelBundle:
+    """GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, 1024 positions) with
+    random weights from a fixed seed, UTF-8 bytes as token ids: for decoding cost benchmarks."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+
+    from models.hf_import import from_hf  # noqa: PLC0415
+    from models.registry import decoder_decode, seeded, text_encoder  # noqa: PLC0415
+
+    hf = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+    model = from_hf(seeded(0, lambda: GPT2LMHeadModel(hf)), variant)
+    encode = text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
+    decode = decoder_decode(lambda ids: repr(ids))
+    return ModelBundle(GPT2_SMALL, model.config, model, "text", encode, decode, as_variant(variant))

