@@ -50,14 +50,14 @@ from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import MPCTensor, crypten
 from protocols.csprng import new_seed
 from protocols.mpc_model import (
-    EmbeddingAsLinear, hidden_shapes, replace_module, share_remaining_weights, apply_calibration, calibration_of,
+    EmbeddingAsLinear, hidden_shapes, mask_group, replace_module, share_remaining_weights, apply_calibration, calibration_of,
     secure_targets, strip_weights,
 )
 from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, receive_seed
 from protocols.kv_generate import StationaryCache, install_kernels
 from protocols.kv_select import ObliviousSelector
 from protocols.kv_stationary import DealerLink, StationaryDealer, StationaryParty
-from protocols.secure_linear import SecureLinearClient, SecureLinearServer, preprocess_server
+from protocols.secure_linear import MaskGroups, SecureLinearClient, SecureLinearServer, preprocess_server
 from protocols.transport import Channel, ProtocolError
 
 log = logging.getLogger("privinf.mpc")
@@ -250,13 +250,14 @@ class MpcClient(_Party):
         apply_calibration(self.model, self.peer.recv_json(TAG_CALIB))
 
     def _install_secure_layers(self, seed: bytes) -> None:
+        groups = MaskGroups()
         for path, module in self.targets:
             if isinstance(module, Embedding):
                 layer = SecureLinearClient(path, module.num, module.dim, seed, self.peer, self.ledger)
                 replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:
                 layer = SecureLinearClient(path, module.in_features, module.out_features, seed, self.peer,
-                                           self.ledger)
+                                           self.ledger, mask_group(path), groups)
                 replace_module(self.model, path, layer)
             layer.receive_weight_mask()
 
@@ -371,12 +372,14 @@ class MpcServer(_Party):
     def _install_secure_layers(self, seed: bytes) -> None:
         self._plain = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides)).model.eval()
         self.secure: list[SecureLinearServer] = []
+        groups = MaskGroups()
         for path, module in self.targets:
             if isinstance(module, Embedding):
                 layer = SecureLinearServer(path, module.weight.detach().t(), None, seed, self.peer, self.ledger)
                 replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:
-                layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger)
+                layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger,
+                                                       mask_group(path), groups)
                 replace_module(self.model, path, layer)
             layer.send_weight_mask()
             self.secure.append(layer)

@@ -27,6 +27,18 @@ def secure_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return targets
 
 
+_SAME_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+
+
+def mask_group(path: str) -> str:
+    """The activation-mask group of a linear: attention's q, k, v read the same input, and so do
+    a gated MLP's gate and up, so the client opens that input once for them (the layers check
+    at run time that their shares are equal)."""
+    parent, _, leaf = path.rpartition(".")
+    group = _SAME_INPUT.get(leaf)
+    return f"{parent}.{group}" if group else ""
+
+
 class EmbeddingAsLinear(nn.Module):
     """A one-hot input times a table [vocab, dim] is a linear layer with weight table^T."""
 

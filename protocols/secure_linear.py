@@ -58,6 +58,11 @@ class LayerSpec:
     in_features: int
     out_features: int
     x_shape: tuple[int, ...]
+    mask_group: str = ""  # layers reading the same input share one activation mask (q, k, v)
+
+    @property
+    def group(self) -> str:
+        return self.mask_group or self.name
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -73,12 +78,14 @@ class LayerSpec:
         return self.x_shape[:-1] + (self.out_features,)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "in": self.in_features, "out": self.out_features, "x_shape": list(self.x_shape)}
+        return {"name": self.name, "in": self.in_features, "out": self.out_features, "x_shape": list(self.x_shape),
+                "group": self.group}
 
     @classmethod
     def from_json(cls, data: Any) -> "LayerSpec":
         try:
-            return cls(str(data["name"]), int(data["in"]), int(data["out"]), tuple(int(d) for d in data["x_shape"]))
+            return cls(str(data["name"]), int(data["in"]), int(data["out"]), tuple(int(d) for d in data["x_shape"]),
+                       str(data.get("group", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise SecureLinearError(f"malformed layer spec {data!r}: {exc}") from None
 
@@ -98,9 +105,37 @@ def weight_mask(server_seed: bytes, name: str, out_features: int, in_features: i
 
 
 def activation_masks(client_seed: bytes, spec: LayerSpec, inference: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh (A, C0) for ``inference``, known to the client and the dealer only."""
-    stream = Stream(client_seed, f"ws/{spec.name}/{inference}")
-    return stream.ring(spec.x_shape), stream.ring(spec.y_shape)
+    """Fresh (A, C0) for ``inference``, known to the client and the dealer only.
+
+    A belongs to the layer's mask group (layers that read the same activation share it, so the
+    client opens ``x0 - A`` once for all of them); C0 is the layer's own.
+    """
+    a = Stream(client_seed, f"ws/{spec.group}/{inference}/A").ring(spec.x_shape)
+    return a, Stream(client_seed, f"ws/{spec.name}/{inference}/C0").ring(spec.y_shape)
+
+
+class MaskGroups:
+    """The activation openings of one party's grouped layers, per (group, inference).
+
+    The client sends ``E = x0 - A`` for the first layer of a group and reuses it for the others
+    (it checks they really read the same share); the server keeps the received ``E`` for them.
+    """
+
+    def __init__(self) -> None:
+        self._opened: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, group: str, inference: int, x: torch.Tensor) -> torch.Tensor | None:
+        entry = self._opened.get((group, inference))
+        if entry is None:
+            return None
+        share, opened = entry
+        if share.shape != x.shape or not torch.equal(share, x):
+            raise SecureLinearError(f"layers of mask group {group!r} read different inputs")
+        return opened
+
+    def put(self, group: str, inference: int, x: torch.Tensor, opened: torch.Tensor) -> None:
+        self._opened = {k: v for k, v in self._opened.items() if k[1] >= inference}
+        self._opened[(group, inference)] = (x, opened)
 
 
 def server_correction(client_seed: bytes, server_seed: bytes, spec: LayerSpec, inference: int) -> torch.Tensor:
@@ -160,9 +195,12 @@ class SecureLinearClient(nn.Module):
     op_kind = "linear"
 
     def __init__(self, name: str, in_features: int, out_features: int, client_seed: bytes,
-                 channel: Channel, ledger: Ledger | None = None) -> None:
+                 channel: Channel, ledger: Ledger | None = None, mask_group: str = "",
+                 groups: MaskGroups | None = None) -> None:
         super().__init__()
         self.name = name
+        self.mask_group = mask_group
+        self._groups = groups or MaskGroups()
         self.in_features = in_features
         self.out_features = out_features
         self._seed = check_seed(client_seed)
@@ -191,12 +229,14 @@ class SecureLinearClient(nn.Module):
         if self._masked_weight is None:
             raise SecureLinearError(f"{self.name}: no masked weight yet; call receive_weight_mask() offline")
         x0 = _local_share(x, self.in_features)
-        spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape))
+        spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape), self.mask_group)
         a, c0 = activation_masks(self._seed, spec, self.inferences)
+        if self._groups.get(spec.group, self.inferences, x0) is None:
+            self._channel.send(f"{TAG_E}.{spec.group}", x0 - a)
+            self._groups.put(spec.group, self.inferences, x0, x0 - a)
+            if self._ledger is not None:
+                self._ledger.record_rounds(1)
         self.inferences += 1
-        self._channel.send(f"{TAG_E}.{self.name}", x0 - a)
-        if self._ledger is not None:
-            self._ledger.record_rounds(1)
         return _result(torch.matmul(a, self._masked_weight.t()) + c0)
 
 
@@ -206,8 +246,11 @@ class SecureLinearServer(nn.Module):
     op_kind = "linear"
 
     def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, server_seed: bytes,
-                 channel: Channel, ledger: Ledger | None = None) -> None:
+                 channel: Channel, ledger: Ledger | None = None, mask_group: str = "",
+                 groups: MaskGroups | None = None) -> None:
         super().__init__()
+        self.mask_group = mask_group
+        self._groups = groups or MaskGroups()
         if weight.dim() != 2:
             raise SecureLinearError(f"{name}: weight must be 2-D [out, in], got shape {list(weight.shape)}")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -225,9 +268,11 @@ class SecureLinearServer(nn.Module):
 
     @classmethod
     def from_linear(cls, name: str, linear: nn.Module, server_seed: bytes, channel: Channel,
-                    ledger: Ledger | None = None) -> "SecureLinearServer":
+                    ledger: Ledger | None = None, mask_group: str = "",
+                    groups: MaskGroups | None = None) -> "SecureLinearServer":
         """Build from any module with ``weight`` [out, in] and optional ``bias`` (nn.Linear, models' Linear)."""
-        return cls(name, linear.weight, getattr(linear, "bias", None), server_seed, channel, ledger)
+        return cls(name, linear.weight, getattr(linear, "bias", None), server_seed, channel, ledger,
+                   mask_group, groups)
 
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}"
@@ -238,7 +283,7 @@ class SecureLinearServer(nn.Module):
         _phase_call(self._ledger, lambda: self._channel.send(f"{TAG_F}.{self.name}", masked))
 
     def spec(self, x_shape: tuple[int, ...]) -> LayerSpec:
-        return LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape))
+        return LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape), self.mask_group)
 
     def accept_corrections(self, spec: LayerSpec, corrections: list[torch.Tensor]) -> None:
         """Store C1 for the next ``len(corrections)`` inferences on inputs of ``spec.x_shape``."""
@@ -261,14 +306,18 @@ class SecureLinearServer(nn.Module):
         if j != self.inferences or x_shape != tuple(x1.shape):
             raise SecureLinearError(f"{self.name}: inference {self.inferences} on shape {list(x1.shape)} but the "
                                     f"next correction is for inference {j} on shape {list(x_shape)}")
+        group = self.mask_group or self.name
+        e = self._groups.get(group, self.inferences, x1)
+        if e is None:
+            e = self._channel.recv(f"{TAG_E}.{group}")
+            e = e if isinstance(e, torch.Tensor) else torch.from_numpy(e)
+            if tuple(e.shape) != tuple(x1.shape) or e.dtype != torch.int64:
+                raise SecureLinearError(f"{self.name}: client sent {e.dtype} {list(e.shape)}, expected int64 "
+                                        f"{list(x1.shape)}")
+            self._groups.put(group, self.inferences, x1, e)
+            if self._ledger is not None:
+                self._ledger.record_rounds(1)
         self.inferences += 1
-        e = self._channel.recv(f"{TAG_E}.{self.name}")
-        e = e if isinstance(e, torch.Tensor) else torch.from_numpy(e)
-        if tuple(e.shape) != tuple(x1.shape) or e.dtype != torch.int64:
-            raise SecureLinearError(f"{self.name}: client sent {e.dtype} {list(e.shape)}, expected int64 "
-                                    f"{list(x1.shape)}")
-        if self._ledger is not None:
-            self._ledger.record_rounds(1)
         y1 = torch.matmul(e + x1, self._weight.t()) + c1
         if self._bias is not None:
             y1 = y1 + self._bias

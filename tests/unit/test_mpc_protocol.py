@@ -92,6 +92,10 @@ def test_linear_layers_send_only_the_activation(crypten_threads: Any) -> None:
     assert q_client[0].counters.bytes_sent < tokens * hidden * 8 + 200
     assert q_client[0].counters.rounds == 1
     assert sum(r.counters.bytes_sent for r in q_server) == 0
+    # k and v read the same input as q: its opening is reused, they send nothing online
+    for leaf in ("k", "v"):
+        rows = [r for r in client_rows if r.name.endswith(f"layer.0.attn.{leaf}") and r.phase == Phase.ONLINE]
+        assert sum(r.counters.bytes_sent for r in rows) == 0 and sum(r.counters.rounds for r in rows) == 0
 
 
 def test_bad_input_is_refused_before_anything_is_shared(crypten_threads: Any) -> None:
