@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--repeat", type=int, default=1,
                         help="run the same input this many times in one session (reuses offline "
                              "weight masks); the report is the last run's")
-    launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where shares live; only cpu is supported so far (cuda is refused)")
     launch.add_argument("--workdir", type=Path, default=None,
                         help="keep certificates and party configs here (default: a temp dir)")
     launch.add_argument("--verbose", action="store_true", help="show the parties' logs")
@@ -185,6 +186,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from models.registry import UnknownModelError, model_names  # noqa: PLC0415
 
     parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
+    if args.device != "cpu":
+        raise _usage("--device cuda is not supported yet: the CSPRNG dealer provider and the "
+                     "weight-stationary layers compute on the CPU")
     if args.model not in model_names():
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
     model = ModelChoice(args.model, args.variant,

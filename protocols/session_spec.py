@@ -40,8 +40,11 @@ class SessionSpec:
             raise SessionRefused(f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
         if not isinstance(self.preprocess, int) or self.preprocess < 1:
             raise SessionRefused(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise SessionRefused(f"unknown device {self.device!r}; expected cpu or cuda")
+        if self.device == "cuda":
+            raise SessionRefused("device cuda is not supported yet: the CSPRNG dealer provider and the "
+                                 "weight-stationary layers compute on the CPU (use --device cpu)")
+        if self.device != "cpu":
+            raise SessionRefused(f"unknown device {self.device!r}; expected cpu")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -173,6 +173,7 @@ def test_cli_launch_writes_the_report_schema(tmp_path: Path) -> None:
     (["--model", "nope"], "unknown model"),
     (["--variant", "attn=power:p=3"], "even"),
     (["--variant", "bogus"], "variant"),
+    (["--device", "cuda"], "not supported yet"),
 ])
 def test_cli_launch_bad_input_is_one_line(args: list[str], message: str) -> None:
     proc = subprocess.run(
