@@ -416,6 +416,16 @@ class PrunedCache(KVCache):
             handle.remove()
         self._handles.clear()
 
+    def evict_after_prefill(self, layer: int, query: Any, k: Any, positions: torch.Tensor) -> None:
+        """Let the policy evict after the prefill, from accumulated attention scores if it needs them."""
+        scores, bound = None, 0.0
+        if self.policy.needs_scores:
+            window = getattr(self.policy, "window", None)
+            scores = prefill_scores(query, k, positions, positions, window)
+            voters = len(positions) if window is None else min(window, len(positions))
+            bound = float(voters * query.shape[1] // k.shape[1])
+        self.policy.after_prefill(layer, self, scores, bound)
+
     def _current_query(self, layer: int, positions: torch.Tensor) -> Any:
         attn, raw = self._attn[layer], self._query[layer]
         if attn is None or raw is None:
@@ -456,13 +466,7 @@ class PrunedCache(KVCache):
         if self.stored_keys[layer] is None:
             self.replace(layer, k, v, positions)
             view = (k, v, positions)
-            scores, bound = None, 0.0
-            if self.policy.needs_scores:
-                window = getattr(self.policy, "window", None)
-                scores = prefill_scores(query, k, positions, positions, window)
-                voters = len(positions) if window is None else min(window, len(positions))
-                bound = float(voters * query.shape[1] // k.shape[1])
-            self.policy.after_prefill(layer, self, scores, bound)
+            self.evict_after_prefill(layer, query, k, positions)
         else:
             self.replace(layer, ops.cat([self.stored_keys[layer], k], dim=2),
                          ops.cat([self.stored_values[layer], v], dim=2),

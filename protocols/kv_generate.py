@@ -27,7 +27,7 @@ from torch import nn
 from models import ops
 from models.attention import _Quadratic
 from models.kv_pruning import (
-    KVPolicy, MPCachePolicy, PlainSelector, PolicyError, PrunedCache, make_policy, prefill_scores,
+    KVPolicy, MPCachePolicy, PlainSelector, PolicyError, PrunedCache, make_policy,
 )
 from protocols.cryptenlib import MPCTensor
 from protocols.kv_stationary import StationaryError, StationaryParty, StationaryView, _Store
@@ -116,13 +116,7 @@ class StationaryCache(PrunedCache):
             self.replace(layer, k, v, positions)
             kv = (self._view(layer, "k"), self._view(layer, "v"))
             seen = positions
-            scores, bound = None, 0.0
-            if self.policy.needs_scores:
-                window = getattr(self.policy, "window", None)
-                scores = prefill_scores(query, k, positions, positions, window)
-                voters = len(positions) if window is None else min(window, len(positions))
-                bound = float(voters * query.shape[1] // k.shape[1])
-            self.policy.after_prefill(layer, self, scores, bound)
+            self.evict_after_prefill(layer, query, k, positions)
         else:
             party = self._party()
             for kind, x in (("k", k), ("v", v)):

@@ -56,12 +56,7 @@ def greater_than_zero(x: Any) -> Any:
     """
     if ops.is_plain(x):
         return (x > 0).to(x.dtype)
-    bit = x > 0
-    factor = int(x.encoder.scale) // int(bit.encoder.scale)
-    if factor != 1:
-        bit.share = bit.share * factor
-        bit.encoder = x.encoder
-    return bit
+    return ops.as_fixed_point(x > 0, x)
 
 
 def _check(n: int, k: int) -> None:
