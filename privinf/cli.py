@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--repeat", type=int, default=1,
                         help="run the same input this many times in one session (reuses offline "
                              "weight masks); the report is the last run's")
+    launch.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="decoders: privately generate N tokens greedily (MPC) instead of one "
+                             "forward pass")
+    launch.add_argument("--policy", choices=("none", "window", "static", "mpcache"), default="none",
+                        help="KV-cache pruning policy for --generate (see docs/kv_pruning.md)")
+    launch.add_argument("--budget", type=float, default=None,
+                        help="KV budget for the policy: a fraction of the prompt in (0, 1] or a count")
     launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where shares live; only cpu is supported so far (cuda is refused)")
     launch.add_argument("--workdir", type=Path, default=None,
@@ -183,6 +190,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise _usage("--input is required")
     if args.repeat < 1:
         raise _usage(f"--repeat must be >= 1, got {args.repeat}")
+    if args.generate < 0:
+        raise _usage(f"--generate must be >= 1 tokens, got {args.generate}")
+    if args.generate and args.protocol != "mpc":
+        raise _usage("--generate needs --protocol mpc")
     from models.registry import UnknownModelError, model_names  # noqa: PLC0415
 
     parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
@@ -196,11 +207,32 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     with local_deployment(model, preprocess=max(args.preprocess, args.repeat), workdir=args.workdir,
                           with_dealer=args.protocol == "mpc", echo_logs=args.verbose) as deployment:
         with connect(deployment.client, protocol=args.protocol) as session:
-            for _ in range(args.repeat):
+            if args.generate:
+                budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
+                result = session.generate(args.input_text, args.generate, args.policy, budget)
+            for _ in range(0 if args.generate else args.repeat):
                 result = session.infer(_read_input_kind(session.input_kind, args.input_text))
     print("output:", _short(result.output))
     _emit_report(result.report, args)
+    if args.generate:
+        _print_steps(result.report)
     return 0
+
+
+def _print_steps(report: Any) -> None:
+    """Per-token costs of a generation: bytes each party sent, rounds, wall, LAN/WAN estimates."""
+    lan, wan = report.step_estimates("lan"), report.step_estimates("wan")
+    print(f"{'step':<10} {'client MiB':>10} {'server MiB':>10} {'rounds':>7} {'lan ms':>9} {'wan ms':>10}")
+    for step in report.steps:
+        if not step:
+            continue
+        rows = [r for r in report.rows if r.step == step and r.phase.value == "online"]
+        sent = {party: sum(r.counters.bytes_sent for r in rows if r.party == party) / 2**20
+                for party in ("client", "server")}
+        rounds = max((sum(r.counters.rounds for r in rows if r.party == p) for p in ("client", "server")),
+                     default=0)
+        print(f"{step:<10} {sent['client']:10.3f} {sent['server']:10.3f} {rounds:7d} "
+              f"{lan[step].latency_s * 1e3:9.1f} {wan[step].latency_s * 1e3:10.1f}")
 
 
 def _cmd_party(args: argparse.Namespace) -> int:

@@ -32,3 +32,18 @@ def test_generate_over_grpc_matches_plaintext(tmp_path: Path) -> None:
     assert {row["party"] for row in report["layers"]} == {"client", "server", "dealer"}
     assert report["storage_by_party"]["server"]["by_kind"]["kv_cache"] > 0
     assert report["storage_by_party"]["client"]["by_kind"]["kv_cache"] > 0
+
+
+def test_cli_launch_generate_prints_per_token_costs() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "privinf.cli", "launch", "--protocol", "mpc", "--model", "gpt2-tiny",
+         "--variant", "exact", "--input", "hello wor", "--generate", "2", "--policy", "window",
+         "--budget", "0.5"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert '"token_ids"' in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("prefill", "decode.0"))]
+    assert len(lines) == 2

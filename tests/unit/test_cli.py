@@ -86,3 +86,8 @@ def test_train_caches_and_reports_accuracy(tmp_path: Path, capsys: pytest.Captur
     assert capsys.readouterr().out == first
     assert main(["train", "vit-digits", "--steps", "0"]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+
+
+def test_launch_generate_needs_mpc(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--protocol", "he", "--model", "gpt2-tiny", "--input", "x", "--generate", "2"]) == 2
+    assert "--generate needs --protocol mpc" in capsys.readouterr().err
