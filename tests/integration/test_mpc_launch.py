@@ -183,3 +183,23 @@ def test_cli_launch_bad_input_is_one_line(args: list[str], message: str) -> None
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_dying_client_stops_the_server_session_and_the_dealer(tmp_path: Path) -> None:
+    with local_deployment(ModelChoice("gpt2-tiny", "mpcformer"), workdir=tmp_path) as deployment:
+        script = ("import sys; from privinf.client import connect; s = connect(sys.argv[1]); s.open(); "
+                  "print('open', flush=True); sys.stdin.read()")
+        client = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "client.toml")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "open"
+        client.kill()
+        client.wait()
+        server, dealer = (next(p for p in deployment.parties if p.role == r) for r in ("server", "dealer"))
+        deadline = time.monotonic() + 10
+        def failed(party) -> bool:  # noqa: ANN001
+            return any("failed" in line and "client" in line for line in party.log_lines)
+        while time.monotonic() < deadline and not (failed(server) and failed(dealer)):
+            time.sleep(0.1)
+        assert failed(server), server.log_lines[-5:]
+        assert failed(dealer), dealer.log_lines[-5:]
+        deployment.check_alive()  # the long-running parties keep serving
