@@ -116,6 +116,23 @@ class VariantSpec:
         return self.name
 
 
+def polynomial_problem(variant: VariantSpec) -> str | None:
+    """Why ``variant`` cannot run under HE (polynomial end to end), or None if it can.
+
+    The HE route evaluates power attention, the quad activation and the affine norm only.
+    """
+    for index, layer in ((None, variant.default), *variant.layers):
+        where = "" if index is None else f" (layer {index})"
+        kinds = {op.kind for op in (layer.heads or (layer.attn,))}
+        if kinds != {"power"}:
+            return f"attention {', '.join(sorted(kinds))}{where} is not polynomial: use attn=power"
+        if layer.act is None or layer.act.kind != "quad":
+            return f"activation {layer.act.kind if layer.act else 'native'}{where} is not polynomial: use act=quad"
+        if layer.norm is None or layer.norm.kind != "affine":
+            return f"norm {layer.norm.kind if layer.norm else 'native'}{where} is not polynomial: use norm=affine"
+    return None
+
+
 def _parse_value(text: str) -> Any:
     for cast in (int, float):
         try:

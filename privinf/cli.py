@@ -196,7 +196,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise _usage("--generate needs --protocol mpc")
     from models.registry import UnknownModelError, model_names  # noqa: PLC0415
 
-    parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
+    variant = parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
+    if args.protocol == "he":
+        from models.variants import polynomial_problem  # noqa: PLC0415
+
+        problem = polynomial_problem(variant)
+        if problem is not None:
+            raise _usage(f"the HE route needs a polynomial variant ({problem}); "
+                         f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
     if args.device != "cpu":
         raise _usage("--device cuda is not supported yet: the CSPRNG dealer provider and the "
                      "weight-stationary layers compute on the CPU")

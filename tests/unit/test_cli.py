@@ -91,3 +91,13 @@ def test_train_caches_and_reports_accuracy(tmp_path: Path, capsys: pytest.Captur
 def test_launch_generate_needs_mpc(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["launch", "--protocol", "he", "--model", "gpt2-tiny", "--input", "x", "--generate", "2"]) == 2
     assert "--generate needs --protocol mpc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant, problem", [("power", "act=quad"), ("exact", "attn=power"),
+                                              ("attn=power,act=quad", "norm=affine")])
+def test_launch_he_refuses_non_polynomial_variants_before_starting(variant: str, problem: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--protocol", "he", "--model", "vit-digits", "--variant", variant,
+                 "--input", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "polynomial" in err and problem in err and "--variant he" in err
