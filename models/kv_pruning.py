@@ -426,6 +426,13 @@ class PrunedCache(KVCache):
             bound = float(voters * query.shape[1] // k.shape[1])
         self.policy.after_prefill(layer, self, scores, bound)
 
+    def _begin_update(self, layer: int, positions: torch.Tensor) -> Any:
+        """The query captured for this call; after the last layer, the positions seen so far."""
+        query = self._current_query(layer, positions)
+        if layer == self.layers - 1:
+            self.seen = int(positions[-1]) + 1
+        return query
+
     def _current_query(self, layer: int, positions: torch.Tensor) -> Any:
         attn, raw = self._attn[layer], self._query[layer]
         if attn is None or raw is None:
@@ -460,9 +467,7 @@ class PrunedCache(KVCache):
 
     def update(self, layer: int, k: Any, v: Any, positions: torch.Tensor) -> tuple[Any, Any]:
         """Store this call's K/V, let the policy prune/select, return what attention reads."""
-        query = self._current_query(layer, positions)
-        if layer == self.layers - 1:
-            self.seen = int(positions[-1]) + 1
+        query = self._begin_update(layer, positions)
         if self.stored_keys[layer] is None:
             self.replace(layer, k, v, positions)
             view = (k, v, positions)

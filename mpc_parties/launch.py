@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mpc_parties.config import ModelChoice, PartyConfig, dump_config
 from mpc_parties.main import READY_PREFIX
@@ -27,6 +27,26 @@ READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 
 
+class LogLines(list):
+    """A party's recent log lines (the last few hundred), with a wait for a matching line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+
+    def add(self, line: str) -> None:
+        with self._changed:
+            self.append(line)
+            if len(self) > 200:
+                del self[:100]
+            self._changed.notify_all()
+
+    def wait_for(self, match: Callable[[str], bool], timeout: float) -> bool:
+        """True once a line satisfies ``match``, False after ``timeout`` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: any(match(line) for line in self), timeout)
+
+
 @dataclass
 class PartyProcess:
     """A started party process and the address it announced."""
@@ -34,7 +54,7 @@ class PartyProcess:
     role: str
     process: subprocess.Popen
     address: str
-    log_lines: list[str] = field(default_factory=list)
+    log_lines: LogLines = field(default_factory=LogLines)
 
     def check_alive(self) -> None:
         code = self.process.poll()
@@ -43,11 +63,9 @@ class PartyProcess:
             raise PartyFailure(f"{self.role} process exited with code {code}" + (f": {tail}" if tail else ""))
 
 
-def _drain(stream, sink: list[str]) -> None:
+def _drain(stream, sink: LogLines) -> None:
     for line in iter(stream.readline, ""):
-        sink.append(line.rstrip())
-        if len(sink) > 200:
-            del sink[:100]
+        sink.add(line.rstrip())
 
 
 def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False) -> PartyProcess:
@@ -61,7 +79,7 @@ def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False) -> 
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if echo_logs else subprocess.PIPE,
         text=True, env=env,
     )
-    logs: list[str] = []
+    logs = LogLines()
     if not echo_logs:
         threading.Thread(target=_drain, args=(process.stderr, logs), daemon=True).start()
     announced: list[str] = []

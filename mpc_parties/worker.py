@@ -34,15 +34,12 @@ def run_server_session(config: PartyConfig, spec: SessionSpec, conn: Connection)
                 if "dealer" not in config.peers:
                     raise ConfigError("an MPC server needs the dealer's address under [peers]")
                 from protocols.mpc import serve_mpc_session  # noqa: PLC0415
-                from models.registry import load_model  # noqa: PLC0415
-                from models.variants import parse_variant  # noqa: PLC0415
 
                 dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
                                  timeout_s=config.timeout_s)
                 try:
                     send_hello(dealer, spec)
-                    bundle = load_model(spec.model, parse_variant(spec.variant, config.model.overrides))
-                    serve_mpc_session(spec, bundle, client, dealer, ledger)
+                    serve_mpc_session(spec, client, dealer, ledger, config.model.overrides)
                 finally:
                     dealer.close()
             else:

@@ -369,24 +369,23 @@ class Ledger:
     def phase(self, phase: Phase | str) -> Iterator[None]:
         """Count everything inside as ``phase`` (offline preprocessing vs online)."""
         new = Phase(phase)
-        with self._lock:
-            self._charge_wall()
-            entry = self._contexts.push((new, self._contexts.get()[1]))
-        try:
+        with self._within(lambda current: (new, current[1])):
             yield
-        finally:
-            with self._lock:
-                self._charge_wall()
-                self._contexts.pop(entry)
 
     @contextmanager
     def step(self, label: str) -> Iterator[None]:
         """Label everything inside as one step (``prefill``, ``decode.3``) for per-token reports."""
         if not isinstance(label, str) or not label:
             raise ValueError("ledger: step label must be a non-empty string")
+        with self._within(lambda current: (current[0], label)):
+            yield
+
+    @contextmanager
+    def _within(self, derive: Any) -> Iterator[None]:
+        """Push ``derive((phase, step))`` as this thread's context for the body."""
         with self._lock:
             self._charge_wall()
-            entry = self._contexts.push((self._contexts.get()[0], label))
+            entry = self._contexts.push(derive(self._contexts.get()))
         try:
             yield
         finally:

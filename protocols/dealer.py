@@ -197,22 +197,14 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
     stream = Stream(seed, f"tuple/{index}")
     helper = rank != CORRECTED_RANK
     out: dict[str, torch.Tensor] = {}
-    if request.kind == "additive":
+    if request.kind in ("additive", "binary"):
         out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
         if helper:
             out["c"] = stream.ring(request.output_shape())
-    elif request.kind == "square":
+    elif request.kind in ("square", "wraps"):
         out["r"] = stream.ring(request.size0)
         if helper:
-            out["r2"] = stream.ring(request.size0)
-    elif request.kind == "binary":
-        out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
-        if helper:
-            out["c"] = stream.ring(request.output_shape())
-    elif request.kind == "wraps":
-        out["r"] = stream.ring(request.size0)
-        if helper:
-            out["theta_r"] = stream.ring(request.size0)
+            out["r2" if request.kind == "square" else "theta_r"] = stream.ring(request.size0)
     else:  # B2A
         out["rB"] = stream.bits(request.size0, 1)
         if helper:

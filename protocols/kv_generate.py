@@ -109,9 +109,7 @@ class StationaryCache(PrunedCache):
         self.stored_positions[layer] = positions
 
     def update(self, layer: int, k: Any, v: Any, positions: torch.Tensor) -> tuple[Any, Any]:
-        query = self._current_query(layer, positions)
-        if layer == self.layers - 1:
-            self.seen = int(positions[-1]) + 1
+        query = self._begin_update(layer, positions)
         if self.stored_keys[layer] is None:
             self.replace(layer, k, v, positions)
             kv = (self._view(layer, "k"), self._view(layer, "v"))

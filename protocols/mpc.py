@@ -30,6 +30,7 @@ Per generation (decoders, :meth:`MpcClient.generate`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -370,7 +371,7 @@ class MpcServer(_Party):
         self.peer.send_json(TAG_CALIB, calibration_of(self.model))
 
     def _install_secure_layers(self, seed: bytes) -> None:
-        self._plain = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides)).model.eval()
+        self._plain = copy.deepcopy(self.model)  # still plaintext here: for shape dry runs
         self.secure: list[SecureLinearServer] = []
         groups = MaskGroups()
         for path, module in self.targets:
@@ -479,9 +480,9 @@ def _check_shape(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def serve_mpc_session(spec: Any, bundle: ModelBundle | None, client: Channel, dealer: Channel,
-                      ledger: Ledger, overrides: str | None = None) -> None:
-    """Server side of one MPC session (``bundle`` is loaded again inside for a fresh copy)."""
+def serve_mpc_session(spec: Any, client: Channel, dealer: Channel, ledger: Ledger,
+                      overrides: str | None = None) -> None:
+    """Server side of one MPC session: loads the model named in ``spec`` and serves the client."""
     MpcServer(spec, overrides, client, dealer, ledger).serve()
 
 

@@ -127,10 +127,7 @@ def test_a_dying_party_stops_the_others_with_its_name(victim: str, tmp_path: Pat
         session.close(failed=True)
         if victim == "dealer":
             server = next(p for p in deployment.parties if p.role == "server")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any("failed" in line for line in server.log_lines):
-                time.sleep(0.1)
-            assert any("failed" in line for line in server.log_lines), server.log_lines[-5:]
+            assert server.log_lines.wait_for(lambda line: "failed" in line, 10), server.log_lines[-5:]
 
 
 def _children(pid: int) -> list[int]:
@@ -195,11 +192,9 @@ def test_a_dying_client_stops_the_server_session_and_the_dealer(tmp_path: Path) 
         client.kill()
         client.wait()
         server, dealer = (next(p for p in deployment.parties if p.role == r) for r in ("server", "dealer"))
-        deadline = time.monotonic() + 10
-        def failed(party) -> bool:  # noqa: ANN001
-            return any("failed" in line and "client" in line for line in party.log_lines)
-        while time.monotonic() < deadline and not (failed(server) and failed(dealer)):
-            time.sleep(0.1)
-        assert failed(server), server.log_lines[-5:]
-        assert failed(dealer), dealer.log_lines[-5:]
+        def failed(line: str) -> bool:
+            return "failed" in line and "client" in line
+
+        assert server.log_lines.wait_for(failed, 10), server.log_lines[-5:]
+        assert dealer.log_lines.wait_for(failed, 10), dealer.log_lines[-5:]
         deployment.check_alive()  # the long-running parties keep serving
