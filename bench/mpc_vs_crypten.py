@@ -14,6 +14,9 @@ For the exact layer (softmax + GeLU) and the MPCFormer layer (2Quad + quad GeLU)
     preprocessed offline. From their reports: online rounds (critical path), MiB sent per party
     online as counted at the transport, offline MiB per inference (dealer material) and per model
     load (weight masks), client wall time of the online phase, and the offline time per inference.
+    Comparisons (softmax max, GeLU's sign) use FSS keys from the dealer (the default); for the
+    exact layer a third run uses CrypTen's comparison circuit instead (``--comparisons circuit``)
+    to show what the keys change.
 
 Then it prints a table with the ratios, the targets of issue 3 (PASS/MISS), the per-op breakdown
 and the error of both routes against the plaintext layer. The device is CPU (both routes); a
@@ -182,14 +185,15 @@ def privinf_metrics(report: Any) -> dict[str, Any]:
     }
 
 
-def run_privinf(variant: str, seq: int, runs: int) -> dict[str, Any]:
+def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> dict[str, Any]:
     """Dealer + server processes, this process as the client: warm-up, then ``runs`` inferences."""
     from mpc_parties.config import ModelChoice  # noqa: PLC0415
     from mpc_parties.launch import local_deployment  # noqa: PLC0415
     from privinf.client import connect  # noqa: PLC0415
 
     x = sample_input(INPUT_SEED, seq)
-    with local_deployment(ModelChoice(NAME, variant), preprocess=1 + runs, timeout_s=PARTY_TIMEOUT_S) as deployment:
+    with local_deployment(ModelChoice(NAME, variant), preprocess=1 + runs, timeout_s=PARTY_TIMEOUT_S,
+                          comparisons=comparisons) as deployment:
         started = time.perf_counter()
         with connect(deployment.client) as session:
             setup_s = time.perf_counter() - started
@@ -201,11 +205,16 @@ def run_privinf(variant: str, seq: int, runs: int) -> dict[str, Any]:
                 infer_s.append(time.perf_counter() - started)
     measured = [privinf_metrics(r.report) for r in results]
     reports = [warm] + [r.report for r in results]
-    # the server preprocessed the weight-stationary corrections of all 1 + runs inferences, the
-    # client the Beaver corrections of the `runs` later ones (the warm-up fetched them online)
-    ws_bytes = sum(_sum(r, "bytes_recv", "server", Phase.OFFLINE, "preprocess") for r in reports) / (1 + runs)
+    # the server preprocessed the weight-stationary corrections of all 1 + runs inferences and its
+    # FSS keys for the `runs` later ones, the client the Beaver corrections and its FSS keys of the
+    # `runs` later ones (the warm-up fetched them online)
+    server_keys = sum(r.storage_by_party().get("server", {}).get("by_kind", {}).get("comparison keys", 0)
+                      for r in reports)
+    server_pre = sum(_sum(r, "bytes_recv", "server", Phase.OFFLINE, "preprocess") for r in reports)
+    ws_bytes = (server_pre - server_keys) / (1 + runs)
     ws_s = sum(_sum(r, "wall_s", "server", Phase.OFFLINE, "preprocess") for r in reports) / (1 + runs)
-    beaver_bytes = sum(_sum(r, "bytes_recv", "client", Phase.OFFLINE, "preprocess") for r in reports) / runs
+    beaver_bytes = (sum(_sum(r, "bytes_recv", "client", Phase.OFFLINE, "preprocess") for r in reports)
+                    + server_keys) / runs
     beaver_s = sum(_sum(r, "wall_s", "client", Phase.OFFLINE, "preprocess") for r in reports) / runs
     if not ws_bytes or not beaver_bytes or any(m["sent_dealer_online"] for m in measured):
         raise BenchError("privinf reports do not show the expected offline 'preprocess' rows (server and "
@@ -266,6 +275,16 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
              _ratio(p["total_s"], c["total_s"])],
             ["  max abs error vs plaintext", f"{res['crypten_error']:.4f}", f"{res['privinf_error']:.4f}", ""],
         ]
+        q = res.get("circuit")
+        if q is not None:
+            rows += [
+                ["  privinf, CrypTen's comparison circuit:", "", "", ""],
+                ["    rounds / MiB sent/party online", "", f"{q['rounds']} / {q['sent'] / MIB:.2f}",
+                 _ratio(q["sent"], c["sent"])],
+                ["    offline MiB per inference (dealer)", "", f"{q['offline_bytes'] / MIB:.2f}", ""],
+                ["    online / total wall s", "", f"{q['online_s']:.3f} / {q['total_s']:.3f}",
+                 _ratio(q["online_s"], c["online_s"])],
+            ]
     return _table(head, rows)
 
 
@@ -316,8 +335,9 @@ def device_line() -> str:
     return f"device: CPU, {os.cpu_count()} cores, 1 torch thread per party; {gpu}; torch {torch.__version__}"
 
 
-def run_all(variants: list[str], seq: int, runs: int) -> dict[str, dict[str, Any]]:
-    """Both routes for every variant, plus errors against the plaintext layer."""
+def run_all(variants: list[str], seq: int, runs: int, circuit: bool = True) -> dict[str, dict[str, Any]]:
+    """Both routes for every variant, plus errors against the plaintext layer (and, for the
+    exact layer when ``circuit``, privinf with CrypTen's comparison circuit)."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the party processes
     torch.set_num_threads(1)
     x = sample_input(INPUT_SEED, seq)
@@ -334,6 +354,9 @@ def run_all(variants: list[str], seq: int, runs: int) -> dict[str, dict[str, Any
                 "crypten_error": float((crypten_res["output"] - want).abs().max()),
                 "privinf_error": max(float((out - want).abs().max()) for out in privinf_res["outputs"]),
             }
+            if variant == "exact" and circuit:
+                print(f"[{variant}] privinf with CrypTen's comparison circuit ...", flush=True)
+                results[variant]["circuit"] = run_privinf(variant, seq, runs, comparisons="circuit")
     return results
 
 
@@ -343,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per route after the warm-up (>= 2)")
     parser.add_argument("--variants", default="exact,mpcformer", help="comma-separated: exact, mpcformer")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--no-circuit", action="store_true",
+                        help="skip the exact layer's extra run with CrypTen's comparison circuit")
     parser.add_argument("--party-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -361,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = QUICK_SEQ if args.quick else SEQ
     print(f"{NAME}: seq {seq}, hidden 768, 12 heads, FFN 3072; {args.runs} timed runs after a warm-up")
     print(device_line())
-    results = run_all(variants, seq, args.runs)
+    results = run_all(variants, seq, args.runs, circuit=not args.no_circuit)
     print()
     print(summary_table(results))
     print()
@@ -381,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if args.json:
         slim = {v: {route: {k: val for k, val in res[route].items() if k not in ("output", "outputs")}
-                    for route in ("crypten", "privinf")} | {"errors": [res["crypten_error"], res["privinf_error"]]}
+                    for route in ("crypten", "privinf", "circuit") if route in res}
+                | {"errors": [res["crypten_error"], res["privinf_error"]]}
                 for v, res in results.items()}
         args.json.write_text(json.dumps({"seq": seq, "runs": args.runs, "results": slim}, indent=2))
     return 0

@@ -13,8 +13,9 @@ One file per party and host. Example (the server's)::
     name = "minilm"
     variant = "exact"
 
-The client's file names ``server`` and ``dealer`` under ``[peers]``; the dealer needs no peers
-and no model. Relative paths are relative to the config file.
+The client's file names ``server`` and ``dealer`` under ``[peers]`` and may set
+``comparisons = "fss"`` (default: comparisons with function-secret-sharing keys from the dealer)
+or ``"circuit"`` (CrypTen's boolean circuit); the dealer needs no peers and no model. Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.certs import TlsConfig
+from protocols.session_spec import COMPARISONS
 
 ROLES = ("client", "server", "dealer")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -70,6 +72,7 @@ class PartyConfig:
     model: ModelChoice = ModelChoice()
     preprocess: int = 1
     timeout_s: float = 120.0
+    comparisons: str = "fss"  # client only: FSS keys from the dealer or CrypTen's circuit
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -84,6 +87,8 @@ class PartyConfig:
             check_address(address, f"peers.{peer}")
         if self.preprocess < 1:
             raise ConfigError(f"preprocess must be >= 1 inference, got {self.preprocess}")
+        if self.comparisons not in COMPARISONS:
+            raise ConfigError(f"unknown comparisons {self.comparisons!r}; expected one of {', '.join(COMPARISONS)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
 
@@ -107,7 +112,7 @@ def load_config(path: str | Path, role: str | None = None) -> PartyConfig:
 
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
-    known = {"role", "certs", "listen", "peers", "model", "preprocess", "timeout_s"}
+    known = {"role", "certs", "listen", "peers", "model", "preprocess", "timeout_s", "comparisons"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
@@ -134,13 +139,15 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
                           model.get("overrides"), model.get("device", "cpu")),
         preprocess=int(data.get("preprocess", 1)),
         timeout_s=float(data.get("timeout_s", 120.0)),
+        comparisons=str(data.get("comparisons", "fss")),
     )
 
 
 def dump_config(config: PartyConfig) -> str:
     """TOML text for ``config`` (used by ``privinf launch`` to write one file per party)."""
     lines = [f'role = "{config.role}"', f'listen = "{config.listen}"', f'certs = "{config.certs}"',
-             f"preprocess = {config.preprocess}", f"timeout_s = {config.timeout_s}", "", "[peers]"]
+             f"preprocess = {config.preprocess}", f"timeout_s = {config.timeout_s}",
+             f'comparisons = "{config.comparisons}"', "", "[peers]"]
     lines += [f'{peer} = "{address}"' for peer, address in sorted(config.peers.items())]
     lines += ["", "[model]", f'name = "{config.model.name}"', f'variant = "{config.model.variant}"',
               f'device = "{config.model.device}"']

@@ -134,8 +134,9 @@ class LocalDeployment:
 @contextmanager
 def local_deployment(model: ModelChoice, preprocess: int = 1, workdir: Path | None = None,
                      with_dealer: bool = True, echo_logs: bool = False,
-                     timeout_s: float = 120.0) -> Iterator[LocalDeployment]:
-    """Start dealer (for MPC) and server on loopback; yield; stop both, whatever happens."""
+                     timeout_s: float = 120.0, comparisons: str = "fss") -> Iterator[LocalDeployment]:
+    """Start dealer (for MPC) and server on loopback; yield; stop both, whatever happens.
+    ``comparisons`` goes into the client's config (``deployment.client``)."""
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="privinf-")
@@ -155,7 +156,7 @@ def local_deployment(model: ModelChoice, preprocess: int = 1, workdir: Path | No
         parties.append(server)
         peers["server"] = server.address
         client = PartyConfig("client", certs, peers=peers, model=model, preprocess=preprocess,
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, comparisons=comparisons)
         (workdir / "client.toml").write_text(dump_config(client))
         yield LocalDeployment(workdir, client, parties)
     finally:

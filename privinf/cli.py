@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV-cache pruning policy for --generate (see docs/kv_pruning.md)")
     launch.add_argument("--budget", type=float, default=None,
                         help="KV budget for the policy: a fraction of the prompt in (0, 1] or a count")
+    launch.add_argument("--comparisons", choices=("fss", "circuit"), default="fss",
+                        help="MPC comparisons (max, GeLU's sign, arg-max): fss = one opening per "
+                             "element with dealer keys (default), circuit = CrypTen's A2B circuit")
     launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where shares live; only cpu is supported so far (cuda is refused)")
     launch.add_argument("--workdir", type=Path, default=None,
@@ -212,7 +215,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     model = ModelChoice(args.model, args.variant,
                         str(args.overrides.resolve()) if args.overrides else None, args.device)
     with local_deployment(model, preprocess=max(args.preprocess, args.repeat), workdir=args.workdir,
-                          with_dealer=args.protocol == "mpc", echo_logs=args.verbose) as deployment:
+                          with_dealer=args.protocol == "mpc", echo_logs=args.verbose,
+                          comparisons=args.comparisons) as deployment:
         with connect(deployment.client, protocol=args.protocol) as session:
             if args.generate:
                 budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget

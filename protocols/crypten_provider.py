@@ -45,6 +45,10 @@ from protocols.csprng import SEED_BYTES, Stream, check_seed, new_seed
 from protocols.dealer import (
     CORRECTED_RANK, TAG_CORR, TAG_MSG, RequestSchedule, TupleRequest, expand_shares,
 )
+from protocols.fss import SignKey
+from protocols.fss_compare import (
+    DEFAULT_COMPARISONS, DEFAULT_SIGN_BITS, check_comparisons, less_than_zero,
+)
 from protocols.transport import Channel
 
 PROVIDER_NAME = "PRIVINF"
@@ -113,10 +117,11 @@ class PartyRandomness:
 class DealerProvider:
     """One party's tuple provider: expands its own shares from its dealer seed.
 
-    Rank 1 never asks the dealer for anything (it only says ``end`` on close). Rank 0 takes its dependent share (the correction) from
-    preprocessed material if any is stored, else asks the dealer online (one JSON request and
-    one array reply on the dealer channel). Every request is public (shapes only) and can be
-    recorded into a :class:`RequestSchedule` with :meth:`recording`.
+    Rank 1 expands all its triple shares itself and asks the dealer only for its FSS sign-gate
+    keys (whose correction words both keys share); rank 0 takes its dependent share (the
+    correction) and its sign keys from preprocessed material if any is stored, else asks the
+    dealer online (one JSON request and one array reply on the dealer channel). Every request is
+    public (shapes only) and can be recorded into a :class:`RequestSchedule` with :meth:`recording`.
     """
 
     def __init__(self, rank: int, seed: bytes, dealer: Channel | None = None, ledger: Ledger | None = None) -> None:
@@ -129,6 +134,7 @@ class DealerProvider:
         self._index = 0
         self._store: deque[tuple[int, TupleRequest, torch.Tensor]] = deque()
         self._recording: RequestSchedule | None = None
+        self._reserved_until = 0  # first request index not covered by material asked for
 
     def __repr__(self) -> str:
         return f"DealerProvider(rank={self.rank}, requests={self._index}, stored={len(self._store)})"
@@ -158,32 +164,38 @@ class DealerProvider:
             self._recording = None
 
     def preprocess(self, schedule: RequestSchedule, inferences: int) -> int:
-        """Offline: have the dealer stream corrections for ``inferences`` runs of ``schedule``.
+        """Offline: have the dealer stream material for ``inferences`` runs of ``schedule``.
 
-        Rank 0 stores them (recorded as ``triples`` storage); rank 1 needs nothing and returns 0.
+        Rank 0 stores every correction (``triples`` storage) and its FSS sign keys; rank 1 only
+        its sign keys (``comparison keys``), and returns 0 without asking when there are none.
         Returns the bytes stored.
         """
-        if self.rank != CORRECTED_RANK:
-            return 0
-        if self._dealer is None:
-            raise ProviderError("rank 0 needs a dealer channel to preprocess")
         if inferences < 1 or len(schedule) == 0:
             raise ProviderError(f"nothing to preprocess: {inferences} inferences of {len(schedule)} requests")
-        start = self._index + len(self._store)
+        mine = [r.kind == "sign" or self.rank == CORRECTED_RANK for r in schedule.requests]
+        if not any(mine):
+            return 0
+        if self._dealer is None:
+            raise ProviderError(f"rank {self.rank} needs a dealer channel to preprocess")
+        start = max(self._index, self._reserved_until)
+        self._reserved_until = start + inferences * len(schedule)
         msg = {"type": "preprocess", "start": start, "inferences": inferences, "schedule": schedule.to_json()}
-        nbytes = 0
+        stored = {"triples": 0, "comparison keys": 0}
         with self._offline():
             self._dealer.send_json(TAG_MSG, msg)
             index = start
             for _ in range(inferences):
-                for request in schedule.requests:
-                    corr = self._receive(request)
-                    self._store.append((index, request, corr))
-                    nbytes += corr.numel() * 8
+                for request, wanted in zip(schedule.requests, mine):
+                    if wanted:
+                        corr = self._receive(request)
+                        self._store.append((index, request, corr))
+                        stored["comparison keys" if request.kind == "sign" else "triples"] += corr.numel() * 8
                     index += 1
             if self._ledger is not None:
-                self._ledger.record_storage("triples", nbytes)
-        return nbytes
+                for what, nbytes in stored.items():
+                    if nbytes:
+                        self._ledger.record_storage(what, nbytes)
+        return sum(stored.values())
 
     def close(self) -> None:
         """Tell the dealer this party is done with its link (ends the dealer's serve loop)."""
@@ -219,15 +231,25 @@ class DealerProvider:
         shares = self._tuple(TupleRequest("B2A", tuple(size)), device)
         return _arith(shares["rA"]), _binary(shares["rB"])
 
+    def sign_key(self, size: Any, bits: int) -> SignKey:
+        """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
+        request = TupleRequest.sign(_shape(size), bits)
+        index = self._next_index(request)
+        return SignKey.from_array(self.rank, bits, self._correction(index, request).numpy())
+
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA"}
 
-    def _tuple(self, request: TupleRequest, device: Any) -> dict[str, torch.Tensor]:
-        _check_device(device)
+    def _next_index(self, request: TupleRequest) -> int:
         index = self._index
         self._index += 1
         if self._recording is not None:
             self._recording.append(request)
+        return index
+
+    def _tuple(self, request: TupleRequest, device: Any) -> dict[str, torch.Tensor]:
+        _check_device(device)
+        index = self._next_index(request)
         shares = expand_shares(self._seed, self.rank, index, request)
         if self.rank == CORRECTED_RANK:
             shares[self._DEPENDENT[request.kind]] = self._correction(index, request)
@@ -245,7 +267,7 @@ class DealerProvider:
             raise ProviderError(f"no preprocessed correction left for request {index} and no dealer channel")
         self._dealer.send_json(TAG_MSG, {"type": "tuple", "index": index, "request": request.to_json()})
         if self._ledger is not None:
-            self._ledger.record_rounds(1)  # a round trip to the dealer on rank 0's critical path
+            self._ledger.record_rounds(1)  # a round trip to the dealer on this party's critical path
         return self._receive(request)
 
     def _receive(self, request: TupleRequest) -> torch.Tensor:
@@ -286,21 +308,27 @@ def _check_device(device: Any) -> None:
 
 @dataclass
 class PartyContext:
-    """What one party's thread needs bound while CrypTen runs: its randomness and provider."""
+    """What one party's thread needs bound while CrypTen runs: its randomness, its provider and
+    how comparisons run (``"fss"``: dealer keys, :mod:`protocols.fss_compare`; ``"circuit"``:
+    CrypTen's own)."""
 
     rank: int
     randomness: PartyRandomness
     provider: DealerProvider
     seed: bytes = field(repr=False)  # the party's dealer seed (also keys weight-stationary masks)
+    comparisons: str = DEFAULT_COMPARISONS
+    sign_bits: int = DEFAULT_SIGN_BITS
 
     @classmethod
-    def create(cls, seed: bytes, dealer: Channel | None = None, ledger: Ledger | None = None) -> "PartyContext":
+    def create(cls, seed: bytes, dealer: Channel | None = None, ledger: Ledger | None = None,
+               comparisons: str = DEFAULT_COMPARISONS) -> "PartyContext":
         """After ``crypten.init``: agree pairwise seeds with the peer, build the dealer provider.
 
-        ``dealer`` is this party's link to the dealer; rank 1 uses it only to say ``end``.
+        ``dealer`` is this party's link to the dealer (rank 1 fetches only FSS keys on it).
         """
         rank = crypten.communicator.get().get_rank()
-        return cls(rank, PartyRandomness.agree(), DealerProvider(rank, seed, dealer, ledger), check_seed(seed))
+        return cls(rank, PartyRandomness.agree(), DealerProvider(rank, seed, dealer, ledger), check_seed(seed),
+                   check_comparisons(comparisons))
 
 
 _BOUND = threading.local()
@@ -407,6 +435,14 @@ class _ThreadBoundProvider:
         self.trace()
 
 
+def _ltz(self: Any) -> Any:
+    """Stands in for ``MPCTensor._ltz``: the bound party's FSS gate, or CrypTen's circuit."""
+    context = getattr(_BOUND, "context", None)
+    if context is None or context.comparisons != "fss" or self.ptype.name != "arithmetic":
+        return _saved["ltz"](self)
+    return less_than_zero(self, context.provider, context.sign_bits)
+
+
 _RNG_MODULES = ("crypten.common.rng", "crypten.mpc.primitives.arithmetic", "crypten.mpc.primitives.binary")
 _RNG_FUNCS = {"generate_random_ring_element": generate_random_ring_element,
               "generate_kbit_random_tensor": generate_kbit_random_tensor}
@@ -433,6 +469,8 @@ def install() -> None:
                 if hasattr(module, func_name):
                     _saved[f"{module_name}:{func_name}"] = getattr(module, func_name)
                     setattr(module, func_name, replacement)
+        _saved["ltz"] = crypten.mpc.MPCTensor._ltz
+        crypten.mpc.MPCTensor._ltz = _ltz
         _saved["setup_prng"] = crypten._setup_prng
         crypten._setup_prng = _skip_mersenne_twister_setup
         crypten.generators = _GeneratorTable({role: _GeneratorView(role) for role in _GENERATOR_ROLES})
@@ -452,6 +490,7 @@ def uninstall() -> None:
                 module_name, func_name = key.split(":")
                 setattr(importlib.import_module(module_name), func_name, original)
         crypten.generators = _saved["generators"]
+        crypten.mpc.MPCTensor._ltz = _saved["ltz"]
         crypten._setup_prng = _saved["setup_prng"]
         _providers().pop(PROVIDER_NAME, None)
         crypten.cfg.mpc.provider = _saved["provider_cfg"]

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Any, Iterator
 
+import numpy as np
 import torch
 
 from privinf.costs import Ledger, Phase
-from protocols import secure_linear
+from protocols import fss, secure_linear
 from protocols.csprng import SEED_BYTES, Stream, check_seed, new_seed
 from protocols.transport import Channel
 
@@ -40,7 +43,8 @@ TAG_SEED = "dealer.seed"
 TAG_MSG = "dealer.msg"
 TAG_CORR = "dealer.corr"
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign")
+SIGN_BITS_RANGE = (2, 64)
 ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
 _CONV_KWARGS = ("stride", "padding", "dilation", "groups", "output_padding")
 CORRECTED_RANK = 0  # the party that receives corrections for CrypTen tuples
@@ -86,6 +90,14 @@ class TupleRequest:
             raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "additive" and self.op not in ADDITIVE_OPS:
             raise DealerError(f"unsupported additive-triple op {self.op!r}; expected one of {ADDITIVE_OPS}")
+        if self.kind == "sign":
+            keys = dict(self.kwargs)
+            bits = keys.get("bits")
+            if self.op or set(keys) != {"bits"} or not isinstance(bits, int) \
+                    or not SIGN_BITS_RANGE[0] <= bits <= SIGN_BITS_RANGE[1]:
+                raise DealerError(f"a sign request takes only bits in {list(SIGN_BITS_RANGE)}, got "
+                                  f"op={self.op!r} {dict(self.kwargs)}")
+            return
         if self.kind != "additive" and (self.op or self.kwargs):
             raise DealerError(f"{self.kind} requests take no op or op arguments")
         for key, _ in self.kwargs:
@@ -97,8 +109,20 @@ class TupleRequest:
         items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
         return cls("additive", _dims(size0, "size0"), _dims(size1, "size1"), op, items)
 
+    @classmethod
+    def sign(cls, size: Any, bits: int) -> "TupleRequest":
+        """FSS sign-gate keys for a tensor of ``size`` on ``bits``-bit values (both parties fetch)."""
+        return cls("sign", _dims(size, "size"), (), "", (("bits", int(bits)),))
+
+    @property
+    def bits(self) -> int:
+        return int(dict(self.kwargs)["bits"])
+
     def output_shape(self) -> tuple[int, ...]:
-        """Shape of the dependent tensor (c, r^2, theta_r or rA), computed on meta tensors."""
+        """Shape of the dependent tensor (c, r^2, theta_r, rA, or one party's sign keys
+        [elements, words]), computed on meta tensors."""
+        if self.kind == "sign":
+            return (_numel(self.size0), fss.sign_key_words(self.bits))
         if self.kind == "additive":
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
@@ -117,7 +141,9 @@ class TupleRequest:
             out["size1"] = list(self.size1)
         if self.op:
             out["op"] = self.op
-        if self.kwargs:
+        if self.kind == "sign":
+            out["bits"] = self.bits
+        elif self.kwargs:
             out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
         return out
 
@@ -125,6 +151,11 @@ class TupleRequest:
     def from_json(cls, data: Any) -> "TupleRequest":
         if not isinstance(data, dict) or "kind" not in data or "size0" not in data:
             raise DealerError(f"malformed tuple request: {data!r}")
+        if data["kind"] == "sign":
+            bits = data.get("bits")
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise DealerError(f"a sign request needs an integer bits, got {bits!r}")
+            return cls.sign(data["size0"], bits)
         kwargs = data.get("kwargs", {})
         if not isinstance(kwargs, dict):
             raise DealerError(f"tuple request kwargs must be an object, got {kwargs!r}")
@@ -165,6 +196,10 @@ class RequestSchedule:
         """Bytes of corrections party 0 stores per inference of this schedule."""
         return sum(8 * _numel(r.output_shape()) for r in self.requests)
 
+    def has_sign(self) -> bool:
+        """Whether any request is for FSS sign keys (which party 1 fetches as well)."""
+        return any(r.kind == "sign" for r in self.requests)
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
@@ -194,6 +229,8 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
     """
     if rank not in (0, 1):
         raise DealerError(f"the dealer serves 2 parties (ranks 0 and 1), not rank {rank}")
+    if request.kind == "sign":
+        return {}  # both parties receive their whole key from the dealer
     stream = Stream(seed, f"tuple/{index}")
     helper = rank != CORRECTED_RANK
     out: dict[str, torch.Tensor] = {}
@@ -214,6 +251,8 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
 
 def compute_correction(seeds: dict[int, bytes], index: int, request: TupleRequest) -> torch.Tensor:
     """Party 0's dependent share for request ``index``: full value minus party 1's share."""
+    if request.kind == "sign":
+        raise DealerError("sign keys come from a Dealer's key store, not from the seeds alone")
     p0 = expand_shares(seeds[0], 0, index, request)
     p1 = expand_shares(seeds[1], 1, index, request)
     if request.kind == "additive":
@@ -245,6 +284,41 @@ def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
     return data
 
 
+class SignKeyStore:
+    """FSS sign-gate keys generated once per request index, each half taken by its party.
+
+    Both parties fetch their own half (in any order, from their own dealer link), so the dealer
+    keeps the half not yet taken. Keys are drawn from ``os.urandom`` and never derived from
+    the parties' seeds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[TupleRequest, dict[int, np.ndarray]]] = {}
+
+    def __repr__(self) -> str:
+        return f"SignKeyStore(pending={len(self._pending)})"
+
+    def take(self, index: int, request: TupleRequest, rank: int) -> torch.Tensor:
+        with self._lock:
+            entry = self._pending.get(index)
+            if entry is None:
+                shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
+                keys = fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
+                entry = (request, {0: keys[0], 1: keys[1]})
+                self._pending[index] = entry
+            stored, halves = entry
+            if stored != request:
+                raise DealerError(f"sign request {index} differs between the parties: "
+                                  f"{stored.to_json()} vs {request.to_json()}")
+            if rank not in halves:
+                raise DealerError(f"rank {rank} asked twice for sign keys {index}")
+            half = halves.pop(rank)
+            if not halves:
+                del self._pending[index]
+        return torch.from_numpy(half)
+
+
 class Dealer:
     """Holds one seed per computing party and answers requests for corrections.
 
@@ -255,6 +329,7 @@ class Dealer:
     def __init__(self, ledger: Ledger | None = None, seeds: dict[int, bytes] | None = None) -> None:
         self.ledger = ledger
         self._seeds = {r: check_seed(s) for r, s in (seeds or {0: new_seed(), 1: new_seed()}).items()}
+        self._sign_keys = SignKeyStore()
         if sorted(self._seeds) != [0, 1]:
             raise DealerError(f"the dealer needs seeds for ranks 0 and 1, got ranks {sorted(self._seeds)}")
         if ledger is not None:
@@ -275,12 +350,18 @@ class Dealer:
             else:
                 send_seed(channel, self._seeds[rank])
 
-    def correction(self, index: int, request: TupleRequest) -> torch.Tensor:
-        """Party 0's correction for request ``index``."""
+    def correction(self, index: int, request: TupleRequest, rank: int = CORRECTED_RANK) -> torch.Tensor:
+        """Party 0's correction for request ``index``, or ``rank``'s half of sign keys."""
+        if request.kind == "sign":
+            return self._sign_keys.take(index, request, rank)
+        if rank != CORRECTED_RANK:
+            raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
         return compute_correction(self._seeds, index, request)
 
-    def preprocess(self, start: int, inferences: int, schedule: RequestSchedule) -> Iterator[torch.Tensor]:
-        """Corrections for ``inferences`` runs of ``schedule`` starting at request ``start``."""
+    def preprocess(self, start: int, inferences: int, schedule: RequestSchedule,
+                   rank: int = CORRECTED_RANK) -> Iterator[torch.Tensor]:
+        """Corrections (rank 0) or sign keys (both ranks) for ``inferences`` runs of ``schedule``
+        starting at request ``start``; rank 1 gets its sign keys only."""
         if inferences < 1:
             raise DealerError(f"inferences must be >= 1, got {inferences}")
         if len(schedule) == 0:
@@ -288,7 +369,8 @@ class Dealer:
         index = start
         for _ in range(inferences):
             for request in schedule.requests:
-                yield self.correction(index, request)
+                if rank == CORRECTED_RANK or request.kind == "sign":
+                    yield self.correction(index, request, rank)
                 index += 1
 
     def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
@@ -309,21 +391,20 @@ class Dealer:
                 on_report()
                 continue
             if kind == "tuple":
-                self._require_rank0(rank, kind)
                 index = int(msg["index"])
                 if index < expected_index:
                     raise DealerError(f"request index {index} repeats or goes back (expected >= {expected_index})")
                 expected_index = index + 1
-                self._send(channel, self.correction(index, TupleRequest.from_json(msg["request"])), Phase.ONLINE)
+                request = TupleRequest.from_json(msg["request"])
+                self._send(channel, self.correction(index, request, rank), Phase.ONLINE)
                 sent += 1
             elif kind == "preprocess":
-                self._require_rank0(rank, kind)
                 schedule = RequestSchedule.from_json(msg["schedule"])
                 start, n = int(msg["start"]), int(msg["inferences"])
                 if start < expected_index:
                     raise DealerError(f"preprocess start {start} overlaps requests already served")
                 expected_index = start + n * len(schedule)
-                for corr in self.preprocess(start, n, schedule):
+                for corr in self.preprocess(start, n, schedule, rank):
                     self._send(channel, corr, Phase.OFFLINE)
                     sent += 1
             elif kind == "ws_preprocess":
@@ -332,11 +413,6 @@ class Dealer:
                     sent += 1
             else:
                 raise DealerError(f"unknown dealer message type {kind!r}")
-
-    @staticmethod
-    def _require_rank0(rank: int, kind: str) -> None:
-        if rank != CORRECTED_RANK:
-            raise DealerError(f"{kind!r} requests come from rank {CORRECTED_RANK}, not rank {rank}")
 
     def _send(self, channel: Channel, tensor: torch.Tensor, phase: Phase) -> None:
         if self.ledger is None:

@@ -49,11 +49,13 @@ class LocalSession:
 
 
 def run_local_session(model: str, variant: str, work: Callable[[MpcClient], T], preprocess: int = 1,
-                      timeout_s: float = 600.0) -> LocalSession:
+                      timeout_s: float = 600.0, comparisons: str = "fss") -> LocalSession:
     """Start an MPC session for ``model``/``variant`` and run ``work(client)`` on the client
-    side (between ``start`` and ``finish``); the server and dealer serve it in threads."""
+    side (between ``start`` and ``finish``); the server and dealer serve it in threads.
+    ``comparisons``: ``"fss"`` (dealer keys) or ``"circuit"`` (CrypTen's)."""
     load_model(model, variant)  # import transformers' lazy modules once, not from two threads
-    spec = SessionSpec(session="local", protocol="mpc", model=model, variant=variant, preprocess=preprocess)
+    spec = SessionSpec(session="local", protocol="mpc", model=model, variant=variant, preprocess=preprocess,
+                       comparisons=comparisons)
     ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
     c_s, s_c = memory_pair("client", "server", "local", ledgers["client"], ledgers["server"], timeout_s)
     c_d, d_c = memory_pair("client", "dealer", "local", ledgers["client"], ledgers["dealer"], timeout_s)

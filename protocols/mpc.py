@@ -110,7 +110,8 @@ class _Party:
                 crypten_provider.install()
                 self._stack.callback(crypten_provider.uninstall)
             self._stack.enter_context(crypten_session(self.peer, self.rank, self.ledger))
-            self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger)
+            self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger,
+                                                                self.spec.comparisons)
             self._stack.enter_context(crypten_provider.bind(self.context))
             self.bundle = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides))
             self.model = self.bundle.model.eval()

@@ -10,6 +10,7 @@ from typing import Any
 from protocols.transport import ProtocolError
 
 PROTOCOLS = ("mpc", "he")
+COMPARISONS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -32,6 +33,7 @@ class SessionSpec:
     preprocess: int = 1
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
+    comparisons: str = "fss"
 
     def __post_init__(self) -> None:
         if not _SESSION_RE.match(self.session):
@@ -40,6 +42,9 @@ class SessionSpec:
             raise SessionRefused(f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
         if not isinstance(self.preprocess, int) or self.preprocess < 1:
             raise SessionRefused(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
+        if self.comparisons not in COMPARISONS:
+            raise SessionRefused(f"unknown comparison method {self.comparisons!r}; expected one of "
+                                 f"{', '.join(COMPARISONS)}")
         if self.device == "cuda":
             raise SessionRefused("device cuda is not supported yet: the CSPRNG dealer provider and the "
                                  "weight-stationary layers compute on the CPU (use --device cpu)")

@@ -1,0 +1,57 @@
+"""Comparisons on CrypTen shares with FSS sign-gate keys from the dealer (:mod:`protocols.fss`).
+
+CrypTen computes every comparison (``<``, ``>``, ``relu``, ``sign``, ``max``, ``argmax``, the
+sign inside ``sigmoid`` and ``reciprocal``) through ``MPCTensor._ltz``: a conversion to XOR
+shares and a 64-bit adder circuit, about 230 bytes and 9 rounds per element and party.
+:func:`less_than_zero` is the FSS replacement: each party adds its share of the dealer's mask
+``r``, the parties open ``x + r`` (one exchange of 8 bytes per element, one round) and each
+evaluates its key locally, giving arithmetic shares of ``[x < 0]`` at scale 1, exactly what
+``_ltz`` returns. The dealer sends the keys offline (``--preprocess``) or on request.
+
+Comparison width: the gate looks at ``x mod 2^bits``, so it is exact for ring values
+``|x| < 2^(bits - 1)``; with CrypTen's 16 fractional bits and :data:`DEFAULT_SIGN_BITS` = 40
+that is ``|value| < 2^23`` (8.4 million). Larger values (CrypTen's own products overflow near
+``|x * y| >= 2^31``) would compare wrongly; callers that compare huge values scale them first
+(``models.ops.inv_sqrt_wide`` does). ``comparisons = "circuit"`` in a session keeps CrypTen's
+circuit (no width limit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from protocols.cryptenlib import crypten
+from protocols.session_spec import COMPARISONS
+
+DEFAULT_COMPARISONS = "fss"
+DEFAULT_SIGN_BITS = 40
+
+
+class ComparisonError(ValueError):
+    """An unknown comparison method or an unusable bit width."""
+
+
+def check_comparisons(method: str) -> str:
+    if method not in COMPARISONS:
+        raise ComparisonError(f"unknown comparison method {method!r}; expected one of {', '.join(COMPARISONS)}")
+    return method
+
+
+def less_than_zero(x: Any, provider: Any, bits: int = DEFAULT_SIGN_BITS) -> Any:
+    """``[x < 0]`` as an arithmetic MPCTensor at scale 1 (CrypTen's ``_ltz`` contract).
+
+    ``provider`` is the party's :class:`~protocols.crypten_provider.DealerProvider` (it fetches
+    the keys); the opening goes through CrypTen's communicator, so it is counted like any other.
+    """
+    from crypten.mpc import MPCTensor  # noqa: PLC0415 - loaded with crypten
+
+    share = x._tensor.share
+    if share.device.type != "cpu":
+        raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
+    key = provider.sign_key(share.shape, bits)
+    masked = torch.from_numpy(key.masked(share.reshape(-1).numpy()))
+    opened = crypten.communicator.get().all_reduce(masked)
+    bit = torch.from_numpy(key.evaluate(opened.numpy())).reshape(share.shape)
+    return MPCTensor.from_shares(bit, precision=0)
