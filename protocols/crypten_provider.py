@@ -235,7 +235,8 @@ class DealerProvider:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
         request = TupleRequest.sign(_shape(size), bits)
         index = self._next_index(request)
-        return SignKey.from_array(self.rank, bits, self._correction(index, request).numpy())
+        count = int(np.prod(request.size0, dtype=np.int64))
+        return SignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
 
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA"}

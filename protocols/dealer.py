@@ -119,10 +119,10 @@ class TupleRequest:
         return int(dict(self.kwargs)["bits"])
 
     def output_shape(self) -> tuple[int, ...]:
-        """Shape of the dependent tensor (c, r^2, theta_r, rA, or one party's sign keys
-        [elements, words]), computed on meta tensors."""
+        """Shape of the dependent tensor (c, r^2, theta_r, rA, or one party's flat sign keys),
+        computed on meta tensors."""
         if self.kind == "sign":
-            return (_numel(self.size0), fss.sign_key_words(self.bits))
+            return (fss.sign_key_words(self.bits, _numel(self.size0)),)
         if self.kind == "additive":
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")

@@ -19,7 +19,8 @@ Sign gate (the MSB of ``x`` in Z_2^n, i.e. ``x < 0`` when ``|x| < 2^(n-1)``): wi
 with ``beta = 1 - 2 r_top`` so that adding shares of ``r_top`` yields ``r_top xor [..]``, and
 the public ``y_top`` is folded in locally.
 
-Keys are int64 arrays ``[N, words]`` (nothing pickled): see :func:`key_words`.
+Keys travel as flat int64 arrays (nothing pickled), laid out level-major so that a party reads
+them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
 """
 
 from __future__ import annotations
@@ -80,64 +81,70 @@ class _Prg:
 _PRG = _Prg()
 
 
-def key_words(bits: int) -> int:
-    """int64 words per element of one DCF key on ``bits``-bit inputs."""
-    return 2 + 3 * bits + (2 * bits + 63) // 64 + 1
+def key_words(bits: int, n: int) -> int:
+    """int64 words of one party's DCF keys for ``n`` elements on ``bits``-bit inputs."""
+    return n * (3 + 3 * bits) + 2 * bits * _bit_words(n)
+
+
+def _bit_words(n: int) -> int:
+    return (n + 63) // 64
 
 
 @dataclass
 class DcfKey:
-    """One party's DCF keys for N elements (the correction words are the same in both keys)."""
+    """One party's DCF keys for N elements (the correction words are the same in both keys).
+
+    Wire layout (one flat int64 array, level-major so that evaluation reads contiguous slices
+    without copying): seeds [N, 2], correction seeds [bits, N, 2], value corrections [bits, N],
+    final corrections [N], control-bit corrections packed [2 bits, ceil(N / 64)] (left, right
+    per level).
+    """
 
     party: int
     bits: int
     seed: np.ndarray      # uint64 [N, 2]
     cw_seed: np.ndarray   # uint64 [bits, N, 2]
     cw_value: np.ndarray  # int64 [bits, N]
-    cw_t: np.ndarray      # uint64 [2, bits, N] (left, right) of 0/1
     cw_final: np.ndarray  # int64 [N]
+    cw_t: np.ndarray      # uint64 [2 bits, ceil(N / 64)]: bit j of row 2i (2i + 1) = left (right) of element j
 
     def __repr__(self) -> str:  # never shows key material
         return f"DcfKey(party={self.party}, bits={self.bits}, n={self.seed.shape[0]})"
 
+    def control(self, level: int, right: bool) -> np.ndarray:
+        """Control-bit corrections of ``level`` on one side as uint64 0/1 [N]."""
+        packed = self.cw_t[2 * level + int(right)].view(np.uint8)
+        return np.unpackbits(packed, bitorder="little")[:self.seed.shape[0]].astype(np.uint64)
+
     def to_array(self) -> np.ndarray:
-        """Pack as int64 [N, key_words(bits)]."""
-        n = self.seed.shape[0]
-        t_bits = np.concatenate([self.cw_t[0], self.cw_t[1]], axis=0).T.astype(np.uint8)  # [N, 2 bits]
-        pad = (-t_bits.shape[1]) % 64
-        packed = np.packbits(np.pad(t_bits, ((0, 0), (0, pad))), axis=1, bitorder="little")
-        parts = [
-            self.seed.view(np.int64),
-            np.transpose(self.cw_seed, (1, 0, 2)).reshape(n, -1).view(np.int64),
-            self.cw_value.T,
-            np.ascontiguousarray(packed).view(np.int64).reshape(n, -1),
-            self.cw_final.reshape(n, 1),
-        ]
-        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.int64)
+        parts = [self.seed, self.cw_seed, self.cw_value, self.cw_final, self.cw_t]
+        return np.concatenate([np.ascontiguousarray(p).view(np.int64).ravel() for p in parts])
 
     @classmethod
-    def from_array(cls, party: int, bits: int, array: np.ndarray) -> "DcfKey":
-        array = _key_array(array, key_words(bits), f"a {bits}-bit DCF key")
-        n = array.shape[0]
+    def from_array(cls, party: int, bits: int, n: int, array: np.ndarray) -> "DcfKey":
+        _check_bits(bits)
+        array = _key_array(array, key_words(bits, n), f"{n} {bits}-bit DCF keys")
         u = array.view(np.uint64)
-        at = 2
-        seed = u[:, 0:2].copy()
-        cw_seed = u[:, at:at + 2 * bits].reshape(n, bits, 2).transpose(1, 0, 2).copy()
-        at += 2 * bits
-        cw_value = array[:, at:at + bits].T.copy()
-        at += bits
-        t_words = (2 * bits + 63) // 64
-        packed = np.ascontiguousarray(u[:, at:at + t_words]).view(np.uint8)
-        t_bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :2 * bits].astype(np.uint64)
-        at += t_words
-        cw_t = np.stack([t_bits[:, :bits].T, t_bits[:, bits:].T])
-        return cls(party, bits, seed, cw_seed, cw_value, cw_t, array[:, at].copy())
+        sizes = [2 * n, 2 * bits * n, bits * n, n, 2 * bits * _bit_words(n)]
+        ends = np.cumsum(sizes)
+        seed, cw_seed, cw_value, cw_final, cw_t = (u[e - k:e] for e, k in zip(ends, sizes))
+        return cls(party, bits, seed.reshape(n, 2), cw_seed.reshape(bits, n, 2),
+                   cw_value.view(np.int64).reshape(bits, n), cw_final.view(np.int64),
+                   cw_t.reshape(2 * bits, _bit_words(n)))
+
+
+def _pack_bits(bits01: np.ndarray) -> np.ndarray:
+    """uint64 0/1 [rows, N] -> uint64 [rows, ceil(N / 64)], little-endian bit order."""
+    rows, n = bits01.shape
+    padded = np.zeros((rows, 64 * _bit_words(n)), dtype=np.uint8)
+    padded[:, :n] = bits01
+    return np.packbits(padded, axis=1, bitorder="little").view(np.uint64)
 
 
 def _key_array(array: np.ndarray, words: int, what: str) -> np.ndarray:
     array = np.ascontiguousarray(array, dtype=np.int64)
-    if array.ndim != 2 or array.shape[1] != words:
-        raise FssError(f"{what} has {words} words per element, got shape {list(array.shape)}")
+    if array.ndim != 1 or array.shape[0] != words:
+        raise FssError(f"{what} take {words} int64 words, got shape {list(array.shape)}")
     return array
 
 
@@ -176,7 +183,7 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, bits: int,
     v_alpha = np.zeros(n, dtype=np.int64)
     cw_seed = np.empty((bits, n, 2), dtype=np.uint64)
     cw_value = np.empty((bits, n), dtype=np.int64)
-    cw_t = np.empty((2, bits, n), dtype=np.uint64)
+    cw_t = np.empty((2 * bits, n), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(bits):
             a = _bit(alpha, bits, i)
@@ -193,14 +200,15 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, bits: int,
             v_alpha = v_alpha - keep_v1 + keep_v0 + sign1 * v_cw
             t_cw_left = tl0 ^ tl1 ^ a ^ _ONE
             t_cw_right = tr0 ^ tr1 ^ a
-            cw_seed[i], cw_value[i], cw_t[0, i], cw_t[1, i] = lose_s, v_cw, t_cw_left, t_cw_right
+            cw_seed[i], cw_value[i], cw_t[2 * i], cw_t[2 * i + 1] = lose_s, v_cw, t_cw_left, t_cw_right
             t_cw_keep = np.where(keep_right, t_cw_right, t_cw_left)
             s0 = (sl0 ^ ((sl0 ^ sr0) & take_right)) ^ (lose_s & (0 - t0)[:, None])
             s1 = (sl1 ^ ((sl1 ^ sr1) & take_right)) ^ (lose_s & (0 - t1)[:, None])
             t0 = np.where(keep_right, tr0, tl0) ^ (t0 & t_cw_keep)
             t1 = np.where(keep_right, tr1, tl1) ^ (t1 & t_cw_keep)
         final = _sign(t1) * (s1[:, 1].view(np.int64) - s0[:, 1].view(np.int64) - v_alpha)
-    keys = tuple(DcfKey(p, bits, seeds[p], cw_seed, cw_value, cw_t, final) for p in (0, 1))
+    packed = _pack_bits(cw_t)
+    keys = tuple(DcfKey(p, bits, seeds[p], cw_seed, cw_value, final, packed) for p in (0, 1))
     return keys[0], keys[1]
 
 
@@ -223,7 +231,7 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
             v = np.where(right.astype(bool), values[:, 1], values[:, 0])
             on = 0 - t  # all ones where the control bit is set
             s_next ^= key.cw_seed[i] & on[:, None]
-            cw_t = np.where(right.astype(bool), key.cw_t[1, i], key.cw_t[0, i])
+            cw_t = np.where(right.astype(bool), key.control(i, True), key.control(i, False))
             t_next ^= t & cw_t
             value += sign * (v + (key.cw_value[i] & on.view(np.int64)))
             s, t = s_next, t_next
@@ -232,9 +240,10 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
 
 
 # ----- the sign gate --------------------------------------------------------------------------
-def sign_key_words(bits: int) -> int:
-    """int64 words per element of one sign-gate key: the (bits-1)-bit DCF, r's share, r_top's share."""
-    return key_words(max(bits - 1, 1)) + 2
+def sign_key_words(bits: int, n: int) -> int:
+    """int64 words of one party's sign-gate keys for ``n`` elements: the (bits-1)-bit DCF keys,
+    then the shares of the masks and of their top bits."""
+    return key_words(max(bits - 1, 1), n) + 2 * n
 
 
 def _low_mask(bits: int) -> np.uint64:
@@ -244,7 +253,7 @@ def _low_mask(bits: int) -> np.uint64:
 def sign_gen(count: int, bits: int, random_bytes: Callable[[int], bytes],
              share1: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Dealer: sign-gate keys for ``count`` elements on ``bits``-bit values, as int64 arrays
-    ``[count, sign_key_words(bits)]`` for party 0 and party 1.
+    ``[sign_key_words(bits, count)]`` for party 0 and party 1.
 
     ``random_bytes`` gives the mask and DCF seeds; ``share1(k)`` gives party 1's k int64 shares
     (r's and r_top's), party 0's are the differences.
@@ -260,10 +269,7 @@ def sign_gen(count: int, bits: int, random_bytes: Callable[[int], bytes],
     with np.errstate(over="ignore"):
         r0 = mask.view(np.int64) - r1
         top0 = top.astype(np.int64) - top1
-    extra0 = np.stack([r0, top0], axis=1)
-    extra1 = np.stack([r1, top1], axis=1)
-    return (np.concatenate([k0.to_array(), extra0], axis=1),
-            np.concatenate([k1.to_array(), extra1], axis=1))
+    return (np.concatenate([k0.to_array(), r0, top0]), np.concatenate([k1.to_array(), r1, top1]))
 
 
 @dataclass
@@ -278,9 +284,11 @@ class SignKey:
         return f"SignKey(party={self.dcf.party}, bits={self.dcf.bits + 1}, n={self.mask_share.shape[0]})"
 
     @classmethod
-    def from_array(cls, party: int, bits: int, array: np.ndarray) -> "SignKey":
-        array = _key_array(array, sign_key_words(bits), f"a {bits}-bit sign key")
-        return cls(DcfKey.from_array(party, bits - 1, array[:, :-2]), array[:, -2].copy(), array[:, -1].copy())
+    def from_array(cls, party: int, bits: int, n: int, array: np.ndarray) -> "SignKey":
+        if not 2 <= bits <= 64:
+            raise FssError(f"the sign gate needs 2..64 bits, got {bits}")
+        array = _key_array(array, sign_key_words(bits, n), f"{n} {bits}-bit sign keys")
+        return cls(DcfKey.from_array(party, bits - 1, n, array[:-2 * n]), array[-2 * n:-n], array[-n:])
 
     @property
     def bits(self) -> int:

@@ -37,8 +37,8 @@ def test_dcf_shares_sum_to_beta_below_alpha(bits: int) -> None:
     alpha[:3] = [0, 1, (1 << bits) - 1 if bits < 64 else WORDS - 1]
     beta = RNG.integers(-(2 ** 40), 2 ** 40, n).astype(np.int64)
     k0, k1 = fss.dcf_gen(alpha, beta, bits, os.urandom)
-    k0 = fss.DcfKey.from_array(0, bits, k0.to_array())  # through the wire format
-    k1 = fss.DcfKey.from_array(1, bits, k1.to_array())
+    k0 = fss.DcfKey.from_array(0, bits, n, k0.to_array())  # through the wire format
+    k1 = fss.DcfKey.from_array(1, bits, n, k1.to_array())
     top = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(WORDS - 1)
     for x in (alpha, (alpha - np.uint64(1)) & top, (alpha + np.uint64(1)) & top, _uniform(n, bits)):
         with np.errstate(over="ignore"):
@@ -60,8 +60,8 @@ def test_sign_gate_gives_shares_of_x_below_zero(bits: int) -> None:
     n = 3000
     shares1 = lambda k: RNG.integers(-(2 ** 63), 2 ** 63 - 1, k, dtype=np.int64)  # noqa: E731
     a0, a1 = fss.sign_gen(n, bits, os.urandom, shares1)
-    assert a0.shape == a1.shape == (n, fss.sign_key_words(bits))
-    g0, g1 = fss.SignKey.from_array(0, bits, a0), fss.SignKey.from_array(1, bits, a1)
+    assert a0.shape == a1.shape == (fss.sign_key_words(bits, n),)
+    g0, g1 = fss.SignKey.from_array(0, bits, n, a0), fss.SignKey.from_array(1, bits, n, a1)
     limit = 2 ** (bits - 1)
     x = RNG.integers(-limit, limit - 1, n, dtype=np.int64, endpoint=True) if bits < 64 else \
         RNG.integers(-(2 ** 63), 2 ** 63 - 1, n, dtype=np.int64)
@@ -81,12 +81,12 @@ def test_bad_widths_and_key_shapes_are_refused() -> None:
         fss.dcf_gen(np.array([9], np.uint64), np.ones(1, np.int64), 3, os.urandom)
     with pytest.raises(fss.FssError, match="2..64 bits"):
         fss.sign_gen(4, 1, os.urandom, lambda k: np.zeros(k, np.int64))
-    with pytest.raises(fss.FssError, match="words per element"):
-        fss.SignKey.from_array(0, 40, np.zeros((3, 5), np.int64))
+    with pytest.raises(fss.FssError, match="3 40-bit sign keys take"):
+        fss.SignKey.from_array(0, 40, 3, np.zeros(15, np.int64))
     with pytest.raises(DealerError, match="sign request takes only bits"):
         TupleRequest.sign((4,), 80)
     assert TupleRequest.from_json(TupleRequest.sign((2, 3), 40).to_json()) == TupleRequest.sign((2, 3), 40)
-    assert TupleRequest.sign((2, 3), 40).output_shape() == (6, fss.sign_key_words(40))
+    assert TupleRequest.sign((2, 3), 40).output_shape() == (fss.sign_key_words(40, 6),)
     with pytest.raises(ComparisonError, match="unknown comparison method 'magic'"):
         check_comparisons("magic")
     assert "alpha" not in repr(fss.dcf_gen(np.zeros(1, np.uint64), np.ones(1, np.int64), 8, os.urandom)[0])
