@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
 from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
+from privinf.pricing import LAN, WAN  # noqa: E402
 
 MIB = float(2**20)
 QUICK_SEQ = 32
@@ -257,6 +258,12 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths) - 2), *(fmt(r) for r in rows)])
 
 
+def network_s(res: dict[str, Any], profile: Any) -> float:
+    """Online latency on ``profile``: the loopback online wall plus every round's RTT plus the
+    busier party's sent bytes over the bandwidth (the same formula for every route)."""
+    return res["online_s"] + res["rounds"] * profile.rtt_s + res["sent"] * 8 / profile.bandwidth_bps
+
+
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """Rounds, MiB sent per party and wall time of both routes, with CrypTen / privinf ratios."""
     head = ["layer / metric", "CrypTen", "privinf", "CrypTen/privinf"]
@@ -273,6 +280,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
             ["  online wall s", f"{c['online_s']:.3f}", f"{p['online_s']:.3f}", _ratio(p["online_s"], c["online_s"])],
             ["  total wall s per inference", f"{c['total_s']:.3f}", f"{p['total_s']:.3f}",
              _ratio(p["total_s"], c["total_s"])],
+            *([f"  est. online s, {prof.name.upper()} ({prof.spec()})", f"{network_s(c, prof):.2f}",
+               f"{network_s(p, prof):.2f}", _ratio(network_s(p, prof), network_s(c, prof))] for prof in (LAN, WAN)),
             ["  max abs error vs plaintext", f"{res['crypten_error']:.4f}", f"{res['privinf_error']:.4f}", ""],
         ]
         q = res.get("circuit")
@@ -284,6 +293,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
                 ["    offline MiB per inference (dealer)", "", f"{q['offline_bytes'] / MIB:.2f}", ""],
                 ["    online / total wall s", "", f"{q['online_s']:.3f} / {q['total_s']:.3f}",
                  _ratio(q["online_s"], c["online_s"])],
+                *([f"    est. online s, {prof.name.upper()}", "", f"{network_s(q, prof):.2f}",
+                   _ratio(network_s(q, prof), network_s(c, prof))] for prof in (LAN, WAN)),
             ]
     return _table(head, rows)
 
