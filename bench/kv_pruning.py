@@ -100,8 +100,8 @@ def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]
     return out
 
 
-def policies(quick: bool, transport: str) -> None:
-    contexts = (64, 128) if quick else (256, 512, 1024)
+def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = None) -> None:
+    contexts = contexts or ((64, 128) if quick else (256, 512, 1024))
     new = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
     calls, keys = [], []
     for ctx in contexts:
@@ -146,11 +146,13 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M tokens vs plaintext instead")
     parser.add_argument("--transport", choices=("grpc", "memory"), default="grpc",
                         help="parties as processes over gRPC + mTLS (default) or threads in memory")
+    parser.add_argument("--contexts", help="comma-separated context lengths instead of 256,512,1024")
     args = parser.parse_args()
     if args.smollm2:
         smollm2()
         return
-    policies(args.quick, args.transport)
+    contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else None
+    policies(args.quick, args.transport, contexts)
 
 
 if __name__ == "__main__":

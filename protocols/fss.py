@@ -58,10 +58,17 @@ class _Prg:
 
     def __call__(self, seeds: np.ndarray, which: np.ndarray | int) -> np.ndarray:
         """``seeds`` uint64 [N, 2]; ``which`` 0..2 per seed (an int array) or for all. uint64 [N, 2]."""
-        tweaked = seeds ^ _TWEAKS[which]
+        return self.encrypt(seeds ^ _TWEAKS[which])
+
+    def encrypt(self, tweaked: np.ndarray) -> np.ndarray:
+        """``AES(t) ^ t`` for contiguous uint64 blocks ``t`` [..., 2] (already tweaked)."""
         encryptor = self._cipher.encryptor()  # one per call: encryptors are not shared across threads
-        out = np.frombuffer(encryptor.update(np.ascontiguousarray(tweaked).tobytes()), dtype=np.uint64)
-        return out.reshape(-1, 2) ^ tweaked
+        source = np.ascontiguousarray(tweaked)
+        out = np.empty(source.size + 2, dtype=np.uint64)  # update_into wants a block of slack
+        encryptor.update_into(source.view(np.uint8), out.view(np.uint8))
+        result = out[:source.size].reshape(source.shape)
+        result ^= source
+        return result
 
     @staticmethod
     def split(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +78,11 @@ class _Prg:
         return block, t
 
     def expand(self, seeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Both sides: s_L, s_R, t_L, t_R, v_L, v_R (values as int64)."""
-        s_left, t_left = self.split(self(seeds, _SEED_LEFT))
-        s_right, t_right = self.split(self(seeds, _SEED_RIGHT))
-        values = self(seeds, _VALUES).view(np.int64)
+        """Both sides: s_L, s_R, t_L, t_R, v_L, v_R (values as int64), in one AES call."""
+        block = self.encrypt(seeds[None] ^ _TWEAKS[:, None, :])
+        s_left, t_left = self.split(block[_SEED_LEFT])
+        s_right, t_right = self.split(block[_SEED_RIGHT])
+        values = block[_VALUES].view(np.int64)
         return s_left, s_right, t_left, t_right, values[:, 0], values[:, 1]
 
 
@@ -222,16 +230,21 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     t = np.full(n, key.party, dtype=np.uint64)
     value = np.zeros(n, dtype=np.int64)
     sign = 1 - 2 * key.party
+    rows = np.arange(n)
+    tweaked = np.empty((2, n, 2), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(key.bits):
             right = _bit(x, key.bits, i)
             side = right.astype(np.intp)
-            s_next, t_next = _PRG.split(_PRG(s, side))
-            values = _PRG(s, _VALUES).view(np.int64)
-            v = np.where(right.astype(bool), values[:, 1], values[:, 0])
+            np.bitwise_xor(s, _TWEAKS[side], out=tweaked[0])  # the chosen child's seed ...
+            np.bitwise_xor(s, _TWEAKS[_VALUES], out=tweaked[1])  # ... and the values, one AES call
+            block = _PRG.encrypt(tweaked)
+            s_next, t_next = _PRG.split(block[0])
+            v = block[1].view(np.int64)[rows, side]
             on = 0 - t  # all ones where the control bit is set
             s_next ^= key.cw_seed[i] & on[:, None]
-            cw_t = np.where(right.astype(bool), key.control(i, True), key.control(i, False))
+            cw_t = key.control(i, False)
+            cw_t ^= (cw_t ^ key.control(i, True)) & right
             t_next ^= t & cw_t
             value += sign * (v + (key.cw_value[i] & on.view(np.int64)))
             s, t = s_next, t_next

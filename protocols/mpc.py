@@ -21,10 +21,10 @@ Per generation (decoders, :meth:`MpcClient.generate`):
   8. The client announces the public prompt length, token count and pruning policy; the server
      fetches weight-stationary corrections for the prefill and every decode step.
   9. Prefill and each decode step run on shares with a KV-stationary secret-shared cache
-     (:mod:`protocols.kv_generate`); the next token is the argmax on shares (a secret one-hot,
-     fed back as the next input); only its index is revealed, to the client (the server sends
-     its share of it). Greedy decoding only: sampling would need shared randomness on the
-     logits and is not implemented.
+     (:mod:`protocols.kv_generate`); the next token is the argmax on shares (a tournament);
+     only its index is revealed, to the client (the server sends its share of it), which
+     shares the token's one-hot as the next input. Greedy decoding only: sampling would need
+     shared randomness on the logits and is not implemented.
 """
 
 from __future__ import annotations
@@ -213,22 +213,23 @@ class _Party:
     def _next_token(self, logits: MPCTensor, tokens: list[int]) -> MPCTensor:
         """Argmax of the last position on shares; its index is revealed to the client only.
 
-        Returns the secret one-hot [1, 1, vocab] at scale 2^16 (the next input)."""
+        The index comes from a tournament on shares (:func:`models.ops.argmax_last`); the server
+        sends its share of it to the client, which learns the token and shares its one-hot as
+        the next input (a fresh input sharing, no communication). Returns that secret one-hot
+        [1, 1, vocab]."""
         with self.ledger.scope("output", "argmax"):
-            last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1]))
-            onehot = last.argmax(dim=-1, one_hot=True)
-            factor = int(last.encoder.scale) // int(onehot.encoder.scale)
-            if factor != 1:  # comparison results come at scale 1; the embedding expects 2^16
-                onehot.share = onehot.share * factor
-                onehot.encoder = last.encoder
-            index_share = (onehot.share * torch.arange(self.vocab)).sum().reshape(1)
+            last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1])).reshape(self.vocab)
+            _, index = ops.argmax_last(last)
+            index_share = index.share.reshape(1)
+            onehot = torch.zeros(1, 1, self.vocab)
             if self.rank == CLIENT:
                 theirs = torch.from_numpy(np.asarray(self.peer.recv(TAG_TOKEN)))
                 tokens.append(int(round(float(index_share + theirs) / (1 << SCALE_BITS))))
                 self.ledger.record_rounds(1)
+                onehot[0, 0, tokens[-1]] = 1.0
             else:
                 self.peer.send(TAG_TOKEN, index_share)
-        return onehot.reshape(1, 1, self.vocab)
+            return crypten.cryptensor(onehot, src=CLIENT)
 
 
 class MpcClient(_Party):

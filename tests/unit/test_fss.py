@@ -18,6 +18,7 @@ from protocols import crypten_provider as cp
 from protocols import fss
 from protocols.cryptenlib import crypten
 from protocols.dealer import DealerError, TupleRequest
+from models import ops
 from protocols.fss_compare import ComparisonError, check_comparisons
 from tests.unit.test_dealer import run_crypten_parties
 
@@ -152,3 +153,17 @@ def test_one_fss_comparison_is_one_round_of_eight_bytes_per_element() -> None:
     assert r0["rounds"] == 1
     assert 8 * n <= r0["bytes"] < 8 * n + 200  # the masked values plus one frame header
     assert torch.equal(r0["bits"], (torch.linspace(-5, 5, n) < 0.25).float())
+
+
+def test_argmax_last_tournament_on_shares_matches_torch_including_ties() -> None:
+    x = torch.tensor([[0.5, 3.0, -1.0, 3.0, 2.0, 0.0, 2.5], [-4.0, -3.5, -9.0, -3.5, -8.0, -3.6, -7.0]])
+    values, index = ops.argmax_last(x)
+    assert torch.equal(index, torch.tensor([1.0, 1.0])) and torch.equal(values, torch.tensor([3.0, -3.5]))
+
+    def party(rank: int, context: cp.PartyContext) -> tuple[torch.Tensor, torch.Tensor]:
+        m, i = ops.argmax_last(crypten.cryptensor(x, src=0))
+        return m.get_plain_text(), i.get_plain_text()
+
+    (got, _), _ = run_crypten_parties(party)
+    assert torch.allclose(got[0], values, atol=1e-3)
+    assert torch.equal(got[1], torch.tensor([1.0, 1.0]))  # ties keep the earlier entry, as torch

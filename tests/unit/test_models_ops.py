@@ -88,3 +88,4 @@ def test_row_max_tree_on_shares_matches_torch(crypten, length: int) -> None:
     got = reveal(ops.row_max(crypten.cryptensor(x), dim=-1))
     assert got.shape == (3, 4, 1)
     assert (got - x.amax(-1, keepdim=True)).abs().max() < 1e-3
+
