@@ -78,11 +78,10 @@ class _Prg:
         return block, t
 
     def expand(self, seeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Both sides: s_L, s_R, t_L, t_R, v_L, v_R (values as int64), in one AES call."""
-        block = self.encrypt(seeds[None] ^ _TWEAKS[:, None, :])
-        s_left, t_left = self.split(block[_SEED_LEFT])
-        s_right, t_right = self.split(block[_SEED_RIGHT])
-        values = block[_VALUES].view(np.int64)
+        """Both sides: s_L, s_R, t_L, t_R, v_L, v_R (values as int64)."""
+        s_left, t_left = self.split(self(seeds, _SEED_LEFT))
+        s_right, t_right = self.split(self(seeds, _SEED_RIGHT))
+        values = self(seeds, _VALUES).view(np.int64)
         return s_left, s_right, t_left, t_right, values[:, 0], values[:, 1]
 
 
@@ -308,9 +307,13 @@ class SignKey:
         return self.dcf.bits + 1
 
     def masked(self, share: np.ndarray) -> np.ndarray:
-        """This party's share of ``x + r`` (int64), to be opened."""
+        """This party's share of ``(x + r) mod 2^bits`` (int64 in [0, 2^bits)), to be opened.
+
+        Reduced before it is sent: the sum of the full 64-bit values would show whether
+        ``x + r`` left [0, 2^bits), which depends on ``x``."""
         with np.errstate(over="ignore"):
-            return np.asarray(share, dtype=np.int64).ravel() + self.mask_share
+            total = np.asarray(share, dtype=np.int64).ravel() + self.mask_share
+        return (total.view(np.uint64) & _low_mask(self.bits)).view(np.int64)
 
     def evaluate(self, opened: np.ndarray) -> np.ndarray:
         """This party's int64 share of ``msb_bits(x)`` (0/1) from the opened ``x + r``."""

@@ -167,3 +167,18 @@ def test_argmax_last_tournament_on_shares_matches_torch_including_ties() -> None
     (got, _), _ = run_crypten_parties(party)
     assert torch.allclose(got[0], values, atol=1e-3)
     assert torch.equal(got[1], torch.tensor([1.0, 1.0]))  # ties keep the earlier entry, as torch
+
+
+def test_masked_values_are_reduced_to_the_gate_width_before_opening() -> None:
+    # the full 64-bit sum x + r would reveal whether x + r wrapped, i.e. information on x
+    bits, n = 12, 4000
+    a0, a1 = fss.sign_gen(n, bits, os.urandom, lambda k: RNG.integers(-(2 ** 63), 2 ** 63 - 1, k, dtype=np.int64))
+    g0, g1 = fss.SignKey.from_array(0, bits, n, a0), fss.SignKey.from_array(1, bits, n, a1)
+    x = np.full(n, -3, dtype=np.int64)
+    x1 = RNG.integers(-(2 ** 63), 2 ** 63 - 1, n, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        m0, m1 = g0.masked(x - x1), g1.masked(x1)
+    assert m0.min() >= 0 and m1.min() >= 0 and max(m0.max(), m1.max()) < 2 ** bits
+    with np.errstate(over="ignore"):
+        opened = m0 + m1
+        assert np.array_equal(g0.evaluate(opened) + g1.evaluate(opened), np.ones(n, dtype=np.int64))
