@@ -64,8 +64,9 @@ class Embedding(nn.Module):
 class Calibrated(nn.Module):
     """A module with a public power-of-two ``mpc_scale`` measured on plaintext calibration data.
 
-    On shares, CrypTen's Newton iterations are accurate only in a narrow range (reciprocal about
-    [0.002, 10], exploding past ~200; inverse square root about [0.1, 100], exploding past ~250).
+    On shares, Newton iterations are accurate only in a range (``models.ops``: the positive
+    reciprocal on [2^-14, 2^10), the inverse square root on [4^-7, 4^6); CrypTen's general
+    reciprocal only on about [0.002, 10], exploding past ~200).
     Dividing the private value by ``mpc_scale`` first (free: a public constant) maps the largest
     calibration value to ``target_max``, leaving head-room above and dynamic range below. In
     torch the scale cancels exactly. The scale is public: it reveals the order of magnitude of

@@ -5,9 +5,11 @@ treated as an encrypted tensor with CrypTen's ``MPCTensor`` method names (``matm
 ``reciprocal``, ``inv_sqrt``, ``exp``, ``relu``, ``square``, ``cumsum``, ``max(dim)`` returning
 ``(values, one_hot)``, ...). Public constants (masks, divisors) are always torch tensors or floats.
 
-CrypTen numerics handled here: the Newton reciprocal is only accurate on roughly [0.002, 10] and
-the inverse square root on roughly [0.1, 100], so callers pass a public ``scale`` that brings the
-private value into that range; ``x**p`` uses repeated squaring (CrypTen's ``pow`` is wrong for
+Numerics on shares: the positive reciprocal and the inverse square root are range-reduced
+Newton iterations (one batched comparison picks the power of two / four, then a linear guess
+and 3 Newton steps; accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6), 9 and 12 rounds
+where CrypTen's exp-seeded versions take 28 and 17 and hold only on about [0.002, 10] and
+[0.1, 100]); callers pass a public ``scale`` that brings the private value into range; ``x**p`` uses repeated squaring (CrypTen's ``pow`` is wrong for
 odd p > 3); GeLU on shares uses the sigmoid form x * sigmoid(1.702 x) (see :func:`gelu`).
 """
 
@@ -61,15 +63,24 @@ def exp(x: Tensor) -> Tensor:
     return torch.exp(x) if is_plain(x) else x.exp()
 
 
-RECIPROCAL_NEWTON_STEPS = 10
+# Range reduction on shares: one batched comparison of x against public powers of the base
+# picks k with base^k <= x < base^(k+1); x * base^-k then lies in [1, base), where a linear
+# first guess and a few Newton steps are accurate (relative error 1/17 and 0.086 at the start,
+# squared by every step). Rounds: 1 comparison + 1 product + 2 (reciprocal) or 3 (inverse
+# square root) per Newton step + 1 product, against CrypTen's exp-based first guess (8 squarings)
+# and 10 / 3 Newton steps.
+RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
+INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
+RECIPROCAL_NEWTON_STEPS = 3
+INV_SQRT_NEWTON_STEPS = 3
 
 
 def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
-    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in Newton's range.
+    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in range.
 
-    ``positive=True`` (normalisers of non-negative attention weights plus eps) skips the sign
-    computation CrypTen's general reciprocal does: Newton from CrypTen's own initial guess
-    ``3 exp(1 - 2x) + 0.003``, the same iteration count, about 10 rounds and a comparison less.
+    ``positive=True`` (normalisers of non-negative attention weights plus eps) uses the
+    range-reduced Newton iteration (:func:`_reciprocal_reduced`, exact for ``x / scale`` in
+    [2^-14, 2^10)); otherwise CrypTen's general reciprocal (which also handles the sign).
     """
     if is_plain(x):
         return 1.0 / x
@@ -78,20 +89,53 @@ def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = Fa
         return reciprocal(x * inv, positive=positive) * inv
     if not positive:
         return x.reciprocal()
-    guess = (1 - 2 * x).exp() * 3 + 0.003
-    for _ in range(RECIPROCAL_NEWTON_STEPS):
-        guess = guess * 2 - guess.square() * x
-    return guess
+    return _reciprocal_reduced(x)
 
 
 def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``1 / sqrt(x)``; on shares ``inv_sqrt(x / scale) / sqrt(scale)`` (Newton's range)."""
+    """``1 / sqrt(x)`` for positive x; on shares range-reduced Newton on ``x / scale``
+    (exact for ``x / scale`` in [4^-7, 4^6))."""
     if is_plain(x):
         return torch.rsqrt(x)
     if scale != 1.0:
-        return (x * (1.0 / scale)).inv_sqrt() * (1.0 / math.sqrt(scale))
-    return x.inv_sqrt()
+        return inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
+    return _inv_sqrt_reduced(x, *INV_SQRT_POWERS)
 
+
+def _power_factors(x: Tensor, base: float, first: int, last: int,
+                   exponents: Sequence[float]) -> list[Tensor]:
+    """Secret ``base^(-k e)`` for each ``e`` in ``exponents``, where ``base^k <= x < base^(k+1)``
+    with k clamped to [first, last]. The comparison bits against the public thresholds are
+    monotone, so each factor is linear in them (no products)."""
+    powers = range(first + 1, last + 1)
+    bits = as_fixed_point((x.unsqueeze(-1) - torch.tensor([base ** p for p in powers])) > 0, x)
+    factors = []
+    for e in exponents:
+        steps = torch.tensor([base ** (-p * e) - base ** (-(p - 1) * e) for p in powers])
+        factors.append((bits * steps).sum(-1) + base ** (-first * e))
+    return factors
+
+
+def _reciprocal_reduced(x: Tensor) -> Tensor:
+    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), Newton from the
+    linear guess 24/17 - 8/17 m, times 2^-k."""
+    (factor,) = _power_factors(x, 2.0, *RECIPROCAL_POWERS, (1.0,))
+    m = x * factor
+    y = m * (-8.0 / 17.0) + 24.0 / 17.0
+    for _ in range(RECIPROCAL_NEWTON_STEPS):
+        y = y * (2.0 - m * y)
+    return y * factor
+
+
+def _inv_sqrt_reduced(x: Tensor, first: int, last: int) -> Tensor:
+    """Positive ``x``: ``m = x 4^-k`` in [1, 4), Newton from the linear guess
+    1.06639 - 0.15234 m (minimax, relative error 0.086), times 2^-k."""
+    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
+    m = x * factor4
+    y = m * -0.15234 + 1.06639
+    for _ in range(INV_SQRT_NEWTON_STEPS):
+        y = y * (3.0 - m * y.square()) * 0.5
+    return y * factor2
 
 
 def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
@@ -121,27 +165,17 @@ def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
     """``1 / sqrt(x)`` for positive ``x`` spanning many orders of magnitude, [lo, hi] public.
 
     On shares the value is brought into [1, 4) by a public power of four chosen with
-    comparisons against public thresholds 4^j (one batched comparison of [..., K]); since the
-    comparison bits are monotone, the reducing factor 4^-k and the result factor 2^-k are
-    linear in the bits (no products). Then CrypTen's inverse square root runs where it is
-    accurate. Values outside [lo, hi] fall in the first or last interval (Newton still
-    converges well beyond it). Powers of two down to 2^-16 are exact in fixed point, so ``hi``
-    may reach 4^8.
+    comparisons against public thresholds 4^j (:func:`_power_factors`: one batched comparison,
+    factors linear in the monotone bits). Then CrypTen's inverse square root runs where it is
+    accurate (its exp-based guess also covers values well above the last threshold, which the
+    linear guess of :func:`inv_sqrt` would not). Powers of two down to 2^-16 are exact in fixed
+    point, so ``hi`` may reach 4^8.
     """
     if is_plain(x):
         return torch.rsqrt(x)
     first = math.floor(math.log(lo, 4))
-    last = min(max(math.ceil(math.log(hi, 4)), first + 1), 8)
-    powers = list(range(first, last))  # interval k covers [4^powers[k], 4^powers[k]+1)
-    thresholds = torch.tensor([4.0 ** p for p in powers[1:]])
-    factor4 = torch.tensor(4.0 ** -powers[0])
-    factor2 = torch.tensor(2.0 ** -powers[0])
-    if len(powers) > 1:
-        bits = as_fixed_point((x.unsqueeze(-1) - thresholds) > 0, x)
-        step4 = torch.tensor([4.0 ** -p - 4.0 ** -(p - 1) for p in powers[1:]])
-        step2 = torch.tensor([2.0 ** -p - 2.0 ** -(p - 1) for p in powers[1:]])
-        factor4 = (bits * step4).sum(-1) + factor4
-        factor2 = (bits * step2).sum(-1) + factor2
+    last = min(max(math.ceil(math.log(hi, 4)), first + 1), 8) - 1
+    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
     return (x * factor4).inv_sqrt() * factor2
 
 def relu(x: Tensor) -> Tensor:

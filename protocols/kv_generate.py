@@ -220,7 +220,7 @@ class StationaryKernel(nn.Module):
         num = inner.numerator(scores, dense) * dense
         inv_n = 1.0 / mask.counts()
         den = num.sum(-1, keepdim=True) * inv_n + inner.eps
-        probs = num * ops.reciprocal(den, inner.mpc_scale) * inv_n
+        probs = num * ops.reciprocal(den, inner.mpc_scale, positive=True) * inv_n
         if selection is not None:
             probs = self._scatter(probs, selection, onehot, raw.shape[-1], keys.shape[2])
         return party.weighted(probs, v)
