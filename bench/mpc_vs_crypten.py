@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
+from models import ops  # noqa: E402
 from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
 from privinf.pricing import LAN, WAN  # noqa: E402
 
@@ -111,7 +112,7 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
         comm.barrier()
         comm.reset_communication_stats()
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), ops.numerics("crypten"):
             out = layer(crypten.cryptensor(x, src=0))
         seconds.append(time.perf_counter() - started)
         stats = comm.get_communication_stats()

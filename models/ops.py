@@ -15,8 +15,10 @@ odd p > 3); GeLU on shares uses the sigmoid form x * sigmoid(1.702 x) (see :func
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,22 @@ RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^
 INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
 RECIPROCAL_NEWTON_STEPS = 3
 INV_SQRT_NEWTON_STEPS = 3
+NUMERICS = ("reduced", "crypten")
+_numerics: contextvars.ContextVar[str] = contextvars.ContextVar("privinf_numerics", default="reduced")
+
+
+@contextlib.contextmanager
+def numerics(method: str) -> Iterator[None]:
+    """Within the block, ``"crypten"`` runs CrypTen's own positive reciprocal (exp-seeded Newton,
+    10 steps) and inverse square root instead of the range-reduced ones: the CrypTen baseline in
+    ``bench/mpc_vs_crypten.py`` uses it so that route computes what CrypTen itself would."""
+    if method not in NUMERICS:
+        raise ValueError(f"unknown numerics {method!r}; expected one of {NUMERICS}")
+    token = _numerics.set(method)
+    try:
+        yield
+    finally:
+        _numerics.reset(token)
 
 
 def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
@@ -89,6 +107,11 @@ def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = Fa
         return reciprocal(x * inv, positive=positive) * inv
     if not positive:
         return x.reciprocal()
+    if _numerics.get() == "crypten":
+        guess = (1 - 2 * x).exp() * 3 + 0.003  # CrypTen's initial guess, all-positive Newton
+        for _ in range(10):
+            guess = guess * 2 - guess.square() * x
+        return guess
     return _reciprocal_reduced(x)
 
 
@@ -99,6 +122,8 @@ def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
         return torch.rsqrt(x)
     if scale != 1.0:
         return inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
+    if _numerics.get() == "crypten":
+        return x.inv_sqrt()
     return _inv_sqrt_reduced(x, *INV_SQRT_POWERS)
 
 

@@ -89,3 +89,19 @@ def test_row_max_tree_on_shares_matches_torch(crypten, length: int) -> None:
     assert got.shape == (3, 4, 1)
     assert (got - x.amax(-1, keepdim=True)).abs().max() < 1e-3
 
+
+
+def test_range_reduced_newton_beats_crypten_seeded_one_outside_its_range(crypten) -> None:
+    x = torch.tensor([0.01, 0.5, 3.0, 40.0, 300.0])
+    reduced = reveal(ops.reciprocal(crypten.cryptensor(x), positive=True))
+    assert ((reduced - 1 / x).abs() * x).max() < 0.02  # x = 300: 1/x is 218 ulps
+    root = reveal(ops.inv_sqrt(crypten.cryptensor(x)))
+    assert ((root - x.rsqrt()).abs() / x.rsqrt()).max() < 2e-3
+    with ops.numerics("crypten"):  # CrypTen's exp-seeded Newton (the baseline's numerics)
+        seeded = reveal(ops.reciprocal(crypten.cryptensor(x[:3]), positive=True))
+        assert ((seeded - 1 / x[:3]).abs() * x[:3]).max() < 0.02
+        assert not torch.isfinite(reveal(ops.reciprocal(crypten.cryptensor(x[4:]), positive=True))).all() or \
+            (reveal(ops.reciprocal(crypten.cryptensor(x[4:]), positive=True)) * x[4:] - 1).abs().max() > 0.5
+    with pytest.raises(ValueError, match="unknown numerics"):
+        with ops.numerics("magic"):
+            pass
