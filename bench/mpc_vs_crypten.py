@@ -43,7 +43,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
-from models import ops  # noqa: E402
 from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
 from privinf.pricing import LAN, WAN  # noqa: E402
 
@@ -81,7 +80,7 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
     """One CrypTen party: warm-up plus ``runs`` timed forwards; per-run and per-op statistics."""
     os.environ.update(DISTRIBUTED_BACKEND="gloo", RENDEZVOUS=rendezvous, WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    from models.ops import replace_parameters  # noqa: PLC0415
+    from models.ops import numerics, replace_parameters  # noqa: PLC0415
     from protocols.cryptenlib import crypten  # noqa: PLC0415
 
     crypten.cfg.communicator.verbose = True
@@ -112,7 +111,7 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
         comm.barrier()
         comm.reset_communication_stats()
         started = time.perf_counter()
-        with torch.no_grad(), ops.numerics("crypten"):
+        with torch.no_grad(), numerics("crypten"):
             out = layer(crypten.cryptensor(x, src=0))
         seconds.append(time.perf_counter() - started)
         stats = comm.get_communication_stats()

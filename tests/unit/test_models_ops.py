@@ -105,3 +105,12 @@ def test_range_reduced_newton_beats_crypten_seeded_one_outside_its_range(crypten
     with pytest.raises(ValueError, match="unknown numerics"):
         with ops.numerics("magic"):
             pass
+
+
+def test_gelu_on_shares_is_the_piecewise_polynomial_within_1e_3(crypten) -> None:
+    x = torch.linspace(-30.0, 30.0, 1201)
+    got = reveal(ops.gelu(crypten.cryptensor(x)))
+    assert (got - torch.nn.functional.gelu(x)).abs().max() < 1e-3
+    with ops.numerics("crypten"):  # the sigmoid form the CrypTen baseline computes
+        sigmoid_form = reveal(ops.gelu(crypten.cryptensor(x[500:700])))
+    assert 5e-3 < (sigmoid_form - torch.nn.functional.gelu(x[500:700])).abs().max() < 0.03
