@@ -32,10 +32,19 @@ from typing import Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-# Public, fixed AES key and tweaks of the PRG (nothing up the sleeve: SHA-256 of labels).
+# Public, fixed AES key and tweaks of the PRG (nothing up the sleeve: SHA-256 of labels). The
+# left and right tweaks differ only in their second word and the values' only in its first, so
+# an evaluator forms the tweak of the side it takes with one masked XOR on one word.
+def _label_words(label: str, count: int) -> np.ndarray:
+    return np.frombuffer(hashlib.sha256(label.encode()).digest()[:8 * count], dtype=np.uint64).copy()
+
+
 _PRG_KEY = hashlib.sha256(b"privinf/fss/prg/key").digest()[:16]
-_TWEAKS = np.frombuffer(b"".join(hashlib.sha256(f"privinf/fss/prg/{j}".encode()).digest()[:16]
-                                 for j in range(3)), dtype=np.uint64).reshape(3, 2)
+_BASE = _label_words("privinf/fss/prg/base", 2)
+_RIGHT_DELTA = _label_words("privinf/fss/prg/right", 1)[0]
+_VALUE_DELTA = _label_words("privinf/fss/prg/values", 1)[0]
+_TWEAKS = np.stack([_BASE, _BASE ^ np.array([0, _RIGHT_DELTA], dtype=np.uint64),
+                    _BASE ^ np.array([_VALUE_DELTA, 0], dtype=np.uint64)])
 _ONE = np.uint64(1)
 _SEED_LEFT, _SEED_RIGHT, _VALUES = range(3)
 
@@ -141,7 +150,7 @@ class DcfKey:
 
 
 def _pack_bits(bits01: np.ndarray) -> np.ndarray:
-    """uint64 0/1 [rows, N] -> uint64 [rows, ceil(N / 64)], little-endian bit order."""
+    """0/1 [rows, N] -> uint64 [rows, ceil(N / 64)], little-endian bit order."""
     rows, n = bits01.shape
     padded = np.zeros((rows, 64 * _bit_words(n)), dtype=np.uint8)
     padded[:, :n] = bits01
@@ -174,6 +183,15 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, bits: int,
             random_bytes: Callable[[int], bytes]) -> tuple[DcfKey, DcfKey]:
     """Keys for ``f(x) = beta if x < alpha else 0`` per element (``alpha`` uint64 < 2^bits,
     ``beta`` int64); ``random_bytes(n)`` supplies the two parties' initial seeds."""
+    n = np.asarray(alpha).size
+    arrays = _dcf_gen_into(alpha, beta, bits, random_bytes, 0)
+    return DcfKey.from_array(0, bits, n, arrays[0]), DcfKey.from_array(1, bits, n, arrays[1])
+
+
+def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: Callable[[int], bytes],
+                  extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both parties' keys written straight into their wire arrays (``extra`` words left free
+    at the end), so the dealer copies the large correction words once, not three times."""
     _check_bits(bits)
     alpha = np.asarray(alpha, dtype=np.uint64).ravel()
     beta = np.asarray(beta, dtype=np.int64).ravel()
@@ -182,15 +200,18 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, bits: int,
         raise FssError(f"alpha has {n} elements, beta {beta.shape[0]}")
     if bits < 64 and np.any(alpha >> np.uint64(bits)):
         raise FssError(f"alpha does not fit in {bits} bits")
+    words = key_words(bits, n)
+    out = (np.empty(words + extra, dtype=np.int64), np.empty(words + extra, dtype=np.int64))
+    views = [DcfKey.from_array(p, bits, n, out[p][:words]) for p in (0, 1)]
     seeds = np.frombuffer(random_bytes(32 * n), dtype=np.uint64).reshape(2, n, 2).copy()
     seeds[:, :, 0] &= ~_ONE
-    s0, s1 = seeds[0].copy(), seeds[1].copy()
+    views[0].seed[:], views[1].seed[:] = seeds[0], seeds[1]
+    s0, s1 = seeds[0], seeds[1]
     t0 = np.zeros(n, dtype=np.uint64)
     t1 = np.ones(n, dtype=np.uint64)
     v_alpha = np.zeros(n, dtype=np.int64)
-    cw_seed = np.empty((bits, n, 2), dtype=np.uint64)
-    cw_value = np.empty((bits, n), dtype=np.int64)
-    cw_t = np.empty((2 * bits, n), dtype=np.uint64)
+    cw_seed, cw_value = views[0].cw_seed, views[0].cw_value
+    cw_t = np.empty((2 * bits, n), dtype=np.uint8)
     with np.errstate(over="ignore"):
         for i in range(bits):
             a = _bit(alpha, bits, i)
@@ -213,10 +234,11 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, bits: int,
             s1 = (sl1 ^ ((sl1 ^ sr1) & take_right)) ^ (lose_s & (0 - t1)[:, None])
             t0 = np.where(keep_right, tr0, tl0) ^ (t0 & t_cw_keep)
             t1 = np.where(keep_right, tr1, tl1) ^ (t1 & t_cw_keep)
-        final = _sign(t1) * (s1[:, 1].view(np.int64) - s0[:, 1].view(np.int64) - v_alpha)
-    packed = _pack_bits(cw_t)
-    keys = tuple(DcfKey(p, bits, seeds[p], cw_seed, cw_value, final, packed) for p in (0, 1))
-    return keys[0], keys[1]
+        views[0].cw_final[:] = _sign(t1) * (s1[:, 1].view(np.int64) - s0[:, 1].view(np.int64) - v_alpha)
+    views[0].cw_t[:] = _pack_bits(cw_t)
+    shared = slice(2 * n, words)  # everything after the seeds is common to both keys
+    out[1][shared] = out[0][shared]
+    return out
 
 
 def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
@@ -229,17 +251,18 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     t = np.full(n, key.party, dtype=np.uint64)
     value = np.zeros(n, dtype=np.int64)
     sign = 1 - 2 * key.party
-    rows = np.arange(n)
     tweaked = np.empty((2, n, 2), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(key.bits):
             right = _bit(x, key.bits, i)
-            side = right.astype(np.intp)
-            np.bitwise_xor(s, _TWEAKS[side], out=tweaked[0])  # the chosen child's seed ...
+            take_right = 0 - right  # all ones where the input bit is 1
+            np.bitwise_xor(s, _TWEAKS[_SEED_LEFT], out=tweaked[0])  # the chosen child's seed ...
+            tweaked[0, :, 1] ^= take_right & _RIGHT_DELTA
             np.bitwise_xor(s, _TWEAKS[_VALUES], out=tweaked[1])  # ... and the values, one AES call
             block = _PRG.encrypt(tweaked)
             s_next, t_next = _PRG.split(block[0])
-            v = block[1].view(np.int64)[rows, side]
+            values = block[1].view(np.int64)
+            v = values[:, 0] ^ ((values[:, 0] ^ values[:, 1]) & take_right.view(np.int64))
             on = 0 - t  # all ones where the control bit is set
             s_next ^= key.cw_seed[i] & on[:, None]
             cw_t = key.control(i, False)
@@ -276,12 +299,13 @@ def sign_gen(count: int, bits: int, random_bytes: Callable[[int], bytes],
     top = mask >> np.uint64(bits - 1)
     low = mask & _low_mask(bits - 1)
     beta = 1 - 2 * top.astype(np.int64)
-    k0, k1 = dcf_gen(low, beta, bits - 1, random_bytes)
+    out0, out1 = _dcf_gen_into(low, beta, bits - 1, random_bytes, 2 * count)
     r1, top1 = share1(count), share1(count)
     with np.errstate(over="ignore"):
-        r0 = mask.view(np.int64) - r1
-        top0 = top.astype(np.int64) - top1
-    return (np.concatenate([k0.to_array(), r0, top0]), np.concatenate([k1.to_array(), r1, top1]))
+        out0[-2 * count:-count] = mask.view(np.int64) - r1
+        out0[-count:] = top.astype(np.int64) - top1
+    out1[-2 * count:-count], out1[-count:] = r1, top1
+    return out0, out1
 
 
 @dataclass
