@@ -79,6 +79,29 @@ NUMERICS = ("reduced", "crypten")
 _numerics: contextvars.ContextVar[str] = contextvars.ContextVar("privinf_numerics", default="reduced")
 
 
+_compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
+                                                                            default=None)
+
+
+@contextlib.contextmanager
+def compare_bound(limit: float) -> Iterator[None]:
+    """Promise that the values compared within the block (``x < y`` forms ``x - y``) stay below
+    ``limit`` in magnitude. A secure comparison may then use a narrower ring (smaller, faster
+    FSS keys, :mod:`protocols.fss_compare`); values beyond the promise may compare wrongly."""
+    if not limit > 0:
+        raise ValueError(f"compare_bound needs a positive limit, got {limit!r}")
+    token = _compare_bound.set(float(limit))
+    try:
+        yield
+    finally:
+        _compare_bound.reset(token)
+
+
+def comparison_bound() -> float | None:
+    """The innermost :func:`compare_bound` promise, if any."""
+    return _compare_bound.get()
+
+
 @contextlib.contextmanager
 def numerics(method: str) -> Iterator[None]:
     """Within the block, ``"crypten"`` runs CrypTen's own positive reciprocal (exp-seeded Newton,
@@ -238,6 +261,7 @@ def pow_even(x: Tensor, p: int) -> Tensor:
 # degree-6 polynomial in v = x^2 / T^2 (near-minimax on [0, 1], max error 2.3e-4), and relu(x)
 # outside (GeLU differs from it by at most 8.1e-4 there).
 GELU_RANGE = 3.5
+GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
 GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.06349736554911566 * 3.5 ** 4,
                     0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
                     3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
@@ -250,7 +274,8 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
     On shares: two comparisons in one batch, ``above = [x > T]`` and ``below = [x < -T]``
     (T = 3.5), the even part ``g`` as a polynomial in ``v = x^2 / T^2`` (powers by squaring),
     then ``x / 2 + inside * g + (above - below) * x / 2`` with ``inside = 1 - above - below``
-    in one product: about 112 bytes and 8 rounds per element with FSS comparisons. Outside
+    in one product: about 112 bytes and 8 rounds per element with FSS comparisons (on a
+    32-bit ring: inputs are promised below 2^14, where ``x^2`` still fits CrypTen's ring). Outside
     [-T, T] the powers may overflow the ring; they are multiplied by an exact 0 there. Under
     ``numerics("crypten")`` the earlier sigmoid form ``x * sigmoid(1.702 x)`` (one comparison,
     exp and reciprocal; error 0.021) is used, which is what the CrypTen baseline computes.
@@ -260,7 +285,8 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
     if _numerics.get() == "crypten":
         return x * (x * GELU_SIGMOID_SLOPE).sigmoid()
     t = GELU_RANGE
-    outside = as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
+    with compare_bound(GELU_COMPARE_BOUND):
+        outside = as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
     above, below = outside[0], outside[1]
     v = square(x) * (1.0 / (t * t))
     powers = [v, square(v)]

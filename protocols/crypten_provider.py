@@ -46,8 +46,9 @@ from protocols.dealer import (
     CORRECTED_RANK, TAG_CORR, TAG_MSG, RequestSchedule, TupleRequest, expand_shares,
 )
 from protocols.fss import SignKey
+from models import ops
 from protocols.fss_compare import (
-    DEFAULT_COMPARISONS, DEFAULT_SIGN_BITS, check_comparisons, less_than_zero,
+    DEFAULT_COMPARISONS, DEFAULT_SIGN_BITS, bits_for, check_comparisons, less_than_zero,
 )
 from protocols.transport import Channel
 
@@ -441,7 +442,7 @@ def _ltz(self: Any) -> Any:
     context = getattr(_BOUND, "context", None)
     if context is None or context.comparisons != "fss" or self.ptype.name != "arithmetic":
         return _saved["ltz"](self)
-    return less_than_zero(self, context.provider, context.sign_bits)
+    return less_than_zero(self, context.provider, bits_for(ops.comparison_bound(), context.sign_bits))
 
 
 _RNG_MODULES = ("crypten.common.rng", "crypten.mpc.primitives.arithmetic", "crypten.mpc.primitives.binary")

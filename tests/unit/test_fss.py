@@ -182,3 +182,23 @@ def test_masked_values_are_reduced_to_the_gate_width_before_opening() -> None:
     with np.errstate(over="ignore"):
         opened = m0 + m1
         assert np.array_equal(g0.evaluate(opened) + g1.evaluate(opened), np.ones(n, dtype=np.int64))
+
+
+def test_compare_bound_narrows_the_gate_and_stays_exact_within_it() -> None:
+    from protocols.fss_compare import bits_for  # noqa: PLC0415
+
+    assert bits_for(None) == 40 and bits_for(2.0 ** 14) == 32 and bits_for(2.0 ** 40) == 40
+    values = torch.tensor([-16000.0, -3.5, -1e-3, 0.0, 2e-3, 9000.0, 16383.0])
+
+    def party(rank: int, context: cp.PartyContext) -> tuple[list[int], torch.Tensor]:
+        x = crypten.cryptensor(values, src=0)
+        with context.provider.recording() as schedule, ops.compare_bound(2.0 ** 14):
+            bits = (x < 0).get_plain_text()
+        return [r.bits for r in schedule.requests if r.kind == "sign"], bits
+
+    ((widths, bits), _), _ = run_crypten_parties(party)
+    assert widths == [32]
+    assert torch.equal(bits, (values < 0).float())
+    with pytest.raises(ValueError, match="positive limit"):
+        with ops.compare_bound(0):
+            pass

@@ -186,9 +186,11 @@ def test_poly_depth_accounting(deep):
         approx = PolyApprox(tuple(0.5 + 0.1 * i for i in range(degree + 1)), Domain(-1, 1, "p"))
         out = eval_poly(deep, enc, approx)
         assert out.level(deep) == poly_depth(degree) == approx.depth, degree
-        assert torch.allclose(decrypt_matrix(deep, out), approx.plain(x), atol=2e-4), degree
+        # CKKS noise at a 30-bit scale: 12 runs of degree 8 peaked at 7.7e-5, one CI run hit
+        # 3.1e-4; a wrong coefficient or level would be off by > 0.05
+        assert torch.allclose(decrypt_matrix(deep, out), approx.plain(x), atol=1e-3), degree
     sq = power(deep, enc, 4)
-    assert sq.level(deep) == 2 and torch.allclose(decrypt_matrix(deep, sq), x.double() ** 4, atol=2e-4)
+    assert sq.level(deep) == 2 and torch.allclose(decrypt_matrix(deep, sq), x.double() ** 4, atol=1e-3)
 
 
 @pytest.mark.parametrize("approx, tol", [(gelu_quad(), 2e-4), (gelu_poly(8), 1e-2)])
