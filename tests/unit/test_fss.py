@@ -202,3 +202,17 @@ def test_compare_bound_narrows_the_gate_and_stays_exact_within_it() -> None:
     with pytest.raises(ValueError, match="positive limit"):
         with ops.compare_bound(0):
             pass
+
+
+def test_chunked_generation_and_evaluation_cover_every_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fss, "GEN_CHUNK", 128)
+    monkeypatch.setattr(fss, "EVAL_CHUNK", 192)
+    n, bits = 1000, 24  # chunks end inside a 64-element block of packed control bits
+    alpha = _uniform(n, bits)
+    beta = RNG.integers(-(2 ** 30), 2 ** 30, n).astype(np.int64)
+    k0, k1 = fss.dcf_gen(alpha, beta, bits, os.urandom)
+    x = _uniform(n, bits)
+    x[::3] = alpha[::3]
+    with np.errstate(over="ignore"):
+        total = fss.dcf_eval(k0, x) + fss.dcf_eval(k1, x)
+    assert np.array_equal(total, np.where(x < alpha, beta, 0))
