@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
 from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
-from privinf.pricing import LAN, WAN  # noqa: E402
+from privinf.pricing import LAN, WAN, CriticalPath, price  # noqa: E402
 
 MIB = float(2**20)
 QUICK_SEQ = 32
@@ -261,7 +261,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 def network_s(res: dict[str, Any], profile: Any) -> float:
     """Online latency on ``profile``: the loopback online wall plus every round's RTT plus the
     busier party's sent bytes over the bandwidth (the same formula for every route)."""
-    return res["online_s"] + res["rounds"] * profile.rtt_s + res["sent"] * 8 / profile.bandwidth_bps
+    return price(CriticalPath(res["online_s"], res["rounds"], int(res["sent"])), profile).latency_s
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:

@@ -333,29 +333,26 @@ def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:
     entry against the max).
     """
     if is_plain(x):
-        values, index = x.max(dim=-1)
-        return values, index.to(x.dtype)
+        values, first = x.max(dim=-1)
+        return values, first.to(x.dtype)
     last = x.dim() - 1
-    index: Tensor = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
+    position: Tensor = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
     while x.size(-1) > 1:
         m = x.size(-1)
         even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)  # neighbours: a precedes b
-        a, b = _take(x, last, even), _take(x, last, odd)
-        ia, ib = _take(index, last, even), _take(index, last, odd)
-        rest = [(_take(x, last, torch.tensor([m - 1])), _take(index, last, torch.tensor([m - 1])))] if m % 2 else []
+        a, b = index(x, last, even), index(x, last, odd)
+        ia, ib = index(position, last, even), index(position, last, odd)
+        final = torch.tensor([m - 1])
+        rest = [(index(x, last, final), index(position, last, final))] if m % 2 else []
         take_a = as_fixed_point(a >= b, a)
         if is_plain(ia):
-            x, index = take_a * (a - b) + b, take_a * (ia - ib) + ib
+            x, position = take_a * (a - b) + b, take_a * (ia - ib) + ib
         else:
             both = type(a).stack([a - b, ia - ib]) * take_a
-            x, index = both[0] + b, both[1] + ib
+            x, position = both[0] + b, both[1] + ib
         for value, where in rest:  # an odd entry out waits for the next level
-            x, index = cat([x, value], dim=-1), cat([index, where], dim=-1)
-    return x.squeeze(-1), index.squeeze(-1)
-
-
-def _take(x: Tensor, dim: int, idx: torch.Tensor) -> Tensor:
-    return x.index_select(dim, idx) if is_plain(x) else index(x, dim, idx)
+            x, position = cat([x, value], dim=-1), cat([position, where], dim=-1)
+    return x.squeeze(-1), position.squeeze(-1)
 
 
 def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
