@@ -9,7 +9,8 @@ only public sizes (n, k, the number of threshold iterations); which entries were
 Top-k, two ways:
 
 * **rank** (exact, for small n such as cluster scores): ``rank_i = #{j : s_j beats s_i}`` from
-  one batch of n^2 comparisons (ties broken by index: the earlier entry wins), then
+  one batch of n (n - 1) / 2 comparisons, one per pair (ties broken by index: the earlier entry
+  wins; the other order of a pair is one minus its bit), then
   ``keep_i = [rank_i < k]``.
 * **threshold** (for long prompts): a secret bisection on a public range ``[-bound, bound]``;
   each iteration counts ``#{s_i > mid}`` (n comparisons) and moves ``lo`` or ``hi`` by a secret
@@ -64,16 +65,40 @@ def _check(n: int, k: int) -> None:
         raise SelectError(f"top-k needs 1 <= k <= n, got k={k}, n={n}")
 
 
+def _pair_layout(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs ``a < c`` of ``n`` entries and, per entry ``i``, where its ``n - 1`` "does j beat
+    i" bits sit in ``cat([b, 1 - b])`` (``b[p] = [a_p beats c_p]``): ``j < i`` reads ``b``,
+    ``j > i`` reads ``1 - b`` of the pair ``(i, j)``."""
+    a, c = torch.triu_indices(n, n, offset=1)
+    pair = torch.full((n, n), -1, dtype=torch.long)
+    pair[a, c] = torch.arange(a.numel())
+    j = torch.arange(n).unsqueeze(0).expand(n, n)  # [i, j]
+    i = torch.arange(n).unsqueeze(1).expand(n, n)
+    where = torch.where(j < i, pair.T, pair + a.numel())  # pair.T[i, j] = pair[j, i]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    return a, c, where[off_diagonal].reshape(n, n - 1)
+
+
 def ranks(scores: Any) -> Any:
-    """Descending rank of each entry of ``scores`` [..., n] (0 = largest), ties by index."""
+    """Descending rank of each entry of ``scores`` [..., n] (0 = largest), ties by index.
+
+    One batch of ``n (n - 1) / 2`` comparisons: ``[s_a - s_c + ulp > 0]`` for each pair ``a < c``
+    says whether the earlier entry wins (ties included); the later one wins exactly when it
+    does not, so ``1 - bit`` (local) covers the other half of the ``n^2`` table.
+    """
     n = scores.shape[-1]
-    diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [..., j, i] = s_j - s_i
-    earlier = torch.triu(torch.ones(n, n), diagonal=1) * _ULP  # j < i wins a tie
-    return greater_than_zero(diff + earlier).sum(-2)
+    if n == 1:
+        return scores * 0.0
+    a, c, where = _pair_layout(n)
+    last = scores.dim() - 1
+    earlier_wins = greater_than_zero(ops.index(scores, last, a) - ops.index(scores, last, c) + _ULP)
+    table = ops.cat([earlier_wins, 1.0 - earlier_wins], dim=last)
+    beaten_by = ops.index(table, last, where.reshape(-1))
+    return beaten_by.reshape(*scores.shape[:-1], n, n - 1).sum(-1)
 
 
 def rank_topk_mask(scores: Any, k: int) -> Any:
-    """0/1 mask [..., n] of the k largest entries (exact; n^2 + n comparisons)."""
+    """0/1 mask [..., n] of the k largest entries (exact; n (n - 1) / 2 + n comparisons)."""
     _check(scores.shape[-1], k)
     return greater_than_zero((k - 0.5) - ranks(scores))
 
@@ -213,7 +238,7 @@ def _selection_ops(config: ModelConfig, plan: Plan) -> list[OpCount]:
     c, r, m = plan.clusters, plan.chosen, plan.cluster_size
     return [
         OpCount("select.similarity", "open", h * d + kvh * c * d, 1),
-        OpCount("select.rank", "compare", kvh * c * c, 1),
+        OpCount("select.rank", "compare", kvh * c * (c - 1) // 2, 1),
         OpCount("select.keep", "compare", kvh * c, 1),
         OpCount("select.compact", "compare", kvh * (r + 1) * c, 1),
         OpCount("select.gather", "open", 2 * (kvh * r * c + kvh * c * m * d), 1),
@@ -252,7 +277,7 @@ def eviction_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
     voters = w * config.heads
     bound = float(w * config.heads // kvh)
     if selector.method(n, bound) == "rank":
-        top = [OpCount("evict.rank", "compare", kvh * (n * n + n) * layers, 2 * layers)]
+        top = [OpCount("evict.rank", "compare", kvh * (n * (n - 1) // 2 + n) * layers, 2 * layers)]
     else:
         it = selector.iterations or bisection_steps(bound)
         top = [OpCount("evict.bisect", "compare", kvh * it * (n + 1) * layers, 2 * it * layers),
