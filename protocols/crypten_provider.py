@@ -232,6 +232,12 @@ class DealerProvider:
         shares = self._tuple(TupleRequest("B2A", tuple(size)), device)
         return _arith(shares["rA"]), _binary(shares["rB"])
 
+    def one_hot_mask(self, size: Any, domain: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This party's shares of a random ``rho`` per element (uniform mod ``domain`` once summed)
+        and of the unit vector ``e_rho`` at scale 2^16 [*size, domain] (:mod:`protocols.onehot`)."""
+        shares = self._tuple(TupleRequest.one_hot(_shape(size), domain), None)
+        return shares["r"], shares["u"]
+
     def sign_key(self, size: Any, bits: int) -> SignKey:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
         request = TupleRequest.sign(_shape(size), bits)
@@ -240,7 +246,8 @@ class DealerProvider:
         return SignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
 
     # ----- internals -------------------------------------------------------------------------
-    _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA"}
+    _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
+                  "onehot": "u"}
 
     def _next_index(self, request: TupleRequest) -> int:
         index = self._index
@@ -345,6 +352,11 @@ def bind(context: PartyContext) -> Iterator[PartyContext]:
         yield context
     finally:
         _BOUND.context = previous
+
+
+def bound() -> PartyContext | None:
+    """The context bound to this thread, or None (plain CrypTen sessions, e.g. in tests)."""
+    return getattr(_BOUND, "context", None)
 
 
 def current() -> PartyContext:

@@ -43,8 +43,9 @@ TAG_SEED = "dealer.seed"
 TAG_MSG = "dealer.msg"
 TAG_CORR = "dealer.corr"
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot")
 SIGN_BITS_RANGE = (2, 64)
+ONEHOT_DOMAIN_MAX = 1 << 16  # a one-hot request's domain: a power of two up to this
 ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
 _CONV_KWARGS = ("stride", "padding", "dilation", "groups", "output_padding")
 CORRECTED_RANK = 0  # the party that receives corrections for CrypTen tuples
@@ -98,6 +99,14 @@ class TupleRequest:
                 raise DealerError(f"a sign request takes only bits in {list(SIGN_BITS_RANGE)}, got "
                                   f"op={self.op!r} {dict(self.kwargs)}")
             return
+        if self.kind == "onehot":
+            domain = dict(self.kwargs).get("domain")
+            if self.op or [k for k, _ in self.kwargs] != ["domain"] or isinstance(domain, bool) \
+                    or not isinstance(domain, int) or not 2 <= domain <= ONEHOT_DOMAIN_MAX \
+                    or domain & (domain - 1):
+                raise DealerError(f"a onehot request takes only a domain that is a power of two in "
+                                  f"[2, {ONEHOT_DOMAIN_MAX}], got op={self.op!r} {dict(self.kwargs)}")
+            return
         if self.kind != "additive" and (self.op or self.kwargs):
             raise DealerError(f"{self.kind} requests take no op or op arguments")
         for key, _ in self.kwargs:
@@ -114,6 +123,15 @@ class TupleRequest:
         """FSS sign-gate keys for a tensor of ``size`` on ``bits``-bit values (both parties fetch)."""
         return cls("sign", _dims(size, "size"), (), "", (("bits", int(bits)),))
 
+    @classmethod
+    def one_hot(cls, size: Any, domain: int) -> "TupleRequest":
+        """A random ``rho`` (uniform mod ``domain``) per element and the unit vector ``e_rho``."""
+        return cls("onehot", _dims(size, "size"), (), "", (("domain", domain),))
+
+    @property
+    def domain(self) -> int:
+        return int(dict(self.kwargs)["domain"])
+
     @property
     def bits(self) -> int:
         return int(dict(self.kwargs)["bits"])
@@ -123,6 +141,8 @@ class TupleRequest:
         computed on meta tensors."""
         if self.kind == "sign":
             return (fss.sign_key_words(self.bits, _numel(self.size0)),)
+        if self.kind == "onehot":
+            return self.size0 + (self.domain,)
         if self.kind == "additive":
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
@@ -143,6 +163,8 @@ class TupleRequest:
             out["op"] = self.op
         if self.kind == "sign":
             out["bits"] = self.bits
+        elif self.kind == "onehot":
+            out["domain"] = self.domain
         elif self.kwargs:
             out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
         return out
@@ -156,6 +178,11 @@ class TupleRequest:
             if isinstance(bits, bool) or not isinstance(bits, int):
                 raise DealerError(f"a sign request needs an integer bits, got {bits!r}")
             return cls.sign(data["size0"], bits)
+        if data["kind"] == "onehot":
+            domain = data.get("domain")
+            if isinstance(domain, bool) or not isinstance(domain, int):
+                raise DealerError(f"a onehot request needs an integer domain, got {domain!r}")
+            return cls.one_hot(data["size0"], domain)
         kwargs = data.get("kwargs", {})
         if not isinstance(kwargs, dict):
             raise DealerError(f"tuple request kwargs must be an object, got {kwargs!r}")
@@ -238,6 +265,10 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
         out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
         if helper:
             out["c"] = stream.ring(request.output_shape())
+    elif request.kind == "onehot":
+        out["r"] = stream.ring(request.size0)
+        if helper:
+            out["u"] = stream.ring(request.output_shape())
     elif request.kind in ("square", "wraps"):
         out["r"] = stream.ring(request.size0)
         if helper:
@@ -265,6 +296,10 @@ def compute_correction(seeds: dict[int, bytes], index: int, request: TupleReques
         return ((p0["a"] ^ p1["a"]) & (p0["b"] ^ p1["b"])) ^ p1["c"]
     if request.kind == "wraps":
         return count_wraps([p0["r"], p1["r"]]) - p1["theta_r"]
+    if request.kind == "onehot":
+        rho = (p0["r"] + p1["r"]) & (request.domain - 1)
+        unit = torch.nn.functional.one_hot(rho, request.domain) << 16  # at CrypTen's scale 2^16
+        return unit - p1["u"]
     return (p0["rB"] ^ p1["rB"]) - p1["rA"]
 
 

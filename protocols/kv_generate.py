@@ -9,10 +9,11 @@ fresh operand. Policies run unchanged where they act once (``window``/``static``
 prefill: public indices, or a secret one-hot gather by ``ObliviousSelector`` whose result is
 re-cached as a new block). ``mpcache``'s per-step selection is done on the scores instead of on
 the cache: cluster scores are sums of the per-entry scores (``q . mean(k) = mean(q . k)``), the
-secret one-hot ``S`` of chosen clusters gathers the scores (``S @ scores``, opening ``S`` and the
-scores, O(clusters x chosen + n)), the softmax runs on the attended entries only, the weights
-are scattered back (``S^T @ w``) and ``w V`` is a stationary product over the whole cache:
-the same attention as gathering K and V, without re-opening them each step.
+secret one-hot ``S`` of chosen clusters is opened masked once per selection (KV-stationary
+kind ``s``) and gathers the scores (``S @ scores``, opening only the scores), the softmax runs
+on the attended entries only, the weights are scattered back (``S^T @ w``, opening only the
+weights) and ``w V`` is a stationary product over the whole cache: the same attention as
+gathering K and V, without re-opening them or ``S``.
 """
 
 from __future__ import annotations
@@ -141,9 +142,11 @@ class StationaryCache(PrunedCache):
             return None
         return Selection(sink, clusters, chosen, policy.cluster, layer, self)
 
-    def choose(self, selection: Selection, scores: Any, kv_heads: int) -> Any:
-        """Secret one-hot [B, kv_heads, chosen, clusters] from per-entry scores [B, H, t, n]
-        (computed at every ``share``-th layer and reused by the next ones, as the policy does)."""
+    def choose(self, selection: Selection, scores: Any, kv_heads: int) -> StationaryView:
+        """Secret choice from per-entry scores [B, H, t, n] as a KV-stationary view of ``S^T``
+        [B, kv_heads, clusters, chosen] (``S`` the one-hot of chosen clusters, opened masked
+        once); computed at every ``share``-th layer and reused by the next ones, as the policy
+        does."""
         policy = self.policy
         assert isinstance(policy, MPCachePolicy)
         layer = selection.layer
@@ -158,10 +161,12 @@ class StationaryCache(PrunedCache):
         if policy.similarity == "relu":
             sim = ops.relu(sim)
         sim = sim.reshape(b, kv_heads, (h // kv_heads) * t, selection.clusters).sum(2)
-        onehot = policy.selector.top_k(sim, selection.chosen, ordered=True)
-        self._shared[layer] = (selection.clusters, onehot)
+        onehot = policy.selector.top_k(sim, selection.chosen, ordered=False)  # order: irrelevant here
+        party = self._party()
+        view = party.view(party.new_store(layer, "s", onehot.transpose(-2, -1)), layer, "s")
+        self._shared[layer] = (selection.clusters, view)
         self.selections.append((layer, sim, onehot))
-        return onehot
+        return view
 
 
 @dataclass(frozen=True)
@@ -215,39 +220,38 @@ class StationaryKernel(nn.Module):
         keys = k.view if selection is not None else k
         raw = party.scores(q, keys)
         if selection is not None:
-            onehot, raw = self._gather(raw, selection, keys)
+            chooser, raw = self._gather(raw, selection, keys)
         scores = raw * (1.0 / math.sqrt(q.shape[-1]))
         num = inner.numerator(scores, dense) * dense
         inv_n = 1.0 / mask.counts()
         den = num.sum(-1, keepdim=True) * inv_n + inner.eps
         probs = num * ops.reciprocal(den, inner.mpc_scale, positive=True) * inv_n
         if selection is not None:
-            probs = self._scatter(probs, selection, onehot, raw.shape[-1], keys.shape[2])
+            probs = self._scatter(probs, selection, chooser, raw.shape[-1], keys.shape[2])
         return party.weighted(probs, v)
 
     @staticmethod
-    def _gather(raw: Any, sel: Selection, keys: StationaryView) -> tuple[Any, Any]:
-        """Scores of the attended entries (sinks, chosen clusters, tail) and the head-expanded S."""
+    def _gather(raw: Any, sel: Selection, keys: StationaryView) -> tuple[StationaryView, Any]:
+        """Scores of the attended entries (sinks, chosen clusters, tail) and ``S^T`` per query head."""
         b, h, t, n = raw.shape
         kv_heads = keys.store.f.shape[1]
-        onehot = sel.cache.choose(sel, raw, kv_heads)
-        onehot = ops.index(onehot, 1, keys.heads)
+        chooser = sel.cache.choose(sel, raw, kv_heads)[:, keys.heads]
         stop = sel.sink + sel.clusters * sel.cluster
         mid = _to_rows(ops.index(raw, 3, torch.arange(sel.sink, stop)), sel.clusters, sel.cluster)
-        chosen = _from_rows(onehot.matmul(mid), t, sel.cluster)
-        parts = [chosen, ops.index(raw, 3, torch.arange(stop, n))]
+        picked = chooser.party.weighted(mid.transpose(-2, -1), chooser).transpose(-2, -1)  # S @ mid
+        parts = [_from_rows(picked, t, sel.cluster), ops.index(raw, 3, torch.arange(stop, n))]
         if sel.sink:
             parts.insert(0, ops.index(raw, 3, torch.arange(sel.sink)))
-        return onehot, ops.cat(parts, dim=3)
+        return chooser, ops.cat(parts, dim=3)
 
     @staticmethod
-    def _scatter(probs: Any, sel: Selection, onehot: Any, attended: int, n: int) -> Any:
+    def _scatter(probs: Any, sel: Selection, chooser: StationaryView, attended: int, n: int) -> Any:
         """Weights over the whole cache: zero outside the chosen clusters (``S^T @ w``)."""
         t = probs.shape[2]
         width = sel.chosen * sel.cluster
         picked = _to_rows(ops.index(probs, 3, torch.arange(sel.sink, sel.sink + width)), sel.chosen, sel.cluster)
-        back = _from_rows(onehot.transpose(-2, -1).matmul(picked), t, sel.cluster)
-        parts = [back, ops.index(probs, 3, torch.arange(sel.sink + width, attended))]
+        back = chooser.party.scores(picked.transpose(-2, -1), chooser).transpose(-2, -1)  # S^T @ picked
+        parts = [_from_rows(back, t, sel.cluster), ops.index(probs, 3, torch.arange(sel.sink + width, attended))]
         if sel.sink:
             parts.insert(0, ops.index(probs, 3, torch.arange(sel.sink)))
         out = ops.cat(parts, dim=3)

@@ -19,9 +19,12 @@ Top-k, two ways:
   k are kept. Bisection stops at a width of 2^-12 and both ends are widened by the truncation
   drift (2 ulp per step), so scores within ~1e-3 of the k-th are ties, broken latest first.
 
-Compaction to an order-preserving one-hot: ``slot_i = #kept before i`` (a local prefix sum),
-``S[t, i] = [z_i > t - 1/2] - [z_i > t + 1/2]`` with ``z = slot + BIG (1 - keep)``: (k+1) n
-comparisons, one batch.
+One-hot rows: ``S[t, i] = [z_i == t]`` for ``t < k`` with ``z`` the rank (unordered top-k) or,
+for an order-preserving compaction of a 0/1 mask, ``z = slot + k (1 - keep)`` where ``slot_i =
+#kept before i`` (a local prefix sum). On shares with a dealer (a bound party context) each
+``z_i`` becomes its unit vector with one opening (:mod:`protocols.onehot`: the dealer's random
+rotated unit vector, n x D offline ring elements); without one, (k+1) n comparisons
+``[z_i > t - 1/2]`` in one batch, differenced.
 
 Fixed point: scores are encoded at 2^-16, so ties below that resolution are broken by index;
 counts and slots are exact small integers.
@@ -38,6 +41,8 @@ import torch
 from models import ops
 from models.config import ModelConfig
 from models.kv_pruning import KVPolicy, Plan
+from protocols import crypten_provider
+from protocols.onehot import domain_for, one_hot
 
 _ULP = 2.0**-16
 _BIG = 1.0e4
@@ -138,26 +143,42 @@ def threshold_topk_mask(scores: Any, k: int, bound: float, iterations: int | Non
     return keep + greater_than_zero(missing + 0.5 - z)
 
 
-def compact(keep: Any, k: int) -> Any:
-    """Order-preserving one-hot [..., k, n] of a 0/1 mask [..., n] with exactly k ones."""
-    slot = keep.cumsum(-1) - keep
-    z = slot + (1.0 - keep) * _BIG
+def _unit_rows(values: Any, k: int, count: int) -> Any:
+    """``S[..., t, i] = [values_i == t]`` for ``t < k`` ([..., k, n]) from exact small integers
+    ``values`` [..., n] in ``[0, count)``.
+
+    On shares with a bound dealer: one opening per value (:func:`protocols.onehot.one_hot`);
+    otherwise ``(k + 1) n`` comparisons ``[values_i > t - 1/2]``, differenced.
+    """
+    if ops.is_plain(values):
+        return (values.unsqueeze(-2) == torch.arange(k, dtype=values.dtype).unsqueeze(-1)).to(values.dtype)
+    context = crypten_provider.bound()
+    if context is not None:
+        units = one_hot(values, domain_for(count), context.provider)  # [..., n, D]
+        return ops.index(units.transpose(-2, -1), values.dim() - 1, torch.arange(k))
     thresholds = (torch.arange(k + 1, dtype=torch.float32) - 0.5).unsqueeze(-1)
-    above = greater_than_zero(z.unsqueeze(-2) - thresholds)  # [..., k+1, n]
+    with ops.compare_bound(2.0 * count + 1.0):
+        above = greater_than_zero(values.unsqueeze(-2) - thresholds)  # [..., k+1, n]
     top = ops.index(above, above.dim() - 2, torch.arange(k))
     bottom = ops.index(above, above.dim() - 2, torch.arange(1, k + 1))
     return top - bottom
+
+
+def compact(keep: Any, k: int) -> Any:
+    """Order-preserving one-hot [..., k, n] of a 0/1 mask [..., n] with exactly k ones.
+
+    ``slot_i`` = kept entries before ``i`` (local); kept entries sit at ``slot`` in ``[0, k)``,
+    the others are moved to ``slot + k`` in ``[k, 2k]``, past the rows kept.
+    """
+    slot = keep.cumsum(-1) - keep
+    return _unit_rows(slot + (1.0 - keep) * k, k, 2 * k + 1)
 
 
 def rank_onehot(scores: Any, k: int) -> Any:
     """One-hot [..., k, n] of the k largest entries in descending score order."""
-    _check(scores.shape[-1], k)
-    r = ranks(scores)
-    thresholds = (torch.arange(k + 1, dtype=torch.float32) - 0.5).unsqueeze(-1)
-    above = greater_than_zero(r.unsqueeze(-2) - thresholds)
-    top = ops.index(above, above.dim() - 2, torch.arange(k))
-    bottom = ops.index(above, above.dim() - 2, torch.arange(1, k + 1))
-    return top - bottom
+    n = scores.shape[-1]
+    _check(n, k)
+    return _unit_rows(ranks(scores), k, n)
 
 
 class ObliviousSelector:

@@ -8,6 +8,11 @@ Every later product with the cache opens only the fresh operand:
 * ``q K^T`` (scores): open ``E = q - A`` (heads x d elements per query), with ``C = A B^T``;
 * ``w V`` (attention output): open ``E = w - A`` (heads x n elements), with ``C = A B``.
 
+The same holds for any secret operand used several times: ``mpcache``'s one-hot selection
+``S`` (kind ``s``, stored as ``S^T`` [clusters, chosen]) is opened once per step and selecting
+layer, then gathers scores (``pv``: ``(S m)^T = m^T S^T``) and scatters weights back (``qk``:
+``(S^T p)^T = p^T S``) in every layer that shares it, opening only the scores and weights.
+
 Party ``i`` holds ``F`` (public to both), its mask share ``B_i`` and, after the product, the share
 ``z_i = E B_i' + A_i F' + C_i (+ E F' for party 0)`` where ``'`` is the transpose for ``q K^T``;
 the shares sum to ``(E + A)(F + B)' = q K'``. Per decode step the cache costs O(heads (d + n))
@@ -46,7 +51,7 @@ from protocols.transport import Channel
 
 SCALE_BITS = 16
 SCALE = 1 << SCALE_BITS
-KINDS = ("k", "v")
+KINDS = ("k", "v", "s")  # keys, values, and mpcache's selection S^T (stationary for one step)
 OPS = ("qk", "pv")
 TAG_F = "kvs.F"
 TAG_E = "kvs.E"
@@ -282,8 +287,10 @@ class StationaryParty:
         f = share - mask + theirs
         if self._ledger is not None:
             self._ledger.record_rounds(1)
-            self._ledger.record_storage("kv_cache", 2 * f.numel() * 8)  # F and the mask share
-        self.opened_rows += int(f.shape[2])
+            if kind != "s":  # a selection lives for one step; K and V stay cached
+                self._ledger.record_storage("kv_cache", 2 * f.numel() * 8)  # F and the mask share
+        if kind != "s":
+            self.opened_rows += int(f.shape[2])
         rows = int(f.shape[2])
         if store is None:
             return _Store(f, mask, [(block, rows)])

@@ -4,7 +4,7 @@ KV-stationary products, checked against plaintext."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -25,8 +25,8 @@ PROMPT = "private generation on shares, a KV cache in MPC"  # 48 bytes = 48 toke
 
 
 # ----- KV-stationary products --------------------------------------------------------------
-def _stationary_run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
-                    blocks: list[int]) -> list[dict[str, Any]]:
+def _stationary_parties(body: Callable[[StationaryParty, Ledger], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``body(party, ledger)`` on two CrypTen parties with KV-stationary parties and a dealer."""
     seeds = {0: new_seed(), 1: new_seed()}
     p0, p1 = memory_pair("client", "server", timeout_s=60)
     d0, dd = memory_pair("client", "dealer", timeout_s=60)
@@ -38,27 +38,35 @@ def _stationary_run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, w
         peer.ledger = ledger
         kvs = StationaryParty(rank, seeds[rank], peer, d0 if rank == 0 else None, ledger)
         with crypten_session(peer, rank, ledger):
-            k_sh, v_sh = crypten.cryptensor(keys, src=1), crypten.cryptensor(values, src=1)
-            q_sh, w_sh = crypten.cryptensor(q, src=0), crypten.cryptensor(w, src=0)
-            ks = vs = None
-            start = 0
-            for rows in blocks:
-                idx = torch.arange(start, start + rows)
-                ks = kvs.append(ks, 0, "k", k_sh[:, :, idx])
-                vs = kvs.append(vs, 0, "v", v_sh[:, :, idx])
-                start += rows
-            heads = torch.arange(q.shape[1]) // (q.shape[1] // keys.shape[1])
-            before = ledger.totals().bytes_sent
-            scores = kvs.scores(q_sh, kvs.view(ks, 0, "k")[:, heads])
-            product_bytes = ledger.totals().bytes_sent - before
-            out = kvs.weighted(w_sh, kvs.view(vs, 0, "v")[:, heads])
-            result = {"scores": scores.get_plain_text(), "out": out.get_plain_text(),
-                      "bytes": product_bytes, "opened": kvs.opened_rows}
+            result = body(kvs, ledger)
         if rank == 0:
             d0.send_json(TAG_MSG, {"type": "end"})
         return result
 
     return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
+
+
+def _stationary_run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+                    blocks: list[int]) -> list[dict[str, Any]]:
+    def body(kvs: StationaryParty, ledger: Ledger) -> dict[str, Any]:
+        k_sh, v_sh = crypten.cryptensor(keys, src=1), crypten.cryptensor(values, src=1)
+        q_sh, w_sh = crypten.cryptensor(q, src=0), crypten.cryptensor(w, src=0)
+        ks = vs = None
+        start = 0
+        for rows in blocks:
+            idx = torch.arange(start, start + rows)
+            ks = kvs.append(ks, 0, "k", k_sh[:, :, idx])
+            vs = kvs.append(vs, 0, "v", v_sh[:, :, idx])
+            start += rows
+        heads = torch.arange(q.shape[1]) // (q.shape[1] // keys.shape[1])
+        before = ledger.totals().bytes_sent
+        scores = kvs.scores(q_sh, kvs.view(ks, 0, "k")[:, heads])
+        product_bytes = ledger.totals().bytes_sent - before
+        out = kvs.weighted(w_sh, kvs.view(vs, 0, "v")[:, heads])
+        return {"scores": scores.get_plain_text(), "out": out.get_plain_text(),
+                "bytes": product_bytes, "opened": kvs.opened_rows}
+
+    return _stationary_parties(body)
 
 
 def test_stationary_products_match_plaintext() -> None:
@@ -76,6 +84,44 @@ def test_stationary_products_match_plaintext() -> None:
         assert out["opened"] == 14  # 7 K rows + 7 V rows, each opened exactly once
     # a product opens only q - A: 4 heads x 8 elements x 8 bytes (+ frame overhead), not K
     assert 4 * 8 * 8 <= out0["bytes"] < 4 * 8 * 8 + 400
+
+
+def test_selection_is_opened_once_then_gathers_and_scatters() -> None:
+    """mpcache's one-hot S (kind ``s``, stored as S^T): opened masked once, then ``S @ m`` and
+    ``S^T @ p`` twice each (two layers sharing it) open only ``m`` and ``p``."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(5)
+    chosen = torch.tensor([[[1, 3], [0, 2]]])  # [B, kv_heads, k]: clusters picked per kv head
+    onehot = torch.nn.functional.one_hot(chosen, 4).float()  # S [1, 2, 2, 4]
+    mid, picked = torch.randn(1, 4, 4, 3, generator=gen), torch.randn(1, 4, 2, 3, generator=gen)
+    heads = torch.arange(4) // 2
+
+    def body(kvs: StationaryParty, ledger: Ledger) -> dict[str, Any]:
+        s_sh = crypten.cryptensor(onehot, src=1)
+        m_sh, p_sh = crypten.cryptensor(mid, src=0), crypten.cryptensor(picked, src=0)
+        before = ledger.totals().bytes_sent
+        view = kvs.view(kvs.new_store(0, "s", s_sh.transpose(-2, -1)), 0, "s")[:, heads]
+        opened_s = ledger.totals().bytes_sent - before
+        products, sent = [], []
+        for _ in range(2):
+            before = ledger.totals().bytes_sent
+            products.append((kvs.weighted(m_sh.transpose(-2, -1), view).transpose(-2, -1),
+                             kvs.scores(p_sh.transpose(-2, -1), view).transpose(-2, -1)))
+            sent.append(ledger.totals().bytes_sent - before)
+        return {"opened_s": opened_s, "bytes": sent, "opened_rows": kvs.opened_rows,
+                "gather": [g.get_plain_text() for g, _ in products],
+                "scatter": [s.get_plain_text() for _, s in products]}
+
+    out0, out1 = _stationary_parties(body)
+    s = onehot[:, heads]
+    for out in (out0, out1):
+        for gathered, scattered in zip(out["gather"], out["scatter"]):
+            assert (gathered - s @ mid).abs().max() < 1e-3
+            assert (scattered - s.transpose(-2, -1) @ picked).abs().max() < 1e-3
+        assert out["opened_rows"] == 0  # S is not cache: no K/V rows, no kv_cache storage
+    assert 2 * 4 * 2 * 8 <= out0["opened_s"] < 2 * 4 * 2 * 8 + 400  # S^T once: 2 kv heads x 4 x 2
+    for sent in out0["bytes"]:  # m^T - A (4 heads x 3 x 4) and p^T - A (4 x 3 x 2), not S
+        assert (4 * 3 * 4 + 4 * 3 * 2) * 8 <= sent < (4 * 3 * 4 + 4 * 3 * 2) * 8 + 400
 
 
 def test_dealer_refuses_a_product_label_twice() -> None:
@@ -152,13 +198,13 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
         onehot = (s0.share + s1.share).double() / 2**16
         sim = (sim0.share + sim1.share).double() / 2**16
         assert ((onehot - onehot.round()).abs() < 1e-3).all()
-        got = onehot.round().argmax(-1)
+        got = onehot.round().argmax(-1).sort(-1).values  # rows come in rank order
         k = got.shape[-1]
         assert torch.equal(got, sim.topk(k, dim=-1).indices.sort(-1).values)
         top = sim.sort(-1, descending=True).values
         for head in range(got.shape[1]):
-            same = (sim[0, head] - plain_sim[0, head]).abs().max() < 2e-3
-            if same and top[0, head, k - 1] - top[0, head, k] > 5e-3:
+            same = (sim[0, head] - plain_sim[0, head]).abs().max() < 5e-3  # fixed-point noise ~2e-3
+            if same and top[0, head, k - 1] - top[0, head, k] > 1e-2:  # no near-tie within the noise
                 assert torch.equal(got[0, head], ref[0, head])
                 clear += 1
     assert clear >= 1  # how many heads are comparable varies with earlier near-ties (fresh seeds)
