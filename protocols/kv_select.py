@@ -231,39 +231,49 @@ class OpCount:
     rounds: int
 
 
-# Per-element costs per party from DESIGN.md's measured baselines (CrypTen 0.4.1, 2 parties):
-# ReLU [128,3072] 87 MiB -> ~232 B and 9 rounds a comparison; exp by 8 squarings -> 8 opens;
-# a Newton reciprocal ~ 20 opens. An open is one 8-byte ring element.
-BYTES_PER = {"open": 8, "compare": 232, "exp": 64, "reciprocal": 160}
-ROUNDS_PER = {"open": 1, "compare": 9, "exp": 8, "reciprocal": 20}
+# Online per-element costs per party of privinf's protocol (2 parties, dealer, FSS comparisons):
+# an open is one 8-byte ring element in one round; an FSS comparison opens one masked element
+# (tests/unit/test_fss.py); exp is CrypTen's 8 squarings; the range-reduced reciprocal
+# (models.ops) is 23 comparisons against public powers of 2 plus ~11 opens in 9 rounds.
+# Offline material is not priced here: an FSS key is ~1 KB per comparison and party, a one-hot
+# D ring elements per value, a Beaver correction one ring element per product element.
+BYTES_PER = {"open": 8, "compare": 8, "exp": 64, "reciprocal": 23 * 8 + 11 * 8}
+ROUNDS_PER = {"open": 1, "compare": 1, "exp": 8, "reciprocal": 9}
 
 
-def _attention_ops(config: ModelConfig, attended: int) -> list[OpCount]:
-    """One layer's attention on ``attended`` secret entries for one query (softmax kernel)."""
+def _attention_ops(config: ModelConfig, attended: int, stored: int) -> list[OpCount]:
+    """One layer's softmax attention for one query on a KV-stationary cache of ``stored``
+    entries of which ``attended`` are read: ``q K^T`` opens ``q - A`` only, ``w V`` ``w - A``
+    only (over the whole cache when a selection scatters the weights back)."""
     h, d = config.heads, config.head_dim
-    rows = h
+    levels = math.ceil(math.log2(max(attended, 2)))
     return [
-        OpCount("qk", "open", h * d + h * attended * d, 1),
-        OpCount("softmax.max", "compare", rows * max(attended - 1, 0),
-                math.ceil(math.log2(max(attended, 2)))),
-        OpCount("softmax.exp", "exp", rows * attended, 1),
-        OpCount("softmax.recip", "reciprocal", rows, 1),
-        OpCount("softmax.norm", "open", 2 * rows * attended, 1),
-        OpCount("pv", "open", rows * attended + h * attended * d, 1),
+        OpCount("qk", "open", h * d, 1),
+        OpCount("softmax.max", "compare", h * max(attended - 1, 0), levels),
+        OpCount("softmax.max.select", "open", 2 * h * max(attended - 1, 0), levels),
+        OpCount("softmax.exp", "exp", h * attended, 1),
+        OpCount("softmax.recip", "reciprocal", h, 1),
+        OpCount("softmax.norm", "open", h * attended + h, 1),
+        OpCount("pv", "open", h * stored, 1),
     ]
 
 
 def _selection_ops(config: ModelConfig, plan: Plan) -> list[OpCount]:
-    """One selecting layer's cluster scoring, rank top-k and one-hot gathering."""
-    kvh, h, d = config.kv_heads, config.heads, config.head_dim
-    c, r, m = plan.clusters, plan.chosen, plan.cluster_size
+    """One selecting layer's choice: rank top-k of the cluster scores, the one-hot rows, and
+    ``S`` opened once (masked) for the layers that share it."""
+    kvh, c, r = config.kv_heads, plan.clusters, plan.chosen
     return [
-        OpCount("select.similarity", "open", h * d + kvh * c * d, 1),
         OpCount("select.rank", "compare", kvh * c * (c - 1) // 2, 1),
-        OpCount("select.keep", "compare", kvh * c, 1),
-        OpCount("select.compact", "compare", kvh * (r + 1) * c, 1),
-        OpCount("select.gather", "open", 2 * (kvh * r * c + kvh * c * m * d), 1),
+        OpCount("select.onehot", "open", kvh * c, 1),
+        OpCount("select.open_s", "open", kvh * c * r, 1),
     ]
+
+
+def _gather_ops(config: ModelConfig, plan: Plan) -> list[OpCount]:
+    """Every layer with a selection: ``S @ scores`` and ``S^T @ w`` open scores and weights only."""
+    h, c, r, m = config.heads, plan.clusters, plan.chosen, plan.cluster_size
+    return [OpCount("select.gather", "open", h * c * m, 1),
+            OpCount("select.scatter", "open", h * r * m, 1)]
 
 
 def decode_step_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
@@ -273,8 +283,10 @@ def decode_step_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
     The rest of the layer (projections, MLP, norms) is the same for every policy and left out.
     """
     plan = policy.plan(prompt, context, config.layers)
-    out = [OpCount(o.what, o.kind, o.elements * config.layers, o.rounds * config.layers)
-           for o in _attention_ops(config, plan.attended)]
+    per_layer = _attention_ops(config, plan.attended, plan.stored if plan.clusters else plan.attended)
+    if plan.clusters:
+        per_layer += _gather_ops(config, plan)
+    out = [OpCount(o.what, o.kind, o.elements * config.layers, o.rounds * config.layers) for o in per_layer]
     if plan.clusters:
         for o in _selection_ops(config, plan):
             out.append(OpCount(o.what, o.kind, o.elements * plan.selecting_layers,
@@ -310,7 +322,7 @@ def eviction_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
                 math.ceil(math.log2(prompt)) * layers),
         OpCount("evict.softmax.exp", "exp", voters * prompt * layers, layers),
         *top,
-        OpCount("evict.compact", "compare", kvh * (chosen + 1) * n * layers, layers),
+        OpCount("evict.compact", "open", kvh * n * layers, layers),
         OpCount("evict.gather", "open", 2 * kvh * (chosen * n + n * d) * layers, layers),
     ]
 
