@@ -3,8 +3,8 @@ sign gate built on it, vectorised over numpy arrays.
 
 A comparison on CrypTen's boolean circuits (A2B, a 64-bit adder) costs each party ~230 bytes and
 ~9 rounds per element online. With FSS the dealer does the work offline: it hands each party a
-*key*, and online the parties open one masked value ``y = x + r`` (8 bytes each, one round) and
-evaluate their keys locally to get additive shares of the bit. The price is key size (about
+*key*, and online the parties open one masked value ``y = x + r`` (ceil(n / 8) bytes each, one
+round) and evaluate their keys locally to get additive shares of the bit. The price is key size (about
 ``25 * bits`` bytes per element per party, sent by the dealer offline) and local AES work (two
 AES blocks per level and element to evaluate, six to generate).
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from protocols.cryptenlib import crypten
+from protocols.fss_compare import open_low_bits
 
 FRACTION_BITS = 16
 
@@ -56,7 +56,7 @@ def one_hot(x: Any, domain: int, provider: Any) -> Any:
     r, unit = provider.one_hot_mask(share.shape, domain)
     modulus = (domain << FRACTION_BITS) - 1
     residue = (share - r * (1 << FRACTION_BITS)) & modulus
-    shift = (crypten.communicator.get().all_reduce(residue) & modulus) >> FRACTION_BITS
+    shift = open_low_bits(residue, FRACTION_BITS + domain.bit_length() - 1) >> FRACTION_BITS
     slots = torch.arange(domain)
     index = (slots - shift.unsqueeze(-1)) & (domain - 1)
     return MPCTensor.from_shares(unit.gather(-1, index), precision=FRACTION_BITS)

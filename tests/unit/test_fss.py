@@ -137,22 +137,31 @@ def test_crypten_comparisons_through_fss_match_plaintext_and_the_circuit() -> No
     assert fss_totals.rounds < circuit_totals.rounds / 2
 
 
-def test_one_fss_comparison_is_one_round_of_eight_bytes_per_element() -> None:
+def test_one_fss_comparison_is_one_round_of_its_width_in_bytes_per_element() -> None:
+    """40-bit comparisons open 5 bytes per element, 32-bit ones (``compare_bound``) 4."""
     n = 1000
     ledger = {0: Ledger("p0"), 1: Ledger("p1")}
 
     def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
         x = crypten.cryptensor(torch.linspace(-5, 5, n), src=0)
-        before = ledger[rank].totals()
-        bits = x < 0.25
-        after = ledger[rank].totals()
-        return {"bytes": after.bytes_sent - before.bytes_sent, "rounds": after.rounds - before.rounds,
-                "bits": bits.get_plain_text()}
+        out: dict[str, object] = {}
+        for name, limit in (("wide", None), ("narrow", 2.0**14)):
+            before = ledger[rank].totals()
+            if limit is None:
+                bits = x < 0.25
+            else:
+                with ops.compare_bound(limit):
+                    bits = x < 0.25
+            after = ledger[rank].totals()
+            out[name] = {"bytes": after.bytes_sent - before.bytes_sent, "rounds": after.rounds - before.rounds,
+                         "bits": bits.get_plain_text()}
+        return out
 
     (r0, _), _ = run_crypten_parties(party, mpc_ledgers=ledger)
-    assert r0["rounds"] == 1
-    assert 8 * n <= r0["bytes"] < 8 * n + 200  # the masked values plus one frame header
-    assert torch.equal(r0["bits"], (torch.linspace(-5, 5, n) < 0.25).float())
+    for name, width in (("wide", 5), ("narrow", 4)):
+        assert r0[name]["rounds"] == 1
+        assert width * n <= r0[name]["bytes"] < width * n + 200, name  # the packed values + one frame header
+        assert torch.equal(r0[name]["bits"], (torch.linspace(-5, 5, n) < 0.25).float())
 
 
 def test_argmax_last_tournament_on_shares_matches_torch_including_ties() -> None:
