@@ -147,15 +147,25 @@ class _Norm(Calibrated):
         wide = data.get("wide")
         self.wide = None if wide is None else {k: float(wide[k]) for k in ("shift", "lo", "hi")}
 
+    def _normalize(self, x: Any) -> Any:
+        """``x / sqrt(mean(x^2, -1) + eps)``; in narrow mode through :func:`models.ops.scaled_rows`
+        (both products on ``x``, which a protocol may fuse)."""
+        if self.wide is not None or self._energy is not None:
+            return x * self._inv_rms(x)
+        return ops.scaled_rows(x, self._inv_from_squares)
+
+    def _inv_from_squares(self, squares: Any) -> Any:
+        ms = squares.mean(-1, keepdim=True) + self.eps
+        self._observe(ms)
+        return ops.inv_sqrt(ms, self.mpc_scale)
+
     def _inv_rms(self, x: Any) -> Any:
         """``1 / sqrt(mean(x^2, -1) + eps)`` with the dim kept."""
         if self._energy is not None and ops.is_plain(x):
             energy = ops.square(x.detach().float()).sum(-1)
             self._energy += [float(energy.min()), float(energy.max())]
         if self.wide is None:
-            ms = ops.square(x).mean(-1, keepdim=True) + self.eps
-            self._observe(ms)
-            return ops.inv_sqrt(ms, self.mpc_scale)
+            return self._inv_from_squares(ops.square(x))
         scale = 2.0 ** -self.wide["shift"]
         energy = ops.rowdot(x, x * scale) + self.eps * self.dim * scale
         return ops.inv_sqrt_wide(energy, self.wide["lo"], self.wide["hi"]) * math.sqrt(self.dim * scale)
@@ -171,7 +181,7 @@ class LayerNorm(_Norm):
 
     def forward(self, x: Any) -> Any:
         centred = x - x.mean(-1, keepdim=True)
-        out = centred * self._inv_rms(centred) * self.weight
+        out = self._normalize(centred) * self.weight
         return out if self.bias is None else out + self.bias
 
 
@@ -183,7 +193,7 @@ class RMSNorm(_Norm):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Any) -> Any:
-        return x * self._inv_rms(x) * self.weight
+        return self._normalize(x) * self.weight
 
 
 class AffineNorm(_Norm):

@@ -9,8 +9,10 @@ Numerics on shares: the positive reciprocal and the inverse square root are rang
 Newton iterations (one batched comparison picks the power of two / four, then a linear guess
 and 3 Newton steps; accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6), 9 and 12 rounds
 where CrypTen's exp-seeded versions take 28 and 17 and hold only on about [0.002, 10] and
-[0.1, 100]); callers pass a public ``scale`` that brings the private value into range; ``x**p`` uses repeated squaring (CrypTen's ``pow`` is wrong for
-odd p > 3); GeLU on shares uses the sigmoid form x * sigmoid(1.702 x) (see :func:`gelu`).
+[0.1, 100]); callers pass a public ``scale`` that brings the private value into range; ``x**p``
+uses repeated squaring (CrypTen's ``pow`` is wrong for odd p > 3); GeLU on shares is a piecewise
+polynomial (see :func:`gelu`). A protocol may compute :func:`scaled_rows` (norms) with its own
+kernel (:func:`fused_kernels`), e.g. one opening of ``x`` for both of its products.
 """
 
 from __future__ import annotations
@@ -81,6 +83,29 @@ _numerics: contextvars.ContextVar[str] = contextvars.ContextVar("privinf_numeric
 
 _compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
                                                                             default=None)
+RowKernel = Callable[[Any, Callable[[Any], Any]], Any]
+_row_kernel: contextvars.ContextVar[RowKernel | None] = contextvars.ContextVar("privinf_row_kernel",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def fused_kernels(scaled_rows_kernel: RowKernel) -> Iterator[None]:
+    """Within the block, :func:`scaled_rows` on encrypted values runs ``scaled_rows_kernel``
+    (a protocol's fused version; the MPC parties install ``protocols.fused_norm.scaled_rows``)."""
+    token = _row_kernel.set(scaled_rows_kernel)
+    try:
+        yield
+    finally:
+        _row_kernel.reset(token)
+
+
+def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
+    """``x * finish(x * x)``: a norm's input times a row factor computed from its squares. On
+    shares the two products share the operand ``x``; a fused kernel opens it once."""
+    kernel = _row_kernel.get()
+    if is_plain(x) or kernel is None:
+        return x * finish(square(x))
+    return kernel(x, finish)
 
 
 @contextlib.contextmanager

@@ -238,6 +238,12 @@ class DealerProvider:
         shares = self._tuple(TupleRequest.one_hot(_shape(size), domain), None)
         return shares["r"], shares["u"]
 
+    def row_scale_masks(self, size: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shares of a mask ``a`` [*size], a row mask ``b`` [*size[:-1], 1] and of ``[a * a, a * b]``
+        [2, *size], for :mod:`protocols.fused_norm` (one opening of ``x`` for ``x^2`` and ``x s``)."""
+        shares = self._tuple(TupleRequest("rowscale", _shape(size)), None)
+        return shares["a"], shares["b"], shares["ab"]
+
     def sign_key(self, size: Any, bits: int) -> SignKey:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
         request = TupleRequest.sign(_shape(size), bits)
@@ -247,7 +253,7 @@ class DealerProvider:
 
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
-                  "onehot": "u"}
+                  "onehot": "u", "rowscale": "ab"}
 
     def _next_index(self, request: TupleRequest) -> int:
         index = self._index

@@ -43,7 +43,7 @@ TAG_SEED = "dealer.seed"
 TAG_MSG = "dealer.msg"
 TAG_CORR = "dealer.corr"
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale")
 SIGN_BITS_RANGE = (2, 64)
 ONEHOT_DOMAIN_MAX = 1 << 16  # a one-hot request's domain: a power of two up to this
 ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
@@ -143,6 +143,8 @@ class TupleRequest:
             return (fss.sign_key_words(self.bits, _numel(self.size0)),)
         if self.kind == "onehot":
             return self.size0 + (self.domain,)
+        if self.kind == "rowscale":
+            return (2,) + self.size0
         if self.kind == "additive":
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
@@ -269,6 +271,13 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
         out["r"] = stream.ring(request.size0)
         if helper:
             out["u"] = stream.ring(request.output_shape())
+    elif request.kind == "rowscale":
+        if not request.size0:
+            raise DealerError("a rowscale request needs a shape with a last (row) dimension")
+        out["a"] = stream.ring(request.size0)
+        out["b"] = stream.ring(request.size0[:-1] + (1,))
+        if helper:
+            out["ab"] = stream.ring(request.output_shape())
     elif request.kind in ("square", "wraps"):
         out["r"] = stream.ring(request.size0)
         if helper:
@@ -296,6 +305,9 @@ def compute_correction(seeds: dict[int, bytes], index: int, request: TupleReques
         return ((p0["a"] ^ p1["a"]) & (p0["b"] ^ p1["b"])) ^ p1["c"]
     if request.kind == "wraps":
         return count_wraps([p0["r"], p1["r"]]) - p1["theta_r"]
+    if request.kind == "rowscale":
+        a, b = p0["a"] + p1["a"], p0["b"] + p1["b"]
+        return torch.stack([a * a, a * b]) - p1["ab"]
     if request.kind == "onehot":
         rho = (p0["r"] + p1["r"]) & (request.domain - 1)
         unit = torch.nn.functional.one_hot(rho, request.domain) << 16  # at CrypTen's scale 2^16

@@ -46,7 +46,7 @@ from models.layers import Embedding
 from models.registry import ModelBundle, load_model
 from models.variants import parse_variant
 from privinf.costs import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
-from protocols import crypten_provider
+from protocols import crypten_provider, fused_norm
 from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import MPCTensor, crypten
 from protocols.csprng import new_seed
@@ -147,7 +147,7 @@ class _Party:
 
     # per inference ----------------------------------------------------------------------------
     def _forward(self, x: MPCTensor) -> MPCTensor:
-        with torch.no_grad():
+        with torch.no_grad(), ops.fused_kernels(fused_norm.scaled_rows):
             return self.model(x)
 
     def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
@@ -207,7 +207,7 @@ class _Party:
         return tokens
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
-        with torch.no_grad():
+        with torch.no_grad(), ops.fused_kernels(fused_norm.scaled_rows):
             return self.model(x, cache)
 
     def _next_token(self, logits: MPCTensor, tokens: list[int]) -> MPCTensor:
