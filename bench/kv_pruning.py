@@ -7,7 +7,8 @@ client, server and dealer as threads over in-memory channels (2 CrypTen parties,
 answering online; the weight-stationary and KV-stationary material is fetched before each step).
 Instead of a real prefill of 256-1024 tokens (hours of exact softmax in MPC on 2 cores), the
 cache starts as shares of public random K/V of the right shape (after the policy's eviction),
-which costs the same per step. Prints ratios vs ``none`` and the MPCache targets with PASS/MISS.
+which costs the same per step. Prints ratios vs ``none`` and the MPCache targets with PASS/MISS; "recv MiB" is what the client
+receives per step, most of it FSS keys fetched from the dealer online.
 
 ``python bench/kv_pruning.py --smollm2``: private greedy decoding of SmolLM2-135M (16-token
 prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logit margins.
@@ -61,7 +62,7 @@ def smollm2() -> None:
     print(f"private:   {got} {output['text']!r}")
     print("top-1 minus top-2 logit (plaintext):", [round(m, 3) for m in margins])
     print(f"same tokens: {got == want}; wall {wall:.1f} s")
-    for step, (sent, rounds, secs) in _per_step(rows[0]).items():
+    for step, (sent, rounds, secs, _) in _per_step(rows[0]).items():
         print(f"  client {step:10s} sent {sent / 2**20:9.2f} MiB rounds {rounds:6d} wall {secs:7.2f} s")
 
 
@@ -70,10 +71,11 @@ def _per_step(rows: list[Any], attention_only: bool = False) -> dict[str, list[f
     for row in rows:
         if attention_only and ".attn" not in row.name:
             continue
-        cell = steps.setdefault(row.step or "-", [0, 0, 0.0])
+        cell = steps.setdefault(row.step or "-", [0, 0, 0.0, 0])
         cell[0] += row.counters.bytes_sent
         cell[1] += row.counters.rounds
         cell[2] += row.counters.wall_s
+        cell[3] += row.counters.bytes_recv
     return steps
 
 
@@ -117,8 +119,8 @@ def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = Non
           f"exact softmax; cache of ctx-{new} public-random entries + 1 prompt token; per decode step "
           f"(mean of 2 steps); total run {time.perf_counter() - started:.0f} s")
     print(f"{'ctx':>5} {'policy':8} {'client MiB':>10} {'server MiB':>10} {'rounds':>7} {'wall s':>7} "
-          f"{'attn MiB':>9} {'x comm':>7} {'x wall':>7} {'x attn':>7}")
-    table: dict[tuple[int, str], tuple[float, float, float, float, float]] = {}
+          f"{'attn MiB':>9} {'x comm':>7} {'x wall':>7} {'x attn':>7} {'recv MiB':>9}")
+    table: dict[tuple[int, str], tuple[float, float, float, float, float, float]] = {}
     for (ctx, name), (_, rows, _) in zip(keys, results):
         c, s = _per_step(rows[0]), _per_step(rows[1])
         ca = _per_step(rows[0], attention_only=True)
@@ -128,11 +130,12 @@ def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = Non
         rounds = sum(c[k][1] for k in steps) / 2
         wall = sum(c[k][2] for k in steps) / 2
         attn = sum(ca[k][0] for k in steps if k in ca) / 2 / 2**20
-        table[(ctx, name)] = (client, server, rounds, wall, attn)
-    for (ctx, name), (client, server, rounds, wall, attn) in table.items():
+        recv = sum(c[k][3] for k in steps) / 2 / 2**20
+        table[(ctx, name)] = (client, server, rounds, wall, attn, recv)
+    for (ctx, name), (client, server, rounds, wall, attn, recv) in table.items():
         base = table[(ctx, "none")]
         print(f"{ctx:5d} {name:8} {client:10.2f} {server:10.2f} {rounds:7.0f} {wall:7.2f} {attn:9.2f} "
-              f"{base[0] / client:7.2f} {base[3] / wall:7.2f} {base[4] / max(attn, 1e-9):7.2f}")
+              f"{base[0] / client:7.2f} {base[3] / wall:7.2f} {base[4] / max(attn, 1e-9):7.2f} {recv:9.1f}")
     top = max(contexts)
     comm = table[(top, "none")][0] / table[(top, "mpcache")][0]
     lat = table[(top, "none")][3] / table[(top, "mpcache")][3]
