@@ -18,14 +18,22 @@ pytestmark = pytest.mark.integration
 PROMPT = "private generation over gRPC"
 
 
+MPCACHE = {"cluster": 4, "static": 1.5, "window": 8}
+
+
 def test_generate_over_grpc_matches_plaintext(tmp_path: Path) -> None:
+    """window, then mpcache in the same session (its secret selection S travels as a
+    KV-stationary block and its one-hot rows as dealer material over the same links)."""
     bundle = load_model("gpt2-tiny", "exact")
     want, margins, _ = plain_greedy(bundle.model, bundle.encode(PROMPT), 3, "window", 0.5)
-    assert min(margins) > 1e-2
+    want_mp, margins_mp, _ = plain_greedy(bundle.model, bundle.encode(PROMPT), 3, "mpcache", 0.5, MPCACHE)
+    assert min(margins + margins_mp) > 1e-2
     with local_deployment(ModelChoice("gpt2-tiny", "exact"), workdir=tmp_path) as deployment:
         with connect(deployment.client) as session:
             result = session.generate(PROMPT, 3, policy="window", budget=0.5)
+            selected = session.generate(PROMPT, 3, policy="mpcache", budget=0.5, options=MPCACHE)
     assert result.output["token_ids"] == want
+    assert selected.output["token_ids"] == want_mp
     report = json.loads(result.report.to_json())
     steps = {row.get("step") for row in report["layers"]}
     assert {"prefill", "decode.0", "decode.1"} <= steps
