@@ -244,6 +244,12 @@ class DealerProvider:
         shares = self._tuple(TupleRequest("rowscale", _shape(size)), None)
         return shares["a"], shares["b"], shares["ab"]
 
+    def gelu_masks(self, size: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shares of the masks [len(GELU_MASKS), *size] and of their products
+        [len(GELU_PRODUCTS), *size] for :mod:`protocols.fused_gelu`."""
+        shares = self._tuple(TupleRequest("gelu", _shape(size)), None)
+        return shares["masks"], shares["products"]
+
     def sign_key(self, size: Any, bits: int) -> SignKey:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
         request = TupleRequest.sign(_shape(size), bits)
@@ -253,7 +259,7 @@ class DealerProvider:
 
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
-                  "onehot": "u", "rowscale": "ab"}
+                  "onehot": "u", "rowscale": "ab", "gelu": "products"}
 
     def _next_index(self, request: TupleRequest) -> int:
         index = self._index

@@ -43,7 +43,10 @@ TAG_SEED = "dealer.seed"
 TAG_MSG = "dealer.msg"
 TAG_CORR = "dealer.corr"
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale", "gelu")
+GELU_MASKS = ("x", "v", "v2", "v3", "v4", "inside", "even", "w")  # order of a gelu request's masks
+GELU_PRODUCTS = (("x", "x"), ("v", "v"), ("v", "v2"), ("v2", "v2"), ("v", "v4"), ("v3", "v3"),
+                 ("inside", "even"), ("w", "x"))  # mask products it shares (protocols/fused_gelu.py)
 SIGN_BITS_RANGE = (2, 64)
 ONEHOT_DOMAIN_MAX = 1 << 16  # a one-hot request's domain: a power of two up to this
 ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
@@ -145,6 +148,8 @@ class TupleRequest:
             return self.size0 + (self.domain,)
         if self.kind == "rowscale":
             return (2,) + self.size0
+        if self.kind == "gelu":
+            return (len(GELU_PRODUCTS),) + self.size0
         if self.kind == "additive":
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
@@ -271,6 +276,10 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
         out["r"] = stream.ring(request.size0)
         if helper:
             out["u"] = stream.ring(request.output_shape())
+    elif request.kind == "gelu":
+        out["masks"] = stream.ring((len(GELU_MASKS),) + request.size0)
+        if helper:
+            out["products"] = stream.ring(request.output_shape())
     elif request.kind == "rowscale":
         if not request.size0:
             raise DealerError("a rowscale request needs a shape with a last (row) dimension")
@@ -305,6 +314,9 @@ def compute_correction(seeds: dict[int, bytes], index: int, request: TupleReques
         return ((p0["a"] ^ p1["a"]) & (p0["b"] ^ p1["b"])) ^ p1["c"]
     if request.kind == "wraps":
         return count_wraps([p0["r"], p1["r"]]) - p1["theta_r"]
+    if request.kind == "gelu":
+        masks = dict(zip(GELU_MASKS, p0["masks"] + p1["masks"]))
+        return torch.stack([masks[i] * masks[j] for i, j in GELU_PRODUCTS]) - p1["products"]
     if request.kind == "rowscale":
         a, b = p0["a"] + p1["a"], p0["b"] + p1["b"]
         return torch.stack([a * a, a * b]) - p1["ab"]

@@ -46,7 +46,7 @@ from models.layers import Embedding
 from models.registry import ModelBundle, load_model
 from models.variants import parse_variant
 from privinf.costs import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
-from protocols import crypten_provider, fused_norm
+from protocols import crypten_provider, fused_gelu, fused_norm
 from protocols.crypten_comm import crypten_session
 from protocols.cryptenlib import MPCTensor, crypten
 from protocols.csprng import new_seed
@@ -73,6 +73,11 @@ TAG_TOKEN = "mpc.token"
 SCALE_BITS = 16
 MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for products up to 2^31
 
+
+
+def _fused_kernels() -> contextlib.AbstractContextManager[None]:
+    """The protocol's kernels for model code that opens an operand more than once."""
+    return ops.fused_kernels(scaled_rows=fused_norm.scaled_rows, gelu=fused_gelu.gelu)
 
 class MpcInputError(ValueError):
     """The client's input cannot be computed on privately (shape, NaN/inf, range)."""
@@ -147,7 +152,7 @@ class _Party:
 
     # per inference ----------------------------------------------------------------------------
     def _forward(self, x: MPCTensor) -> MPCTensor:
-        with torch.no_grad(), ops.fused_kernels(fused_norm.scaled_rows):
+        with torch.no_grad(), _fused_kernels():
             return self.model(x)
 
     def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
@@ -207,7 +212,7 @@ class _Party:
         return tokens
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
-        with torch.no_grad(), ops.fused_kernels(fused_norm.scaled_rows):
+        with torch.no_grad(), _fused_kernels():
             return self.model(x, cache)
 
     def _next_token(self, logits: MPCTensor, tokens: list[int]) -> MPCTensor:

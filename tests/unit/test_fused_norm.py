@@ -45,7 +45,7 @@ def test_fused_kernel_matches_two_products_with_one_opening_less() -> None:
         start = ledger[rank].totals()
         two = x * _inv_rms(ops.square(x))
         middle = ledger[rank].totals()
-        with ops.fused_kernels(fused_norm.scaled_rows):
+        with ops.fused_kernels(scaled_rows=fused_norm.scaled_rows):
             fused = ops.scaled_rows(x, _inv_rms)
         end = ledger[rank].totals()
         with pytest.raises(fused_norm.FusedNormError, match="row factor has shape"):
@@ -76,7 +76,7 @@ def test_layernorm_on_shares_uses_the_fused_kernel_when_installed() -> None:
         start = ledger[rank].totals().bytes_sent
         plain_path = mine(x)
         middle = ledger[rank].totals().bytes_sent
-        with ops.fused_kernels(fused_norm.scaled_rows):
+        with ops.fused_kernels(scaled_rows=fused_norm.scaled_rows):
             fused = mine(x)
         end = ledger[rank].totals().bytes_sent
         return {"plain_path": plain_path.get_plain_text(), "fused": fused.get_plain_text(),

@@ -155,7 +155,7 @@ def generations() -> Any:
         {"max_new_tokens": 3, "policy": "window", "budget": 0.5},
         {"max_new_tokens": 3, "policy": "static", "budget": 16, "options": {"window": 8}},
         {"max_new_tokens": 4, "policy": "mpcache", "budget": 0.5,
-         "options": {"cluster": 4, "static": 1.5, "window": 8}},
+         "options": {"cluster": 4, "static": 2.0, "window": 8}},
     ]
     results, server = _run_generation(calls)
     return calls, results, server.last_cache  # the server's cache of the last call (mpcache)
@@ -181,10 +181,11 @@ def test_generation_matches_plaintext_policy(generations: Any, which: int) -> No
 
 def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> None:
     """The cluster choice made on shares (opened here with both parties' shares) is the top-k of
-    the cluster scores; it equals the plaintext model's choice for every head whose scores match
-    the plaintext ones within the MPC error and whose k-th and (k+1)-th scores are not a near-tie.
-    (Heads where an earlier near-tie in the static eviction kept other tokens, which the
-    threshold top-k breaks latest first, score other clusters.)"""
+    the cluster scores; it equals the plaintext model's choice for every head whose k-th and
+    (k+1)-th scores are not a near-tie. The fixture's mpcache keeps the whole prompt in its static
+    phase (static 2 x budget 0.5), so no eviction near-tie can make shares and plaintext keep
+    different tokens: the scores agree within fixed-point noise (~3e-3) in every head. The
+    static eviction on shares is checked by the `static` generation and by test_kv_select."""
     calls, results, server_cache = generations
     call = calls[3]
     client_cache = results[3][2]
@@ -203,11 +204,11 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
         assert torch.equal(got, sim.topk(k, dim=-1).indices.sort(-1).values)
         top = sim.sort(-1, descending=True).values
         for head in range(got.shape[1]):
-            same = (sim[0, head] - plain_sim[0, head]).abs().max() < 5e-3  # fixed-point noise ~2e-3
-            if same and top[0, head, k - 1] - top[0, head, k] > 1e-2:  # no near-tie within the noise
+            assert (sim[0, head] - plain_sim[0, head]).abs().max() < 5e-3  # fixed-point noise ~3e-3
+            if top[0, head, k - 1] - top[0, head, k] > 1e-2:  # no near-tie within the noise
                 assert torch.equal(got[0, head], ref[0, head])
                 clear += 1
-    assert clear >= 1  # how many heads are comparable varies with earlier near-ties (fresh seeds)
+    assert clear >= 3  # 4 of the 12 (selection, head) pairs have a gap above 1e-2
 
 
 def test_bad_generation_input_raises_before_sending() -> None:

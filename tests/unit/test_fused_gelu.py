@@ -1,0 +1,67 @@
+"""GeLU on shares with each operand opened once (protocols/fused_gelu.py): the dealer's gelu
+tuple, and the kernel against models.ops.gelu's CrypTen products and torch's GeLU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import ops
+from privinf.costs import Ledger
+from protocols import crypten_provider as cp
+from protocols import fused_gelu
+from protocols.csprng import new_seed
+from protocols.cryptenlib import crypten
+from protocols.dealer import GELU_MASKS, GELU_PRODUCTS, TupleRequest, compute_correction, expand_shares
+from tests.unit.test_dealer import run_crypten_parties
+
+# inside [-3.5, 3.5], both edges, and far outside (where the powers overflow and are zeroed)
+X = torch.cat([torch.linspace(-6.0, 6.0, 250), torch.tensor([-3.5, 3.5, 0.0, 100.0, -100.0, 3000.0])]).reshape(2, -1)
+
+
+def test_gelu_tuple_shares_the_products_of_the_masks_that_meet() -> None:
+    seeds = {0: new_seed(), 1: new_seed()}
+    request = TupleRequest("gelu", (2, 3))
+    assert request.output_shape() == (len(GELU_PRODUCTS), 2, 3)
+    assert TupleRequest.from_json(request.to_json()) == request
+    p0, p1 = (expand_shares(seeds[r], r, 2, request) for r in (0, 1))
+    assert "products" not in p0
+    products = compute_correction(seeds, 2, request) + p1["products"]
+    masks = dict(zip(GELU_MASKS, p0["masks"] + p1["masks"]))
+    for k, (i, j) in enumerate(GELU_PRODUCTS):
+        assert torch.equal(products[k], masks[i] * masks[j]), (i, j)
+
+
+def test_fused_gelu_matches_the_unfused_one_and_sends_a_third_less() -> None:
+    ledger = {0: Ledger("p0"), 1: Ledger("p1")}
+
+    def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
+        x = crypten.cryptensor(X, src=0)
+        start = ledger[rank].totals()
+        unfused = ops.gelu(x)
+        middle = ledger[rank].totals()
+        with ops.fused_kernels(gelu=fused_gelu.gelu):
+            fused = ops.gelu(x)
+        end = ledger[rank].totals()
+        with pytest.raises(fused_gelu.FusedGeluError, match="scale"):
+            fused_gelu.gelu(x > 0)
+        return {"unfused": unfused.get_plain_text(), "fused": fused.get_plain_text(),
+                "unfused_bytes": middle.bytes_sent - start.bytes_sent,
+                "fused_bytes": end.bytes_sent - middle.bytes_sent, "fused_rounds": end.rounds - middle.rounds}
+
+    (r0, r1), _ = run_crypten_parties(party, mpc_ledgers=ledger)
+    want = torch.nn.functional.gelu(X)
+    for out in (r0, r1):
+        assert (out["fused"] - want).abs().max() < 1e-3  # the polynomial's 8.1e-4 plus fixed point
+        assert (out["fused"] - out["unfused"]).abs().max() < 1e-3
+    n = X.numel()
+    # two 4-byte comparisons + 8 openings of 8 bytes = 72 B per element (unfused: 104)
+    assert 72 * n <= r0["fused_bytes"] < 72 * n + 800
+    assert r0["unfused_bytes"] > 100 * n
+    assert r0["fused_rounds"] <= 8  # comparison, 5 exchanges, and the dealer round trips
+
+
+def test_fused_kernels_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown fused kernel"):
+        with ops.fused_kernels(softmax=lambda x: x):
+            pass
