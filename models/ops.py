@@ -83,6 +83,16 @@ _numerics: contextvars.ContextVar[str] = contextvars.ContextVar("privinf_numeric
 
 _compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
                                                                             default=None)
+@contextlib.contextmanager
+def _setting(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    """``var`` set to ``value`` within the block."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 KERNELS = ("scaled_rows", "gelu")
 _kernels: contextvars.ContextVar[dict[str, Callable[..., Any]] | None] = contextvars.ContextVar(
     "privinf_kernels", default=None)
@@ -96,11 +106,8 @@ def fused_kernels(**kernels: Callable[..., Any]) -> Iterator[None]:
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         raise ValueError(f"unknown fused kernel(s) {unknown}; expected some of {list(KERNELS)}")
-    token = _kernels.set(dict(kernels))
-    try:
+    with _setting(_kernels, dict(kernels)):
         yield
-    finally:
-        _kernels.reset(token)
 
 
 def _kernel(name: str) -> Callable[..., Any] | None:
@@ -123,11 +130,8 @@ def compare_bound(limit: float) -> Iterator[None]:
     FSS keys, :mod:`protocols.fss_compare`); values beyond the promise may compare wrongly."""
     if not limit > 0:
         raise ValueError(f"compare_bound needs a positive limit, got {limit!r}")
-    token = _compare_bound.set(float(limit))
-    try:
+    with _setting(_compare_bound, float(limit)):
         yield
-    finally:
-        _compare_bound.reset(token)
 
 
 def comparison_bound() -> float | None:
@@ -142,11 +146,8 @@ def numerics(method: str) -> Iterator[None]:
     ``bench/mpc_vs_crypten.py`` uses it so that route computes what CrypTen itself would."""
     if method not in NUMERICS:
         raise ValueError(f"unknown numerics {method!r}; expected one of {NUMERICS}")
-    token = _numerics.set(method)
-    try:
+    with _setting(_numerics, method):
         yield
-    finally:
-        _numerics.reset(token)
 
 
 def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:

@@ -4,10 +4,11 @@ CrypTen computes every comparison (``<``, ``>``, ``relu``, ``sign``, ``max``, ``
 sign inside ``sigmoid`` and ``reciprocal``) through ``MPCTensor._ltz``: a conversion to XOR
 shares and a 64-bit adder circuit, about 230 bytes and 9 rounds per element and party.
 :func:`less_than_zero` is the FSS replacement: each party adds its share of the dealer's mask
-``r``, the parties open ``x + r`` (one exchange of 5 bytes per element at 40 bits, one round) and each
-evaluates its key locally, giving arithmetic shares of ``[x < 0]`` at scale 1, exactly what
-``_ltz`` returns. The opened values are sent in ``ceil(bits / 8)`` bytes each (5 at 40 bits, 4
-for GeLU's 32-bit range tests; :func:`open_low_bits`). The dealer sends the keys offline (``--preprocess``) or on request.
+``r``, the parties open ``x + r`` (one exchange, one round) and each evaluates its key locally,
+giving arithmetic shares of ``[x < 0]`` at scale 1, exactly what ``_ltz`` returns. The opened
+values are sent in ``ceil(bits / 8)`` bytes each (5 at 40 bits, 4 for GeLU's 32-bit range
+tests; :func:`open_low_bits`). The dealer sends the keys offline (``--preprocess``) or on
+request.
 
 Comparison width: the gate looks at ``x mod 2^bits``, so it is exact for ring values
 ``|x| < 2^(bits - 1)``; with CrypTen's 16 fractional bits and :data:`DEFAULT_SIGN_BITS` = 40

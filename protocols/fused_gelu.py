@@ -26,10 +26,7 @@ from models import ops
 from protocols import crypten_provider
 from protocols.cryptenlib import MPCTensor, crypten
 from protocols.dealer import GELU_MASKS, GELU_PRODUCTS
-
-SCALE_BITS = 16
-SCALE = 1 << SCALE_BITS
-
+from protocols.fused_norm import SCALE, SCALE_BITS, opened_product
 
 class FusedGeluError(ValueError):
     """An operand not at CrypTen's 2^16 arithmetic encoding."""
@@ -58,13 +55,9 @@ class _Party:
 
     def times(self, left: str, right: str) -> MPCTensor:
         """Shares of ``left * right`` (both opened), truncated to 2^16."""
-        e1, e2 = self.opened[left], self.opened[right]
-        a1, a2 = self.mask[left], self.mask[right]
         pair = (left, right) if (left, right) in self.product else (right, left)
-        z = e1 * a2 + a1 * e2 + self.product[pair]
-        if self.first:
-            z = z + e1 * e2
-        return MPCTensor.from_shares(z.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
+        return opened_product(self.opened[left], self.mask[left], self.opened[right], self.mask[right],
+                              self.product[pair], self.first)
 
 
 def gelu(x: MPCTensor) -> MPCTensor:

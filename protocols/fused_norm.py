@@ -42,6 +42,16 @@ def _share(x: Any, what: str) -> torch.Tensor:
     return x.share
 
 
+def opened_product(e1: torch.Tensor, a1: torch.Tensor, e2: torch.Tensor, a2: torch.Tensor,
+                   a1a2: torch.Tensor, first: bool) -> MPCTensor:
+    """This party's shares of ``(e1 + a1)(e2 + a2)`` from the opened ``e``s, its mask shares and
+    its share of ``a1 a2`` (party 0 adds ``e1 e2``), truncated from 2^32 to 2^16."""
+    z = e1 * a2 + a1 * e2 + a1a2
+    if first:
+        z = z + e1 * e2
+    return MPCTensor.from_shares(z.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
+
+
 def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:
     """``x * finish(x * x)`` with ``x`` [..., n, d] opened once; ``finish`` maps the squares to a
     row factor [..., n, 1] (e.g. the inverse root mean square)."""
@@ -51,11 +61,9 @@ def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTe
     first = context.rank == 0
     a, b, products = context.provider.row_scale_masks(tuple(share.shape))
     e = comm.all_reduce(share - a)
-    squares = 2 * e * a + products[0] + (e * e if first else 0)
-    factor = finish(MPCTensor.from_shares(squares.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS))
+    factor = finish(opened_product(e, a, e, a, products[0], first))
     row = _share(factor, "the row factor")
     if tuple(row.shape) != tuple(b.shape):
         raise FusedNormError(f"the row factor has shape {list(row.shape)}, expected {list(b.shape)}")
     f = comm.all_reduce(row - b)
-    out = e * b + a * f + products[1] + (e * f if first else 0)
-    return MPCTensor.from_shares(out.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
+    return opened_product(e, a, f, b, products[1], first)

@@ -32,6 +32,7 @@ counts and slots are exact small integers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,7 @@ def _check(n: int, k: int) -> None:
         raise SelectError(f"top-k needs 1 <= k <= n, got k={k}, n={n}")
 
 
+@functools.lru_cache(maxsize=16)
 def _pair_layout(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs ``a < c`` of ``n`` entries and, per entry ``i``, where its ``n - 1`` "does j beat
     i" bits sit in ``cat([b, 1 - b])`` (``b[p] = [a_p beats c_p]``): ``j < i`` reads ``b``,

@@ -15,13 +15,9 @@ from models.kv_pruning import PlainSelector
 from protocols.kv_select import ObliviousSelector, compact, indices_of, rank_topk_mask
 from protocols.onehot import OneHotError, domain_for, one_hot
 from tests.unit.test_dealer import run_crypten_parties
+from tests.unit.test_kv_select import reveal
 
 VALUES = torch.randint(0, 8, (4, 64), generator=torch.Generator().manual_seed(3)).float()
-
-
-def reveal(x: object) -> torch.Tensor:
-    shared = x._tensor  # type: ignore[attr-defined]
-    return (shared.reveal().double() / shared.encoder.scale).float()
 
 
 def test_dealer_unit_vector_is_a_sharing_of_e_rho() -> None:
