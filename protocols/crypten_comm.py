@@ -34,6 +34,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from privinf.costs import Ledger
+from protocols import crypten_config
 from protocols.cryptenlib import crypten
 from protocols.transport import Channel, ProtocolError
 
@@ -418,9 +419,11 @@ def _patch() -> None:
     if type(crypten.generators) is dict:
         _saved["generators"] = crypten.generators
         crypten.generators = _ThreadLocalGenerators()
+    crypten_config.use_cached_reads()
 
 
 def _unpatch() -> None:
+    crypten_config.release()
     _comm_pkg.DistributedCommunicator = _saved.pop("communicator")
     crypten.mpc.context.DistributedCommunicator = _saved.pop("context")
     original = _saved.pop("generators", None)
@@ -470,34 +473,3 @@ def crypten_session(channel: Channel, rank: int, ledger: Ledger | None = None,
             crypten.uninit()
     finally:
         uninstall()
-
-
-class _ThreadLocalConfig(type(crypten.cfg)):  # type: ignore[misc]
-    """CrypTen's cfg with a per-thread ``config`` (see :func:`parties_as_threads`)."""
-
-    _local = threading.local()
-
-    @property
-    def config(self) -> Any:
-        return getattr(self._local, "config", None) or self.__dict__["config"]
-
-    @config.setter
-    def config(self, value: Any) -> None:
-        self._local.config = value
-
-
-@contextmanager
-def parties_as_threads() -> Iterator[None]:
-    """Let both computing parties run as threads of this process (tests, benches, debugging).
-
-    ``cfg.temp_override`` (inside softmax, max, reciprocal) swaps CrypTen's whole config object
-    and restores it afterwards; two party threads would interleave those swaps and run
-    different circuits. Inside this block the config is per thread. A deployment runs one party
-    per process and never needs it.
-    """
-    original = type(crypten.cfg)
-    crypten.cfg.__class__ = _ThreadLocalConfig
-    try:
-        yield
-    finally:
-        crypten.cfg.__class__ = original

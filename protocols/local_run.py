@@ -13,7 +13,7 @@ import torch
 from models.registry import load_model
 from privinf.costs import Ledger
 from protocols import crypten_provider
-from protocols.crypten_comm import parties_as_threads
+from protocols.crypten_config import parties_as_threads
 from protocols.mpc import MpcClient, MpcServer, serve_dealer_session
 from protocols.session_spec import SessionSpec
 from protocols.transport import memory_pair, run_parties

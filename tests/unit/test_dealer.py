@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from privinf.costs import Ledger, Phase
-from protocols import crypten_comm
+from protocols import crypten_comm, crypten_config
 from protocols import crypten_provider as cp
 from protocols.cryptenlib import crypten
 from protocols.csprng import new_seed
@@ -43,7 +43,7 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
     mpc_ledgers = mpc_ledgers or {}
     links = {r: memory_pair("dealer", f"p{r}", ledger_b=ledgers.get(r)) for r in (0, 1)}
     mpc = memory_pair("p0", "p1", "mpc", mpc_ledgers.get(0), mpc_ledgers.get(1))
-    threads = crypten_comm.parties_as_threads()
+    threads = crypten_config.parties_as_threads()
     threads.__enter__()
     cp.install()
 
