@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -71,6 +72,8 @@ TAG_ROWS = "mpc.rows"
 TAG_DEALER_ROWS = "dealer.rows"
 TAG_TOKEN = "mpc.token"
 SCALE_BITS = 16
+MAX_STEP_SCHEDULES = 4096  # recorded generation steps kept per session (oldest dropped)
+_STEP_KEYS = ("prompt_len", "fill", "policy", "budget", "options")
 MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for products up to 2^31
 
 
@@ -104,6 +107,7 @@ class _Party:
         self._schedules: dict[tuple[int, ...], RequestSchedule] = {}
         self._ws_left: dict[tuple[int, ...], int] = {}
         self._used: dict[tuple[int, ...], int] = {}
+        self._step_schedules: dict[tuple[str, str], RequestSchedule] = {}
         self.inferences = 0
         self._kvs: StationaryParty | None = None
 
@@ -200,16 +204,40 @@ class _Party:
                 with self.ledger.step("fill"):
                     cfg = self.bundle.config
                     cache.fill_public(request["fill"], cfg.kv_heads, cfg.head_dim, request["fill_seed"])
-            with self.ledger.step("prefill"):
+            with self.ledger.step("prefill"), self._step_material(request, "prefill"):
                 x = self._share_input(value, (1, request["prompt_len"]))
                 onehot = self._next_token(self._forward_cached(x, cache), tokens)
             for i in range(request["new_tokens"] - 1):
-                with self.ledger.step(f"decode.{i}"):
+                with self.ledger.step(f"decode.{i}"), self._step_material(request, f"decode.{i}"):
                     onehot = self._next_token(self._forward_cached(onehot, cache), tokens)
         finally:
             cache.close()
         self.last_cache = cache
         return tokens
+
+    @contextlib.contextmanager
+    def _step_material(self, request: dict[str, Any], step: str) -> Iterator[None]:
+        """Dealer material of one generation step: fetched online the first time this session
+        runs that step of a generation with the same public shape (prompt length, fill, policy
+        and its parameters), whose request schedule is recorded; preprocessed (offline, one
+        batch before the step) every later time, as inferences of a seen shape are. Requests
+        depend only on those public values, never on the tokens."""
+        provider = self.context.provider
+        key = (json.dumps({k: request.get(k) for k in _STEP_KEYS}, sort_keys=True), step)
+        schedule = self._step_schedules.get(key)
+        if schedule is None:
+            with provider.recording() as recorded:
+                yield
+            if len(self._step_schedules) >= MAX_STEP_SCHEDULES:
+                self._step_schedules.pop(next(iter(self._step_schedules)))
+            self._step_schedules[key] = recorded
+            return
+        if len(schedule):
+            with self.ledger.scope("preprocess", "offline"):
+                provider.preprocess(schedule, 1)
+        yield
+        if provider.stored:
+            raise ProtocolError(f"generation step {step} left {provider.stored} preprocessed requests unused")
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
         with torch.no_grad(), _fused_kernels():

@@ -157,6 +157,7 @@ def generations() -> Any:
         {"max_new_tokens": 4, "policy": "mpcache", "budget": 0.5,
          "options": {"cluster": 4, "static": 2.0, "window": 8}},
     ]
+    calls.append(dict(calls[-1]))  # the same generation again: its steps' material is preprocessed
     results, server = _run_generation(calls)
     return calls, results, server.last_cache  # the server's cache of the last call (mpcache)
 
@@ -187,8 +188,8 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
     different tokens: the scores agree within fixed-point noise (~3e-3) in every head. The
     static eviction on shares is checked by the `static` generation and by test_kv_select."""
     calls, results, server_cache = generations
-    call = calls[3]
-    client_cache = results[3][2]
+    call = calls[-1]
+    client_cache = results[-1][2]
     bundle = load_model("gpt2-tiny", "exact")
     _, _, chosen = plain_greedy(bundle.model, bundle.encode(PROMPT), call["max_new_tokens"], "mpcache",
                                 call["budget"], call["options"])
@@ -209,6 +210,32 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
                 assert torch.equal(got[0, head], ref[0, head])
                 clear += 1
     assert clear >= 3  # 4 of the 12 (selection, head) pairs have a gap above 1e-2
+
+
+def test_a_repeated_generation_preprocesses_every_step(generations: Any) -> None:
+    """The second run of the same public generation fetches each step's dealer material in one
+    offline batch before the step (recorded the first time): same tokens, no dealer round trip
+    left on the online path."""
+    calls, results, _ = generations
+    assert calls[-1] == calls[-2]
+    (first, first_rows, _), (again, again_rows, _) = results[-2], results[-1]
+    assert again["token_ids"] == first["token_ids"]
+    steps = ["prefill"] + [f"decode.{i}" for i in range(calls[-1]["max_new_tokens"] - 1)]
+
+    def per_step(rows: list[Any], phase: str) -> dict[str, tuple[int, int]]:
+        out = {step: [0, 0] for step in steps}
+        for row in rows:
+            if row.step in out and row.phase.value == phase:
+                out[row.step][0] += row.counters.rounds
+                out[row.step][1] += row.counters.bytes_recv if row.name == "preprocess" else 0
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    first_online, again_online = per_step(first_rows[0], "online"), per_step(again_rows[0], "online")
+    first_offline, again_offline = per_step(first_rows[0], "offline"), per_step(again_rows[0], "offline")
+    for step in steps:
+        assert first_offline[step][1] == 0 < again_offline[step][1]
+        assert again_online[step][0] < first_online[step][0] * 0.7  # the dealer round trips are gone
+        assert again_online[step][0] > 0
 
 
 def test_bad_generation_input_raises_before_sending() -> None:
