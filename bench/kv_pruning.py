@@ -3,12 +3,15 @@
 ``python bench/kv_pruning.py [--quick]``: per-decode-step bytes sent per party, rounds and wall
 time of ``none`` / ``window`` / ``static`` / ``mpcache`` (budget 25%) on a GPT-2-small-shaped
 decoder (12 layers, hidden 768, 12 heads, random weights), private generation end to end:
-client, server and dealer as threads over in-memory channels (2 CrypTen parties, the dealer
-answering online; the weight-stationary and KV-stationary material is fetched before each step).
+client, server and dealer as processes over gRPC + mutual TLS (``--transport memory``: threads).
+Every generation runs twice in one session: *cold* (each step's Beaver/FSS material fetched from
+the dealer online, the request schedule recorded) and *warm* (the same public generation again:
+each step's material preprocessed in one offline batch before the step); the weight-stationary
+and KV-stationary material is fetched before each step in both.
 Instead of a real prefill of 256-1024 tokens (hours of exact softmax in MPC on 2 cores), the
 cache starts as shares of public random K/V of the right shape (after the policy's eviction),
-which costs the same per step. Prints ratios vs ``none`` and the MPCache targets with PASS/MISS; "recv MiB" is what the client
-receives per step, most of it FSS keys fetched from the dealer online.
+which costs the same per step. Prints ratios vs ``none`` and the MPCache targets with PASS/MISS;
+"keys MiB" is the dealer material the client receives per step (mostly FSS keys).
 
 ``python bench/kv_pruning.py --smollm2``: private greedy decoding of SmolLM2-135M (16-token
 prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logit margins.
@@ -66,11 +69,9 @@ def smollm2() -> None:
         print(f"  client {step:10s} sent {sent / 2**20:9.2f} MiB rounds {rounds:6d} wall {secs:7.2f} s")
 
 
-def _per_step(rows: list[Any], attention_only: bool = False) -> dict[str, list[float]]:
+def _per_step(rows: list[Any]) -> dict[str, list[float]]:
     steps: dict[str, list[float]] = {}
     for row in rows:
-        if attention_only and ".attn" not in row.name:
-            continue
         cell = steps.setdefault(row.step or "-", [0, 0, 0.0, 0])
         cell[0] += row.counters.bytes_sent
         cell[1] += row.counters.rounds
@@ -102,6 +103,26 @@ def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]
     return out
 
 
+def _step_costs(rows: list[Any], steps: tuple[str, ...]) -> dict[str, float]:
+    """Mean per step of the client's rows: online bytes sent / received, rounds, wall; offline
+    wall and bytes received (dealer material preprocessed before the step); attention bytes."""
+    out = dict.fromkeys(("sent", "recv", "rounds", "wall", "off_wall", "off_recv", "attn"), 0.0)
+    for row in rows:
+        if row.step not in steps:
+            continue
+        c = row.counters
+        if row.phase.value == "online":
+            out["sent"] += c.bytes_sent
+            out["recv"] += c.bytes_recv
+            out["rounds"] += c.rounds
+            out["wall"] += c.wall_s
+            out["attn"] += c.bytes_sent if ".attn" in row.name else 0
+        else:
+            out["off_wall"] += c.wall_s
+            out["off_recv"] += c.bytes_recv
+    return {k: v / len(steps) for k, v in out.items()}
+
+
 def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = None) -> None:
     contexts = contexts or ((64, 128) if quick else (256, 512, 1024))
     new = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
@@ -109,7 +130,8 @@ def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = Non
     for ctx in contexts:
         for name in POLICY_NAMES:
             budget = None if name == "none" else 0.25
-            calls.append({"max_new_tokens": new, "policy": name, "budget": budget, "fill": ctx - new})
+            call = {"max_new_tokens": new, "policy": name, "budget": budget, "fill": ctx - new}
+            calls += [call, dict(call)]  # cold (schedule recorded), then warm (material preprocessed)
             keys.append((ctx, name))
     started = time.perf_counter()
     run = grpc_generations if transport == "grpc" else run_generations
@@ -117,30 +139,34 @@ def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = Non
     print(f"transport: {'gRPC + mutual TLS, 3 processes' if transport == 'grpc' else 'in-memory channels, threads'}")
     print(f"GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, random weights), budget 25%, "
           f"exact softmax; cache of ctx-{new} public-random entries + 1 prompt token; per decode step "
-          f"(mean of 2 steps); total run {time.perf_counter() - started:.0f} s")
-    print(f"{'ctx':>5} {'policy':8} {'client MiB':>10} {'server MiB':>10} {'rounds':>7} {'wall s':>7} "
-          f"{'attn MiB':>9} {'x comm':>7} {'x wall':>7} {'x attn':>7} {'recv MiB':>9}")
-    table: dict[tuple[int, str], tuple[float, float, float, float, float, float]] = {}
-    for (ctx, name), (_, rows, _) in zip(keys, results):
-        c, s = _per_step(rows[0]), _per_step(rows[1])
-        ca = _per_step(rows[0], attention_only=True)
-        steps = ("prefill", "decode.0")
-        client = sum(c[k][0] for k in steps) / 2 / 2**20
-        server = sum(s[k][0] for k in steps) / 2 / 2**20
-        rounds = sum(c[k][1] for k in steps) / 2
-        wall = sum(c[k][2] for k in steps) / 2
-        attn = sum(ca[k][0] for k in steps if k in ca) / 2 / 2**20
-        recv = sum(c[k][3] for k in steps) / 2 / 2**20
-        table[(ctx, name)] = (client, server, rounds, wall, attn, recv)
-    for (ctx, name), (client, server, rounds, wall, attn, recv) in table.items():
-        base = table[(ctx, "none")]
-        print(f"{ctx:5d} {name:8} {client:10.2f} {server:10.2f} {rounds:7.0f} {wall:7.2f} {attn:9.2f} "
-              f"{base[0] / client:7.2f} {base[3] / wall:7.2f} {base[4] / max(attn, 1e-9):7.2f} {recv:9.1f}")
+          f"(mean of 2 steps), client side; total run {time.perf_counter() - started:.0f} s")
+    print("cold: first run of the generation in the session, dealer material fetched online; warm: the same "
+          "generation again, each step's material preprocessed (offline) from the recorded schedule")
+    print(f"{'ctx':>5} {'policy':8} {'MiB sent':>8} {'attn MiB':>8} {'rounds':>6} {'online s':>8} "
+          f"{'offline s':>9} {'cold s':>6} {'x comm':>6} {'x attn':>6} {'x online':>8} {'x cold':>6} "
+          f"{'keys MiB':>8}")
+    steps = ("prefill", "decode.0")
+    table: dict[tuple[int, str], tuple[dict[str, float], dict[str, float]]] = {}
+    for index, key in enumerate(keys):
+        cold_rows, warm_rows = results[2 * index][1][0], results[2 * index + 1][1][0]
+        table[key] = (_step_costs(cold_rows, steps), _step_costs(warm_rows, steps))
+    for (ctx, name), (cold, warm) in table.items():
+        base_cold, base = table[(ctx, "none")]
+        print(f"{ctx:5d} {name:8} {warm['sent'] / 2**20:8.2f} {warm['attn'] / 2**20:8.2f} {warm['rounds']:6.0f} "
+              f"{warm['wall']:8.2f} {warm['off_wall']:9.2f} {cold['wall'] + cold['off_wall']:6.2f} "
+              f"{base['sent'] / warm['sent']:6.2f} {base['attn'] / max(warm['attn'], 1.0):6.2f} "
+              f"{base['wall'] / warm['wall']:8.2f} "
+              f"{(base_cold['wall'] + base_cold['off_wall']) / (cold['wall'] + cold['off_wall']):6.2f} "
+              f"{warm['off_recv'] / 2**20:8.1f}")
     top = max(contexts)
-    comm = table[(top, "none")][0] / table[(top, "mpcache")][0]
-    lat = table[(top, "none")][3] / table[(top, "mpcache")][3]
+    (_, none), (_, mpc) = table[(top, "none")], table[(top, "mpcache")]
+    (none_cold, _), (mpc_cold, _) = table[(top, "none")], table[(top, "mpcache")]
+    comm = none["sent"] / mpc["sent"]
+    lat = none["wall"] / mpc["wall"]
+    lat_cold = (none_cold["wall"] + none_cold["off_wall"]) / (mpc_cold["wall"] + mpc_cold["off_wall"])
     print(f"MPCache target at {top}: communication {comm:.2f}x (>= 3.4x: {'PASS' if comm >= 3.4 else 'MISS'}), "
-          f"latency {lat:.2f}x (>= 1.8x: {'PASS' if lat >= 1.8 else 'MISS'})")
+          f"online latency {lat:.2f}x (>= 1.8x: {'PASS' if lat >= 1.8 else 'MISS'}), "
+          f"cold latency {lat_cold:.2f}x (>= 1.8x: {'PASS' if lat_cold >= 1.8 else 'MISS'})")
 
 
 def main() -> None:

@@ -61,17 +61,17 @@ def _cached(config: Any, name: str) -> Any:
             _views.clear()
         entry = (config, {})
         _views[id(config)] = entry
+    first, _, rest = name.partition(".")
     try:
-        return entry[1][name]
+        value = entry[1][first]
     except KeyError:
-        keys = name.split(".")
-        value = getattr(config, keys[0])
-        for key in keys[1:]:
-            value = getattr(value, key)
+        value = getattr(config, first)
         if isinstance(value, DictConfig):
             value = _View(value)
-        entry[1][name] = value
-        return value
+        entry[1][first] = value
+    for key in rest.split(".") if rest else ():  # dotted names through the views: one cache per node
+        value = getattr(value, key)
+    return value
 
 
 class CachedConfig(_BASE):  # type: ignore[misc, valid-type]
@@ -101,12 +101,19 @@ _lock = threading.Lock()
 _users = 0
 
 
+def _set_class(cls: type) -> None:
+    """Switch ``crypten.cfg``'s class; the caches start empty, since writes made while the
+    plain class was in place went to OmegaConf directly, past the views."""
+    _views.clear()
+    crypten.cfg.__class__ = cls
+
+
 def use_cached_reads() -> None:
     """Make ``crypten.cfg`` a :class:`CachedConfig` (counted; undo with :func:`release`)."""
     global _users
     with _lock:
         if _users == 0 and type(crypten.cfg) is _BASE:
-            crypten.cfg.__class__ = CachedConfig
+            _set_class(CachedConfig)
         _users += 1
 
 
@@ -116,8 +123,7 @@ def release() -> None:
     with _lock:
         _users = max(0, _users - 1)
         if _users == 0 and type(crypten.cfg) is CachedConfig:
-            crypten.cfg.__class__ = _BASE
-            _views.clear()
+            _set_class(_BASE)
 
 
 @contextmanager
@@ -130,8 +136,8 @@ def parties_as_threads() -> Iterator[None]:
     deployment runs one party per process and never needs it.
     """
     original = type(crypten.cfg)
-    crypten.cfg.__class__ = ThreadLocalConfig
+    _set_class(ThreadLocalConfig)
     try:
         yield
     finally:
-        crypten.cfg.__class__ = original
+        _set_class(original)

@@ -54,3 +54,15 @@ def test_thread_local_overrides_do_not_leak_between_threads() -> None:
         leave.set()
         thread.join(10)
     assert seen == {"inside": 99, "other thread": before}
+
+
+def test_writes_made_while_uncached_are_seen_after_switching_back() -> None:
+    with crypten_config.parties_as_threads():
+        verbose = crypten.cfg.communicator.verbose  # cached
+    crypten.cfg.communicator.verbose = not verbose  # plain class: straight to OmegaConf
+    try:
+        with crypten_config.parties_as_threads():
+            assert crypten.cfg.communicator.verbose is (not verbose)
+            assert crypten.cfg["communicator.verbose"] is (not verbose)
+    finally:
+        crypten.cfg.communicator.verbose = verbose
