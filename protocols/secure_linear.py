@@ -147,7 +147,7 @@ def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if flat.shape[0] == 1:
         out = torch.mv(weight, flat[0]).unsqueeze(0)
     else:
-        out = torch.matmul(weight, flat.t()).t()
+        out = torch.matmul(weight, flat.t()).t().contiguous()
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -17,7 +17,7 @@ from protocols.csprng import new_seed
 from protocols.dealer import Dealer
 from protocols.secure_linear import (
     SCALE, TAG_E, LayerSpec, activation_masks, SecureLinearClient, SecureLinearError, SecureLinearServer, encode,
-    preprocess_server, server_correction, swap_linears, weight_mask,
+    preprocess_server, server_correction, swap_linears, times_transposed, weight_mask,
 )
 from protocols.transport import HEADER_BYTES, memory_pair
 from test_dealer import run_crypten_parties
@@ -216,3 +216,15 @@ def test_swap_linears_replaces_each_linear_by_path() -> None:
     assert model[0].ffn[2].in_features == 8 and model[0].ffn[2].out_features == 4
     assert swap_linears(model, lambda path, lin: lin) == []
 
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_times_transposed_is_x_times_w_transposed_and_contiguous(rows: int) -> None:
+    """Ring products with wrap-around, one row (matrix-vector) and several; the result keeps
+    the row-major layout of ``x @ W^T`` (a transposed result view broke SmolLM2's tokens)."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randint(-2**62, 2**62, (7, 5), generator=gen)
+    x = torch.randint(-2**62, 2**62, (2, rows, 5), generator=gen)
+    out = times_transposed(x, weight)
+    assert torch.equal(out, x @ weight.t()) and out.is_contiguous()
+    assert torch.equal(times_transposed(x, weight.t().contiguous().t()), x @ weight.t())
