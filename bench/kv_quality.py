@@ -10,17 +10,20 @@ last step. Policies run with the plaintext selector (same choices as on shares, 
 ``protocols.kv_select``).
 
 Run: ``.venv/bin/python bench/kv_quality.py [--prompt 256 --eval 64 --chunks 4]``
+(``--policies mpcache --mpcache-options '{"cluster": 16}'``: one policy, other parameters)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,9 +53,9 @@ def corpus_text() -> str:
 
 @torch.no_grad()
 def run_chunk(model: torch.nn.Module, ids: torch.Tensor, prompt: int, policy_name: str,
-              budget: float | None) -> tuple[torch.Tensor, int]:
+              budget: float | None, options: dict[str, Any] | None = None) -> tuple[torch.Tensor, int]:
     """Logits [eval, vocab] predicting tokens prompt+1.., and entries attended at the end."""
-    policy = make_policy(policy_name, budget)
+    policy = make_policy(policy_name, budget, **(options or {}))
     cache = PrunedCache.for_model(model, policy)
     try:
         logits = [model(ids[:, :prompt], cache)[0, -1]]
@@ -70,6 +73,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--policies", nargs="+", default=["window", "static", "mpcache"],
+                        choices=["window", "static", "mpcache"], help="pruned policies to score")
+    parser.add_argument("--mpcache-options", type=json.loads, default={},
+                        help='JSON options for mpcache, e.g. \'{"cluster": 16, "share": 3}\'')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
@@ -82,7 +89,7 @@ def main() -> None:
     print(f"SmolLM2-135M, text: sklearn/datasets/descr ({ids.shape[1]} tokens available), "
           f"{args.chunks} chunks x (prompt {args.prompt} + {args.eval} scored tokens)")
     configs = [("none", None)]
-    configs += [(p, b) for b in args.budgets for p in ("window", "static", "mpcache")]
+    configs += [(p, b) for b in args.budgets for p in args.policies]
     reference: list[torch.Tensor] = []
     print(f"{'policy':<8} {'budget':>6} {'agree %':>8} {'ppl':>8} {'attended':>9} {'s':>6}")
     for name, budget in configs:
@@ -91,7 +98,8 @@ def main() -> None:
         nll = 0.0
         attended = 0
         for c, chunk in enumerate(chunks):
-            logits, attended = run_chunk(model, chunk, args.prompt, name, budget)
+            options = args.mpcache_options if name == "mpcache" else None
+            logits, attended = run_chunk(model, chunk, args.prompt, name, budget, options)
             targets = chunk[0, args.prompt:]
             nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             if name == "none":
@@ -99,6 +107,8 @@ def main() -> None:
             agree += int((logits.argmax(-1) == reference[c]).sum())
             total += targets.numel()
         label = "-" if budget is None else f"{budget:.0%}"
+        if name == "mpcache" and args.mpcache_options:
+            label += " " + json.dumps(args.mpcache_options, separators=(",", ":"))
         print(f"{name:<8} {label:>6} {100.0 * agree / total:>8.1f} {math.exp(nll / total):>8.2f} "
               f"{attended:>9} {time.perf_counter() - start:>6.1f}", flush=True)
 

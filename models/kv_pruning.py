@@ -280,7 +280,7 @@ class MPCachePolicy(StaticPolicy):
 
     def __init__(self, budget: float | int, selector: Selector | None = None, sink: int = 4,
                  recent: float = 0.25, window: int | None = 32, static: float | int = 2.0,
-                 cluster: int = 8, share: int = 2, similarity: str = "dot") -> None:
+                 cluster: int = 16, share: int = 2, similarity: str = "dot") -> None:
         super().__init__(budget, selector, sink, recent, window)
         if isinstance(static, bool) or not static > 0:
             raise PolicyError(

@@ -154,9 +154,9 @@ def test_cost_model_gpt2_small_shapes() -> None:
     mp = {o.what: o for o in decode_step_cost(make_policy("mpcache", 0.25), gpt2, 1016, 1024)}
     assert {"select.rank", "select.onehot", "select.open_s", "select.gather", "select.scatter"} <= set(mp)
     plan = make_policy("mpcache", 0.25).plan(1016, 1024, 12)
-    assert (plan.clusters, plan.chosen, plan.selecting_layers) == (55, 23, 6)
-    assert mp["select.rank"].elements == 6 * 12 * 55 * 54 // 2  # one comparison per pair of clusters
-    assert mp["select.open_s"].elements == 6 * 12 * 55 * 23  # S once per selecting layer
+    assert (plan.clusters, plan.chosen, plan.selecting_layers) == (27, 11, 6)
+    assert mp["select.rank"].elements == 6 * 12 * 27 * 26 // 2  # one comparison per pair of clusters
+    assert mp["select.open_s"].elements == 6 * 12 * 27 * 11  # S once per selecting layer
     assert mp["pv"].elements == 12 * 12 * plan.stored  # weights scattered over the whole cache
     assert eviction_cost(make_policy("none"), gpt2, 1016) == []
     assert eviction_cost(make_policy("static", 0.25), gpt2, 1016)[0].what == "evict.scores"
