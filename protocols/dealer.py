@@ -235,6 +235,37 @@ class RequestSchedule:
         return any(r.kind == "sign" for r in self.requests)
 
 
+class ScheduleCache:
+    """Recorded request schedules by key, at most ``max_requests`` requests in all (about 300 B
+    each): the oldest schedules are dropped first, the newest is always kept."""
+
+    def __init__(self, max_requests: int) -> None:
+        if max_requests < 1:
+            raise DealerError(f"max_requests must be >= 1, got {max_requests}")
+        self.max_requests = max_requests
+        self._schedules: dict[Any, RequestSchedule] = {}
+        self._requests = 0
+
+    def __len__(self) -> int:
+        return len(self._schedules)
+
+    @property
+    def requests(self) -> int:
+        """Requests held in all schedules."""
+        return self._requests
+
+    def get(self, key: Any) -> RequestSchedule | None:
+        return self._schedules.get(key)
+
+    def put(self, key: Any, schedule: RequestSchedule) -> None:
+        old = self._schedules.pop(key, None)
+        self._requests -= len(old) if old is not None else 0
+        self._schedules[key] = schedule
+        self._requests += len(schedule)
+        while self._requests > self.max_requests and len(self._schedules) > 1:
+            self._requests -= len(self._schedules.pop(next(iter(self._schedules))))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:

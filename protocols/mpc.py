@@ -55,7 +55,7 @@ from protocols.mpc_model import (
     EmbeddingAsLinear, hidden_shapes, mask_group, replace_module, share_remaining_weights, apply_calibration, calibration_of,
     secure_targets, strip_weights,
 )
-from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, receive_seed
+from protocols.dealer import TAG_MSG, Dealer, RequestSchedule, ScheduleCache, receive_seed
 from protocols.kv_generate import StationaryCache, install_kernels
 from protocols.kv_select import ObliviousSelector
 from protocols.kv_stationary import DealerLink, StationaryDealer, StationaryParty
@@ -72,7 +72,7 @@ TAG_ROWS = "mpc.rows"
 TAG_DEALER_ROWS = "dealer.rows"
 TAG_TOKEN = "mpc.token"
 SCALE_BITS = 16
-MAX_STEP_SCHEDULES = 4096  # recorded generation steps kept per session (oldest dropped)
+MAX_SCHEDULED_REQUESTS = 200_000  # recorded generation requests kept per session (~300 B each; oldest steps dropped)
 _STEP_KEYS = ("prompt_len", "fill", "policy", "budget", "options")
 MAX_ABS_INPUT = float(2 ** 15)  # fixed point 2^16 in int64 leaves room for products up to 2^31
 
@@ -107,7 +107,7 @@ class _Party:
         self._schedules: dict[tuple[int, ...], RequestSchedule] = {}
         self._ws_left: dict[tuple[int, ...], int] = {}
         self._used: dict[tuple[int, ...], int] = {}
-        self._step_schedules: dict[tuple[str, str], RequestSchedule] = {}
+        self._step_schedules = ScheduleCache(MAX_SCHEDULED_REQUESTS)
         self.inferences = 0
         self._kvs: StationaryParty | None = None
 
@@ -228,9 +228,7 @@ class _Party:
         if schedule is None:
             with provider.recording() as recorded:
                 yield
-            if len(self._step_schedules) >= MAX_STEP_SCHEDULES:
-                self._step_schedules.pop(next(iter(self._step_schedules)))
-            self._step_schedules[key] = recorded
+            self._step_schedules.put(key, recorded)
             return
         if len(schedule):
             with self.ledger.scope("preprocess", "offline"):

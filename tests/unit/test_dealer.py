@@ -19,7 +19,7 @@ from protocols import crypten_provider as cp
 from protocols.cryptenlib import crypten
 from protocols.csprng import new_seed
 from protocols.dealer import (
-    Dealer, DealerError, RequestSchedule, TupleRequest, compute_correction, count_wraps,
+    Dealer, DealerError, RequestSchedule, ScheduleCache, TupleRequest, compute_correction, count_wraps,
     expand_shares, receive_seed,
 )
 from protocols.transport import memory_pair, run_parties
@@ -336,3 +336,21 @@ def test_hooks_refuse_torch_generators_and_unbound_threads() -> None:
     from crypten.common import rng
 
     assert rng.generate_random_ring_element is not cp.generate_random_ring_element
+
+
+def test_schedule_cache_drops_the_oldest_schedules_beyond_its_request_budget() -> None:
+    def schedule(n: int) -> RequestSchedule:
+        return RequestSchedule([TupleRequest("square", (i + 1,)) for i in range(n)])
+
+    cache = ScheduleCache(max_requests=10)
+    cache.put("a", schedule(4))
+    cache.put("b", schedule(4))
+    assert (len(cache), cache.requests) == (2, 8)
+    cache.put("c", schedule(4))  # 12 > 10: "a" goes
+    assert cache.get("a") is None and cache.get("b") is not None and cache.requests == 8
+    cache.put("b", schedule(2))  # replacing a key counts its new size only
+    assert cache.requests == 6 and len(cache.get("b")) == 2
+    cache.put("big", schedule(25))  # over budget alone: kept, everything older dropped
+    assert (len(cache), cache.requests) == (1, 25) and cache.get("big") is not None
+    with pytest.raises(DealerError, match="max_requests"):
+        ScheduleCache(0)
