@@ -65,18 +65,17 @@ def smollm2() -> None:
     print(f"private:   {got} {output['text']!r}")
     print("top-1 minus top-2 logit (plaintext):", [round(m, 3) for m in margins])
     print(f"same tokens: {got == want}; wall {wall:.1f} s")
-    for step, (sent, rounds, secs, _) in _per_step(rows[0]).items():
+    for step, (sent, rounds, secs) in _per_step(rows[0]).items():
         print(f"  client {step:10s} sent {sent / 2**20:9.2f} MiB rounds {rounds:6d} wall {secs:7.2f} s")
 
 
 def _per_step(rows: list[Any]) -> dict[str, list[float]]:
     steps: dict[str, list[float]] = {}
     for row in rows:
-        cell = steps.setdefault(row.step or "-", [0, 0, 0.0, 0])
+        cell = steps.setdefault(row.step or "-", [0, 0, 0.0])
         cell[0] += row.counters.bytes_sent
         cell[1] += row.counters.rounds
         cell[2] += row.counters.wall_s
-        cell[3] += row.counters.bytes_recv
     return steps
 
 
@@ -104,16 +103,15 @@ def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]
 
 
 def _step_costs(rows: list[Any], steps: tuple[str, ...]) -> dict[str, float]:
-    """Mean per step of the client's rows: online bytes sent / received, rounds, wall; offline
-    wall and bytes received (dealer material preprocessed before the step); attention bytes."""
-    out = dict.fromkeys(("sent", "recv", "rounds", "wall", "off_wall", "off_recv", "attn"), 0.0)
+    """Mean per step of the client's rows: online bytes sent, rounds, wall; offline wall and
+    bytes received (dealer material preprocessed before the step); attention bytes sent."""
+    out = dict.fromkeys(("sent", "rounds", "wall", "off_wall", "off_recv", "attn"), 0.0)
     for row in rows:
         if row.step not in steps:
             continue
         c = row.counters
         if row.phase.value == "online":
             out["sent"] += c.bytes_sent
-            out["recv"] += c.bytes_recv
             out["rounds"] += c.rounds
             out["wall"] += c.wall_s
             out["attn"] += c.bytes_sent if ".attn" in row.name else 0
@@ -159,8 +157,7 @@ def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = Non
               f"{(base_cold['wall'] + base_cold['off_wall']) / (cold['wall'] + cold['off_wall']):6.2f} "
               f"{warm['off_recv'] / 2**20:8.1f}")
     top = max(contexts)
-    (_, none), (_, mpc) = table[(top, "none")], table[(top, "mpcache")]
-    (none_cold, _), (mpc_cold, _) = table[(top, "none")], table[(top, "mpcache")]
+    (none_cold, none), (mpc_cold, mpc) = table[(top, "none")], table[(top, "mpcache")]
     comm = none["sent"] / mpc["sent"]
     lat = none["wall"] / mpc["wall"]
     lat_cold = (none_cold["wall"] + none_cold["off_wall"]) / (mpc_cold["wall"] + mpc_cold["off_wall"])
