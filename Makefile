@@ -24,10 +24,11 @@ run: $(STAMP)
 		--input "Private inference keeps both the prompt and the model secret." --report run-report.json
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -x tests
 
 proto: $(STAMP)
-	$(BIN)/python -m protocols.wire.regenerate
+	$(BIN)/python -m protocols.net.wire.regenerate
 
 clean:
 	rm -rf $(VENV) run-report.json

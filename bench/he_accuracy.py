@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import data  # noqa: E402
-from models.registry import ModelBundle  # noqa: E402
-from models.training import load_trained  # noqa: E402
-from models.variants import as_variant  # noqa: E402
-from privinf.costs import Ledger  # noqa: E402
-from protocols.he import HeClient, serve_he_session  # noqa: E402
-from protocols.transport import memory_pair, run_parties  # noqa: E402
+from models import data
+from models.registry import ModelBundle
+from models.training import load_trained
+from models.variants import as_variant
+from privinf.ledger.counting import Ledger
+from protocols.net.channels import memory_pair, run_parties
+from protocols.routes.he import HeClient, serve_he_session
 
 
 class _Spec:

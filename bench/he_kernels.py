@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from he_kernels.context import HEContext  # noqa: E402
-from he_kernels.linear import matmul_plain, matmul_rotation_steps  # noqa: E402
-from he_kernels.params import CkksParams  # noqa: E402
-from he_kernels.tensor import ColumnLayout, decrypt_matrix, encrypt_matrix  # noqa: E402
-from privinf.costs import Ledger  # noqa: E402
+from he_kernels.context import HEContext
+from he_kernels.linear import matmul_plain, matmul_rotation_steps
+from he_kernels.params import CkksParams
+from he_kernels.tensor import ColumnLayout, decrypt_matrix, encrypt_matrix
+from privinf.ledger.counting import Ledger
 
 
 def baseline(x: torch.Tensor, w: torch.Tensor, rows: int) -> tuple[float, float]:
@@ -90,7 +90,7 @@ def main() -> None:
           f"out ct_bytes={extra['ct_bytes'] / 2**20:.1f} MiB, Galois keys {key_mib:.1f} MiB")
     print(f"speedup: {base_total / seconds:.1f}x")
     if args.breakdown_model != "none":
-        from bench.he_breakdown import print_breakdown  # noqa: PLC0415
+        from bench.he_breakdown import print_breakdown
 
         print()
         print_breakdown(args.breakdown_model)

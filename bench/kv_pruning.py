@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import load_model  # noqa: E402
-from protocols.kv_generate import plain_greedy  # noqa: E402
-from models.bench_layers import GPT2_SMALL  # noqa: E402
-from protocols.mpc import MpcClient  # noqa: E402
-from protocols.local_run import run_local_session  # noqa: E402
+from models.bench_layers import GPT2_SMALL
+from models.registry import load_model
+from protocols.kv.generate import plain_greedy
+from protocols.routes.local_run import run_local_session
+from protocols.routes.mpc import MpcClient
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
@@ -84,9 +84,9 @@ POLICY_NAMES = ("none", "window", "static", "mpcache")
 
 def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]) -> list[Any]:
     """The same generations over gRPC + mutual TLS: dealer and server processes, client here."""
-    from mpc_parties.config import ModelChoice  # noqa: PLC0415
-    from mpc_parties.launch import local_deployment  # noqa: PLC0415
-    from privinf.client import connect  # noqa: PLC0415
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.session import connect
 
     out = []
     with local_deployment(ModelChoice(model, "exact"), timeout_s=3600) as deployment:

@@ -7,7 +7,7 @@ prompt, then its next ``--eval`` tokens are fed one at a time (teacher forcing) 
 pruned cache. Per policy and budget it prints the next-token agreement with the full cache
 (argmax equal) and the perplexity of the true next tokens, plus the entries attended at the
 last step. Policies run with the plaintext selector (same choices as on shares, see
-``protocols.kv_select``).
+``protocols.kv.select``).
 
 Run: ``.venv/bin/python bench/kv_quality.py [--prompt 256 --eval 64 --chunks 4]``
 (``--policies mpcache --mpcache-options '{"cluster": 16}'``: one policy, other parameters)
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.kv_pruning import PrunedCache, make_policy  # noqa: E402
-from models.smollm2 import load_smollm2  # noqa: E402
+from models.kv_pruning import PrunedCache, make_policy
+from models.smollm2 import load_smollm2
 
 DESCR_FILES = ("olivetti_faces", "rcv1", "lfw", "california_housing", "species_distributions",
                "twenty_newsgroups", "kddcup99", "covtype")
@@ -39,7 +39,7 @@ _SKIP = re.compile(r"^\s*(\.\.|>>>|\.\.\.|[=\-~*`^]{3,}|:\w+:|\|)")
 
 def corpus_text() -> str:
     """Prose lines of the sklearn dataset descriptions named in :data:`DESCR_FILES`."""
-    import sklearn  # noqa: PLC0415
+    import sklearn
 
     root = Path(sklearn.__file__).parent / "datasets" / "descr"
     lines = []

@@ -42,9 +42,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input  # noqa: E402
-from privinf.costs import ROOT_SCOPE, Phase  # noqa: E402
-from privinf.pricing import LAN, WAN, CriticalPath, price  # noqa: E402
+from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input
+from privinf.ledger.counting import ROOT_SCOPE, Phase
+from privinf.ledger.pricing import LAN, WAN, CriticalPath, price
 
 MIB = float(2**20)
 QUICK_SEQ = 32
@@ -80,8 +80,8 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
     """One CrypTen party: warm-up plus ``runs`` timed forwards; per-run and per-op statistics."""
     os.environ.update(DISTRIBUTED_BACKEND="gloo", RENDEZVOUS=rendezvous, WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    from models.ops import numerics, replace_parameters  # noqa: PLC0415
-    from protocols.cryptenlib import crypten  # noqa: PLC0415
+    from models.ops import numerics, replace_parameters
+    from protocols.mpc.cryptenlib import crypten
 
     crypten.cfg.communicator.verbose = True
     crypten.cfg.mpc.provider = "TFP"
@@ -188,9 +188,9 @@ def privinf_metrics(report: Any) -> dict[str, Any]:
 
 def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> dict[str, Any]:
     """Dealer + server processes, this process as the client: warm-up, then ``runs`` inferences."""
-    from mpc_parties.config import ModelChoice  # noqa: PLC0415
-    from mpc_parties.launch import local_deployment  # noqa: PLC0415
-    from privinf.client import connect  # noqa: PLC0415
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.session import connect
 
     x = sample_input(INPUT_SEED, seq)
     with local_deployment(ModelChoice(NAME, variant), preprocess=1 + runs, timeout_s=PARTY_TIMEOUT_S,
@@ -219,7 +219,7 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> 
     beaver_s = sum(_sum(r, "wall_s", "client", Phase.OFFLINE, "preprocess") for r in reports) / runs
     if not ws_bytes or not beaver_bytes or any(m["sent_dealer_online"] for m in measured):
         raise BenchError("privinf reports do not show the expected offline 'preprocess' rows (server and "
-                         "client) with no online dealer traffic afterwards; protocols/mpc.py changed?")
+                         "client) with no online dealer traffic afterwards; protocols/routes/mpc.py changed?")
     online_s = statistics.median(m["online_s"] for m in measured)
     rounds = {m["rounds"] for m in measured}
     if len(rounds) != 1:
@@ -271,7 +271,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
     for variant, res in results.items():
         c, p = res["crypten"], res["privinf"]
         rows += [
-            [f"{LABELS[variant]}: rounds (online)", str(c["rounds"]), str(p["rounds"]), _ratio(p["rounds"], c["rounds"])],
+            [f"{LABELS[variant]}: rounds (online)", str(c["rounds"]), str(p["rounds"]),
+             _ratio(p["rounds"], c["rounds"])],
             ["  MiB sent/party online (max)", f"{c['sent'] / MIB:.2f}", f"{p['sent'] / MIB:.2f}",
              _ratio(p["sent"], c["sent"])],
             ["    client / server", "", f"{p['sent_client'] / MIB:.2f} / {p['sent_server'] / MIB:.2f}", ""],

@@ -10,7 +10,7 @@ only the Galois keys for the rotation steps the kernels will use.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tenseal import sealapi as sa
@@ -35,12 +35,12 @@ class HEContext:
     def __init__(
         self,
         params: CkksParams,
-        public_key: "sa.PublicKey",
-        relin_keys: "sa.RelinKeys",
-        galois_keys: "sa.GaloisKeys | None",
+        public_key: sa.PublicKey,
+        relin_keys: sa.RelinKeys,
+        galois_keys: sa.GaloisKeys | None,
         rotation_steps: Sequence[int],
-        secret_key: "sa.SecretKey | None" = None,
-        seal_context: "sa.SEALContext | None" = None,
+        secret_key: sa.SecretKey | None = None,
+        seal_context: sa.SEALContext | None = None,
     ) -> None:
         self.params = params
         self.seal = seal_context or _seal_context(params)
@@ -65,7 +65,7 @@ class HEContext:
 
     # ----- construction and serialisation ----------------------------------------------------
     @classmethod
-    def create_client(cls, params: CkksParams, rotation_steps: Iterable[int] = ()) -> "HEContext":
+    def create_client(cls, params: CkksParams, rotation_steps: Iterable[int] = ()) -> HEContext:
         """Fresh keys; Galois keys only for ``rotation_steps`` (non-zero, modulo slots)."""
         seal_ctx = _seal_context(params)
         keygen = sa.KeyGenerator(seal_ctx)
@@ -108,7 +108,7 @@ class HEContext:
         return self.serialize(include_secret_key=False)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "HEContext":
+    def from_bytes(cls, data: bytes) -> HEContext:
         """Rebuild a context from :meth:`serialize` output (public unless the key was included)."""
         header, blobs = seal_io.unpack(data)
         params = CkksParams.from_dict(header["params"])
@@ -143,7 +143,7 @@ class HEContext:
     def parms_id_for(self, primes_left: int) -> object:
         return self._parms_ids[primes_left]
 
-    def encode(self, values: np.ndarray | float, like: "sa.Ciphertext | None" = None) -> "sa.Plaintext":
+    def encode(self, values: np.ndarray | float, like: sa.Ciphertext | None = None) -> sa.Plaintext:
         """Encode a slot vector (or a constant) at ``like``'s level and scale (else fresh)."""
         plain = sa.Plaintext()
         if isinstance(values, np.ndarray):
@@ -158,13 +158,13 @@ class HEContext:
             self.encoder.encode(values, like.parms_id(), like.scale, plain)
         return plain
 
-    def encrypt(self, values: np.ndarray) -> "sa.Ciphertext":
+    def encrypt(self, values: np.ndarray) -> sa.Ciphertext:
         """Encrypt one slot vector (at most ``slots`` values)."""
         ct = sa.Ciphertext()
         self.encryptor.encrypt(self.encode(np.asarray(values, dtype=np.float64)), ct)
         return ct
 
-    def decrypt(self, ct: "sa.Ciphertext") -> np.ndarray:
+    def decrypt(self, ct: sa.Ciphertext) -> np.ndarray:
         """Decrypt one ciphertext to its slot vector. Only the client can."""
         if self._decryptor is None:
             raise MissingSecretKeyError("this context has no secret key: only the client can decrypt")
@@ -173,11 +173,11 @@ class HEContext:
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 
     # ----- levels and rotations -------------------------------------------------------------
-    def levels_left(self, ct: "sa.Ciphertext") -> int:
+    def levels_left(self, ct: sa.Ciphertext) -> int:
         """Rescales this ciphertext can still take."""
         return ct.coeff_modulus_size() - 1
 
-    def level_used(self, ct: "sa.Ciphertext") -> int:
+    def level_used(self, ct: sa.Ciphertext) -> int:
         """Rescales already consumed since fresh encryption."""
         return self.params.depth - self.levels_left(ct)
 
@@ -196,7 +196,7 @@ def _norm_step(step: int, slots: int) -> int:
     return int(step) % slots
 
 
-def _seal_context(params: CkksParams) -> "sa.SEALContext":
+def _seal_context(params: CkksParams) -> sa.SEALContext:
     parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
     parms.set_coeff_modulus(sa.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))

@@ -15,7 +15,7 @@ handles one token at a time with d_out rotations-and-sums per token (see bench/h
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -12,8 +12,8 @@ down by a mod switch and one exact multiply-by-one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
 
 import numpy as np
 from tenseal import sealapi as sa
@@ -41,12 +41,12 @@ class KernelStats:
     def ct_ops(self) -> int:
         return self.ct_ct_mults + self.ct_pt_mults + self.ct_adds
 
-    def add(self, other: "KernelStats") -> None:
+    def add(self, other: KernelStats) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def record(self, ledger: object | None) -> None:
-        """Report to a :class:`privinf.costs.Ledger` (no-op when ``ledger`` is None)."""
+        """Report to a :class:`privinf.ledger.counting.Ledger` (no-op when ``ledger`` is None)."""
         if ledger is None:
             return
         ledger.record_extra("ct_ops", self.ct_ops)  # type: ignore[attr-defined]
@@ -67,16 +67,16 @@ class Ops:
         self._primes = ctx.primes
 
     # ----- levels ----------------------------------------------------------------------------
-    def _need_level(self, ct: "sa.Ciphertext") -> None:
+    def _need_level(self, ct: sa.Ciphertext) -> None:
         if self.ctx.levels_left(ct) < 1:
             raise DepthExhaustedError(
                 f"ciphertext has used all {self.ctx.params.depth} levels: refresh before multiplying"
             )
 
-    def _drop_prime(self, ct: "sa.Ciphertext") -> float:
+    def _drop_prime(self, ct: sa.Ciphertext) -> float:
         return self._primes[ct.coeff_modulus_size() - 1]
 
-    def align(self, a: "sa.Ciphertext", b: "sa.Ciphertext") -> tuple["sa.Ciphertext", "sa.Ciphertext"]:
+    def align(self, a: sa.Ciphertext, b: sa.Ciphertext) -> tuple[sa.Ciphertext, sa.Ciphertext]:
         """a and b at the same level (the higher one brought down exactly)."""
         la, lb = a.coeff_modulus_size(), b.coeff_modulus_size()
         if la > lb:
@@ -85,7 +85,7 @@ class Ops:
             b = self._lower(b, la)
         return a, b
 
-    def _lower(self, ct: "sa.Ciphertext", size: int) -> "sa.Ciphertext":
+    def _lower(self, ct: sa.Ciphertext, size: int) -> sa.Ciphertext:
         """ct at ``size`` primes with that level's canonical scale: mod switch, then x 1."""
         out = ct
         if ct.coeff_modulus_size() > size + 1:
@@ -93,14 +93,14 @@ class Ops:
             self.ev.mod_switch_to(ct, self.ctx.parms_id_for(size + 1), out)
         return self.mul_plain(out, 1.0)
 
-    def rescale(self, ct: "sa.Ciphertext") -> "sa.Ciphertext":
+    def rescale(self, ct: sa.Ciphertext) -> sa.Ciphertext:
         """Drop one prime; the result's scale is the next level's canonical one (exact)."""
         self.ev.rescale_to_next_inplace(ct)
         ct.scale = self.ctx.level_scale(ct.coeff_modulus_size())
         return ct
 
     # ----- arithmetic -------------------------------------------------------------------------
-    def encode_for_mul(self, values: np.ndarray | float, ct: "sa.Ciphertext") -> "sa.Plaintext":
+    def encode_for_mul(self, values: np.ndarray | float, ct: sa.Ciphertext) -> sa.Plaintext:
         """Plaintext at ct's level whose product with ct rescales to the next canonical scale."""
         plain = sa.Plaintext()
         size = ct.coeff_modulus_size()
@@ -112,7 +112,7 @@ class Ops:
             enc.encode(float(values), ct.parms_id(), scale, plain)
         return plain
 
-    def mul_plain_raw(self, ct: "sa.Ciphertext", plain: "sa.Plaintext") -> "sa.Ciphertext":
+    def mul_plain_raw(self, ct: sa.Ciphertext, plain: sa.Plaintext) -> sa.Ciphertext:
         """ct * plaintext without rescale (accumulate several, then :meth:`rescale` once)."""
         self._need_level(ct)
         out = sa.Ciphertext()
@@ -120,12 +120,12 @@ class Ops:
         self.stats.ct_pt_mults += 1
         return out
 
-    def mul_plain(self, ct: "sa.Ciphertext", values: np.ndarray | float) -> "sa.Ciphertext":
+    def mul_plain(self, ct: sa.Ciphertext, values: np.ndarray | float) -> sa.Ciphertext:
         """ct * (slot vector or constant), rescaled: one level."""
         self._need_level(ct)
         return self.rescale(self.mul_plain_raw(ct, self.encode_for_mul(values, ct)))
 
-    def mul(self, a: "sa.Ciphertext", b: "sa.Ciphertext") -> "sa.Ciphertext":
+    def mul(self, a: sa.Ciphertext, b: sa.Ciphertext) -> sa.Ciphertext:
         """ct * ct, relinearised and rescaled: one level."""
         a, b = self.align(a, b)
         self._need_level(a)
@@ -138,17 +138,17 @@ class Ops:
         self.stats.ct_ct_mults += 1
         return self.rescale(out)
 
-    def square(self, a: "sa.Ciphertext") -> "sa.Ciphertext":
+    def square(self, a: sa.Ciphertext) -> sa.Ciphertext:
         return self.mul(a, a)
 
-    def add(self, a: "sa.Ciphertext", b: "sa.Ciphertext") -> "sa.Ciphertext":
+    def add(self, a: sa.Ciphertext, b: sa.Ciphertext) -> sa.Ciphertext:
         a, b = self.align(a, b)
         out = sa.Ciphertext()
         self.ev.add(a, b, out)
         self.stats.ct_adds += 1
         return out
 
-    def add_inplace(self, acc: "sa.Ciphertext", b: "sa.Ciphertext") -> "sa.Ciphertext":
+    def add_inplace(self, acc: sa.Ciphertext, b: sa.Ciphertext) -> sa.Ciphertext:
         """acc += b; returns the accumulator (a new object if acc had to be mod-switched)."""
         if acc.coeff_modulus_size() != b.coeff_modulus_size():
             return self.add(acc, b)
@@ -156,14 +156,14 @@ class Ops:
         self.stats.ct_adds += 1
         return acc
 
-    def sub(self, a: "sa.Ciphertext", b: "sa.Ciphertext") -> "sa.Ciphertext":
+    def sub(self, a: sa.Ciphertext, b: sa.Ciphertext) -> sa.Ciphertext:
         a, b = self.align(a, b)
         out = sa.Ciphertext()
         self.ev.sub(a, b, out)
         self.stats.ct_adds += 1
         return out
 
-    def add_plain(self, ct: "sa.Ciphertext", values: np.ndarray | float) -> "sa.Ciphertext":
+    def add_plain(self, ct: sa.Ciphertext, values: np.ndarray | float) -> sa.Ciphertext:
         """ct + (slot vector or constant) at ct's level and scale: no level."""
         plain = self.ctx.encode(values if isinstance(values, np.ndarray) else float(values), like=ct)
         out = sa.Ciphertext()
@@ -171,7 +171,7 @@ class Ops:
         self.stats.ct_adds += 1
         return out
 
-    def rotate(self, ct: "sa.Ciphertext", step: int) -> "sa.Ciphertext":
+    def rotate(self, ct: sa.Ciphertext, step: int) -> sa.Ciphertext:
         """Left-rotate slots by ``step`` (needs that step's Galois key)."""
         step %= self.ctx.slots
         if step == 0:
@@ -183,13 +183,13 @@ class Ops:
         self.stats.rotations += 1
         return out
 
-    def sum_ct(self, cts: Sequence["sa.Ciphertext"]) -> "sa.Ciphertext":
+    def sum_ct(self, cts: Sequence[sa.Ciphertext]) -> sa.Ciphertext:
         acc = cts[0]
         for ct in cts[1:]:
             acc = self.add(acc, ct)
         return acc
 
-    def block_sum(self, ct: "sa.Ciphertext", block: int) -> "sa.Ciphertext":
+    def block_sum(self, ct: sa.Ciphertext, block: int) -> sa.Ciphertext:
         """Sum all blocks of ``block`` slots: every block ends up holding the total."""
         step = block
         while step < self.ctx.slots:
@@ -197,7 +197,7 @@ class Ops:
             step *= 2
         return ct
 
-    def zero_at_level(self, like: "sa.Ciphertext", drop: int = 0) -> "sa.Ciphertext":
+    def zero_at_level(self, like: sa.Ciphertext, drop: int = 0) -> sa.Ciphertext:
         """A public-key encryption of zeros at ``like``'s level minus ``drop`` (SEAL refuses
         products that come out transparent, so zeros cannot come from multiplying by 0)."""
         ct = self.ctx.encrypt(np.zeros(1))
@@ -208,7 +208,7 @@ class Ops:
         return ct
 
     # ----- bookkeeping ------------------------------------------------------------------------
-    def finish(self, outputs: Iterable["sa.Ciphertext"], level_in: int, ledger: object | None) -> KernelStats:
+    def finish(self, outputs: Iterable[sa.Ciphertext], level_in: int, ledger: object | None) -> KernelStats:
         """Count produced bytes and levels, report to the ledger, return the stats."""
         outs = list(outputs)
         self.stats.ct_bytes += sum(len(seal_io.save_bytes(ct)) for ct in outs)

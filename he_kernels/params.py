@@ -61,7 +61,7 @@ class CkksParams:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "CkksParams":
+    def from_dict(cls, data: dict[str, object]) -> CkksParams:
         try:
             return cls(
                 int(data["poly_modulus_degree"]),  # type: ignore[arg-type]

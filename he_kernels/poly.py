@@ -10,8 +10,8 @@ measured in float64 by :meth:`max_error` (and checked under encryption by the te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class PolyApprox:
     target: Fn | None = field(default=None, compare=False)
 
     @classmethod
-    def fit(cls, f: Fn, degree: int, lo: float, hi: float, name: str) -> "PolyApprox":
+    def fit(cls, f: Fn, degree: int, lo: float, hi: float, name: str) -> PolyApprox:
         """Least-squares fit on Chebyshev nodes of [lo, hi] (near-minimax), power basis."""
         nodes = np.cos(np.pi * (np.arange(4 * degree + 4) + 0.5) / (4 * degree + 4))
         xs = (nodes + 1) * (hi - lo) / 2 + lo
@@ -114,10 +114,10 @@ def gelu_poly(degree: int = 8, lo: float = -4.0, hi: float = 4.0) -> PolyApprox:
 class _Powers:
     """Lazily computed powers of one ciphertext (x^(2^a) by squaring, others by products)."""
 
-    def __init__(self, ops: Ops, x: "sa.Ciphertext") -> None:
+    def __init__(self, ops: Ops, x: sa.Ciphertext) -> None:
         self.ops, self.cache = ops, {1: x}
 
-    def get(self, i: int) -> "sa.Ciphertext":
+    def get(self, i: int) -> sa.Ciphertext:
         if i not in self.cache:
             top = 1 << (i.bit_length() - 1)
             if top == i:
@@ -128,7 +128,7 @@ class _Powers:
         return self.cache[i]
 
 
-def _eval_rec(ops: Ops, coeffs: list[float], pw: _Powers, k: int) -> "sa.Ciphertext | float":
+def _eval_rec(ops: Ops, coeffs: list[float], pw: _Powers, k: int) -> sa.Ciphertext | float:
     """Ciphertext result, or a float when every non-constant coefficient is zero."""
     degree = len(coeffs) - 1
     if degree < k:
@@ -152,13 +152,13 @@ def _eval_rec(ops: Ops, coeffs: list[float], pw: _Powers, k: int) -> "sa.Ciphert
     return low if high is None else ops.add(low, high)
 
 
-def _plus(ops: Ops, ct: "sa.Ciphertext | None", const: float) -> "sa.Ciphertext | float":
+def _plus(ops: Ops, ct: sa.Ciphertext | None, const: float) -> sa.Ciphertext | float:
     if ct is None:
         return float(const)
     return ops.add_plain(ct, const) if const != 0.0 else ct
 
 
-def eval_poly_ct(ops: Ops, x: "sa.Ciphertext", coeffs: tuple[float, ...]) -> "sa.Ciphertext":
+def eval_poly_ct(ops: Ops, x: sa.Ciphertext, coeffs: tuple[float, ...]) -> sa.Ciphertext:
     """Evaluate a power-basis polynomial (degree >= 1) on one ciphertext."""
     result = _eval_rec(ops, list(coeffs), _Powers(ops, x), _baby(len(coeffs) - 1))
     if isinstance(result, float):
@@ -166,7 +166,7 @@ def eval_poly_ct(ops: Ops, x: "sa.Ciphertext", coeffs: tuple[float, ...]) -> "sa
     return result
 
 
-def power_ct(ops: Ops, x: "sa.Ciphertext", p: int) -> "sa.Ciphertext":
+def power_ct(ops: Ops, x: sa.Ciphertext, p: int) -> sa.Ciphertext:
     """x^p by repeated squaring (depth ceil(log2 p))."""
     if p < 1:
         raise ValueError(f"power must be >= 1, got {p}")
@@ -180,7 +180,7 @@ def power_ct(ops: Ops, x: "sa.Ciphertext", p: int) -> "sa.Ciphertext":
     return result
 
 
-def _map(ctx: HEContext, x: EncTensor, fn: Callable[[Ops, "sa.Ciphertext"], "sa.Ciphertext"],
+def _map(ctx: HEContext, x: EncTensor, fn: Callable[[Ops, sa.Ciphertext], sa.Ciphertext],
          ledger: object | None) -> EncTensor:
     ops = Ops(ctx, KernelStats())
     level_in = x.level(ctx)
@@ -210,7 +210,7 @@ class NewtonApprox:
 
     @classmethod
     def build(cls, kind: str, lo: float, hi: float, tol: float = 1e-4, init_degree: int = 3,
-              max_iterations: int = 6) -> "NewtonApprox":
+              max_iterations: int = 6) -> NewtonApprox:
         """Fewest iterations whose float64 simulation reaches relative error ``tol`` on [lo, hi]."""
         if lo <= 0:
             raise ValueError(f"{kind} domain must be positive, got [{lo}, {hi}]")
@@ -248,7 +248,7 @@ class NewtonApprox:
 _TARGETS: dict[str, Fn] = {"reciprocal": lambda x: 1.0 / x, "inv_sqrt": torch.rsqrt}
 
 
-def newton_ct(ops: Ops, x: "sa.Ciphertext", approx: NewtonApprox) -> "sa.Ciphertext":
+def newton_ct(ops: Ops, x: sa.Ciphertext, approx: NewtonApprox) -> sa.Ciphertext:
     """Evaluate a :class:`NewtonApprox` on one ciphertext."""
     y = eval_poly_ct(ops, x, approx.init.coeffs)
     if approx.kind == "reciprocal":
@@ -262,7 +262,7 @@ def newton_ct(ops: Ops, x: "sa.Ciphertext", approx: NewtonApprox) -> "sa.Ciphert
     return y
 
 
-def _two_minus(ops: Ops, t: "sa.Ciphertext") -> "sa.Ciphertext":
+def _two_minus(ops: Ops, t: sa.Ciphertext) -> sa.Ciphertext:
     neg = sa.Ciphertext()
     ops.ev.negate(t, neg)
     return ops.add_plain(neg, 2.0)

@@ -37,7 +37,7 @@ def save_bytes(obj: Any) -> bytes:
         os.close(fd)
 
 
-def load_bytes(obj: Any, data: bytes, context: "sa.SEALContext | None" = None) -> Any:
+def load_bytes(obj: Any, data: bytes, context: sa.SEALContext | None = None) -> Any:
     """Fill ``obj`` (a fresh SEAL object) from bytes; ``context`` validates it when given."""
     fd = os.memfd_create("seal-load")
     try:

@@ -76,7 +76,7 @@ class ColumnLayout:
             raise LayoutError(f"{self.valid_rows} rows do not fit a block of {self.block} slots")
 
     @classmethod
-    def for_shape(cls, rows: int, cols: int, slots: int, duplicated: bool = False) -> "ColumnLayout":
+    def for_shape(cls, rows: int, cols: int, slots: int, duplicated: bool = False) -> ColumnLayout:
         """Smallest power-of-two block that fits the (possibly duplicated) rows."""
         need = rows * (2 if duplicated else 1)
         block = 1 << max(0, (need - 1).bit_length())
@@ -97,7 +97,7 @@ class ColumnLayout:
     def n_cts(self) -> int:
         return -(-self.cols // self.cols_per_ct)
 
-    def with_cols(self, cols: int, duplicated: bool | None = None) -> "ColumnLayout":
+    def with_cols(self, cols: int, duplicated: bool | None = None) -> ColumnLayout:
         dup = self.duplicated if duplicated is None else duplicated
         return ColumnLayout(self.rows, cols, self.block, self.slots, dup)
 
@@ -182,7 +182,7 @@ def layout_from_dict(data: dict[str, Any]) -> Layout:
 class EncTensor:
     """Ciphertexts plus the layout that says which slot holds which matrix entry."""
 
-    cts: list["sa.Ciphertext"]
+    cts: list[sa.Ciphertext]
     layout: Layout
 
     def __post_init__(self) -> None:
@@ -202,7 +202,7 @@ class EncTensor:
         return seal_io.pack({"layout": self.layout.to_dict()}, [seal_io.save_bytes(ct) for ct in self.cts])
 
     @classmethod
-    def from_bytes(cls, ctx: HEContext, data: bytes) -> "EncTensor":
+    def from_bytes(cls, ctx: HEContext, data: bytes) -> EncTensor:
         header, blobs = seal_io.unpack(data)
         layout = layout_from_dict(header["layout"])
         cts = [seal_io.load_bytes(sa.Ciphertext(), blob, ctx.seal) for blob in blobs]

@@ -17,9 +17,9 @@ import torch
 
 from models.attention import AttnMask
 from models.block import Block
+from models.bundle import InputError, ModelBundle
 from models.config import ModelConfig
 from models.layers import Linear, calibrate
-from models.registry import InputError, ModelBundle
 from models.variants import VariantSpec, as_variant
 
 NAME = "bert-layer"
@@ -132,10 +132,10 @@ GPT2_SMALL = "gpt2-small-random"
 def gpt2_small_random(variant: Any) -> ModelBundle:
     """GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, 1024 positions) with
     random weights from a fixed seed, UTF-8 bytes as token ids: for decoding cost benchmarks."""
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from models.hf_import import from_hf  # noqa: PLC0415
-    from models.registry import decoder_decode, seeded, text_encoder  # noqa: PLC0415
+    from models.bundle import decoder_decode, seeded, text_encoder
+    from models.hf_import import from_hf
 
     hf = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
     model = from_hf(seeded(0, lambda: GPT2LMHeadModel(hf)), variant)

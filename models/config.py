@@ -115,7 +115,7 @@ class ModelConfig:
     def causal(self) -> bool:
         return self.family == "decoder"
 
-    def with_changes(self, **changes: Any) -> "ModelConfig":
+    def with_changes(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 

@@ -116,7 +116,7 @@ def spam_dataset(vocab_size: int, seq_len: int) -> SpamData:
 
 def digits_dataset() -> tuple[Split, Split]:
     """sklearn digits as images [N, 1, 8, 8] in [0, 1]: the fixed 80/20 split."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 (heavy import)
+    from sklearn.datasets import load_digits
 
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0

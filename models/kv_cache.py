@@ -8,7 +8,8 @@ Policies plug in through :meth:`KVCache.add_hook`, called after every layer's up
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -4,7 +4,7 @@ A policy decides which cached keys/values each decode step attends to. The same 
 torch tensors and on secret shares: arithmetic goes through :mod:`models.ops`, and every
 data-dependent choice (top-k, cluster choice, gathering) goes through a *selector*. The
 :class:`PlainSelector` here uses ``torch.topk`` and public indices (plaintext simulation);
-``protocols.kv_select.ObliviousSelector`` does the same on shares with comparisons and one-hot
+``protocols.kv.select.ObliviousSelector`` does the same on shares with comparisons and one-hot
 matrices, so nobody learns which tokens were chosen. Models never import crypto, hence the
 injection.
 
@@ -99,7 +99,7 @@ class PlainSelector:
     def top_k(self, scores: Any, k: int, ordered: bool, bound: float = 0.0) -> torch.Tensor:
         if not ops.is_plain(scores):
             raise PolicyError("PlainSelector needs plaintext scores; on shares use "
-                              "protocols.kv_select.ObliviousSelector")
+                              "protocols.kv.select.ObliviousSelector")
         idx = scores.topk(k, dim=-1).indices
         return idx.sort(dim=-1).values if ordered else idx
 
@@ -169,7 +169,7 @@ class KVPolicy:
         """Entries kept out of a prompt of ``prompt`` tokens."""
         return prompt if self.budget is None else resolve_budget(self.budget, prompt)
 
-    def after_prefill(self, layer: int, cache: "PrunedCache", scores: Any,
+    def after_prefill(self, layer: int, cache: PrunedCache, scores: Any,
                       bound: float = 0.0) -> None:
         """Called once per layer after the prefill attention; may evict stored entries.
 
@@ -178,7 +178,7 @@ class KVPolicy:
         """
         self.prompt = cache.stored_entries(layer)
 
-    def select(self, layer: int, query: Any, cache: "PrunedCache") -> tuple[Any, Any, torch.Tensor]:
+    def select(self, layer: int, query: Any, cache: PrunedCache) -> tuple[Any, Any, torch.Tensor]:
         """K, V and public positions this step's attention reads for ``layer``."""
         return (cache.stored_keys[layer], cache.stored_values[layer],
                 cache.stored_positions[layer])
@@ -202,7 +202,7 @@ class WindowPolicy(KVPolicy):
     name = "window"
     reveals = "nothing secret-dependent: kept positions (sinks + recent) are public"
 
-    def after_prefill(self, layer: int, cache: "PrunedCache", scores: Any,
+    def after_prefill(self, layer: int, cache: PrunedCache, scores: Any,
                       bound: float = 0.0) -> None:
         super().after_prefill(layer, cache, scores, bound)
         limit, n = self.kept(self.prompt), self.prompt
@@ -244,7 +244,7 @@ class StaticPolicy(KVPolicy):
         recent = min(int(self.recent * keep), keep - sink)
         return sink, keep - sink - recent, recent
 
-    def after_prefill(self, layer: int, cache: "PrunedCache", scores: Any,
+    def after_prefill(self, layer: int, cache: PrunedCache, scores: Any,
                       bound: float = 0.0) -> None:
         super().after_prefill(layer, cache, scores, bound)
         n = self.prompt
@@ -322,7 +322,7 @@ class MPCachePolicy(StaticPolicy):
             sim = ops.relu(sim)
         return sim.sum(2)
 
-    def select(self, layer: int, query: Any, cache: "PrunedCache") -> tuple[Any, Any, torch.Tensor]:
+    def select(self, layer: int, query: Any, cache: PrunedCache) -> tuple[Any, Any, torch.Tensor]:
         k, v = cache.stored_keys[layer], cache.stored_values[layer]
         pos = cache.stored_positions[layer]
         n = cache.stored_entries(layer)
@@ -392,7 +392,7 @@ class PrunedCache(KVCache):
         self._handles: list[Any] = []
 
     @classmethod
-    def for_model(cls, model: nn.Module, policy: KVPolicy) -> "PrunedCache":
+    def for_model(cls, model: nn.Module, policy: KVPolicy) -> PrunedCache:
         """Attach to a Decoder: hooks on each ``attn.q`` capture the query for the policy.
 
         Attach after any swap of the model's linear modules (the hooks sit on ``attn.q``).

@@ -7,8 +7,9 @@ Forward passes go through :mod:`models.ops`, so they run on torch tensors and on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn

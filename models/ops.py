@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +102,8 @@ _kernels: contextvars.ContextVar[dict[str, Callable[..., Any]] | None] = context
 @contextlib.contextmanager
 def fused_kernels(**kernels: Callable[..., Any]) -> Iterator[None]:
     """Within the block, encrypted :func:`scaled_rows` / :func:`gelu` run a protocol's kernel
-    (same function, fewer openings; the MPC parties install ``protocols.fused_norm.scaled_rows``
-    and ``protocols.fused_gelu.gelu``). Names outside :data:`KERNELS` are refused."""
+    (same function, fewer openings; the MPC parties install ``protocols.mpc.fused_norm.scaled_rows``
+    and ``protocols.mpc.fused_gelu.gelu``). Names outside :data:`KERNELS` are refused."""
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         raise ValueError(f"unknown fused kernel(s) {unknown}; expected some of {list(KERNELS)}")
@@ -127,7 +128,7 @@ def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
 def compare_bound(limit: float) -> Iterator[None]:
     """Promise that the values compared within the block (``x < y`` forms ``x - y``) stay below
     ``limit`` in magnitude. A secure comparison may then use a narrower ring (smaller, faster
-    FSS keys, :mod:`protocols.fss_compare`); values beyond the promise may compare wrongly."""
+    FSS keys, :mod:`protocols.mpc.compare`); values beyond the promise may compare wrongly."""
     if not limit > 0:
         raise ValueError(f"compare_bound needs a positive limit, got {limit!r}")
     with _setting(_compare_bound, float(limit)):
@@ -313,7 +314,7 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
     (T = 3.5), the even part ``g`` as a polynomial in ``v = x^2 / T^2`` (powers by squaring),
     then ``x / 2 + inside * g + (above - below) * x / 2`` with ``inside = 1 - above - below``
     in one product: about 104 bytes and 8 rounds per element with FSS comparisons (a fused
-    kernel, ``protocols.fused_gelu``, opens each operand once: 72 bytes) (on a
+    kernel, ``protocols.mpc.fused_gelu``, opens each operand once: 72 bytes) (on a
     32-bit ring: inputs are promised below 2^14, where ``x^2`` still fits CrypTen's ring). Outside
     [-T, T] the powers may overflow the ring; they are multiplied by an exact 0 there. Under
     ``numerics("crypten")`` the earlier sigmoid form ``x * sigmoid(1.702 x)`` (one comparison,

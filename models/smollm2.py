@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from models.config import ModelConfig
 from models.decoder import Decoder
 from models.hf_import import config_from_hf, from_state_dict
@@ -47,7 +46,7 @@ def cache_root() -> Path:
 
 def load_hf_reference() -> Any:
     """The ``transformers`` LlamaForCausalLM de-quantised from the GGUF (slow; eager attention)."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 (heavy import)
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         package_dir(), gguf_file=GGUF_FILE, attn_implementation="eager"
@@ -56,8 +55,8 @@ def load_hf_reference() -> Any:
 
 
 def _write_cache(target: Path) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
 
     hf = load_hf_reference()
     config = config_from_hf(hf.config)
@@ -92,8 +91,8 @@ def cache_path() -> Path:
 
 def load_smollm2(variant: VariantSpec | str = "exact") -> tuple[Decoder, Any]:
     """(our Decoder with SmolLM2 weights running ``variant``, its tokenizer)."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     path = cache_path()
     meta = json.loads((path / "config.json").read_text())

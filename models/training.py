@@ -21,9 +21,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -148,7 +149,8 @@ def _den_penalty(model: nn.Module) -> tuple[Callable[[], torch.Tensor], list[Any
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) / mod.tau
         den = scores.pow(mod.p).mean(-1) + mod.eps
         log = den.log()
-        terms.append(DEN_PENALTY * (torch.relu(log - math.log(DEN_HI)) + torch.relu(math.log(DEN_LO) - log)).pow(2).mean())
+        outside = torch.relu(log - math.log(DEN_HI)) + torch.relu(math.log(DEN_LO) - log)
+        terms.append(DEN_PENALTY * outside.pow(2).mean())
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PowerAttention)]
 

@@ -253,7 +253,7 @@ def _layer_index(key: str) -> int:
     return index
 
 
-def as_variant(variant: "VariantSpec | str") -> VariantSpec:
+def as_variant(variant: VariantSpec | str) -> VariantSpec:
     """Accept a parsed spec or a variant string."""
     return variant if isinstance(variant, VariantSpec) else parse_variant(variant)
 

@@ -4,11 +4,11 @@ session to a handler thread, stop on request."""
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-from mpc_parties.config import PartyConfig
-from protocols.grpc_transport import PartyServer
-from protocols.transport import Channel
+from mpc_parties.party_config import PartyConfig
+from protocols.net.channels import Channel
+from protocols.net.grpc_link import PartyServer
 
 
 def serve_front_door(config: PartyConfig, peers: set[str], max_sessions: int, stop: threading.Event,

@@ -13,15 +13,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from mpc_parties.config import ModelChoice, PartyConfig, dump_config
 from mpc_parties.main import READY_PREFIX
-from privinf.errors import PartyFailure
-from protocols.certs import write_certs
+from mpc_parties.party_config import ModelChoice, PartyConfig, dump_config
+from protocols.net.certs import write_certs
+from protocols.net.channels import TransportError
+
+
+class PartyFailure(TransportError):
+    """A party process exited or never became ready; the message names it and its last log line."""
+
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0

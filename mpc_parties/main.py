@@ -14,21 +14,21 @@ import os
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
-from mpc_parties.config import load_config
+from mpc_parties.party_config import load_config
 
 READY_PREFIX = "privinf-ready"
 
 
-def _announce(role: str) -> "callable":
+def _announce(role: str) -> callable:
     def ready(address: str) -> None:
         print(f"{READY_PREFIX} {role} {address}", flush=True)
 
     return ready
 
 
-def _watch_stdin(stop: "callable") -> None:
+def _watch_stdin(stop: callable) -> None:
     def watch() -> None:
         try:
             while os.read(0, 1):
@@ -47,11 +47,11 @@ def run_party(role: str, config_path: str, exit_with_parent: bool = False) -> in
                         format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
     config = load_config(config_path, role=role)
     if role == "server":
-        from mpc_parties.server import ServerParty  # noqa: PLC0415
+        from mpc_parties.server_party import ServerParty
 
         party = ServerParty(config)
     elif role == "dealer":
-        from mpc_parties.dealer import DealerParty  # noqa: PLC0415
+        from mpc_parties.dealer_party import DealerParty
 
         party = DealerParty(config)
     else:

@@ -1,15 +1,15 @@
-"""One session of the server party, in its own process (see :mod:`mpc_parties.server`)."""
+"""One session of the server party, in its own process (see :mod:`mpc_parties.server_party`)."""
 
 from __future__ import annotations
 
 import logging
 from multiprocessing.connection import Connection
 
-from mpc_parties.config import ConfigError, PartyConfig
-from mpc_parties.sessions import SessionSpec, send_hello
-from privinf.costs import Ledger
-from protocols.grpc_transport import PartyServer, connect
-from protocols.transport import TransportError
+from mpc_parties.handshake import SessionSpec, send_hello
+from mpc_parties.party_config import ConfigError, PartyConfig
+from privinf.ledger.counting import Ledger
+from protocols.net.channels import TransportError
+from protocols.net.grpc_link import PartyServer, connect
 
 log = logging.getLogger("privinf.server.session")
 
@@ -33,7 +33,7 @@ def run_server_session(config: PartyConfig, spec: SessionSpec, conn: Connection)
             if spec.protocol == "mpc":
                 if "dealer" not in config.peers:
                     raise ConfigError("an MPC server needs the dealer's address under [peers]")
-                from protocols.mpc import serve_mpc_session  # noqa: PLC0415
+                from protocols.routes.mpc import serve_mpc_session
 
                 dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
                                  timeout_s=config.timeout_s)
@@ -43,7 +43,7 @@ def run_server_session(config: PartyConfig, spec: SessionSpec, conn: Connection)
                 finally:
                     dealer.close()
             else:
-                from protocols.he import serve_he_session  # noqa: PLC0415
+                from protocols.routes.he import serve_he_session
 
                 serve_he_session(spec, config, client, ledger)
         except BaseException as exc:

@@ -10,14 +10,14 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from privinf.errors import PartyFailure
-from protocols.transport import TransportError
+from protocols.net.channels import TransportError
 
 PROTOCOLS = ("plain", "mpc", "he")
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, PartyFailure,
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError,
                TransportError)
 
 
@@ -132,8 +132,8 @@ def _read_input(bundle: Any, text: str | None) -> Any:
 
 def _read_input_kind(kind: str, text: str) -> Any:
     if kind == "image":
-        import numpy as np  # noqa: PLC0415
-        import torch  # noqa: PLC0415
+        import numpy as np
+        import torch
 
         path = Path(text)
         if not path.exists():
@@ -165,10 +165,10 @@ def _emit_report(report: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from models.registry import load_model  # noqa: PLC0415
-    from models.variants import parse_variant  # noqa: PLC0415
-    from privinf.reports import Report  # noqa: PLC0415
-    from protocols.plain import run_plain  # noqa: PLC0415
+    from models.registry import load_model
+    from models.variants import parse_variant
+    from privinf.ledger.reports import Report
+    from protocols.routes.plain import run_plain
 
     variant = parse_variant(args.variant, args.overrides)
     bundle = load_model(args.model, variant)
@@ -184,10 +184,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from models.variants import parse_variant  # noqa: PLC0415
-    from mpc_parties.config import ModelChoice  # noqa: PLC0415
-    from mpc_parties.launch import local_deployment  # noqa: PLC0415
-    from privinf.client import connect  # noqa: PLC0415
+    from models.variants import parse_variant
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.session import connect
 
     if args.input_text is None:
         raise _usage("--input is required")
@@ -197,11 +197,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise _usage(f"--generate must be >= 1 tokens, got {args.generate}")
     if args.generate and args.protocol != "mpc":
         raise _usage("--generate needs --protocol mpc")
-    from models.registry import UnknownModelError, model_names  # noqa: PLC0415
+    from models.registry import UnknownModelError, model_names
 
     variant = parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
     if args.protocol == "he":
-        from models.variants import polynomial_problem  # noqa: PLC0415
+        from models.variants import polynomial_problem
 
         problem = polynomial_problem(variant)
         if problem is not None:
@@ -248,11 +248,11 @@ def _print_steps(report: Any) -> None:
 
 def _cmd_party(args: argparse.Namespace) -> int:
     if args.role != "client":
-        from mpc_parties.main import run_party  # noqa: PLC0415
+        from mpc_parties.main import run_party
 
         return run_party(args.role, str(args.config))
-    from mpc_parties.config import load_config  # noqa: PLC0415
-    from privinf.client import connect  # noqa: PLC0415
+    from mpc_parties.party_config import load_config
+    from privinf.session import connect
 
     if args.input_text is None:
         raise _usage("the client needs --input")
@@ -265,7 +265,7 @@ def _cmd_party(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from models.training import train_model  # noqa: PLC0415
+    from models.training import train_model
 
     result = train_model(args.model, steps=args.steps, seed=args.seed, cache_dir=args.cache_dir,
                          progress=not args.no_progress)
@@ -276,7 +276,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from protocols.certs import DEFAULT_HOSTS, write_certs  # noqa: PLC0415
+    from protocols.net.certs import DEFAULT_HOSTS, write_certs
 
     write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS)
     print(f"certificates for client, server and dealer written to {args.out}")
@@ -284,7 +284,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_variants(_args: argparse.Namespace) -> int:
-    from models.variants import list_variants  # noqa: PLC0415
+    from models.variants import list_variants
 
     entries = list_variants()
     width = max(len(name) for name, _ in entries)
@@ -294,7 +294,7 @@ def _cmd_variants(_args: argparse.Namespace) -> int:
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:
-    from models.registry import list_models  # noqa: PLC0415
+    from models.registry import list_models
 
     for name, description in list_models():
         print(f"{name:<12}  {description}")

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from protocols.transport import ProtocolError
+from protocols.net.channels import ProtocolError
 
 PROTOCOLS = ("mpc", "he")
 COMPARISONS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
@@ -55,7 +55,7 @@ class SessionSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any) -> "SessionSpec":
+    def from_json(cls, data: Any) -> SessionSpec:
         if not isinstance(data, dict):
             raise ProtocolError("session hello is not a JSON object")
         known = {f for f in cls.__dataclass_fields__}

@@ -47,7 +47,7 @@ def _workload(crypten: Any) -> dict[str, Any]:
 
 def _party_gloo(rank: int, rendezvous: str) -> dict[str, Any]:
     os.environ.update(DISTRIBUTED_BACKEND="gloo", RENDEZVOUS=rendezvous, WORLD_SIZE="2", RANK=str(rank))
-    from protocols.cryptenlib import crypten
+    from protocols.mpc.cryptenlib import crypten
 
     crypten.cfg.communicator.verbose = True
     crypten.init()
@@ -83,11 +83,11 @@ def _bulk_exchange(channel: Any) -> dict[str, float]:
 
 
 def _party_grpc(rank: int, cert_dir: str, address: str | None) -> dict[str, Any]:
-    from privinf.costs import Ledger
-    from protocols.certs import TlsConfig
-    from protocols.crypten_comm import crypten_session
-    from protocols.cryptenlib import crypten
-    from protocols.grpc_transport import PartyServer, connect
+    from privinf.ledger.counting import Ledger
+    from protocols.mpc.cryptenlib import crypten
+    from protocols.mpc.cryptenlib.communicator import crypten_session
+    from protocols.net.certs import TlsConfig
+    from protocols.net.grpc_link import PartyServer, connect
 
     role, peer = ("server", "client") if rank == 0 else ("client", "server")
     tls = TlsConfig.load(cert_dir, role)
@@ -146,7 +146,7 @@ def _close_to_plain(outputs: dict[str, Any]) -> None:
 
 
 def test_same_counts_as_gloo(tmp_path: Path) -> None:
-    from protocols.certs import write_certs
+    from protocols.net.certs import write_certs
 
     write_certs(tmp_path / "certs", roles=("server", "client"))
     gloo = [_spawn("gloo", str(rank), f"file://{tmp_path / 'rendezvous'}") for rank in (0, 1)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from models.registry import load_model
-from mpc_parties.config import ModelChoice
 from mpc_parties.launch import local_deployment
-from privinf.client import connect
-from protocols.kv_generate import plain_greedy
+from mpc_parties.party_config import ModelChoice
+from privinf.session import connect
+from protocols.kv.generate import plain_greedy
 
 pytestmark = pytest.mark.integration
 PROMPT = "private generation over gRPC"
@@ -43,8 +43,8 @@ def test_generate_over_grpc_matches_plaintext(tmp_path: Path) -> None:
 
 
 def test_cli_launch_generate_prints_per_token_costs() -> None:
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import subprocess
+    import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "privinf.cli", "launch", "--protocol", "mpc", "--model", "gpt2-tiny",

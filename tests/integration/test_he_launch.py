@@ -13,10 +13,10 @@ import torch
 from models.data import digits_dataset
 from models.registry import load_model
 from models.training import train_model
-from mpc_parties.config import ModelChoice
 from mpc_parties.launch import local_deployment
-from privinf.client import connect
-from protocols.plain import run_plain
+from mpc_parties.party_config import ModelChoice
+from privinf.session import connect
+from protocols.routes.plain import run_plain
 
 pytestmark = pytest.mark.integration
 

@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from models.registry import load_model
-from mpc_parties.config import ModelChoice
+from mpc_parties.handshake import SessionRefused
 from mpc_parties.launch import local_deployment
-from mpc_parties.sessions import SessionRefused
-from privinf.client import connect
-from protocols.certs import TlsConfig
-from protocols.grpc_transport import PeerRefused, connect as dial
-from protocols.plain import run_plain
-from protocols.transport import PeerAborted, PeerLost, TransportError
+from mpc_parties.party_config import ModelChoice
+from privinf.session import connect
+from protocols.net.certs import TlsConfig
+from protocols.net.channels import PeerAborted, PeerLost, TransportError
+from protocols.net.grpc_link import PeerRefused
+from protocols.net.grpc_link import connect as dial
+from protocols.routes.plain import run_plain
 
 pytestmark = pytest.mark.integration
 TEXT = "Private inference keeps the prompt secret."
@@ -97,9 +98,9 @@ def test_front_door_refuses_wrong_role_and_missing_certificates(tmp_path: Path) 
         dealer_tls = TlsConfig.load(certs, "dealer")
         with pytest.raises(PeerRefused):
             dial(server, dealer_tls, "server", "s-dealerrole", timeout=10)
-        import grpc  # noqa: PLC0415
+        import grpc
 
-        from protocols.wire import pb, rpc  # noqa: PLC0415
+        from protocols.net.wire import pb, rpc
 
         plain = grpc.insecure_channel(server)
         with pytest.raises(grpc.RpcError):
@@ -184,7 +185,7 @@ def test_cli_launch_bad_input_is_one_line(args: list[str], message: str) -> None
 
 def test_a_dying_client_stops_the_server_session_and_the_dealer(tmp_path: Path) -> None:
     with local_deployment(ModelChoice("gpt2-tiny", "mpcformer"), workdir=tmp_path) as deployment:
-        script = ("import sys; from privinf.client import connect; s = connect(sys.argv[1]); s.open(); "
+        script = ("import sys; from privinf.session import connect; s = connect(sys.argv[1]); s.open(); "
                   "print('open', flush=True); sys.stdin.read()")
         client = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "client.toml")],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

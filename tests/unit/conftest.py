@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from protocols.local_run import threaded_crypten
+from protocols.routes.local_run import threaded_crypten
 
 
 @pytest.fixture()

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bench_layers import (BERT_BASE, SEQ, bert_base_layer, build_layer, decode, encode,
-                                 output_tensor, sample_input)
+from models.bench_layers import (
+    SEQ,
+    bert_base_layer,
+    build_layer,
+    decode,
+    encode,
+    output_tensor,
+    sample_input,
+)
 from models.layers import GeLU, LayerNorm, Linear, Quad
 from models.registry import InputError, load_model
 from models.variants import VariantError

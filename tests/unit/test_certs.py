@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from protocols.certs import CertError, TlsConfig, cert_role, check_role, role_hostname, write_certs
+from protocols.net.certs import CertError, TlsConfig, cert_role, check_role, role_hostname, write_certs
 
 
 @pytest.fixture(scope="module")

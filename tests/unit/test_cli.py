@@ -10,7 +10,8 @@ import pytest
 from privinf.cli import main
 
 
-def test_run_plain_prints_output_and_table_and_writes_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_plain_prints_output_and_table_and_writes_reports(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.json"
     code = main(["run", "--model", "gpt2-tiny", "--variant", "mpcformer", "--protocol", "plain",
                  "--input", "hello", "--report", str(out), "--csv", str(tmp_path / "out.csv"),
@@ -69,7 +70,7 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, capsys: pyte
 
 
 def test_wrong_image_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
     path = tmp_path / "img.pt"
     torch.save(torch.rand(3, 8, 8), path)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch.distributed import ReduceOp
 
-from privinf.costs import Ledger
-from protocols.crypten_comm import ChannelCommunicator, CommunicatorError, crypten_session, install, uninstall
-from protocols.cryptenlib import crypten
-from protocols.transport import ProtocolError, memory_pair, run_parties
+from privinf.ledger.counting import Ledger
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib.communicator import (
+    ChannelCommunicator,
+    CommunicatorError,
+    crypten_session,
+    install,
+    uninstall,
+)
+from protocols.net.channels import ProtocolError, memory_pair, run_parties
 
 TOL = 1e-3  # 16-bit fixed point, a few truncations
 SOFTMAX_TOL = 1e-2  # CrypTen's exp (limit) and reciprocal (Newton) approximations: ~2.3e-3 seen
@@ -177,7 +184,7 @@ def test_install_rules_and_restore() -> None:
     a, _ = memory_pair("a", "b")
     with pytest.raises(CommunicatorError, match="rank must be 0 or 1"):
         install(a, 2)
-    with pytest.raises(CommunicatorError, match="needs a protocols.transport.Channel"):
+    with pytest.raises(CommunicatorError, match="needs a protocols.net.channels.Channel"):
         install(object(), 0)  # type: ignore[arg-type]
     install(a, 0)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from protocols import crypten_config
-from protocols.cryptenlib import crypten
+from protocols.mpc.cryptenlib import config_cache as crypten_config
+from protocols.mpc.cryptenlib import crypten
 
 
 def test_cached_reads_match_omegaconf_and_follow_overrides_and_writes() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from protocols.csprng import SEED_BYTES, CsprngError, Stream, derive_key, new_seed
+from protocols.mpc.csprng import SEED_BYTES, CsprngError, Stream, derive_key, new_seed
 
 SEED = bytes(range(16))
 

@@ -1,29 +1,36 @@
 """Dealer triples, the CrypTen provider over memory channels, and the no-Mersenne-Twister hooks.
 
 CrypTen runs here as two threads in one process, talking through privinf's communicator
-(:mod:`protocols.crypten_comm`) over an in-memory channel pair; the dealer serves both parties
+(:mod:`protocols.mpc.cryptenlib.communicator`) over an in-memory channel pair; the dealer serves both parties
 over two more memory channels.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from privinf.costs import Ledger, Phase
-from protocols import crypten_comm, crypten_config
-from protocols import crypten_provider as cp
-from protocols.cryptenlib import crypten
-from protocols.csprng import new_seed
-from protocols.dealer import (
-    Dealer, DealerError, RequestSchedule, ScheduleCache, TupleRequest, compute_correction, count_wraps,
-    expand_shares, receive_seed,
+from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc.cryptenlib import communicator as crypten_comm
+from protocols.mpc.cryptenlib import config_cache as crypten_config
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.dealer import (
+    Dealer,
+    DealerError,
+    RequestSchedule,
+    ScheduleCache,
+    TupleRequest,
+    compute_correction,
+    count_wraps,
+    expand_shares,
+    receive_seed,
 )
-from protocols.transport import memory_pair, run_parties
-
+from protocols.net.channels import memory_pair, run_parties
 
 torch.set_num_threads(1)
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from privinf.costs import Ledger
-from protocols import crypten_provider as cp
-from protocols import fss
-from protocols.cryptenlib import crypten
-from protocols.dealer import DealerError, TupleRequest
 from models import ops
-from protocols.fss_compare import ComparisonError, check_comparisons
+from privinf.ledger.counting import Ledger
+from protocols.mpc import fss
+from protocols.mpc.compare import ComparisonError, check_comparisons
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.dealer import DealerError, TupleRequest
 from tests.unit.test_dealer import run_crypten_parties
 
 RNG = np.random.default_rng(7)
@@ -194,7 +194,7 @@ def test_masked_values_are_reduced_to_the_gate_width_before_opening() -> None:
 
 
 def test_compare_bound_narrows_the_gate_and_stays_exact_within_it() -> None:
-    from protocols.fss_compare import bits_for  # noqa: PLC0415
+    from protocols.mpc.compare import bits_for
 
     assert bits_for(None) == 40 and bits_for(2.0 ** 14) == 32 and bits_for(2.0 ** 40) == 40
     values = torch.tensor([-16000.0, -3.5, -1e-3, 0.0, 2e-3, 9000.0, 16383.0])

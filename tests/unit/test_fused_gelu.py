@@ -1,4 +1,4 @@
-"""GeLU on shares with each operand opened once (protocols/fused_gelu.py): the dealer's gelu
+"""GeLU on shares with each operand opened once (protocols/mpc/fused_gelu.py): the dealer's gelu
 tuple, and the kernel against models.ops.gelu's CrypTen products and torch's GeLU."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from models import ops
-from privinf.costs import Ledger
-from protocols import crypten_provider as cp
-from protocols import fused_gelu
-from protocols.csprng import new_seed
-from protocols.cryptenlib import crypten
-from protocols.dealer import GELU_MASKS, GELU_PRODUCTS, TupleRequest, compute_correction, expand_shares
+from privinf.ledger.counting import Ledger
+from protocols.mpc import fused_gelu
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.dealer import GELU_MASKS, GELU_PRODUCTS, TupleRequest, compute_correction, expand_shares
 from tests.unit.test_dealer import run_crypten_parties
 
 # inside [-3.5, 3.5], both edges, and far outside (where the powers overflow and are zeroed)

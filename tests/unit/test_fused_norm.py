@@ -1,4 +1,4 @@
-"""Norms on shares with one opening of their input (protocols/fused_norm.py): the dealer's
+"""Norms on shares with one opening of their input (protocols/mpc/fused_norm.py): the dealer's
 rowscale tuple, the fused kernel against CrypTen's two products, and the LayerNorm using it."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import torch
 
 from models import ops
 from models.layers import LayerNorm
-from privinf.costs import Ledger
-from protocols import crypten_provider as cp
-from protocols import fused_norm
-from protocols.csprng import new_seed
-from protocols.cryptenlib import crypten
-from protocols.dealer import TupleRequest, compute_correction, expand_shares
+from privinf.ledger.counting import Ledger
+from protocols.mpc import fused_norm
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.dealer import TupleRequest, compute_correction, expand_shares
 from tests.unit.test_dealer import run_crypten_parties
 
 X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4)) * 3

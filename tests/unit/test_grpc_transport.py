@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
 import pytest
 
-from privinf.costs import Ledger
-from protocols.certs import TlsConfig, write_certs
-from protocols.grpc_transport import (
+from privinf.ledger.counting import Ledger
+from protocols.net.certs import TlsConfig, write_certs
+from protocols.net.channels import Frame, FrameKind, PeerLost, ProtocolError, run_parties
+from protocols.net.grpc_link import (
     CHUNK_BYTES,
     GRPC_PREFIX_BYTES,
     FrameAssembler,
@@ -24,8 +25,7 @@ from protocols.grpc_transport import (
     connect,
     encode_chunks,
 )
-from protocols.transport import Frame, FrameKind, PeerLost, ProtocolError, run_parties
-from protocols.wire import pb, rpc
+from protocols.net.wire import pb, rpc
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +146,15 @@ def test_duplicate_session_refused(server: PartyServer, certs: dict[str, TlsConf
     _close(served, client)
 
 
-def _raw_stub(server: PartyServer, tls: TlsConfig | None, peer_role: str = "server") -> tuple[grpc.Channel, rpc.PartyLinkStub]:
+def _raw_stub(server: PartyServer, tls: TlsConfig | None,
+              peer_role: str = "server") -> tuple[grpc.Channel, rpc.PartyLinkStub]:
     if tls is None:
         creds = grpc.ssl_channel_credentials(root_certificates=(server.tls.ca.read_bytes()))
     else:
         ca, cert, key = tls.read()
         creds = grpc.ssl_channel_credentials(ca, key, cert)
-    channel = grpc.secure_channel(server.address, creds, options=[("grpc.ssl_target_name_override", f"{peer_role}.privinf")])
+    override = [("grpc.ssl_target_name_override", f"{peer_role}.privinf")]
+    channel = grpc.secure_channel(server.address, creds, options=override)
     return channel, rpc.PartyLinkStub(channel)
 
 
@@ -252,7 +254,7 @@ def test_orderly_close_seen_by_peer(server: PartyServer, certs: dict[str, TlsCon
 
 
 def test_abort_reaches_peer(server: PartyServer, certs: dict[str, TlsConfig]) -> None:
-    from protocols.transport import PeerAborted
+    from protocols.net.channels import PeerAborted
 
     client, served = _pair(server, certs["client"])
     served.abort("x" * 5000)
@@ -369,8 +371,8 @@ def test_throughput_64_mib_exchange(server: PartyServer, certs: dict[str, TlsCon
 
 _CHILD = """
 import sys
-from protocols.certs import TlsConfig
-from protocols.grpc_transport import connect
+from protocols.net.certs import TlsConfig
+from protocols.net.grpc_link import connect
 channel = connect(sys.argv[1], TlsConfig.load(sys.argv[2], "client"), "server", sys.argv[3], timeout=30)
 channel.send("hello", b"hi")
 sys.stdin.read()
@@ -379,7 +381,8 @@ sys.stdin.read()
 
 @pytest.mark.integration
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
-def test_dead_or_frozen_peer_process_is_lost(server: PartyServer, certs: dict[str, TlsConfig], signal_name: str) -> None:
+def test_dead_or_frozen_peer_process_is_lost(server: PartyServer, certs: dict[str, TlsConfig],
+                                             signal_name: str) -> None:
     """A killed peer resets the connection; a frozen one stops answering keepalive pings."""
     import signal
     import subprocess

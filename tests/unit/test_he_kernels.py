@@ -36,11 +36,11 @@ from he_kernels import (
     power,
     power_softmax,
     qk_scores,
+    seal_io,
 )
-from he_kernels import seal_io
 from he_kernels.poly import poly_depth
 from he_kernels.tensor import ColumnLayout
-from privinf.costs import Ledger
+from privinf.ledger.counting import Ledger
 
 N_TOK, BLOCK = 8, 256  # 8 tokens, duplicated into blocks of 256 slots: 16 columns per ct at N=8192
 

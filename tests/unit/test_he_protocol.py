@@ -13,10 +13,10 @@ from he_kernels.tensor import OutOfRangeError
 from models.registry import ModelBundle
 from models.training import load_trained
 from models.variants import as_variant
-from privinf.costs import Ledger
-from protocols.he import TAG_CONTEXT, TAG_PLAN, HeClient, HeProtocolError, serve_he_session
-from protocols.he_eval import PARAMS, HeEvaluator, HeModelError
-from protocols.transport import memory_pair, run_parties
+from privinf.ledger.counting import Ledger
+from protocols.he.evaluator import PARAMS, HeEvaluator, HeModelError
+from protocols.net.channels import memory_pair, run_parties
+from protocols.routes.he import TAG_CONTEXT, TAG_PLAN, HeClient, HeProtocolError, serve_he_session
 
 
 class _Spec:

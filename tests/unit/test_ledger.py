@@ -8,10 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from privinf.costs import (
-    ROOT_SCOPE, Ledger, LedgerFormatError, Phase, Row, rows_from_dicts, rows_to_dicts, totals_by_op,
+from privinf.ledger.counting import (
+    ROOT_SCOPE,
+    Ledger,
+    LedgerFormatError,
+    Phase,
+    Row,
+    rows_from_dicts,
+    rows_to_dicts,
+    totals_by_op,
 )
-from protocols.transport import HEADER_BYTES, memory_pair
+from protocols.net.channels import HEADER_BYTES, memory_pair
 
 
 class FakeClock:
@@ -237,7 +244,7 @@ class Probe(nn.Module):
 
     op_kind = "probe"
 
-    def __init__(self, action) -> None:  # noqa: ANN001 - test helper
+    def __init__(self, action) -> None:
         super().__init__()
         self.action = action
 
@@ -339,7 +346,7 @@ def test_rows_round_trip_through_json_dicts() -> None:
         (lambda d: d.update(wall_s=float("-1")), "non-negative number"),
     ],
 )
-def test_malformed_rows_raise_clear_errors(mutate, message: str) -> None:  # noqa: ANN001
+def test_malformed_rows_raise_clear_errors(mutate, message: str) -> None:
     led = Ledger("server")
     with led.scope("a"):
         led.record_send(1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.ops import replace_parameters
-from models.variants import parse_variant
 from models.toy import FAMILIES, make_input, make_model
+from models.variants import parse_variant
 
 VARIANTS = [
     "exact", "mpcformer", "power", "relu", "scale", "linear", "attn=power:p=4:tau=2",
@@ -22,7 +22,7 @@ DECODERS = [name for name, cfg in FAMILIES.items() if cfg.family == "decoder"]
 @pytest.fixture(scope="module")
 def crypten():
     torch.set_num_threads(1)
-    from protocols.cryptenlib import crypten as lib  # noqa: PLC0415
+    from protocols.mpc.cryptenlib import crypten as lib
 
     lib.init()
     return lib
@@ -132,7 +132,7 @@ def test_heterogeneous_heads_equal_per_head_models(tmp_path) -> None:
 
 
 def make_mask(n: int):
-    from models.attention import AttnMask  # noqa: PLC0415
+    from models.attention import AttnMask
 
     pos = torch.arange(n)
     return AttnMask(pos, pos, causal=False)
@@ -149,8 +149,8 @@ def test_op_kinds_and_module_paths() -> None:
 
 
 def test_affine_norm_requires_calibration() -> None:
-    from models.hf_import import build  # noqa: PLC0415
-    from models.layers import NotCalibratedError  # noqa: PLC0415
+    from models.hf_import import build
+    from models.layers import NotCalibratedError
 
     model = build(FAMILIES["bert"], "exact,norm=affine")
     with pytest.raises(NotCalibratedError, match="not calibrated"):

@@ -11,7 +11,7 @@ from models.layers import Linear
 
 @pytest.fixture(scope="module")
 def crypten():
-    from protocols.cryptenlib import crypten as lib  # noqa: PLC0415
+    from protocols.mpc.cryptenlib import crypten as lib
 
     lib.init()
     return lib

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.registry import (InputError, ModelBundle, Registry, UnknownModelError, load_model,
-                             model_names, register_model)
+from models.registry import (
+    InputError,
+    ModelBundle,
+    Registry,
+    UnknownModelError,
+    load_model,
+    model_names,
+    register_model,
+)
 
 
 def test_builtin_names() -> None:

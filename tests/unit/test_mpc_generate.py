@@ -3,23 +3,23 @@ KV-stationary products, checked against plaintext."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from models.kv_pruning import PolicyError
 from models.registry import InputError, load_model
-from privinf.costs import Ledger
-from protocols.crypten_comm import crypten_session
-from protocols.cryptenlib import crypten
-from protocols.csprng import new_seed
-from protocols.kv_generate import plain_greedy
-from protocols.kv_stationary import TAG_MSG, StationaryDealer, StationaryError, StationaryParty
-from protocols.local_run import run_local_session
-from protocols.mpc import MpcClient, MpcInputError, MpcServer
-from protocols.transport import memory_pair, run_parties
+from privinf.ledger.counting import Ledger
+from protocols.kv.generate import plain_greedy
+from protocols.kv.stationary import TAG_MSG, StationaryDealer, StationaryError, StationaryParty
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib.communicator import crypten_session
+from protocols.mpc.csprng import new_seed
+from protocols.net.channels import memory_pair, run_parties
+from protocols.routes.local_run import run_local_session
+from protocols.routes.mpc import MpcClient, MpcInputError, MpcServer
 
 PROMPT = "private generation on shares, a KV cache in MPC"  # 48 bytes = 48 tokens (gpt2-tiny)
 

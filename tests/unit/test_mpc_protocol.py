@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from models.registry import load_model
-from mpc_parties.sessions import SessionSpec
-from privinf.costs import Ledger, Phase
-from protocols.local_run import run_local_session
-from protocols.mpc import MpcClient, MpcInputError, MpcServer
-from protocols.plain import run_plain
+from mpc_parties.handshake import SessionSpec
+from privinf.ledger.counting import Ledger, Phase
+from protocols.routes.local_run import run_local_session
+from protocols.routes.mpc import MpcClient, MpcInputError, MpcServer
+from protocols.routes.plain import run_plain
 
 
 @dataclass

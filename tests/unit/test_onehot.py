@@ -1,4 +1,4 @@
-"""Secret one-hot vectors from the dealer's rotated unit vector (protocols/onehot.py), and the
+"""Secret one-hot vectors from the dealer's rotated unit vector (protocols/mpc/onehot.py), and the
 selection primitives that use it (kv_select's rank one-hot and compaction) on two real parties."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from privinf.costs import Ledger
-from protocols import crypten_provider as cp
-from protocols.cryptenlib import crypten
-from protocols.dealer import DealerError, TupleRequest, compute_correction, expand_shares
-from protocols.csprng import new_seed
 from models.kv_pruning import PlainSelector
-from protocols.kv_select import ObliviousSelector, compact, indices_of, rank_topk_mask
-from protocols.onehot import OneHotError, domain_for, one_hot
+from privinf.ledger.counting import Ledger
+from protocols.kv.select import ObliviousSelector, compact, indices_of, rank_topk_mask
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.dealer import DealerError, TupleRequest, compute_correction, expand_shares
+from protocols.mpc.onehot import OneHotError, domain_for, one_hot
 from tests.unit.test_dealer import run_crypten_parties
 from tests.unit.test_kv_select import reveal
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mpc_parties.config import ConfigError, ModelChoice, PartyConfig, dump_config, load_config
-from mpc_parties.sessions import SessionRefused, SessionSpec, send_hello, refuse, TAG_HELLO
-from protocols.transport import ProtocolError, memory_pair, run_parties
+from mpc_parties.handshake import TAG_HELLO, SessionRefused, SessionSpec, refuse, send_hello
+from mpc_parties.party_config import ConfigError, ModelChoice, PartyConfig, dump_config, load_config
+from protocols.net.channels import ProtocolError, memory_pair, run_parties
 
 
 def test_config_round_trips_through_toml(tmp_path: Path) -> None:

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from privinf.costs import Counters, Phase, Row
-from privinf.pricing import (
-    LAN, PRESETS, WAN, CriticalPath, Estimate, NetworkProfile, ProfileError, combine_parties,
-    estimate, estimate_groups, estimate_phases, parse_bandwidth, parse_profile, parse_time, price,
+from privinf.ledger.counting import Counters, Phase, Row
+from privinf.ledger.pricing import (
+    LAN,
+    PRESETS,
+    WAN,
+    CriticalPath,
+    Estimate,
+    NetworkProfile,
+    ProfileError,
+    combine_parties,
+    estimate,
+    estimate_groups,
+    estimate_phases,
+    parse_bandwidth,
+    parse_profile,
+    parse_time,
+    price,
 )
 
 # 1 MB/s (8e6 bit/s) and 10 ms RTT keep the hand arithmetic simple.

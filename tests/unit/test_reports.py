@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from privinf.costs import Counters, Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
-from privinf.pricing import LAN, WAN, NetworkProfile
-from privinf.reports import SCHEMA, Report, ReportError, group_name, merge_rows
+from privinf.ledger.counting import Counters, Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
+from privinf.ledger.pricing import LAN, WAN, NetworkProfile
+from privinf.ledger.reports import SCHEMA, Report, ReportError, group_name, merge_rows
 
 SLOW = NetworkProfile("slow", 8e6, 0.01)
 MIB = 2**20

@@ -8,19 +8,30 @@ from typing import Any
 
 import pytest
 import torch
+from test_dealer import run_crypten_parties
 from torch import nn
 
-from privinf.costs import Ledger, Phase
-from protocols import crypten_provider as cp
-from protocols.cryptenlib import crypten
-from protocols.csprng import new_seed
-from protocols.dealer import Dealer
-from protocols.secure_linear import (
-    SCALE, TAG_E, LayerSpec, activation_masks, SecureLinearClient, SecureLinearError, SecureLinearServer, encode,
-    preprocess_server, server_correction, swap_linears, times_transposed, weight_mask,
+from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.dealer import Dealer
+from protocols.mpc.secure_linear import (
+    SCALE,
+    TAG_E,
+    LayerSpec,
+    SecureLinearClient,
+    SecureLinearError,
+    SecureLinearServer,
+    activation_masks,
+    encode,
+    preprocess_server,
+    server_correction,
+    swap_linears,
+    times_transposed,
+    weight_mask,
 )
-from protocols.transport import HEADER_BYTES, memory_pair
-from test_dealer import run_crypten_parties
+from protocols.net.channels import HEADER_BYTES, memory_pair
 
 torch.set_num_threads(1)
 CLIENT, SERVER = 0, 1

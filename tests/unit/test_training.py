@@ -60,6 +60,6 @@ def test_bad_requests_raise(tmp_path):
 
 
 def test_registry_lists_trained_models():
-    from models.registry import model_names  # noqa: PLC0415
+    from models.registry import model_names
 
     assert {"spam-encoder", "vit-digits"} <= set(model_names())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protocols.wire import pb, regenerate
+from protocols.net.wire import pb, regenerate
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     fresh = regenerate.generate(tmp_path / "gen")
     assert set(fresh) == {"__init__.py", "privinf_pb2.py", "privinf_pb2.pyi", "privinf_pb2_grpc.py"}
-    assert regenerate.stale_files(fresh) == [], "run: python -m protocols.wire.regenerate"
+    assert regenerate.stale_files(fresh) == [], "run: python -m protocols.net.wire.regenerate"
     assert b"from . import privinf_pb2" in fresh["privinf_pb2_grpc.py"]
 
 

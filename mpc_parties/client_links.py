@@ -1,0 +1,67 @@
+"""The client party: dials the server's front door, its session worker and the dealer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpc_parties.handshake import SessionSpec, new_session_id, send_hello
+from mpc_parties.party_config import ConfigError, PartyConfig
+from privinf.ledger.counting import Ledger
+from protocols.net.channels import Channel
+from protocols.net.grpc_link import connect
+
+
+@dataclass
+class ClientLinks:
+    """The client's open channels for one session (dealer is None for HE)."""
+
+    spec: SessionSpec
+    server: Channel
+    dealer: Channel | None
+    ledger: Ledger
+
+    def close(self) -> None:
+        for channel in (self.server, self.dealer):
+            if channel is not None:
+                channel.close()
+
+    def abort(self, reason: str) -> None:
+        for channel in (self.server, self.dealer):
+            if channel is not None:
+                channel.abort(reason)
+
+
+def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
+               session: str | None = None) -> ClientLinks:
+    """Handshake with the server (and dealer for MPC); return the session's channels."""
+    if config.role != "client":
+        raise ValueError(f"open_links needs a client config, got role {config.role!r}")
+    if protocol == "mpc" and "dealer" not in config.peers:
+        raise ConfigError("an MPC client needs the dealer's address under [peers]")
+    ledger = ledger or Ledger("client")
+    tls = config.tls()
+    spec = SessionSpec(session=session or new_session_id(), protocol=protocol,
+                       model=config.model.name, variant=config.model.variant,
+                       preprocess=config.preprocess, device=config.model.device,
+                       comparisons=config.comparisons)
+    server_address = config.peers["server"]
+    front = connect(server_address, tls, "server", spec.session, timeout=config.timeout_s)
+    try:
+        welcome = send_hello(front, spec)
+    except BaseException:
+        front.abort("client gave up during the handshake")
+        raise
+    front.close()
+    worker_address = f"{server_address.rsplit(':', 1)[0]}:{int(welcome['port'])}"
+    dealer: Channel | None = None
+    if protocol == "mpc":
+        dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
+                         timeout=config.timeout_s, timeout_s=config.timeout_s)
+        try:
+            send_hello(dealer, spec)
+        except BaseException:
+            dealer.abort("client gave up during the handshake")
+            raise
+    server = connect(worker_address, tls, "server", spec.session, ledger, timeout=config.timeout_s,
+                     timeout_s=config.timeout_s)
+    return ClientLinks(spec, server, dealer, ledger)

@@ -1,0 +1,144 @@
+"""Cryptographically secure randomness for shares, masks and triples: AES-128-CTR keystreams.
+
+Every random ring element privinf puts into a share, a mask or a Beaver triple comes from here,
+never from ``torch.Generator`` (Mersenne Twister, whose state is recoverable from its output).
+
+A *seed* is 16 bytes from ``os.urandom``. A *stream* is the AES-128-CTR keystream (counter from
+zero) under a key derived from ``(seed, label)`` by HMAC-SHA256, so one seed yields any number
+of independent streams named by labels (``"tuple/17"``, ``"ws/encoder.0.q/3/A"``); two parties
+holding the same seed and label expand the identical sequence, and different labels give
+computationally independent sequences. Streams are read sequentially: successive calls continue
+the keystream, so parties that issue the same calls in the same order stay in step.
+
+Ring elements are uniform in Z_2^64 represented as torch.int64 (two's complement), which is
+CrypTen's share representation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+from collections.abc import Iterable
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SEED_BYTES = 16
+_KDF_CONTEXT = b"privinf/csprng/v1|"
+_ZERO_IV = bytes(16)
+_CHUNK = 1 << 24  # keystream produced per AES call (bounds the zero buffer we feed in)
+
+
+class CsprngError(ValueError):
+    """Bad seed, label, shape or bit length given to the CSPRNG."""
+
+
+def new_seed() -> bytes:
+    """A fresh 128-bit seed from the operating system's CSPRNG."""
+    return os.urandom(SEED_BYTES)
+
+
+def check_seed(seed: bytes) -> bytes:
+    """Return ``seed`` as bytes after checking it is exactly 16 bytes."""
+    if not isinstance(seed, (bytes, bytearray)):
+        raise CsprngError(f"seed must be bytes, got {type(seed).__name__}")
+    if len(seed) != SEED_BYTES:
+        raise CsprngError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    return bytes(seed)
+
+
+def derive_key(seed: bytes, label: str) -> bytes:
+    """128-bit AES key for stream ``label`` of ``seed`` (HMAC-SHA256 as a PRF, truncated)."""
+    if not isinstance(label, str):
+        raise CsprngError(f"stream label must be str, got {type(label).__name__}")
+    mac = hmac.new(check_seed(seed), _KDF_CONTEXT + label.encode(), hashlib.sha256)
+    return mac.digest()[:SEED_BYTES]
+
+
+def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    out = tuple(int(d) for d in shape)
+    if any(d < 0 for d in out):
+        raise CsprngError(f"shape has a negative dimension: {list(out)}")
+    return out
+
+
+class Stream:
+    """One AES-128-CTR keystream, read sequentially as bytes, ring elements or k-bit values.
+
+    Not thread-safe: one stream belongs to one party's computation thread.
+    """
+
+    def __init__(self, seed: bytes, label: str = "") -> None:
+        self._seed = check_seed(seed)
+        self.label = label
+        self._enc = Cipher(algorithms.AES(derive_key(self._seed, label)), modes.CTR(_ZERO_IV)).encryptor()
+        self.bytes_used = 0
+
+    def __repr__(self) -> str:  # never shows the seed
+        return f"Stream(label={self.label!r}, bytes_used={self.bytes_used})"
+
+    def child(self, label: str) -> Stream:
+        """An independent stream for ``label`` below this one (same seed, label path joined by '/')."""
+        return Stream(self._seed, f"{self.label}/{label}" if self.label else label)
+
+    def read_into(self, out: bytearray | memoryview) -> None:
+        """Fill ``out`` with the next ``len(out)`` keystream bytes."""
+        view = memoryview(out).cast("B")
+        n = len(view)
+        done = 0
+        while done < n:
+            step = min(_CHUNK, n - done)
+            block = bytearray(step + 15)
+            self._enc.update_into(bytes(step), block)
+            view[done:done + step] = block[:step]
+            done += step
+        self.bytes_used += n
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` keystream bytes."""
+        if n < 0:
+            raise CsprngError(f"cannot read {n} bytes")
+        buf = bytearray(n)
+        self.read_into(buf)
+        return bytes(buf)
+
+    def _words(self, count: int, itemsize: int) -> bytearray:
+        nbytes = count * itemsize
+        if nbytes <= _CHUNK:
+            buf = bytearray(nbytes + 15)
+            self._enc.update_into(bytes(nbytes), buf)
+            self.bytes_used += nbytes
+            return buf
+        buf = bytearray(nbytes)
+        self.read_into(buf)
+        return buf
+
+    def ring(self, shape: int | Iterable[int]) -> torch.Tensor:
+        """Uniform elements of Z_2^64 as an int64 tensor of ``shape``."""
+        dims = _shape(shape)
+        count = math.prod(dims)
+        if count == 0:
+            return torch.empty(dims, dtype=torch.int64)
+        buf = self._words(count, 8)
+        return torch.frombuffer(buf, dtype=torch.int64, count=count).reshape(dims)
+
+    def bits(self, shape: int | Iterable[int], bitlength: int = 1) -> torch.Tensor:
+        """Uniform integers in [0, 2**bitlength) as int64; ``bitlength`` 64 means the full ring."""
+        if not isinstance(bitlength, int) or not 1 <= bitlength <= 64:
+            raise CsprngError(f"bitlength must be an int in 1..64, got {bitlength!r}")
+        if bitlength == 64:
+            return self.ring(shape)
+        dims = _shape(shape)
+        count = math.prod(dims)
+        if count == 0:
+            return torch.empty(dims, dtype=torch.int64)
+        # Masking a uniform w-bit word to its low k bits (k <= w) is exactly uniform.
+        widths = ((8, torch.uint8), (16, torch.int16), (32, torch.int32), (64, torch.int64))
+        width, dtype = next((w, d) for w, d in widths if bitlength <= w)
+        buf = self._words(count, width // 8)
+        words = torch.frombuffer(buf, dtype=dtype, count=count).to(torch.int64)
+        return words.bitwise_and_((1 << bitlength) - 1).reshape(dims)

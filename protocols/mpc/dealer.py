@@ -1,0 +1,513 @@
+"""The dealer of correlated randomness (Beaver triples and friends) for 2-party MPC.
+
+The dealer shares one 128-bit seed with each computing party (sent once, offline, over the
+mutually authenticated link). For tuple request number ``k`` every party expands its own shares
+locally from ``Stream(seed_p, "tuple/k")``; party 1 expands *all* of its shares, party 0 expands
+its random operands (a0, b0, ...) but not the dependent one. The dealer expands both parties'
+streams, computes the full tuple and sends party 0 only its dependent share, the *correction*
+(e.g. ``c0 = (a0 + a1) * (b0 + b1) - c1``). So the dealer ships one tensor per request, to one
+party, and nothing to party 1. CrypTen's TTP does the same with Mersenne-Twister generators and
+``torch.distributed``; this module is the CSPRNG, channel-based replacement.
+
+Request descriptors (:class:`TupleRequest`) are public: kind, shapes, op and conv arguments,
+nothing secret. For a given model, variant and input shape the sequence is deterministic, so it
+can be recorded once (:class:`RequestSchedule`) and the dealer can generate the corrections for
+``N`` inferences ahead of time (preprocessed mode) instead of answering request by request
+(online mode). Both modes are served by :meth:`Dealer.serve` over one :class:`Channel` per party.
+
+Wire messages on a party<->dealer channel (JSON control + raw int64 arrays, nothing pickled):
+``dealer.seed`` (16 bytes, dealer -> party, once), ``dealer.msg`` JSON from the party
+(``{"type": "tuple", "index", "request"}``, ``{"type": "preprocess", "start", "inferences",
+"schedule"}``, ``{"type": "ws_preprocess", ...}`` (see :mod:`protocols.mpc.secure_linear`),
+``{"type": "end"}``), and ``dealer.corr`` arrays back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc import fss, secure_linear
+from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
+from protocols.net.channels import Channel
+
+TAG_SEED = "dealer.seed"
+TAG_MSG = "dealer.msg"
+TAG_CORR = "dealer.corr"
+
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale", "gelu")
+GELU_MASKS = ("x", "v", "v2", "v3", "v4", "inside", "even", "w")  # order of a gelu request's masks
+GELU_PRODUCTS = (("x", "x"), ("v", "v"), ("v", "v2"), ("v2", "v2"), ("v", "v4"), ("v3", "v3"),
+                 ("inside", "even"), ("w", "x"))  # mask products it shares (protocols/mpc/fused_gelu.py)
+SIGN_BITS_RANGE = (2, 64)
+ONEHOT_DOMAIN_MAX = 1 << 16  # a one-hot request's domain: a power of two up to this
+ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
+_CONV_KWARGS = ("stride", "padding", "dilation", "groups", "output_padding")
+CORRECTED_RANK = 0  # the party that receives corrections for CrypTen tuples
+WORLD_SIZE = 2
+
+
+class DealerError(ValueError):
+    """A malformed, unexpected or mismatched dealer request or reply."""
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in value)
+    except TypeError:
+        raise DealerError(f"{what} must be a list of ints, got {value!r}") from None
+    if any(d < 0 for d in dims):
+        raise DealerError(f"{what} has a negative dimension: {list(dims)}")
+    return dims
+
+
+def _kwarg_value(key: str, value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
+    if isinstance(value, int):
+        return value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TupleRequest:
+    """One public request for correlated randomness, as CrypTen's provider receives it."""
+
+    kind: str
+    size0: tuple[int, ...]
+    size1: tuple[int, ...] = ()
+    op: str = ""
+    kwargs: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "additive" and self.op not in ADDITIVE_OPS:
+            raise DealerError(f"unsupported additive-triple op {self.op!r}; expected one of {ADDITIVE_OPS}")
+        if self.kind == "sign":
+            keys = dict(self.kwargs)
+            bits = keys.get("bits")
+            if self.op or set(keys) != {"bits"} or not isinstance(bits, int) \
+                    or not SIGN_BITS_RANGE[0] <= bits <= SIGN_BITS_RANGE[1]:
+                raise DealerError(f"a sign request takes only bits in {list(SIGN_BITS_RANGE)}, got "
+                                  f"op={self.op!r} {dict(self.kwargs)}")
+            return
+        if self.kind == "onehot":
+            domain = dict(self.kwargs).get("domain")
+            if self.op or [k for k, _ in self.kwargs] != ["domain"] or isinstance(domain, bool) \
+                    or not isinstance(domain, int) or not 2 <= domain <= ONEHOT_DOMAIN_MAX \
+                    or domain & (domain - 1):
+                raise DealerError(f"a onehot request takes only a domain that is a power of two in "
+                                  f"[2, {ONEHOT_DOMAIN_MAX}], got op={self.op!r} {dict(self.kwargs)}")
+            return
+        if self.kind != "additive" and (self.op or self.kwargs):
+            raise DealerError(f"{self.kind} requests take no op or op arguments")
+        for key, _ in self.kwargs:
+            if key not in _CONV_KWARGS:
+                raise DealerError(f"unsupported op argument {key!r}; expected one of {_CONV_KWARGS}")
+
+    @classmethod
+    def additive(cls, size0: Any, size1: Any, op: str, **kwargs: Any) -> TupleRequest:
+        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
+        return cls("additive", _dims(size0, "size0"), _dims(size1, "size1"), op, items)
+
+    @classmethod
+    def sign(cls, size: Any, bits: int) -> TupleRequest:
+        """FSS sign-gate keys for a tensor of ``size`` on ``bits``-bit values (both parties fetch)."""
+        return cls("sign", _dims(size, "size"), (), "", (("bits", int(bits)),))
+
+    @classmethod
+    def one_hot(cls, size: Any, domain: int) -> TupleRequest:
+        """A random ``rho`` (uniform mod ``domain``) per element and the unit vector ``e_rho``."""
+        return cls("onehot", _dims(size, "size"), (), "", (("domain", domain),))
+
+    @property
+    def domain(self) -> int:
+        return int(dict(self.kwargs)["domain"])
+
+    @property
+    def bits(self) -> int:
+        return int(dict(self.kwargs)["bits"])
+
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of the dependent tensor (c, r^2, theta_r, rA, or one party's flat sign keys),
+        computed on meta tensors."""
+        if self.kind == "sign":
+            return (fss.sign_key_words(self.bits, _numel(self.size0)),)
+        if self.kind == "onehot":
+            return self.size0 + (self.domain,)
+        if self.kind == "rowscale":
+            return (2,) + self.size0
+        if self.kind == "gelu":
+            return (len(GELU_PRODUCTS),) + self.size0
+        if self.kind == "additive":
+            a = torch.empty(self.size0, device="meta")
+            b = torch.empty(self.size1, device="meta")
+            try:
+                return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
+            except RuntimeError as exc:
+                raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
+                                  f"is invalid: {str(exc).splitlines()[0]}") from None
+        if self.kind == "binary":
+            return tuple(torch.broadcast_shapes(self.size0, self.size1))
+        return self.size0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "size0": list(self.size0)}
+        if self.kind in ("additive", "binary"):
+            out["size1"] = list(self.size1)
+        if self.op:
+            out["op"] = self.op
+        if self.kind == "sign":
+            out["bits"] = self.bits
+        elif self.kind == "onehot":
+            out["domain"] = self.domain
+        elif self.kwargs:
+            out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> TupleRequest:
+        if not isinstance(data, dict) or "kind" not in data or "size0" not in data:
+            raise DealerError(f"malformed tuple request: {data!r}")
+        if data["kind"] == "sign":
+            bits = data.get("bits")
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise DealerError(f"a sign request needs an integer bits, got {bits!r}")
+            return cls.sign(data["size0"], bits)
+        if data["kind"] == "onehot":
+            domain = data.get("domain")
+            if isinstance(domain, bool) or not isinstance(domain, int):
+                raise DealerError(f"a onehot request needs an integer domain, got {domain!r}")
+            return cls.one_hot(data["size0"], domain)
+        kwargs = data.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise DealerError(f"tuple request kwargs must be an object, got {kwargs!r}")
+        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
+        return cls(str(data["kind"]), _dims(data["size0"], "size0"),
+                   _dims(data.get("size1", []), "size1"), str(data.get("op", "")), items)
+
+
+class RequestSchedule:
+    """The ordered, public list of tuple requests one inference makes (recorded by party 0)."""
+
+    def __init__(self, requests: list[TupleRequest] | None = None) -> None:
+        self.requests: list[TupleRequest] = list(requests or [])
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, index: int) -> TupleRequest:
+        return self.requests[index]
+
+    def append(self, request: TupleRequest) -> None:
+        self.requests.append(request)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.requests]
+
+    @classmethod
+    def from_json(cls, data: Any) -> RequestSchedule:
+        if not isinstance(data, list):
+            raise DealerError(f"a request schedule is a JSON list, got {type(data).__name__}")
+        return cls([TupleRequest.from_json(item) for item in data])
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON (both sides check they preprocess the same schedule)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def correction_bytes(self) -> int:
+        """Bytes of corrections party 0 stores per inference of this schedule."""
+        return sum(8 * _numel(r.output_shape()) for r in self.requests)
+
+    def has_sign(self) -> bool:
+        """Whether any request is for FSS sign keys (which party 1 fetches as well)."""
+        return any(r.kind == "sign" for r in self.requests)
+
+
+class ScheduleCache:
+    """Recorded request schedules by key, at most ``max_requests`` requests in all (about 300 B
+    each): the oldest schedules are dropped first, the newest is always kept."""
+
+    def __init__(self, max_requests: int) -> None:
+        if max_requests < 1:
+            raise DealerError(f"max_requests must be >= 1, got {max_requests}")
+        self.max_requests = max_requests
+        self._schedules: dict[Any, RequestSchedule] = {}
+        self._requests = 0
+
+    def __len__(self) -> int:
+        return len(self._schedules)
+
+    @property
+    def requests(self) -> int:
+        """Requests held in all schedules."""
+        return self._requests
+
+    def get(self, key: Any) -> RequestSchedule | None:
+        return self._schedules.get(key)
+
+    def put(self, key: Any, schedule: RequestSchedule) -> None:
+        old = self._schedules.pop(key, None)
+        self._requests -= len(old) if old is not None else 0
+        self._schedules[key] = schedule
+        self._requests += len(schedule)
+        while self._requests > self.max_requests and len(self._schedules) > 1:
+            self._requests -= len(self._schedules.pop(next(iter(self._schedules))))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def count_wraps(shares: list[torch.Tensor]) -> torch.Tensor:
+    """How many times the int64 sum of ``shares`` wraps around 2^64 (signed), as in CrypTen."""
+    result = torch.zeros_like(shares[0])
+    prev = shares[0]
+    for cur in shares[1:]:
+        nxt = prev + cur
+        result -= ((prev < 0) & (cur < 0) & (nxt >= 0)).long()
+        result += ((prev >= 0) & (cur >= 0) & (nxt < 0)).long()
+        prev = nxt
+    return result
+
+
+def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> dict[str, torch.Tensor]:
+    """The shares party ``rank`` derives locally for request ``index`` (all but its correction).
+
+    Party 1 gets every share; party 0 gets the random operands only. The order of reads from
+    the stream is fixed per kind: this function is the single definition both the parties and
+    the dealer use, so they cannot drift apart.
+    """
+    if rank not in (0, 1):
+        raise DealerError(f"the dealer serves 2 parties (ranks 0 and 1), not rank {rank}")
+    if request.kind == "sign":
+        return {}  # both parties receive their whole key from the dealer
+    stream = Stream(seed, f"tuple/{index}")
+    helper = rank != CORRECTED_RANK
+    out: dict[str, torch.Tensor] = {}
+    if request.kind in ("additive", "binary"):
+        out["a"], out["b"] = stream.ring(request.size0), stream.ring(request.size1)
+        if helper:
+            out["c"] = stream.ring(request.output_shape())
+    elif request.kind == "onehot":
+        out["r"] = stream.ring(request.size0)
+        if helper:
+            out["u"] = stream.ring(request.output_shape())
+    elif request.kind == "gelu":
+        out["masks"] = stream.ring((len(GELU_MASKS),) + request.size0)
+        if helper:
+            out["products"] = stream.ring(request.output_shape())
+    elif request.kind == "rowscale":
+        if not request.size0:
+            raise DealerError("a rowscale request needs a shape with a last (row) dimension")
+        out["a"] = stream.ring(request.size0)
+        out["b"] = stream.ring(request.size0[:-1] + (1,))
+        if helper:
+            out["ab"] = stream.ring(request.output_shape())
+    elif request.kind in ("square", "wraps"):
+        out["r"] = stream.ring(request.size0)
+        if helper:
+            out["r2" if request.kind == "square" else "theta_r"] = stream.ring(request.size0)
+    else:  # B2A
+        out["rB"] = stream.bits(request.size0, 1)
+        if helper:
+            out["rA"] = stream.ring(request.size0)
+    return out
+
+
+def compute_correction(seeds: dict[int, bytes], index: int, request: TupleRequest) -> torch.Tensor:
+    """Party 0's dependent share for request ``index``: full value minus party 1's share."""
+    if request.kind == "sign":
+        raise DealerError("sign keys come from a Dealer's key store, not from the seeds alone")
+    p0 = expand_shares(seeds[0], 0, index, request)
+    p1 = expand_shares(seeds[1], 1, index, request)
+    if request.kind == "additive":
+        full = getattr(torch, request.op)(p0["a"] + p1["a"], p0["b"] + p1["b"], **dict(request.kwargs))
+        return full - p1["c"]
+    if request.kind == "square":
+        r = p0["r"] + p1["r"]
+        return r * r - p1["r2"]
+    if request.kind == "binary":
+        return ((p0["a"] ^ p1["a"]) & (p0["b"] ^ p1["b"])) ^ p1["c"]
+    if request.kind == "wraps":
+        return count_wraps([p0["r"], p1["r"]]) - p1["theta_r"]
+    if request.kind == "gelu":
+        masks = dict(zip(GELU_MASKS, p0["masks"] + p1["masks"]))
+        return torch.stack([masks[i] * masks[j] for i, j in GELU_PRODUCTS]) - p1["products"]
+    if request.kind == "rowscale":
+        a, b = p0["a"] + p1["a"], p0["b"] + p1["b"]
+        return torch.stack([a * a, a * b]) - p1["ab"]
+    if request.kind == "onehot":
+        rho = (p0["r"] + p1["r"]) & (request.domain - 1)
+        unit = torch.nn.functional.one_hot(rho, request.domain) << 16  # at CrypTen's scale 2^16
+        return unit - p1["u"]
+    return (p0["rB"] ^ p1["rB"]) - p1["rA"]
+
+
+def send_seed(channel: Channel, seed: bytes) -> None:
+    """Dealer side of seed distribution (once per session, offline)."""
+    channel.send(TAG_SEED, check_seed(seed))
+
+
+def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
+    """Party side of seed distribution; records the seed as offline storage."""
+    data = channel.recv(TAG_SEED)
+    if not isinstance(data, bytes) or len(data) != SEED_BYTES:
+        raise DealerError(f"dealer seed must be {SEED_BYTES} raw bytes")
+    if ledger is not None:
+        with ledger.phase(Phase.OFFLINE):
+            ledger.record_storage("seeds", SEED_BYTES)
+    return data
+
+
+class SignKeyStore:
+    """FSS sign-gate keys generated once per request index, each half taken by its party.
+
+    Both parties fetch their own half (in any order, from their own dealer link), so the dealer
+    keeps the half not yet taken. Keys are drawn from ``os.urandom`` and never derived from
+    the parties' seeds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[TupleRequest, dict[int, np.ndarray]]] = {}
+
+    def __repr__(self) -> str:
+        return f"SignKeyStore(pending={len(self._pending)})"
+
+    def take(self, index: int, request: TupleRequest, rank: int) -> torch.Tensor:
+        with self._lock:
+            entry = self._pending.get(index)
+            if entry is None:
+                shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
+                keys = fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
+                entry = (request, {0: keys[0], 1: keys[1]})
+                self._pending[index] = entry
+            stored, halves = entry
+            if stored != request:
+                raise DealerError(f"sign request {index} differs between the parties: "
+                                  f"{stored.to_json()} vs {request.to_json()}")
+            if rank not in halves:
+                raise DealerError(f"rank {rank} asked twice for sign keys {index}")
+            half = halves.pop(rank)
+            if not halves:
+                del self._pending[index]
+        return torch.from_numpy(half)
+
+
+class Dealer:
+    """Holds one seed per computing party and answers requests for corrections.
+
+    ``serve(channel, rank)`` runs the request loop for one party's link until that party sends
+    ``end``; run one loop per party link (threads or tasks) when both talk to the dealer.
+    """
+
+    def __init__(self, ledger: Ledger | None = None, seeds: dict[int, bytes] | None = None) -> None:
+        self.ledger = ledger
+        self._seeds = {r: check_seed(s) for r, s in (seeds or {0: new_seed(), 1: new_seed()}).items()}
+        self._sign_keys = SignKeyStore()
+        if sorted(self._seeds) != [0, 1]:
+            raise DealerError(f"the dealer needs seeds for ranks 0 and 1, got ranks {sorted(self._seeds)}")
+        if ledger is not None:
+            with ledger.phase(Phase.OFFLINE):
+                ledger.record_storage("seeds", SEED_BYTES * len(self._seeds))
+
+    def __repr__(self) -> str:  # never shows the seeds
+        return "Dealer(ranks=[0, 1])"
+
+    def distribute_seeds(self, channels: dict[int, Channel]) -> None:
+        """Send each party its seed (offline)."""
+        for rank, channel in channels.items():
+            if rank not in self._seeds:
+                raise DealerError(f"no seed for rank {rank}")
+            if self.ledger is not None:
+                with self.ledger.phase(Phase.OFFLINE):
+                    send_seed(channel, self._seeds[rank])
+            else:
+                send_seed(channel, self._seeds[rank])
+
+    def correction(self, index: int, request: TupleRequest, rank: int = CORRECTED_RANK) -> torch.Tensor:
+        """Party 0's correction for request ``index``, or ``rank``'s half of sign keys."""
+        if request.kind == "sign":
+            return self._sign_keys.take(index, request, rank)
+        if rank != CORRECTED_RANK:
+            raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
+        return compute_correction(self._seeds, index, request)
+
+    def preprocess(self, start: int, inferences: int, schedule: RequestSchedule,
+                   rank: int = CORRECTED_RANK) -> Iterator[torch.Tensor]:
+        """Corrections (rank 0) or sign keys (both ranks) for ``inferences`` runs of ``schedule``
+        starting at request ``start``; rank 1 gets its sign keys only."""
+        if inferences < 1:
+            raise DealerError(f"inferences must be >= 1, got {inferences}")
+        if len(schedule) == 0:
+            raise DealerError("cannot preprocess an empty request schedule")
+        index = start
+        for _ in range(inferences):
+            for request in schedule.requests:
+                if rank == CORRECTED_RANK or request.kind == "sign":
+                    yield self.correction(index, request, rank)
+                index += 1
+
+    def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
+        """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
+
+        A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
+        """
+        sent = 0
+        expected_index = 0
+        while True:
+            msg = channel.recv_json(TAG_MSG)
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            if kind == "end":
+                return sent
+            if kind == "report":
+                if on_report is None:
+                    raise DealerError("this dealer link does not serve reports")
+                on_report()
+                continue
+            if kind == "tuple":
+                index = int(msg["index"])
+                if index < expected_index:
+                    raise DealerError(f"request index {index} repeats or goes back (expected >= {expected_index})")
+                expected_index = index + 1
+                request = TupleRequest.from_json(msg["request"])
+                self._send(channel, self.correction(index, request, rank), Phase.ONLINE)
+                sent += 1
+            elif kind == "preprocess":
+                schedule = RequestSchedule.from_json(msg["schedule"])
+                start, n = int(msg["start"]), int(msg["inferences"])
+                if start < expected_index:
+                    raise DealerError(f"preprocess start {start} overlaps requests already served")
+                expected_index = start + n * len(schedule)
+                for corr in self.preprocess(start, n, schedule, rank):
+                    self._send(channel, corr, Phase.OFFLINE)
+                    sent += 1
+            elif kind == "ws_preprocess":
+                for corr in secure_linear.dealer_corrections(self._seeds, rank, msg):
+                    self._send(channel, corr, Phase.OFFLINE)
+                    sent += 1
+            else:
+                raise DealerError(f"unknown dealer message type {kind!r}")
+
+    def _send(self, channel: Channel, tensor: torch.Tensor, phase: Phase) -> None:
+        if self.ledger is None:
+            channel.send(TAG_CORR, tensor)
+            return
+        with self.ledger.phase(phase):
+            channel.send(TAG_CORR, tensor)

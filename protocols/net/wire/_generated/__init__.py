@@ -1,0 +1,1 @@
+"""Code generated from protocols/net/wire/privinf.proto; do not edit (see regenerate.py)."""

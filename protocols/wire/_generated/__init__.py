@@ -1,1 +1,0 @@
-"""Code generated from protocols/wire/privinf.proto; do not edit (see regenerate.py)."""
