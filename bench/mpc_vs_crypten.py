@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bench_layers import BERT_BASE, NAME, SEQ, build_layer, output_tensor, sample_input
 from privinf.ledger.counting import ROOT_SCOPE, Phase
 from privinf.ledger.pricing import LAN, WAN, CriticalPath, price
+from privinf.ledger.tables import num_col, render, text_col
 
 MIB = float(2**20)
 QUICK_SEQ = 32
@@ -250,12 +251,8 @@ def _ratio(ours: float, theirs: float) -> str:
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths) - 2), *(fmt(r) for r in rows)])
+    """The first column is text, the others right-aligned (numbers and ratios)."""
+    return render([text_col(head[0])] + [num_col(h) for h in head[1:]], rows)
 
 
 def network_s(res: dict[str, Any], profile: Any) -> float:

@@ -232,18 +232,22 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def _print_steps(report: Any) -> None:
     """Per-token costs of a generation: bytes each party sent, rounds, wall, LAN/WAN estimates."""
+    from privinf.ledger.tables import num_col, render, text_col
+
     lan, wan = report.step_estimates("lan"), report.step_estimates("wan")
-    print(f"{'step':<10} {'client MiB':>10} {'server MiB':>10} {'rounds':>7} {'lan ms':>9} {'wan ms':>10}")
+    rows = []
     for step in report.steps:
         if not step:
             continue
-        rows = [r for r in report.rows if r.step == step and r.phase.value == "online"]
-        sent = {party: sum(r.counters.bytes_sent for r in rows if r.party == party) / 2**20
+        online = [r for r in report.rows if r.step == step and r.phase.value == "online"]
+        sent = {party: sum(r.counters.bytes_sent for r in online if r.party == party) / 2**20
                 for party in ("client", "server")}
-        rounds = max((sum(r.counters.rounds for r in rows if r.party == p) for p in ("client", "server")),
+        rounds = max((sum(r.counters.rounds for r in online if r.party == p) for p in ("client", "server")),
                      default=0)
-        print(f"{step:<10} {sent['client']:10.3f} {sent['server']:10.3f} {rounds:7d} "
-              f"{lan[step].latency_s * 1e3:9.1f} {wan[step].latency_s * 1e3:10.1f}")
+        rows.append([step, f"{sent['client']:.3f}", f"{sent['server']:.3f}", str(rounds),
+                     f"{lan[step].latency_s * 1e3:.1f}", f"{wan[step].latency_s * 1e3:.1f}"])
+    columns = [text_col("step")] + [num_col(h) for h in ("client MiB", "server MiB", "rounds", "lan ms", "wan ms")]
+    print(render(columns, rows))
 
 
 def _cmd_party(args: argparse.Namespace) -> int:
@@ -286,19 +290,22 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 def _cmd_variants(_args: argparse.Namespace) -> int:
     from models.variants import list_variants
 
-    entries = list_variants()
-    width = max(len(name) for name, _ in entries)
-    for name, description in entries:
-        print(f"{name:<{width}}  {description}")
+    _print_listing(list_variants())
     return 0
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:
     from models.registry import list_models
 
-    for name, description in list_models():
-        print(f"{name:<12}  {description}")
+    _print_listing(list_models())
     return 0
+
+
+def _print_listing(entries: Sequence[tuple[str, str]]) -> None:
+    """Name and one-line description per entry, names aligned, no header."""
+    from privinf.ledger.tables import render, text_col
+
+    print(render([text_col("name"), text_col("description")], [list(e) for e in entries], show_header=False))
 
 
 def _short(output: Any, limit: int = 8) -> str:

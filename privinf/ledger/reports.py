@@ -39,6 +39,7 @@ from privinf.ledger.pricing import (
     estimate_phases,
     price,
 )
+from privinf.ledger.tables import num_col, render, text_col
 
 SCHEMA = "privinf.report/1"
 MIB = float(2**20)
@@ -328,22 +329,21 @@ class Report:
         totals and each party's storage. Arguments as in :meth:`layers`."""
         layers = self.layers(depth, phase, party, step)
         est_names = [p.name for p in self.profiles]
-        head = ["layer", "op"] + (["phase"] if phase is None else []) + [
-            "MiB sent", "MiB recv", "rounds", "compute ms", "wall ms"] + [f"{n} ms" for n in est_names]
-        lines = [_layer_cells(s, est_names, phase is None, name_width) for s in layers]
+        columns = [text_col("layer", name_width, keep="tail"), text_col("op", 16)] + (
+            [text_col("phase")] if phase is None else []) + [
+            num_col(h) for h in ("MiB sent", "MiB recv", "rounds", "compute ms", "wall ms")] + [
+            num_col(f"{n} ms") for n in est_names]
+        lines = [_layer_cells(s, est_names, phase is None) for s in layers]
         totals = [_total_cells(layers, est_names, phase is None, "total")]
         if phase is not None and party is None and step is None:
             other = Phase.OFFLINE if phase == Phase.ONLINE else Phase.ONLINE
             other_layers = self.layers(None, other)
             if other_layers:
                 totals.append(_total_cells(other_layers, est_names, False, f"{other.value} total"))
-        widths = [max(len(r[i]) for r in [head, *totals, *lines]) for i in range(len(head))]
-        fmt = _row_formatter(widths, 3 if phase is None else 2)
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         title = (f"{self.model} / {self.protocol} / {self.variant}  phase={phase.value if phase else 'all'}"
                  + (f" party={party}" if party else "") + (f" step={step}" if step else "")
                  + (f" depth={depth}" if depth else ""))
-        out = [title, fmt(head), rule, *(fmt(r) for r in lines), rule, *(fmt(r) for r in totals)]
+        out = [title, render(columns, lines, totals)]
         for name, storage in self.storage_by_party().items():
             if storage["total"]:
                 kinds = ", ".join(f"{k} {_size(v)}" for k, v in storage["by_kind"].items())
@@ -408,16 +408,8 @@ def _size(nbytes: int) -> str:
     return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
 
 
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "\u2026"
-
-
-def _fit(name: str, width: int) -> str:
-    return name if len(name) <= width else "\u2026" + name[-(width - 1):]
-
-
-def _layer_cells(s: LayerSummary, est_names: list[str], with_phase: bool, name_width: int) -> list[str]:
-    return ([_fit(s.name, name_width), _clip(s.op, 16)] + ([s.phase] if with_phase else [])
+def _layer_cells(s: LayerSummary, est_names: list[str], with_phase: bool) -> list[str]:
+    return ([s.name, s.op] + ([s.phase] if with_phase else [])
             + _numbers(s.bytes_sent, s.bytes_recv, s.rounds, s.compute_s, s.wall_s,
                        [s.estimates[n].latency_s for n in est_names]))
 
@@ -436,10 +428,3 @@ def _numbers(sent: int, recv: int, rounds: int, compute_s: float, wall_s: float,
     return ([f"{sent / MIB:.3f}", f"{recv / MIB:.3f}", str(rounds), f"{compute_s * 1e3:.2f}",
              f"{wall_s * 1e3:.2f}"] + [f"{v * 1e3:.2f}" for v in latencies])
 
-
-def _row_formatter(widths: list[int], n_text: int) -> Any:
-    """Left-align the first ``n_text`` (text) columns, right-align the numbers."""
-    def fmt(cells: list[str]) -> str:
-        text = [c.ljust(w) if i < n_text else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(text).rstrip()
-    return fmt

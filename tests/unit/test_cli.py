@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from privinf.cli import main
+from privinf.cli import _print_steps, main
+from privinf.ledger.counting import Counters, Phase, Row
+from privinf.ledger.reports import Report
 
 
 def test_run_plain_prints_output_and_table_and_writes_reports(tmp_path: Path,
@@ -45,6 +47,24 @@ def test_variants_and_models_are_listed(capsys: pytest.CaptureFixture[str]) -> N
         assert name in listed
     assert main(["models"]) == 0
     assert "minilm" in capsys.readouterr().out
+
+
+def test_generation_steps_table_shows_each_party_and_estimates(capsys: pytest.CaptureFixture[str]) -> None:
+    mib = 2**20
+    rows = [Row("dec", "dec", party, Phase.ONLINE, Counters(bytes_sent=sent, rounds=rounds, wall_s=0.5), step)
+            for step, per_party in (("prefill", {"client": (mib, 3), "server": (2 * mib, 4)}),
+                                    ("decode.0", {"client": (mib // 2, 2), "server": (mib // 4, 2)}))
+            for party, (sent, rounds) in per_party.items()]
+    report = Report(model="m", protocol="mpc", variant="exact", output=None, rows=rows)
+    _print_steps(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "client", "MiB", "server", "MiB", "rounds", "lan", "ms", "wan", "ms"]
+    assert set(lines[1]) == {"-"}
+    lan, wan = report.step_estimates("lan"), report.step_estimates("wan")
+    assert lines[2].split() == ["prefill", "1.000", "2.000", "4", f"{lan['prefill'].latency_s * 1e3:.1f}",
+                                f"{wan['prefill'].latency_s * 1e3:.1f}"]
+    assert lines[3].split()[:4] == ["decode.0", "0.500", "0.250", "2"]
+    assert len(lines) == 4
 
 
 def test_certs_are_written(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from privinf.ledger.counting import Counters, Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from privinf.ledger.pricing import LAN, WAN, NetworkProfile
 from privinf.ledger.reports import SCHEMA, Report, ReportError, group_name, merge_rows
+from privinf.ledger.tables import num_col, render, text_col
 
 SLOW = NetworkProfile("slow", 8e6, 0.01)
 MIB = 2**20
@@ -171,6 +172,29 @@ def test_table_lists_layers_totals_and_storage() -> None:
     grouped = report.render_table(depth=1, phase=None).splitlines()
     assert any(line.startswith("enc ") for line in grouped)
     assert not any(line.startswith("enc.0.ffn") for line in grouped)
+
+
+def test_table_is_plain_text_whatever_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("FORCE_COLOR", "1"), ("TTY_COMPATIBLE", "1"), ("COLUMNS", "20"), ("TERM", "xterm-256color")):
+        monkeypatch.setenv(name, value)
+    columns = [text_col("layer", 12, keep="tail"), text_col("op", 5), num_col("MiB sent")]
+    text = render(columns, [["enc.0.attn.softmax", "softmax", "3.000"], ["[bold]x[/]", "ab", "10.000"]],
+                  [["total", "", "13.000"]])
+    assert text.splitlines() == [
+        "layer         op     MiB sent",
+        "-----------------------------",
+        "\u2026ttn.softmax  soft\u2026     3.000",
+        "[bold]x[/]    ab       10.000",
+        "-----------------------------",
+        "total                  13.000",
+    ]
+    assert "\x1b" not in text  # no colour or cursor codes
+    assert not any("\u2500" <= ch <= "\u257f" for ch in text)  # no box-drawing characters
+
+
+def test_table_refuses_a_row_of_the_wrong_length() -> None:
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        render([text_col("a"), num_col("b"), num_col("c")], [["x", "1"]])
 
 
 def test_png_chart_is_written(tmp_path: Path) -> None:
