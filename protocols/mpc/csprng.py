@@ -4,7 +4,7 @@ Every random ring element privinf puts into a share, a mask or a Beaver triple c
 never from ``torch.Generator`` (Mersenne Twister, whose state is recoverable from its output).
 
 A *seed* is 16 bytes from ``os.urandom``. A *stream* is the AES-128-CTR keystream (counter from
-zero) under a key derived from ``(seed, label)`` by HMAC-SHA256, so one seed yields any number
+zero) under a key derived from ``(seed, label)`` by HKDF-SHA256, so one seed yields any number
 of independent streams named by labels (``"tuple/17"``, ``"ws/encoder.0.q/3/A"``); two parties
 holding the same seed and label expand the identical sequence, and different labels give
 computationally independent sequences. Streams are read sequentially: successive calls continue
@@ -16,14 +16,14 @@ CrypTen's share representation.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import os
 from collections.abc import Iterable
 
 import torch
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SEED_BYTES = 16
 _KDF_CONTEXT = b"privinf/csprng/v1|"
@@ -49,12 +49,21 @@ def check_seed(seed: bytes) -> bytes:
     return bytes(seed)
 
 
+def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
+    """RFC 5869 HKDF (extract, then expand) with SHA-256, as ``cryptography`` implements it."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
 def derive_key(seed: bytes, label: str) -> bytes:
-    """128-bit AES key for stream ``label`` of ``seed`` (HMAC-SHA256 as a PRF, truncated)."""
+    """128-bit AES key for stream ``label`` of ``seed``: HKDF-SHA256 with ``info`` = context + label.
+
+    No salt (RFC 5869's default, HashLen zero bytes): the seed is already a uniform 128-bit key,
+    so extraction needs no salt to be sound, and both parties derive the same key from the seed
+    alone. Domain separation lives in ``info`` (``privinf/csprng/v1|`` + the UTF-8 label).
+    """
     if not isinstance(label, str):
         raise CsprngError(f"stream label must be str, got {type(label).__name__}")
-    mac = hmac.new(check_seed(seed), _KDF_CONTEXT + label.encode(), hashlib.sha256)
-    return mac.digest()[:SEED_BYTES]
+    return hkdf_sha256(check_seed(seed), None, _KDF_CONTEXT + label.encode(), SEED_BYTES)
 
 
 def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:

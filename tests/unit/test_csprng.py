@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from protocols.mpc.csprng import SEED_BYTES, CsprngError, Stream, derive_key, new_seed
+from protocols.mpc.csprng import SEED_BYTES, CsprngError, Stream, derive_key, hkdf_sha256, new_seed
 
 SEED = bytes(range(16))
 
 
-def test_keystream_is_aes128_ctr_under_hmac_derived_key() -> None:
-    key = hmac.new(SEED, b"privinf/csprng/v1|tuple/3", hashlib.sha256).digest()[:16]
+def test_hkdf_matches_rfc5869_test_case_1() -> None:
+    """RFC 5869, appendix A.1 (SHA-256): checks the salt / ikm / info / length wiring."""
+    ikm = bytes.fromhex("0b" * 22)
+    salt = bytes.fromhex("000102030405060708090a0b0c")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    okm = bytes.fromhex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+    assert hkdf_sha256(ikm, salt, info, 42) == okm
+    assert hkdf_sha256(ikm, salt, info, 16) == okm[:16]
+
+
+def test_keystream_is_aes128_ctr_under_hkdf_derived_key() -> None:
+    key = hkdf_sha256(SEED, None, b"privinf/csprng/v1|tuple/3", 16)
     assert derive_key(SEED, "tuple/3") == key
+    assert hkdf_sha256(SEED, bytes(32), b"privinf/csprng/v1|tuple/3", 16) == key  # no salt = HashLen zeros
+    assert derive_key(SEED, "tuple/4") != key
     ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
     expected = b"".join(ecb.update(i.to_bytes(16, "big")) for i in range(4))
     assert Stream(SEED, "tuple/3").read(64) == expected
