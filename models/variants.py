@@ -221,26 +221,40 @@ def parse_variant(text: str, overrides_path: str | Path | None = None) -> Varian
 
 def _load_overrides(path: Path, default: LayerVariant) -> dict[int, LayerVariant]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise VariantError(f"cannot read variant overrides {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise VariantError(f"variant overrides {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise VariantError(f"variant overrides {path} is not JSON: {exc.msg}") from None
     if not isinstance(data, dict) or set(data) - {"layers", "heads"}:
-        raise VariantError(f"variant overrides {path}: expected keys 'layers' and/or 'heads'")
+        raise VariantError(f"variant overrides {path}: expected keys 'layers' and/or 'heads' in one JSON object")
     layers: dict[int, LayerVariant] = {}
-    for key, value in (data.get("layers") or {}).items():
+    for key, value in _table(data, "layers", path).items():
         if not isinstance(value, str):
-            raise VariantError(f"variant overrides: layer {key} must map to a variant string")
+            raise VariantError(f"variant overrides {path}: layer {key} must map to a variant string, "
+                               f"got {type(value).__name__}")
         layers[_layer_index(key)] = _layer_from(_parse_fields(value), default)
-    for key, kinds in (data.get("heads") or {}).items():
-        if not isinstance(kinds, list) or not kinds:
-            raise VariantError(f"variant overrides: heads of layer {key} must be a list of kinds")
+    for key, kinds in _table(data, "heads", path).items():
+        if not isinstance(kinds, list) or not kinds or not all(isinstance(kind, str) for kind in kinds):
+            raise VariantError(f"variant overrides {path}: heads of layer {key} must be a list of kinds "
+                               "(one attention kind string per head, such as \"softmax\")")
         index = _layer_index(key)
         base = layers.get(index, default)
-        heads = tuple(parse_op("attn", str(kind)) for kind in kinds)
+        heads = tuple(parse_op("attn", kind) for kind in kinds)
         layers[index] = LayerVariant(heads, heads[0], base.act, base.norm)
     return layers
+
+
+def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """``data[key]`` as a JSON object keyed by layer index ({} when absent); refuses other types."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        example = '{"0": "attn=relu"}' if key == "layers" else '{"0": ["softmax", "scale"]}'
+        raise VariantError(f"variant overrides {path}: {key!r} must be an object keyed by layer index "
+                           f"such as {example}, got {type(value).__name__}")
+    return value
 
 
 def _layer_index(key: str) -> int:
