@@ -1,0 +1,179 @@
+"""Frames on the wire: a :class:`~protocols.net.channels.Frame` cut into gRPC chunk messages, and
+put back together under limits that depend on the phase of the link.
+
+A link starts in the *hello* phase: until the receiving party has accepted the session, a peer
+may send only small frames (:data:`HELLO_LIMITS`) and only a little of them may wait unread. The
+party then lifts the limits to what the session needs (:data:`SESSION_LIMITS`, or tighter limits
+derived from the session's shapes). The announced size of a frame is checked against the limit
+in force when its first chunk arrives, before any payload is kept, so an unauthenticated peer
+never makes a party assemble a large frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocols.net.channels import ARRAY_DTYPES, Frame, FrameKind, ProtocolError
+from protocols.net.wire import pb
+
+CHUNK_BYTES = 1 << 20
+GRPC_PREFIX_BYTES = 5  # gRPC's length-prefixed message header: flag byte + 4-byte length
+MAX_MESSAGE_BYTES = 1 << 31  # largest logical message a session link accepts (2 GiB)
+HELLO_MESSAGE_BYTES = 16 << 10  # largest frame before the session is accepted
+HELLO_BUFFER_BYTES = 64 << 10  # received but unread bytes allowed before the session is accepted
+PART_OVERHEAD_BYTES = 64  # what one kept chunk costs beyond its payload (bytes object, list slot)
+_TEXT_DTYPES = {"bytes", "json"}
+KIND_TO_WIRE = {FrameKind.DATA: pb.FRAME_KIND_DATA, FrameKind.ABORT: pb.FRAME_KIND_ABORT,
+                FrameKind.CLOSE: pb.FRAME_KIND_CLOSE}
+WIRE_TO_KIND = {v: k for k, v in KIND_TO_WIRE.items()}
+
+
+class TransportConfigError(ValueError):
+    """Bad transport argument (session id, role, sizes)."""
+
+
+class LimitExceeded(ProtocolError):
+    """The peer sent more than the link's limits allow (frame size or unread bytes)."""
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """What a link takes from its peer: the largest frame, and how many received bytes may wait
+    unread by the party (``None``: no bound)."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_buffered_bytes: int | None = None
+    phase: str = "session"  # named in errors: "hello" (before the session is accepted) or "session"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise TransportConfigError(f"max_message_bytes must be 0..{MAX_MESSAGE_BYTES}, "
+                                       f"got {self.max_message_bytes}")
+        if self.max_buffered_bytes is not None and self.max_buffered_bytes < self.max_message_bytes:
+            raise TransportConfigError("max_buffered_bytes must hold at least one whole message")
+
+
+HELLO_LIMITS = LinkLimits(HELLO_MESSAGE_BYTES, HELLO_BUFFER_BYTES, "hello")
+SESSION_LIMITS = LinkLimits()
+
+
+def encode_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[pb.Frame], int]:
+    """Wire chunks of ``frame`` and the bytes they take on the link (messages + gRPC prefixes)."""
+    if not 1 <= chunk_bytes <= CHUNK_BYTES:
+        raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
+    data = memoryview(frame.payload)
+    count = max(1, math.ceil(len(data) / chunk_bytes))
+    chunks = []
+    wire = 0
+    for index in range(count):
+        msg = pb.Frame(session=frame.session, seq=frame.seq, tag=frame.tag,
+                       kind=KIND_TO_WIRE[frame.kind], dtype=frame.dtype, shape=frame.shape,
+                       chunk_index=index, chunk_count=count, total_bytes=len(data),
+                       payload=bytes(data[index * chunk_bytes:(index + 1) * chunk_bytes]))
+        wire += msg.ByteSize() + GRPC_PREFIX_BYTES
+        chunks.append(msg)
+    return chunks, wire
+
+
+class FrameAssembler:
+    """Rebuilds whole frames from wire chunks, checking that the chunks of a frame agree.
+
+    ``limits`` may be replaced between frames (the link's phase changed); the frame being
+    assembled keeps the check made at its first chunk. Order, session and tag of whole frames are
+    checked by :class:`~protocols.net.channels.Channel` on receive.
+    """
+
+    _HEADER_FIELDS = ("session", "seq", "tag", "kind", "dtype", "chunk_count", "total_bytes")
+
+    def __init__(self, peer: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 limits: LinkLimits | None = None) -> None:
+        self.peer = peer
+        self.limits = limits if limits is not None else LinkLimits(max_message_bytes)
+        self._head: pb.Frame | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._wire = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held by the frame being assembled: payload kept so far plus per-chunk overhead."""
+        return self._size + PART_OVERHEAD_BYTES * len(self._parts)
+
+    def pending(self) -> str | None:
+        """Describe a frame whose chunks are not all in, or None."""
+        if self._head is None:
+            return None
+        return f"frame {self._head.seq} ({self._head.tag!r}) has {len(self._parts)} of {self._head.chunk_count} chunks"
+
+    def clear(self) -> None:
+        """Drop a partly assembled frame (the link ended)."""
+        self._head, self._parts, self._size, self._wire = None, [], 0, 0
+
+    def _fail(self, what: str) -> ProtocolError:
+        return ProtocolError(f"bad frame from {self.peer}: {what}")
+
+    def _check_head(self, msg: pb.Frame) -> None:
+        if msg.kind not in WIRE_TO_KIND:
+            raise self._fail(f"frame {msg.seq} has unknown kind {msg.kind}")
+        if msg.chunk_index != 0:
+            raise self._fail(f"frame {msg.seq} starts at chunk {msg.chunk_index}: earlier chunks missing")
+        limit = self.limits.max_message_bytes
+        if msg.total_bytes > limit:
+            raise LimitExceeded(f"bad frame from {self.peer}: frame {msg.seq} announces {msg.total_bytes} "
+                                f"bytes, above the {limit}-byte limit of the {self.limits.phase} phase")
+        if msg.chunk_count < max(1, math.ceil(msg.total_bytes / CHUNK_BYTES)):
+            raise self._fail(f"frame {msg.seq}: {msg.chunk_count} chunks cannot hold {msg.total_bytes} bytes")
+        if msg.chunk_count > max(1, msg.total_bytes):
+            raise self._fail(f"frame {msg.seq}: {msg.chunk_count} chunks for {msg.total_bytes} bytes")
+        if msg.dtype in _TEXT_DTYPES:
+            if list(msg.shape) != [msg.total_bytes]:
+                raise self._fail(f"frame {msg.seq}: {msg.dtype} shape {list(msg.shape)} != [{msg.total_bytes}]")
+        elif msg.dtype in ARRAY_DTYPES:
+            expected = int(np.prod(list(msg.shape), dtype=np.float64)) * np.dtype(msg.dtype).itemsize
+            if expected != msg.total_bytes:
+                raise self._fail(f"frame {msg.seq}: dtype {msg.dtype} shape {list(msg.shape)} needs "
+                                 f"{expected} bytes, header says {msg.total_bytes}")
+        else:
+            raise self._fail(f"frame {msg.seq} has unknown dtype {msg.dtype!r}")
+
+    def _check_next(self, head: pb.Frame, msg: pb.Frame) -> None:
+        if msg.chunk_index == 0:
+            raise self._fail(f"frame {head.seq} truncated: frame {msg.seq} began after "
+                             f"{len(self._parts)} of {head.chunk_count} chunks")
+        if msg.chunk_index != len(self._parts):
+            raise self._fail(f"frame {head.seq}: chunk {msg.chunk_index} arrived, expected {len(self._parts)}")
+        for name in self._HEADER_FIELDS:
+            if getattr(msg, name) != getattr(head, name):
+                raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} disagrees on {name}")
+        if list(msg.shape) != list(head.shape):
+            raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} disagrees on shape")
+
+    def feed(self, msg: pb.Frame) -> Frame | None:
+        """Take one chunk; return the whole frame when its last chunk arrives."""
+        if len(msg.payload) > CHUNK_BYTES:
+            raise self._fail(f"chunk of {len(msg.payload)} bytes exceeds {CHUNK_BYTES}")
+        head = self._head
+        if head is None:
+            self._check_head(msg)
+            head = self._head = msg
+        else:
+            self._check_next(head, msg)
+        if not msg.payload and head.total_bytes:
+            raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} is empty")
+        if self._size + len(msg.payload) > head.total_bytes:
+            raise self._fail(f"frame {head.seq} carries more than its {head.total_bytes} bytes")
+        self._parts.append(msg.payload)
+        self._size += len(msg.payload)
+        self._wire += msg.ByteSize() + GRPC_PREFIX_BYTES
+        if len(self._parts) < head.chunk_count:
+            return None
+        if self._size != head.total_bytes:
+            raise self._fail(f"frame {head.seq} has {self._size} bytes, header says {head.total_bytes}")
+        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        frame = Frame(head.session, head.seq, head.tag, WIRE_TO_KIND[head.kind], head.dtype,
+                      tuple(int(d) for d in head.shape), payload, self._wire)
+        self.clear()
+        return frame

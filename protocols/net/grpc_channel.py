@@ -1,0 +1,259 @@
+"""The channel over one gRPC bidi stream, shared by the serving and the dialing end of a link.
+
+Sending never waits for the peer to read: frames are cut into 1 MiB chunks and queued for gRPC's
+sender thread, and each link has a reader thread that drains the stream into an inbox. Both
+parties send at once in CrypTen's ``all_reduce``; blocking sends would deadlock.
+
+What a peer may make this end hold is bounded by the link's :class:`~protocols.net.framing.LinkLimits`:
+the largest frame, checked on a frame's first chunk before its payload is kept, and (before the
+session is accepted) the bytes received but not yet read. A peer that breaks them loses the link
+at once; closing, aborting or dropping a channel lets go of whatever it still held.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from privinf.ledger.counting import Ledger
+from protocols.net.channels import DEFAULT_TIMEOUT_S, Channel, Frame, FrameKind, PeerLost, ProtocolError, TransportError
+from protocols.net.framing import (
+    CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    SESSION_LIMITS,
+    FrameAssembler,
+    LimitExceeded,
+    LinkLimits,
+    TransportConfigError,
+    encode_chunks,
+)
+from protocols.net.wire import pb
+
+GRPC_MAX_CHUNK_MESSAGE = CHUNK_BYTES + (64 << 10)  # a chunk plus generous header room
+META_SESSION = "privinf-session"
+META_ROLE = "privinf-role"
+_SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class PeerRefused(TransportError):
+    """A link was refused: TLS handshake, certificate role, or a session already open."""
+
+
+class PeerBusy(PeerRefused):
+    """The peer is full for now; ``retry_after_s`` says when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def check_session(session: str) -> str:
+    """Return ``session`` if it is a valid session id (1-128 of ``A-Za-z0-9._:-``)."""
+    if not is_link_session(session):
+        raise TransportConfigError(f"invalid session id {session!r}: 1-128 chars of A-Za-z0-9._:-")
+    return session
+
+
+def is_link_session(session: object) -> bool:
+    """Whether ``session`` may name a link (1-128 of ``A-Za-z0-9._:-``)."""
+    return isinstance(session, str) and _SESSION_RE.match(session) is not None
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive: ping every ``interval_s``; a peer silent ``timeout_s`` longer is dead."""
+
+    interval_s: float = 2.0
+    timeout_s: float = 5.0
+
+    def options(self, server: bool) -> list[tuple[str, int]]:
+        """gRPC channel or server options for this keepalive."""
+        opts = [
+            ("grpc.keepalive_time_ms", int(self.interval_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+            # any unanswered ping (keepalive or BDP) ends the link; gRPC's default waits 60 s
+            ("grpc.http2.ping_timeout_ms", int(self.timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if server:  # accept the client's pings at our interval without calling them abuse
+            opts += [
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.interval_s * 500)),
+                ("grpc.http2.max_ping_strikes", 0),
+            ]
+        return opts
+
+
+DEFAULT_KEEPALIVE = Keepalive()
+
+
+def message_options(max_receive: int = GRPC_MAX_CHUNK_MESSAGE) -> list[tuple[str, int]]:
+    """gRPC's own per-message bounds: one chunk plus header room."""
+    return [("grpc.max_receive_message_length", max_receive),
+            ("grpc.max_send_message_length", GRPC_MAX_CHUNK_MESSAGE)]
+
+
+class GrpcChannel(Channel):
+    """A :class:`Channel` over one gRPC bidi stream. Made by :func:`protocols.net.grpc_link.connect`
+    or :meth:`protocols.net.grpc_server.PartyServer.accept`, not directly.
+
+    Closing: the serving end's ``close()`` returns at once (its server's ``stop()`` flushes);
+    the dialing end's ``close()`` waits, up to ``close_timeout_s``, for the serving end to close
+    too, so that nothing still queued is lost when the process exits. Close the serving end
+    first when one thread holds both ends.
+    """
+
+    def __init__(self, local: str, peer: str, session: str, ledger: Ledger | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, chunk_bytes: int = CHUNK_BYTES,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, limits: LinkLimits | None = None) -> None:
+        super().__init__(local, peer, session, ledger, timeout_s)
+        if not 1 <= chunk_bytes <= CHUNK_BYTES:
+            raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.peer_name = peer  # who holds the peer's certificate (its client name; the role if none)
+        self._assembler = FrameAssembler(peer, limits=limits if limits is not None else (
+            SESSION_LIMITS if max_message_bytes == MAX_MESSAGE_BYTES else LinkLimits(max_message_bytes)))
+        self._outbox: queue.SimpleQueue[pb.Frame | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Frame | TransportError] = queue.SimpleQueue()
+        self._unread = 0  # payload bytes in the inbox
+        self._unread_lock = threading.Lock()
+        self._link_error: TransportError | None = None
+        self._reader_started = False
+        self._reader_done = threading.Event()
+        self._release: Callable[[bool], None] | None = None
+
+    @property
+    def limits(self) -> LinkLimits:
+        """The limits the peer's frames are held to now."""
+        return self._assembler.limits
+
+    def set_limits(self, limits: LinkLimits) -> None:
+        """Change what the peer may send from its next frame on (the session was accepted)."""
+        self._assembler.limits = limits
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest frame the peer may send now."""
+        return self._assembler.limits.max_message_bytes
+
+    def outgoing(self) -> Iterator[pb.Frame]:
+        """The chunks this end sends, in order; ends when the channel closes."""
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    def start_reader(self, stream: Iterable[pb.Frame]) -> None:
+        """Drain the peer's stream into the inbox on a daemon thread (once)."""
+        if self._reader_started:
+            return
+        self._reader_started = True
+        threading.Thread(target=self._read, args=(stream,), daemon=True,
+                         name=f"grpc-reader-{self.local}<-{self.peer}").start()
+
+    def _check_buffer(self) -> None:
+        bound = self.limits.max_buffered_bytes
+        held = self._unread + self._assembler.buffered_bytes
+        if bound is not None and held > bound:
+            raise LimitExceeded(f"{self.local}: {self.peer} sent {held} bytes ahead of the party, above the "
+                                f"{bound}-byte limit of the {self.limits.phase} phase")
+
+    def _read(self, stream: Iterable[pb.Frame]) -> None:
+        ended = False  # the peer sent CLOSE or ABORT: what follows does not matter
+        error: TransportError | None = None
+        try:
+            for msg in stream:
+                if self._closed:
+                    break
+                frame = self._assembler.feed(msg)
+                if frame is not None:
+                    with self._unread_lock:
+                        self._unread += len(frame.payload)
+                    self._inbox.put(frame)
+                    ended = ended or frame.kind != FrameKind.DATA
+                self._check_buffer()
+            pending = self._assembler.pending()
+            if pending is not None and not self._closed:
+                error = ProtocolError(f"{self.local}: stream from {self.peer} ended inside a frame: {pending}")
+            elif not ended and not self._closed:
+                error = PeerLost(f"{self.local}: {self.peer} ended session {self.session!r} without closing it")
+        except ProtocolError as exc:
+            error = exc
+        except grpc.RpcError as exc:
+            if not ended:
+                error = _lost(self, exc)
+        except Exception as exc:
+            error = PeerLost(f"{self.local}: link to {self.peer} failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._assembler.clear()
+            if error is not None:
+                self._link_error = error
+                self._inbox.put(error)
+            self._reader_done.set()
+        if isinstance(error, LimitExceeded) and self._release is not None:
+            self._release(False)  # cut at once: nothing more from this peer is kept
+
+    def _send_frame(self, frame: Frame) -> int:
+        if isinstance(self._link_error, PeerLost):
+            raise PeerLost(f"{self.local}: cannot send {frame.tag!r}: {self._link_error}")
+        chunks, wire = encode_chunks(frame, self.chunk_bytes)
+        for msg in chunks:
+            self._outbox.put(msg)
+        return wire
+
+    def _recv_frame(self, timeout: float) -> Frame:
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if isinstance(item, TransportError):
+            self._inbox.put(item)  # sticky: every later receive fails the same way
+            raise item
+        with self._unread_lock:
+            self._unread -= len(item.payload)
+        return item
+
+    def wait_peer_closed(self, timeout: float) -> bool:
+        """Wait until the peer's stream has ended; True if it did within ``timeout``."""
+        return self._reader_done.wait(timeout)
+
+    def _forget_unread(self) -> None:
+        """Let go of frames nobody will read (the channel is closed)."""
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, TransportError):
+                    self._link_error = self._link_error or item
+        except queue.Empty:
+            pass
+        with self._unread_lock:
+            self._unread = 0
+        if self._link_error is not None:
+            self._inbox.put(self._link_error)
+
+    def _shutdown(self) -> None:
+        self._outbox.put(None)
+        if self._release is not None:
+            self._release(True)
+        self._forget_unread()
+
+    def drop(self) -> None:
+        """Cut the link without a CLOSE frame, as a crash would (the peer sees PeerLost)."""
+        self._closed = True
+        if self._release is not None:
+            self._release(False)  # cancel first: ending the sender first would end the RPC with OK
+        self._outbox.put(None)
+        self._forget_unread()
+
+
+def _lost(channel: GrpcChannel, exc: grpc.RpcError) -> PeerLost:
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    details = details or "connection reset or keepalive timeout"
+    return PeerLost(f"{channel.local}: lost link to {channel.peer} in session {channel.session!r} ({code}: {details})")
