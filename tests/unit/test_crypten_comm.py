@@ -1,4 +1,5 @@
-"""CrypTen over ChannelCommunicator: two parties as two threads over memory_pair channels."""
+"""CrypTen over ChannelCommunicator: two parties as two threads over memory_pair channels, with
+CrypTen's own randomness and provider (the transport alone; privinf's are tested with the dealer)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,8 @@ import torch
 from torch.distributed import ReduceOp
 
 from privinf.ledger.counting import Ledger
-from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.cryptenlib.communicator import (
-    ChannelCommunicator,
-    CommunicatorError,
-    crypten_session,
-    install,
-    uninstall,
-)
+from protocols.mpc.cryptenlib import crypten, crypten_session, install, uninstall
+from protocols.mpc.cryptenlib.communicator import ChannelCommunicator, CommunicatorError
 from protocols.net.channels import ProtocolError, memory_pair, run_parties
 
 TOL = 1e-3  # 16-bit fixed point, a few truncations
@@ -39,7 +34,7 @@ def two_parties(body: Callable[[int, ChannelCommunicator, Ledger], Any], verbose
 
     def party(rank: int, channel: Any) -> Any:
         ledger = Ledger(channel.local)
-        with crypten_session(channel, rank, ledger) as comm:
+        with crypten_session(channel, rank, ledger, randomness="crypten") as comm:
             return body(rank, comm, ledger)
 
     try:
@@ -186,11 +181,13 @@ def test_install_rules_and_restore() -> None:
         install(a, 2)
     with pytest.raises(CommunicatorError, match="needs a protocols.net.channels.Channel"):
         install(object(), 0)  # type: ignore[arg-type]
+    with pytest.raises(CommunicatorError, match="randomness must be one of"):
+        install(a, 0, randomness="torch")
     install(a, 0)
     try:
         assert crypten.communicator.DistributedCommunicator is ChannelCommunicator
-        with pytest.raises(CommunicatorError, match="already installed"):
-            install(a, 0)
+        with pytest.raises(CommunicatorError, match="another party is already installed"):
+            install(a, 1)
     finally:
         uninstall()
     assert crypten.communicator.DistributedCommunicator is original

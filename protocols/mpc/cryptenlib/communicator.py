@@ -1,18 +1,11 @@
 """CrypTen's communicator over a privinf :class:`~protocols.net.channels.Channel` (2 parties).
 
-This is the one place that hooks CrypTen's communication. CrypTen picks its communicator class
-by the name ``DistributedCommunicator`` inside ``crypten.communicator`` (``get``, ``_init``,
-``uninit`` and ``is_initialized`` all look it up there), so :func:`install` rebinds that name
-(and the copy in ``crypten.mpc.context``) to :class:`ChannelCommunicator`; patching ``get``
-alone hangs ``crypten.init()``. ``crypten.init()`` then calls our ``initialize``, which takes
-rank and world size from :func:`install`, not CrypTen's defaults (rank 0, world size 1).
-
-Per-party state is thread-local, like CrypTen's own ``InProcessCommunicator``, so unit tests can
-run both parties as threads over :func:`~protocols.net.channels.memory_pair`. For the same reason
-``crypten.generators`` (process-global in CrypTen: the seeds shared with the other party) is
-replaced by a per-thread mapping while installed (unless another hook such as
-:mod:`protocols.mpc.cryptenlib.provider` already replaced it); with one shared dict the two threads would
-overwrite each other's seeds and produce wrong shares.
+:func:`protocols.mpc.cryptenlib.install` makes CrypTen use :class:`ChannelCommunicator` and
+binds the calling thread's channel, rank and ledger (:meth:`ChannelCommunicator.attach`);
+``crypten.init()`` then calls our ``initialize``, which takes them instead of CrypTen's defaults
+(rank 0, world size 1). Per-party state is thread-local, like CrypTen's own
+``InProcessCommunicator``, so unit tests can run both parties as threads over
+:func:`~protocols.net.channels.memory_pair`.
 
 Counting: every method keeps CrypTen's own statistics (it is wrapped in CrypTen's ``_logging``,
 so ``crypten.cfg.communicator.verbose`` works as usual), the channel counts bytes, and the
@@ -25,8 +18,6 @@ str, lists, tuples, str-keyed dicts, ``torch.Size`` and tensors).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,14 +25,12 @@ import torch
 from torch.distributed import ReduceOp
 
 from privinf.ledger.counting import Ledger
-from protocols.mpc.cryptenlib import config_cache as crypten_config
-from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib.compat import crypten
 from protocols.net.channels import Channel, ProtocolError
 
 _comm_pkg = crypten.communicator
 _logging = _comm_pkg.communicator._logging
 WORLD_SIZE = 2
-_GENERATOR_KEYS = ("prev", "next", "local", "global")
 _TAG = "crypten."
 
 
@@ -135,13 +124,24 @@ class ChannelCommunicator(_comm_pkg.Communicator):
             raise CommunicatorError("CrypTen's TTP provider talks torch.distributed; use the privinf dealer")
         binding = getattr(cls._tls, "binding", None)
         if binding is None:
-            raise CommunicatorError("call protocols.mpc.cryptenlib.communicator.install(channel, rank, ledger) in this "
-                                    "thread before crypten.init()")
+            raise CommunicatorError("call protocols.mpc.cryptenlib.install(channel, rank, ledger) in this thread "
+                                    "before crypten.init()")
         cls._tls.instance = cls(*binding)
 
     @classmethod
     def shutdown(cls) -> None:
         cls._tls.instance = None
+
+    @classmethod
+    def attach(cls, channel: Channel, rank: int, ledger: Ledger | None) -> None:
+        """Bind the party this thread runs (``crypten.init()`` will use it)."""
+        cls._tls.binding = (channel, rank, ledger)
+
+    @classmethod
+    def detach(cls) -> None:
+        """Forget this thread's party and its communicator."""
+        cls.shutdown()
+        cls._tls.binding = None
 
     # ----- helpers -----------------------------------------------------------------------
     def _other(self, rank: Any, what: str) -> None:
@@ -379,97 +379,3 @@ class ChannelCommunicator(_comm_pkg.Communicator):
 
     def get_distributed_backend(self) -> str:
         return f"privinf:{type(self.channel).__name__}"
-
-
-class _ThreadLocalGenerators(Mapping):
-    """Stand-in for ``crypten.generators``: the same {kind: {device: Generator}} shape, one per
-    thread, so two parties in two threads keep their own seeds."""
-
-    def __init__(self) -> None:
-        self._tls = threading.local()
-
-    def _mine(self) -> dict[str, dict[Any, torch.Generator]]:
-        mine = getattr(self._tls, "generators", None)
-        if mine is None:
-            mine = self._tls.generators = {key: {} for key in _GENERATOR_KEYS}
-        return mine
-
-    def __getitem__(self, key: str) -> dict[Any, torch.Generator]:
-        return self._mine()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_GENERATOR_KEYS)
-
-    def __len__(self) -> int:
-        return len(_GENERATOR_KEYS)
-
-
-_patch_lock = threading.Lock()
-_patch_users = 0
-_saved: dict[str, Any] = {}
-
-
-def _patch() -> None:
-    _saved["communicator"] = _comm_pkg.DistributedCommunicator
-    _saved["context"] = crypten.mpc.context.DistributedCommunicator
-    _comm_pkg.DistributedCommunicator = ChannelCommunicator
-    crypten.mpc.context.DistributedCommunicator = ChannelCommunicator
-    # Only CrypTen's own plain table is made per-thread; a table someone else installed (such
-    # as protocols.mpc.cryptenlib.provider's CSPRNG views) already decides per thread and is kept.
-    if type(crypten.generators) is dict:
-        _saved["generators"] = crypten.generators
-        crypten.generators = _ThreadLocalGenerators()
-    crypten_config.use_cached_reads()
-
-
-def _unpatch() -> None:
-    crypten_config.release()
-    _comm_pkg.DistributedCommunicator = _saved.pop("communicator")
-    crypten.mpc.context.DistributedCommunicator = _saved.pop("context")
-    original = _saved.pop("generators", None)
-    if original is not None and isinstance(crypten.generators, _ThreadLocalGenerators):
-        crypten.generators = original
-
-
-def install(channel: Channel, rank: int, ledger: Ledger | None = None) -> None:
-    """Make ``crypten.init()`` in this thread use ``channel`` as party ``rank`` (0 or 1)."""
-    if not isinstance(channel, Channel):
-        raise CommunicatorError(f"install needs a protocols.net.channels.Channel, got {type(channel).__name__}")
-    if rank not in (0, 1):
-        raise CommunicatorError(f"rank must be 0 or 1 for 2-party CrypTen, got {rank!r}")
-    if getattr(ChannelCommunicator._tls, "binding", None) is not None:
-        raise CommunicatorError("a channel is already installed in this thread; call uninstall() first")
-    global _patch_users
-    with _patch_lock:
-        if _patch_users == 0:
-            _patch()
-        _patch_users += 1
-    ChannelCommunicator._tls.binding = (channel, rank, ledger)
-
-
-def uninstall() -> None:
-    """Undo :func:`install` in this thread; CrypTen's own classes return when no thread uses ours."""
-    if getattr(ChannelCommunicator._tls, "binding", None) is None:
-        return
-    ChannelCommunicator.shutdown()
-    ChannelCommunicator._tls.binding = None
-    global _patch_users
-    with _patch_lock:
-        _patch_users -= 1
-        if _patch_users == 0:
-            _unpatch()
-
-
-@contextmanager
-def crypten_session(channel: Channel, rank: int, ledger: Ledger | None = None,
-                    party_name: str | None = None) -> Iterator[ChannelCommunicator]:
-    """``install`` + ``crypten.init()`` for the body, then ``crypten.uninit()`` + ``uninstall``."""
-    install(channel, rank, ledger)
-    try:
-        crypten.init(party_name=party_name)
-        try:
-            yield ChannelCommunicator._tls.instance
-        finally:
-            crypten.uninit()
-    finally:
-        uninstall()

@@ -4,7 +4,7 @@ CrypTen reads its OmegaConf configuration on every tensor attribute access
 (``cfg.debug.validation_mode`` in ``CrypTensor.__getattribute__``) and in every arithmetic op
 (``cfg.encoder.precision_bits``, ``cfg.mpc.active_security``...): ~80,000 reads per party and
 GPT-2 decode step at ~20 us each through OmegaConf, a sixth of a party's time. While a session is
-installed (:func:`protocols.mpc.cryptenlib.communicator.install`) ``crypten.cfg`` is an instance of
+installed (:func:`protocols.mpc.cryptenlib.install`) ``crypten.cfg`` is an instance of
 :class:`CachedConfig`: the first read of a name in a given config object goes through OmegaConf
 and is kept; later reads are plain attribute lookups. Values are the same: a cache belongs to
 one config object, and ``cfg.temp_override`` / ``load_config`` / ``set_config`` / top-level
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib.compat import crypten
 
 _BASE = type(crypten.cfg)
 _OWN = frozenset(dir(_BASE)) | {"config", "_local", "__dict__", "__class__"}

@@ -1,36 +1,20 @@
-"""CrypTen hooks for the dealer provider and for CSPRNG-only sharing randomness.
+"""Each party's CrypTen tuple provider (the dealer) and what one party binds to its thread.
 
-CrypTen draws randomness in two places, both from ``torch.Generator`` (Mersenne Twister):
+CrypTen asks its *tuple provider* (``crypten.mpc.get_default_provider()``, chosen by
+``crypten.cfg.mpc.provider``) for Beaver triples, squares, binary triples, wraps and B2A bits,
+drawn from Mersenne-Twister generators. While privinf's integration is installed
+(:func:`protocols.mpc.cryptenlib.install`) the provider table names ``"PRIVINF"``, which forwards
+every request to the :class:`DealerProvider` of the :class:`PartyContext` bound to the calling
+thread with :func:`bind`: it expands the party's shares from its dealer seed and takes the
+corrections and FSS keys from the dealer. The sharing randomness (``crypten.generators``) comes
+from the context's :class:`~protocols.mpc.cryptenlib.randomness.PartyRandomness`.
 
-1. Its *tuple provider* (``crypten.mpc.get_default_provider()``, chosen by
-   ``crypten.cfg.mpc.provider``) for Beaver triples, squares, binary triples, wraps and B2A
-   bits. We register :class:`DealerProvider` under the name ``"PRIVINF"`` in CrypTen's provider
-   table and select it; every request then goes to the party's own provider object.
-2. ``crypten.generators`` (pairwise "prev"/"next" generators for pseudo-random zero sharings
-   used by every input sharing, and "local"/"global") and the two sampling functions of
-   ``crypten.common.rng`` that draw from them. We replace the generator table with views onto
-   CSPRNG :class:`~protocols.mpc.csprng.Stream` objects and the two functions (where CrypTen
-   imported them by name: ``crypten.common.rng``, ``crypten.mpc.primitives.arithmetic``,
-   ``crypten.mpc.primitives.binary``) with versions that only accept streams and refuse a
-   ``torch.Generator``.
-
-CrypTen reaches both through process-global lookups that take no argument we could pass our
-objects through, so :func:`install` patches those lookups once per process to dispatch to the
-:class:`PartyContext` bound to the calling thread with :func:`bind` (thread-local, so two parties
-can run as threads in one process, as in the unit tests). :func:`uninstall` restores CrypTen.
-Nothing else in privinf reads the binding.
-
-``crypten.init()`` would also create and seed (64-bit seeds) Mersenne-Twister generators in
-``crypten._setup_prng``; :func:`install` replaces that function with a no-op, so after install no
-``torch.Generator`` exists in CrypTen's 2PC path at all (CrypTen's TTP/TFP providers still use
-them, but they are not selected). Install before ``crypten.init()``; create and bind the
-:class:`PartyContext` after it (the pairwise seeds are agreed over the initialised communicator).
-Only CPU tensors are supported.
+Install before ``crypten.init()``; create and bind the :class:`PartyContext` after it (the
+pairwise seeds are agreed over the initialised communicator). Only CPU tensors are supported.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,87 +26,18 @@ import torch
 
 from models import ops
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc.compare import (
-    DEFAULT_COMPARISONS,
-    DEFAULT_SIGN_BITS,
-    bits_for,
-    check_comparisons,
-    less_than_zero,
-)
-from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
-from protocols.mpc.dealer import (
-    CORRECTED_RANK,
-    TAG_CORR,
-    TAG_MSG,
-    RequestSchedule,
-    TupleRequest,
-    expand_shares,
-)
+from protocols.mpc.compare import bits_for, less_than_zero
+from protocols.mpc.cryptenlib.binding import ProviderError, bind, bound, current
+from protocols.mpc.cryptenlib.compat import crypten
+from protocols.mpc.cryptenlib.randomness import PartyRandomness, as_shape, check_device
+from protocols.mpc.csprng import check_seed
+from protocols.mpc.dealer import expand_shares
 from protocols.mpc.fss import SignKey
+from protocols.mpc.vocabulary import CORRECTED_RANK, TAG_CORR, TAG_MSG, RequestSchedule, TupleRequest
 from protocols.net.channels import Channel
+from protocols.protocol_config import ProtocolConfig
 
-PROVIDER_NAME = "PRIVINF"
-_GENERATOR_ROLES = ("prev", "next", "local", "global")
-
-
-class ProviderError(ValueError):
-    """Misuse of the dealer provider or of the CSPRNG hooks (unbound thread, bad device...)."""
-
-
-# ----- per-party state ------------------------------------------------------------------------
-def _seed_tensor(seed: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(check_seed(seed), dtype=np.int64).copy())
-
-
-def _tensor_seed(tensor: torch.Tensor) -> bytes:
-    data = tensor.detach().cpu().to(torch.int64).numpy().tobytes()
-    if len(data) != SEED_BYTES:
-        raise ProviderError(f"received a {len(data)}-byte seed, expected {SEED_BYTES}")
-    return data
-
-
-class PartyRandomness:
-    """The CSPRNG streams that stand in for ``crypten.generators`` for one party."""
-
-    def __init__(self, prev_seed: bytes, next_seed: bytes, local_seed: bytes, global_seed: bytes) -> None:
-        self._streams = {
-            "prev": Stream(prev_seed, "przs"),
-            "next": Stream(next_seed, "przs"),
-            "local": Stream(local_seed, "local"),
-            "global": Stream(global_seed, "global"),
-        }
-
-    def __repr__(self) -> str:
-        return "PartyRandomness(prev, next, local, global)"
-
-    def stream(self, role: str) -> Stream:
-        if role not in self._streams:
-            raise ProviderError(f"unknown generator role {role!r}; expected one of {_GENERATOR_ROLES}")
-        return self._streams[role]
-
-    @classmethod
-    def agree(cls) -> PartyRandomness:
-        """Agree fresh 128-bit pairwise and global seeds over CrypTen's communicator (2 parties).
-
-        Same pattern as CrypTen's ``_sync_seeds``: each party sends its "next" seed to the next
-        party and receives its "prev" seed from the previous one; party 0 broadcasts the global
-        seed. The dealer never learns these seeds.
-        """
-        comm = crypten.communicator.get()
-        rank, world = comm.get_rank(), comm.get_world_size()
-        if world != 2:
-            raise ProviderError(f"privinf's CrypTen integration is 2-party, world size is {world}")
-        mine = new_seed()
-        theirs = torch.zeros(SEED_BYTES // 8, dtype=torch.int64)
-        other = 1 - rank
-        sending = comm.isend(_seed_tensor(mine), other)
-        receiving = comm.irecv(theirs, src=other)
-        sending.wait()
-        receiving.wait()
-        global_seed = comm.broadcast(_seed_tensor(new_seed()), 0)
-        return cls(prev_seed=_tensor_seed(theirs), next_seed=mine, local_seed=new_seed(),
-                   global_seed=_tensor_seed(global_seed))
+__all__ = ["DealerProvider", "PartyContext", "ProviderError", "bind", "bound", "current"]
 
 
 class DealerProvider:
@@ -245,24 +160,24 @@ class DealerProvider:
     def one_hot_mask(self, size: Any, domain: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This party's shares of a random ``rho`` per element (uniform mod ``domain`` once summed)
         and of the unit vector ``e_rho`` at scale 2^16 [*size, domain] (:mod:`protocols.mpc.onehot`)."""
-        shares = self._tuple(TupleRequest.one_hot(_shape(size), domain), None)
+        shares = self._tuple(TupleRequest.one_hot(as_shape(size), domain), None)
         return shares["r"], shares["u"]
 
     def row_scale_masks(self, size: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shares of a mask ``a`` [*size], a row mask ``b`` [*size[:-1], 1] and of ``[a * a, a * b]``
         [2, *size], for :mod:`protocols.mpc.fused_norm` (one opening of ``x`` for ``x^2`` and ``x s``)."""
-        shares = self._tuple(TupleRequest("rowscale", _shape(size)), None)
+        shares = self._tuple(TupleRequest("rowscale", as_shape(size)), None)
         return shares["a"], shares["b"], shares["ab"]
 
     def gelu_masks(self, size: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Shares of the masks [len(GELU_MASKS), *size] and of their products
         [len(GELU_PRODUCTS), *size] for :mod:`protocols.mpc.fused_gelu`."""
-        shares = self._tuple(TupleRequest("gelu", _shape(size)), None)
+        shares = self._tuple(TupleRequest("gelu", as_shape(size)), None)
         return shares["masks"], shares["products"]
 
     def sign_key(self, size: Any, bits: int) -> SignKey:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
-        request = TupleRequest.sign(_shape(size), bits)
+        request = TupleRequest.sign(as_shape(size), bits)
         index = self._next_index(request)
         count = int(np.prod(request.size0, dtype=np.int64))
         return SignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
@@ -279,7 +194,7 @@ class DealerProvider:
         return index
 
     def _tuple(self, request: TupleRequest, device: Any) -> dict[str, torch.Tensor]:
-        _check_device(device)
+        check_device(device)
         index = self._next_index(request)
         shares = expand_shares(self._seed, self.rank, index, request)
         if self.rank == CORRECTED_RANK:
@@ -332,206 +247,34 @@ def _binary(share: torch.Tensor) -> Any:
     return BinarySharedTensor.from_shares(share)
 
 
-def _check_device(device: Any) -> None:
-    if device is not None and torch.device(device).type != "cpu":
-        raise ProviderError(f"privinf's CSPRNG provider supports CPU tensors only, got device {device}")
-
-
 @dataclass
 class PartyContext:
     """What one party's thread needs bound while CrypTen runs: its randomness, its provider and
-    how comparisons run (``"fss"``: dealer keys, :mod:`protocols.mpc.compare`; ``"circuit"``:
-    CrypTen's own)."""
+    the session's protocol configuration (e.g. how comparisons run: ``"fss"``, dealer keys,
+    :mod:`protocols.mpc.compare`; ``"circuit"``, CrypTen's own)."""
 
     rank: int
     randomness: PartyRandomness
     provider: DealerProvider
     seed: bytes = field(repr=False)  # the party's dealer seed (also keys weight-stationary masks)
-    comparisons: str = DEFAULT_COMPARISONS
-    sign_bits: int = DEFAULT_SIGN_BITS
+    config: ProtocolConfig = ProtocolConfig()
 
     @classmethod
     def create(cls, seed: bytes, dealer: Channel | None = None, ledger: Ledger | None = None,
-               comparisons: str = DEFAULT_COMPARISONS) -> PartyContext:
+               config: ProtocolConfig | None = None) -> PartyContext:
         """After ``crypten.init``: agree pairwise seeds with the peer, build the dealer provider.
 
         ``dealer`` is this party's link to the dealer (rank 1 fetches only FSS keys on it).
         """
         rank = crypten.communicator.get().get_rank()
         return cls(rank, PartyRandomness.agree(), DealerProvider(rank, seed, dealer, ledger), check_seed(seed),
-                   check_comparisons(comparisons))
+                   config or ProtocolConfig())
 
+    def compares_with_keys(self, x: Any) -> bool:
+        """Whether ``x < 0`` runs on the dealer's FSS keys here (else on CrypTen's circuit)."""
+        return self.config.comparisons == "fss" and x.ptype.name == "arithmetic"
 
-_BOUND = threading.local()
-
-
-@contextmanager
-def bind(context: PartyContext) -> Iterator[PartyContext]:
-    """Route CrypTen's provider and generator lookups in this thread to ``context``."""
-    previous = getattr(_BOUND, "context", None)
-    _BOUND.context = context
-    try:
-        yield context
-    finally:
-        _BOUND.context = previous
-
-
-def bound() -> PartyContext | None:
-    """The context bound to this thread, or None (plain CrypTen sessions, e.g. in tests)."""
-    return getattr(_BOUND, "context", None)
-
-
-def current() -> PartyContext:
-    """The context bound to this thread (raises if none: CrypTen would otherwise fall back to MT)."""
-    context = getattr(_BOUND, "context", None)
-    if context is None:
-        raise ProviderError("no privinf PartyContext bound in this thread: wrap CrypTen calls in bind(context)")
-    return context
-
-
-# ----- the hooks ------------------------------------------------------------------------------
-class _GeneratorView:
-    """Stands in for ``crypten.generators[role]``: indexing by device gives the bound party's stream."""
-
-    def __init__(self, role: str) -> None:
-        self.role = role
-
-    def __getitem__(self, device: Any) -> Stream:
-        _check_device(device)
-        return current().randomness.stream(self.role)
-
-
-class _GeneratorTable(dict):
-    """``crypten.generators`` while installed: {role: view}. A dict subclass so that the
-    communicator hook (:mod:`protocols.mpc.cryptenlib.communicator`) sees the table is already per-thread
-    and keeps it."""
-
-
-def _skip_mersenne_twister_setup() -> None:
-    """Replaces ``crypten._setup_prng`` (called by ``crypten.init``): no torch generators are
-    created or seeded; :meth:`PartyRandomness.agree` does the seed exchange with 128-bit seeds."""
-
-
-def _stream_for(generator: Any) -> Stream:
-    if generator is None:
-        return current().randomness.stream("local")
-    if isinstance(generator, Stream):
-        return generator
-    raise ProviderError(f"CrypTen asked for randomness from a {type(generator).__name__}; privinf allows only "
-                        "CSPRNG streams in the share and triple path")
-
-
-def _shape(size: Any) -> tuple[int, ...]:
-    return (int(size),) if isinstance(size, int) else tuple(int(d) for d in size)
-
-
-def generate_random_ring_element(size: Any, ring_size: int = 2**64, generator: Any = None,
-                                 **kwargs: Any) -> torch.Tensor:
-    """Drop-in for ``crypten.common.rng.generate_random_ring_element`` drawing from a CSPRNG stream."""
-    if ring_size != 2**64:
-        raise ProviderError(f"only the ring Z_2^64 is supported, got ring size {ring_size}")
-    _check_device(kwargs.get("device"))
-    return _stream_for(generator).ring(_shape(size))
-
-
-def generate_kbit_random_tensor(size: Any, bitlength: int | None = None, generator: Any = None,
-                                **kwargs: Any) -> torch.Tensor:
-    """Drop-in for ``crypten.common.rng.generate_kbit_random_tensor`` drawing from a CSPRNG stream."""
-    _check_device(kwargs.get("device"))
-    return _stream_for(generator).bits(_shape(size), 64 if bitlength is None else bitlength)
-
-
-class _ThreadBoundProvider:
-    """The object registered in CrypTen's provider table: forwards to the bound party's provider."""
-
-    NAME = PROVIDER_NAME
-
-    def generate_additive_triple(self, *args: Any, **kwargs: Any) -> Any:
-        return current().provider.generate_additive_triple(*args, **kwargs)
-
-    def square(self, *args: Any, **kwargs: Any) -> Any:
-        return current().provider.square(*args, **kwargs)
-
-    def generate_binary_triple(self, *args: Any, **kwargs: Any) -> Any:
-        return current().provider.generate_binary_triple(*args, **kwargs)
-
-    def wrap_rng(self, *args: Any, **kwargs: Any) -> Any:
-        return current().provider.wrap_rng(*args, **kwargs)
-
-    def B2A_rng(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
-        return current().provider.B2A_rng(*args, **kwargs)
-
-    def trace(self, tracing: bool = True) -> None:
-        raise ProviderError("CrypTen tuple tracing is replaced by DealerProvider.recording() and preprocess()")
-
-    def trace_once(self) -> None:
-        self.trace()
-
-    def fill_cache(self) -> None:
-        self.trace()
-
-
-def _ltz(self: Any) -> Any:
-    """Stands in for ``MPCTensor._ltz``: the bound party's FSS gate, or CrypTen's circuit."""
-    context = getattr(_BOUND, "context", None)
-    if context is None or context.comparisons != "fss" or self.ptype.name != "arithmetic":
-        return _saved["ltz"](self)
-    return less_than_zero(self, context.provider, bits_for(ops.comparison_bound(), context.sign_bits))
-
-
-_RNG_MODULES = ("crypten.common.rng", "crypten.mpc.primitives.arithmetic", "crypten.mpc.primitives.binary")
-_RNG_FUNCS = {"generate_random_ring_element": generate_random_ring_element,
-              "generate_kbit_random_tensor": generate_kbit_random_tensor}
-_install_lock = threading.Lock()
-_saved: dict[str, Any] = {}
-
-
-def _providers() -> dict[str, Any]:
-    return getattr(crypten.mpc, "__SUPPORTED_PROVIDERS")
-
-
-def install() -> None:
-    """Patch CrypTen (once per process, idempotent) to use the bound party's provider and streams."""
-    import importlib
-
-    with _install_lock:
-        if _saved:
-            return
-        _saved["provider_cfg"] = crypten.cfg.mpc.provider
-        _saved["generators"] = crypten.generators
-        for module_name in _RNG_MODULES:
-            module = importlib.import_module(module_name)
-            for func_name, replacement in _RNG_FUNCS.items():
-                if hasattr(module, func_name):
-                    _saved[f"{module_name}:{func_name}"] = getattr(module, func_name)
-                    setattr(module, func_name, replacement)
-        _saved["ltz"] = crypten.mpc.MPCTensor._ltz
-        crypten.mpc.MPCTensor._ltz = _ltz
-        _saved["setup_prng"] = crypten._setup_prng
-        crypten._setup_prng = _skip_mersenne_twister_setup
-        crypten.generators = _GeneratorTable({role: _GeneratorView(role) for role in _GENERATOR_ROLES})
-        _providers()[PROVIDER_NAME] = _ThreadBoundProvider()
-        crypten.cfg.mpc.provider = PROVIDER_NAME
-
-
-def uninstall() -> None:
-    """Undo :func:`install`, restoring CrypTen's own provider choice and generators."""
-    import importlib
-
-    with _install_lock:
-        if not _saved:
-            return
-        for key, original in list(_saved.items()):
-            if ":" in key:
-                module_name, func_name = key.split(":")
-                setattr(importlib.import_module(module_name), func_name, original)
-        crypten.generators = _saved["generators"]
-        crypten.mpc.MPCTensor._ltz = _saved["ltz"]
-        crypten._setup_prng = _saved["setup_prng"]
-        _providers().pop(PROVIDER_NAME, None)
-        crypten.cfg.mpc.provider = _saved["provider_cfg"]
-        _saved.clear()
-
-
-def is_installed() -> bool:
-    return bool(_saved)
+    def less_than_zero(self, x: Any) -> Any:
+        """``[x < 0]`` by the FSS gate, as wide as the innermost ``models.ops.compare_bound`` allows."""
+        bits = bits_for(ops.comparison_bound(), self.config.comparison_bits, self.config.fixed_point_bits)
+        return less_than_zero(x, self.provider, bits)
