@@ -87,21 +87,22 @@ class HEContext:
         return self._secret_key is not None
 
     def serialize(self, include_secret_key: bool = False) -> bytes:
-        """Parameters and keys as bytes; the secret key only when explicitly asked."""
+        """Parameters and keys as a ``HeContext`` protobuf message; the secret key only when asked."""
         if include_secret_key and self._secret_key is None:
             raise MissingSecretKeyError("this context holds no secret key to serialise")
-        header = {
-            "params": self.params.to_dict(),
-            "rotation_steps": list(self.rotation_steps),
-            "has_galois": self.galois_keys is not None,
-            "has_secret": include_secret_key,
-        }
-        blobs = [seal_io.save_bytes(self.public_key), seal_io.save_bytes(self.relin_keys)]
+        message = seal_io.pb.HeContext(
+            params=seal_io.pb.CkksParameters(poly_modulus_degree=self.params.poly_modulus_degree,
+                                             coeff_mod_bit_sizes=self.params.coeff_mod_bit_sizes,
+                                             scale_bits=self.params.scale_bits),
+            rotation_steps=self.rotation_steps,
+            public_key=seal_io.save_bytes(self.public_key),
+            relin_keys=seal_io.save_bytes(self.relin_keys),
+        )
         if self.galois_keys is not None:
-            blobs.append(seal_io.save_bytes(self.galois_keys))
+            message.galois_keys = seal_io.save_bytes(self.galois_keys)
         if include_secret_key:
-            blobs.append(seal_io.save_bytes(self._secret_key))
-        return seal_io.pack(header, blobs)
+            message.secret_key = seal_io.save_bytes(self._secret_key)
+        return message.SerializeToString()
 
     def public_bytes(self) -> bytes:
         """What the server gets: parameters, public key, relin keys, the needed Galois keys."""
@@ -110,21 +111,22 @@ class HEContext:
     @classmethod
     def from_bytes(cls, data: bytes) -> HEContext:
         """Rebuild a context from :meth:`serialize` output (public unless the key was included)."""
-        header, blobs = seal_io.unpack(data)
-        params = CkksParams.from_dict(header["params"])
-        expected = 2 + bool(header.get("has_galois")) + bool(header.get("has_secret"))
-        if len(blobs) != expected:
-            raise seal_io.SerializationError(f"context has {len(blobs)} blobs, expected {expected}")
+        message = seal_io.parse(seal_io.pb.HeContext, data)
+        if not message.HasField("params"):
+            raise seal_io.SerializationError("HE context carries no CKKS parameters")
+        params = CkksParams(message.params.poly_modulus_degree, tuple(message.params.coeff_mod_bit_sizes),
+                            message.params.scale_bits)
+        if len(message.rotation_steps) > params.slots:
+            raise seal_io.SerializationError(f"HE context lists {len(message.rotation_steps)} rotation steps "
+                                             f"for {params.slots} slots")
         seal_ctx = _seal_context(params)
-        public_key = seal_io.load_bytes(sa.PublicKey(), blobs[0], seal_ctx)
-        relin = seal_io.load_bytes(sa.RelinKeys(), blobs[1], seal_ctx)
-        pos = 2
-        galois = None
-        if header.get("has_galois"):
-            galois = seal_io.load_bytes(sa.GaloisKeys(), blobs[pos], seal_ctx)
-            pos += 1
-        secret = seal_io.load_bytes(sa.SecretKey(), blobs[pos], seal_ctx) if header.get("has_secret") else None
-        return cls(params, public_key, relin, galois, header.get("rotation_steps", []), secret, seal_ctx)
+        public_key = seal_io.load_bytes(sa.PublicKey(), message.public_key, seal_ctx)
+        relin = seal_io.load_bytes(sa.RelinKeys(), message.relin_keys, seal_ctx)
+        galois = (seal_io.load_bytes(sa.GaloisKeys(), message.galois_keys, seal_ctx)
+                  if message.HasField("galois_keys") else None)
+        secret = (seal_io.load_bytes(sa.SecretKey(), message.secret_key, seal_ctx)
+                  if message.HasField("secret_key") else None)
+        return cls(params, public_key, relin, galois, list(message.rotation_steps), secret, seal_ctx)
 
     # ----- encoding, encryption, decryption --------------------------------------------------
     @property

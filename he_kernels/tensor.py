@@ -15,7 +15,6 @@ i of every block. Row sums over keys are plain additions of the n ciphertexts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -122,10 +121,6 @@ class ColumnLayout:
         blocks = np.concatenate([v[: self.slots].reshape(self.cols_per_ct, self.block) for v in vectors])
         return blocks[: self.cols, : self.rows].T.copy()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "column", "rows": self.rows, "cols": self.cols, "block": self.block,
-                "slots": self.slots, "duplicated": self.duplicated}
-
 
 @dataclass(frozen=True)
 class DiagonalLayout:
@@ -161,21 +156,8 @@ class DiagonalLayout:
             s[np.arange(n), (np.arange(n) + r) % n] = vec[:n]
         return s
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "diagonal", "rows": self.rows, "block": self.block, "slots": self.slots}
-
 
 Layout = ColumnLayout | DiagonalLayout
-
-
-def layout_from_dict(data: dict[str, Any]) -> Layout:
-    kind = data.get("kind")
-    if kind == "column":
-        return ColumnLayout(int(data["rows"]), int(data["cols"]), int(data["block"]),
-                            int(data["slots"]), bool(data["duplicated"]))
-    if kind == "diagonal":
-        return DiagonalLayout(int(data["rows"]), int(data["block"]), int(data["slots"]))
-    raise LayoutError(f"unknown layout kind {kind!r}")
 
 
 @dataclass
@@ -198,15 +180,34 @@ class EncTensor:
         return max(ctx.level_used(ct) for ct in self.cts)
 
     def to_bytes(self) -> bytes:
-        """Layout header plus the SEAL ciphertexts (what goes on the wire)."""
-        return seal_io.pack({"layout": self.layout.to_dict()}, [seal_io.save_bytes(ct) for ct in self.cts])
+        """Layout plus the SEAL ciphertexts as an ``EncTensor`` protobuf message (what goes on the wire)."""
+        message = seal_io.pb.EncTensor(ciphertexts=[seal_io.save_bytes(ct) for ct in self.cts])
+        lay = self.layout
+        if isinstance(lay, ColumnLayout):
+            message.column.CopyFrom(seal_io.pb.ColumnLayout(rows=lay.rows, cols=lay.cols, block=lay.block,
+                                                            slots=lay.slots, duplicated=lay.duplicated))
+        else:
+            message.diagonal.CopyFrom(seal_io.pb.DiagonalLayout(rows=lay.rows, block=lay.block, slots=lay.slots))
+        return message.SerializeToString()
 
     @classmethod
     def from_bytes(cls, ctx: HEContext, data: bytes) -> EncTensor:
-        header, blobs = seal_io.unpack(data)
-        layout = layout_from_dict(header["layout"])
-        cts = [seal_io.load_bytes(sa.Ciphertext(), blob, ctx.seal) for blob in blobs]
-        return cls(cts, layout)
+        """Inverse of :meth:`to_bytes`; the layout is checked before any ciphertext is loaded."""
+        message = seal_io.parse(seal_io.pb.EncTensor, data)
+        kind = message.WhichOneof("layout")
+        if kind == "column":
+            c = message.column
+            layout: Layout = ColumnLayout(c.rows, c.cols, c.block, c.slots, c.duplicated)
+        elif kind == "diagonal":
+            d = message.diagonal
+            layout = DiagonalLayout(d.rows, d.block, d.slots)
+        else:
+            raise seal_io.SerializationError("encrypted tensor carries no layout")
+        if layout.slots != ctx.slots:
+            raise LayoutError(f"layout for {layout.slots} slots, the context has {ctx.slots}")
+        if len(message.ciphertexts) != layout.n_cts:
+            raise LayoutError(f"{len(message.ciphertexts)} ciphertexts for a layout needing {layout.n_cts}")
+        return cls(seal_io.load_ciphertexts(ctx.seal, message.ciphertexts), layout)
 
 
 def encrypt_matrix(

@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 import numpy as np
-from tenseal import sealapi as sa
 
 from he_kernels import seal_io
 from he_kernels.context import HEContext
@@ -53,14 +52,14 @@ class HeProtocolError(ValueError):
 
 
 def _cts_bytes(cts: list) -> bytes:
-    return seal_io.pack({"count": len(cts)}, [seal_io.save_bytes(ct) for ct in cts])
+    return seal_io.ciphertexts_to_bytes(cts)
 
 
 def _cts_from(ctx: HEContext, data: bytes, expected: int) -> list:
-    _, blobs = seal_io.unpack(data)
-    if len(blobs) != expected:
-        raise HeProtocolError(f"expected {expected} ciphertexts, got {len(blobs)}")
-    return [seal_io.load_bytes(sa.Ciphertext(), blob, ctx.seal) for blob in blobs]
+    try:
+        return seal_io.ciphertexts_from_bytes(ctx.seal, data, expected)
+    except seal_io.SerializationError as exc:
+        raise HeProtocolError(str(exc)) from None
 
 
 # ----- client ---------------------------------------------------------------------------------

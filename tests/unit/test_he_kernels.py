@@ -36,10 +36,11 @@ from he_kernels import (
     power,
     power_softmax,
     qk_scores,
+    regenerate,
     seal_io,
 )
 from he_kernels.poly import poly_depth
-from he_kernels.tensor import ColumnLayout
+from he_kernels.tensor import ColumnLayout, LayoutError
 from privinf.ledger.counting import Ledger
 
 N_TOK, BLOCK = 8, 256  # 8 tokens, duplicated into blocks of 256 slots: 16 columns per ct at N=8192
@@ -113,6 +114,45 @@ def test_enc_tensor_bytes_round_trip_and_missing_rotation(ctx8, deep):
         EncTensor.from_bytes(ctx8, b"junk" + enc.to_bytes())
     with pytest.raises(MissingRotationKeyError):
         matmul_plain(deep, encrypt_matrix(deep, x), torch.eye(20))
+
+
+def test_seal_messages_refuse_foreign_oversized_and_inconsistent_input(ctx8, deep, monkeypatch):
+    x = torch.randn(N_TOK, 4, generator=_gen(4))
+    enc = encrypt_matrix(ctx8, x)
+    data = enc.to_bytes()
+    for bad in (data + b"\x00", data[:-1], b"", ctx8.public_bytes()):
+        with pytest.raises(seal_io.SerializationError):
+            EncTensor.from_bytes(ctx8, bad)
+    with pytest.raises(seal_io.SerializationError):
+        HEContext.from_bytes(data)  # an encrypted tensor is not a context
+    with pytest.raises(seal_io.SerializationError, match="no CKKS parameters"):
+        HEContext.from_bytes(b"")
+    message = seal_io.pb.EncTensor.FromString(data)
+    message.ciphertexts.append(message.ciphertexts[0])
+    with pytest.raises(LayoutError, match="2 ciphertexts for a layout needing 1"):
+        EncTensor.from_bytes(ctx8, message.SerializeToString())
+    with pytest.raises(LayoutError, match="slots"):
+        EncTensor.from_bytes(deep, data)  # packed for N=8192, read under N=16384
+    assert seal_io.ciphertexts_from_bytes(ctx8.seal, seal_io.ciphertexts_to_bytes(enc.cts), 1)
+    with pytest.raises(seal_io.SerializationError, match="expected 2 ciphertexts, got 1"):
+        seal_io.ciphertexts_from_bytes(ctx8.seal, seal_io.ciphertexts_to_bytes(enc.cts), 2)
+    monkeypatch.setattr(seal_io, "MAX_MESSAGE_BYTES", len(data) - 1)
+    with pytest.raises(seal_io.SerializationError, match="exceeds"):
+        EncTensor.from_bytes(ctx8, data)
+
+
+def test_context_without_rotations_round_trips(deep):
+    server = HEContext.from_bytes(deep.public_bytes())
+    assert server.galois_keys is None and server.rotation_steps == () and not server.has_secret_key
+    assert server.params == deep.params
+
+
+def test_generated_seal_code_is_current(tmp_path):
+    fresh = regenerate.generate(tmp_path / "gen")
+    assert set(fresh) == {"__init__.py", "seal_pb2.py", "seal_pb2.pyi"}
+    assert regenerate.stale_files(fresh) == [], "run: python -m he_kernels.regenerate"
+    (tmp_path / "gen" / "seal_pb2.py").write_bytes(fresh["seal_pb2.py"] + b"# edited\n")
+    assert regenerate.stale_files(fresh, tmp_path / "gen") == ["seal_pb2.py"]
 
 
 def test_out_of_range_refused_before_encryption(ctx8):
