@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from privinf.ledger.counting import Counters, Phase, Row
+from privinf.ledger.records import Counters, Phase, Row
 
 
 class ProfileError(ValueError):

@@ -1,7 +1,7 @@
 """Cost reports: every party's ledger rows plus run metadata, as JSON, CSV, a table and a PNG.
 
 Each party keeps its own :class:`~privinf.ledger.counting.Ledger`; at the end of a session the server and
-the dealer send their rows to the client as JSON (:func:`~privinf.ledger.counting.rows_to_dicts`), and
+the dealer send their rows to the client as JSON (:func:`~privinf.ledger.records.rows_to_dicts`), and
 the client merges them (:func:`merge_rows`) into a :class:`Report`. Raw rows stay per party;
 views that combine parties (the table, ``scopes`` in the JSON, the chart) use the latency model
 of :mod:`privinf.ledger.pricing`: bytes are summed over parties, while rounds, compute and wall time
@@ -18,16 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privinf.ledger.counting import (
-    ROOT_SCOPE,
-    Counters,
-    LedgerFormatError,
-    Phase,
-    Row,
-    rows_from_dicts,
-    sum_counters,
-    totals_by_op,
-)
 from privinf.ledger.pricing import (
     LAN,
     WAN,
@@ -38,6 +28,16 @@ from privinf.ledger.pricing import (
     estimate,
     estimate_phases,
     price,
+)
+from privinf.ledger.records import (
+    ROOT_SCOPE,
+    Counters,
+    LedgerFormatError,
+    Phase,
+    Row,
+    rows_from_dicts,
+    sum_counters,
+    totals_by_op,
 )
 from privinf.ledger.tables import num_col, render, text_col
 
