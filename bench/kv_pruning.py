@@ -3,14 +3,16 @@
 ``python bench/kv_pruning.py [--quick]``: per-decode-step bytes sent per party, rounds and wall
 time of ``none`` / ``window`` / ``static`` / ``mpcache`` (budget 25%) on a GPT-2-small-shaped
 decoder (12 layers, hidden 768, 12 heads, random weights), private generation end to end:
-client, server and dealer as processes over gRPC + mutual TLS (``--transport memory``: threads).
+client, server and dealer as threads of one process linked by gRPC + mutual TLS over loopback
+(``--transport memory``: in-memory channels).
 Every generation runs twice in one session: *cold* (each step's Beaver/FSS material fetched from
 the dealer online, the request schedule recorded) and *warm* (the same public generation again:
 each step's material preprocessed in one offline batch before the step); the weight-stationary
 and KV-stationary material is fetched before each step in both.
 Instead of a real prefill of 256-1024 tokens (hours of exact softmax in MPC on 2 cores), the
 cache starts as shares of public random K/V of the right shape (after the policy's eviction),
-which costs the same per step. Prints ratios vs ``none`` and the MPCache targets with PASS/MISS;
+which costs the same per step (``bench/kv_fill.py``: bench-only parties, one session per
+context). Prints ratios vs ``none`` and the MPCache targets with PASS/MISS;
 "keys MiB" is the dealer material the client receives per step (mostly FSS keys).
 
 ``python bench/kv_pruning.py --smollm2``: private greedy decoding of SmolLM2-135M (16-token
@@ -29,16 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kv_fill import filling_parties
 from models.bench_layers import GPT2_SMALL
 from models.registry import load_model
 from protocols.kv.generate import plain_greedy
 from protocols.routes.local_run import run_local_session
-from protocols.routes.mpc import MpcClient
+from protocols.routes.mpc import MpcClient, MpcServer
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
 
-def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]) -> list[Any]:
+def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]], links: str = "memory",
+                    parties: tuple[type[MpcClient], type[MpcServer]] = (MpcClient, MpcServer)) -> list[Any]:
     """Client, server and dealer as threads; one generate per (prompt, call)."""
     def work(client: MpcClient) -> list[Any]:
         out = []
@@ -48,7 +52,7 @@ def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]])
             out.append((output, rows, time.perf_counter() - started))
         return out
 
-    return run_local_session(model, "exact", work, timeout_s=7200).result
+    return run_local_session(model, "exact", work, timeout_s=7200, links=links, parties=parties).result
 
 
 def smollm2() -> None:
@@ -82,26 +86,6 @@ def _per_step(rows: list[Any]) -> dict[str, list[float]]:
 POLICY_NAMES = ("none", "window", "static", "mpcache")
 
 
-def grpc_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]]) -> list[Any]:
-    """The same generations over gRPC + mutual TLS: dealer and server processes, client here."""
-    from mpc_parties.launch import local_deployment
-    from mpc_parties.party_config import ModelChoice
-    from privinf.session import connect
-
-    out = []
-    with local_deployment(ModelChoice(model, "exact"), timeout_s=3600) as deployment:
-        with connect(deployment.client) as session:
-            for prompt, call in zip(prompts, calls):
-                call = dict(call)
-                fill = call.pop("fill", 0)
-                started = time.perf_counter()
-                result = session.generate(prompt, fill=fill, **call)
-                wall = time.perf_counter() - started
-                rows = [[r for r in result.report.rows if r.party == party] for party in ("client", "server", "dealer")]
-                out.append((result.output, rows, wall))
-    return out
-
-
 def _step_costs(rows: list[Any], steps: tuple[str, ...]) -> dict[str, float]:
     """Mean per step of the client's rows: online bytes sent, rounds, wall; offline wall and
     bytes received (dealer material preprocessed before the step); attention bytes sent."""
@@ -124,17 +108,18 @@ def _step_costs(rows: list[Any], steps: tuple[str, ...]) -> dict[str, float]:
 def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = None) -> None:
     contexts = contexts or ((64, 128) if quick else (256, 512, 1024))
     new = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
-    calls, keys = [], []
+    keys, results = [], []
+    started = time.perf_counter()
     for ctx in contexts:
+        calls = []
         for name in POLICY_NAMES:
             budget = None if name == "none" else 0.25
-            call = {"max_new_tokens": new, "policy": name, "budget": budget, "fill": ctx - new}
+            call = {"max_new_tokens": new, "policy": name, "budget": budget}
             calls += [call, dict(call)]  # cold (schedule recorded), then warm (material preprocessed)
             keys.append((ctx, name))
-    started = time.perf_counter()
-    run = grpc_generations if transport == "grpc" else run_generations
-    results = run(GPT2_SMALL, ["a"] * len(calls), calls)
-    print(f"transport: {'gRPC + mutual TLS, 3 processes' if transport == 'grpc' else 'in-memory channels, threads'}")
+        results += run_generations(GPT2_SMALL, ["a"] * len(calls), calls, transport, filling_parties(ctx - new))
+    print(f"transport: {'gRPC + mutual TLS over loopback' if transport == 'grpc' else 'in-memory channels'}, "
+          "parties as threads, one session per context")
     print(f"GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, random weights), budget 25%, "
           f"exact softmax; cache of ctx-{new} public-random entries + 1 prompt token; per decode step "
           f"(mean of 2 steps), client side; total run {time.perf_counter() - started:.0f} s")
@@ -171,7 +156,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short contexts only (a smoke run)")
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M tokens vs plaintext instead")
     parser.add_argument("--transport", choices=("grpc", "memory"), default="grpc",
-                        help="parties as processes over gRPC + mTLS (default) or threads in memory")
+                        help="links between the party threads: gRPC + mTLS over loopback (default) or in memory")
     parser.add_argument("--contexts", help="comma-separated context lengths instead of 256,512,1024")
     args = parser.parse_args()
     if args.smollm2:

@@ -41,9 +41,7 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     ledger = ledger or Ledger("client")
     tls = config.tls()
     spec = SessionSpec(session=session or new_session_id(), protocol=protocol,
-                       model=config.model.name, variant=config.model.variant,
-                       preprocess=config.preprocess, device=config.model.device,
-                       comparisons=config.comparisons)
+                       model=config.model.name, variant=config.model.variant, config=config.protocol)
     server_address = config.peers["server"]
     front = connect(server_address, tls, "server", spec.session, timeout=config.timeout_s)
     try:

@@ -3,11 +3,19 @@
 Ports are bound with port 0 and announced on each party's stdout (``privinf-ready ...``); the
 launcher waits for those lines, never sleeps. Parties run with ``--exit-with-parent`` so none
 outlives the launcher; a party that dies is named in the error the launcher raises.
+
+The temporary directory with the keys (``/tmp/privinf-*``) goes whatever ends first: the
+launcher's ``finally``, a SIGTERM / SIGHUP to the launcher (turned into an orderly exit), its
+interpreter's exit (atexit), or, when the launcher is killed outright, the parties themselves
+(``--remove-on-exit``: they remove it once their stdin tells them the launcher is gone).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +30,7 @@ from mpc_parties.main import READY_PREFIX
 from mpc_parties.party_config import ModelChoice, PartyConfig, dump_config
 from protocols.net.certs import write_certs
 from protocols.net.channels import TransportError
+from protocols.protocol_config import ProtocolConfig
 
 
 class PartyFailure(TransportError):
@@ -73,14 +82,17 @@ def _drain(stream, sink: LogLines) -> None:
         sink.add(line.rstrip())
 
 
-def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False) -> PartyProcess:
-    """Start one party process and wait for its readiness announcement."""
+def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
+                remove_on_exit: bool = False) -> PartyProcess:
+    """Start one party process and wait for its readiness announcement. With ``remove_on_exit``
+    the party removes ``workdir`` if the launcher dies first."""
     path = workdir / f"{config.role}.toml"
     path.write_text(dump_config(config))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    extra = ["--remove-on-exit", str(workdir)] if remove_on_exit else []
     process = subprocess.Popen(
         [sys.executable, "-m", "mpc_parties.main", "--role", config.role, "--config", str(path),
-         "--exit-with-parent"],
+         "--exit-with-parent", *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if echo_logs else subprocess.PIPE,
         text=True, env=env,
     )
@@ -109,9 +121,11 @@ def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False) -> 
 
 
 def stop_party(party: PartyProcess) -> int | None:
-    """Ask a party to stop (SIGTERM), kill it if it does not within STOP_TIMEOUT_S."""
+    """Ask a party to stop (SIGTERM, and SIGCONT so a frozen one acts on it), kill it if it does
+    not within STOP_TIMEOUT_S."""
     if party.process.poll() is None:
         party.process.terminate()
+        party.process.send_signal(signal.SIGCONT)
         try:
             party.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -136,39 +150,66 @@ class LocalDeployment:
             party.check_alive()
 
 
+class _KeyDirectory:
+    """The launcher's temporary directory (certificates and keys), removed by whatever exit comes
+    first: :meth:`remove` (the deployment's finally), atexit, or SIGTERM / SIGHUP, which this
+    turns into ``SystemExit`` so the finally runs (only where those signals had no handler)."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="privinf-"))
+        atexit.register(self.remove)
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    self._previous[signum] = signal.signal(signum, self._exit_on_signal)
+
+    @staticmethod
+    def _exit_on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    def remove(self) -> None:
+        """Delete the directory and put the signal handlers back (idempotent)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+        atexit.unregister(self.remove)
+
+
 @contextmanager
-def local_deployment(model: ModelChoice, preprocess: int = 1, workdir: Path | None = None,
+def local_deployment(model: ModelChoice, protocol: ProtocolConfig | None = None, workdir: Path | None = None,
                      with_dealer: bool = True, echo_logs: bool = False,
-                     timeout_s: float = 120.0, comparisons: str = "fss") -> Iterator[LocalDeployment]:
-    """Start dealer (for MPC) and server on loopback; yield; stop both, whatever happens.
-    ``comparisons`` goes into the client's config (``deployment.client``)."""
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="privinf-")
-        workdir = Path(tmp.name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    certs = workdir / "certs"
-    write_certs(certs)
+                     timeout_s: float = 120.0) -> Iterator[LocalDeployment]:
+    """Start dealer (for MPC) and server on loopback with ``protocol`` (defaults if None); yield;
+    stop both, whatever happens. The client's config is ``deployment.client``. Without
+    ``workdir`` the keys live in a temporary directory that is removed on any exit."""
+    protocol = protocol or ProtocolConfig()
+    keys = _KeyDirectory() if workdir is None else None
+    workdir = keys.path if keys is not None else workdir.resolve()  # party configs hold absolute paths
     parties: list[PartyProcess] = []
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        certs = workdir / "certs"
+        write_certs(certs, force=True)  # a reused --workdir gets a fresh set, each file replaced atomically
+        owned = keys is not None
         peers: dict[str, str] = {}
         if with_dealer:
-            dealer = start_party(PartyConfig("dealer", certs, timeout_s=timeout_s), workdir, echo_logs)
+            dealer = start_party(PartyConfig("dealer", certs, timeout_s=timeout_s), workdir, echo_logs, owned)
             parties.append(dealer)
             peers["dealer"] = dealer.address
         server = start_party(PartyConfig("server", certs, peers=dict(peers), model=model,
-                                         preprocess=preprocess, timeout_s=timeout_s), workdir, echo_logs)
+                                         protocol=protocol, timeout_s=timeout_s), workdir, echo_logs, owned)
         parties.append(server)
         peers["server"] = server.address
-        client = PartyConfig("client", certs, peers=peers, model=model, preprocess=preprocess,
-                             timeout_s=timeout_s, comparisons=comparisons)
+        client = PartyConfig("client", certs, peers=peers, model=model, protocol=protocol, timeout_s=timeout_s)
         (workdir / "client.toml").write_text(dump_config(client))
         yield LocalDeployment(workdir, client, parties)
     finally:
         for party in reversed(parties):
             stop_party(party)
-        if tmp is not None:
-            tmp.cleanup()
+        if keys is not None:
+            keys.remove()
 
 
 def wait_all_stopped(parties: list[PartyProcess], timeout: float = STOP_TIMEOUT_S) -> bool:

@@ -13,24 +13,34 @@ One file per party and host. Example (the server's)::
     name = "minilm"
     variant = "exact"
 
-The client's file names ``server`` and ``dealer`` under ``[peers]`` and may set
-``comparisons = "fss"`` (default: comparisons with function-secret-sharing keys from the dealer)
-or ``"circuit"`` (CrypTen's boolean circuit); the dealer needs no peers and no model. Relative
-paths are relative to the config file.
+    [protocol]                       # optional; client and server must hold the same values
+    preprocess = 1                   # inferences of dealer material made ahead per input shape
+    comparisons = "fss"              # FSS keys from the dealer, or "circuit" (CrypTen's)
+
+The client's file names ``server`` and ``dealer`` under ``[peers]``; the dealer needs no peers and
+no model. ``[protocol]`` holds the fields of :class:`protocols.protocol_config.ProtocolConfig`
+(the session refuses a client whose values differ from the server's, naming the field); the
+older top-level ``preprocess`` / ``comparisons`` keys and ``[model] device`` are read into it.
+A client with its own certificate (``privinf certs --client alice``) sets ``name = "alice"`` and
+uses ``client-alice.pem`` / ``client-alice.key``. ``timeout_s`` (default 120) is how long a party
+waits for its peer's next message: also the idle limit of an open session. Servers and clients
+check ``[model]`` when the file is loaded (a known model name, a variant that parses), so a
+misconfigured server fails at start. Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from protocols.net.certs import TlsConfig
-from protocols.session_spec import COMPARISONS
+from protocols.net.certs import CLIENT_ROLE, CertError, TlsConfig, check_client_name
+from protocols.net.names import ROLES
+from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
 
-ROLES = ("client", "server", "dealer")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 _PEERS_NEEDED = {"client": ("server",), "server": (), "dealer": ()}
 
@@ -55,11 +65,10 @@ class ModelChoice:
     name: str = "minilm"
     variant: str = "exact"
     overrides: str | None = None  # path of a per-layer/per-head override JSON file
-    device: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "variant": self.variant, "overrides": self.overrides,
-                "device": self.device}
+        """The choice as a JSON object."""
+        return {"name": self.name, "variant": self.variant, "overrides": self.overrides}
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,9 @@ class PartyConfig:
     listen: str = "127.0.0.1:0"
     peers: dict[str, str] = field(default_factory=dict)
     model: ModelChoice = ModelChoice()
-    preprocess: int = 1
+    protocol: ProtocolConfig = ProtocolConfig()
     timeout_s: float = 120.0
-    comparisons: str = "fss"  # client only: FSS keys from the dealer or CrypTen's circuit
+    name: str | None = None  # a client's own identity: its certificate is client-NAME.pem
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -86,15 +95,19 @@ class PartyConfig:
             if peer not in ROLES:
                 raise ConfigError(f"unknown peer role {peer!r} under [peers]")
             check_address(address, f"peers.{peer}")
-        if self.preprocess < 1:
-            raise ConfigError(f"preprocess must be >= 1 inference, got {self.preprocess}")
-        if self.comparisons not in COMPARISONS:
-            raise ConfigError(f"unknown comparisons {self.comparisons!r}; expected one of {', '.join(COMPARISONS)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.name is not None:
+            if self.role != CLIENT_ROLE:
+                raise ConfigError(f"name = {self.name!r}: only a client has a name of its own")
+            try:
+                check_client_name(self.name)
+            except CertError as exc:
+                raise ConfigError(str(exc)) from None
 
     def tls(self) -> TlsConfig:
-        return TlsConfig.load(self.certs, self.role)
+        """This party's TLS files (a named client's own certificate when ``name`` is set)."""
+        return TlsConfig.load(self.certs, self.role, self.name)
 
     def with_peers(self, **peers: str) -> PartyConfig:
         return replace(self, peers={**self.peers, **peers})
@@ -109,11 +122,31 @@ def load_config(path: str | Path, role: str | None = None) -> PartyConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return config_from_dict(data, base=path.parent, role=role)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    config = config_from_dict(data, base=path.parent, role=role)
+    if config.role != "dealer":
+        check_model_choice(config.model, path)
+    return config
+
+
+def check_model_choice(model: ModelChoice, source: str | Path = "config") -> None:
+    """Refuse a model name the registry does not know, or a variant (and overrides file) that
+    does not parse: a server fails at start with one line instead of at its first session."""
+    from models.registry import model_names
+    from models.variants import VariantError, parse_variant
+
+    known = model_names()
+    if model.name not in known:
+        raise ConfigError(f"{source}: unknown model {model.name!r} under [model]; known: {', '.join(known)}")
+    try:
+        parse_variant(model.variant, model.overrides)
+    except VariantError as exc:
+        raise ConfigError(f"{source}: [model] variant {model.variant!r}: {exc}") from None
 
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
-    known = {"role", "certs", "listen", "peers", "model", "preprocess", "timeout_s", "comparisons"}
+    known = {"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name"} | set(_LEGACY_PROTOCOL_KEYS)
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
@@ -131,25 +164,80 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     extra = set(model) - {"name", "variant", "overrides", "device"}
     if extra:
         raise ConfigError(f"unknown [model] keys: {', '.join(sorted(extra))}")
+    _check_types(data, model)
+    protocol = _protocol_from(data, model)
+    overrides = model.get("overrides")
+    if overrides is not None and not Path(overrides).is_absolute():
+        overrides = str(base / overrides)
     return PartyConfig(
         role=file_role,
         certs=certs if certs.is_absolute() else base / certs,
         listen=data.get("listen", "127.0.0.1:0"),
         peers=dict(data.get("peers", {})),
-        model=ModelChoice(model.get("name", "minilm"), model.get("variant", "exact"),
-                          model.get("overrides"), model.get("device", "cpu")),
-        preprocess=int(data.get("preprocess", 1)),
+        model=ModelChoice(model.get("name", "minilm"), model.get("variant", "exact"), overrides),
+        protocol=protocol,
         timeout_s=float(data.get("timeout_s", 120.0)),
-        comparisons=str(data.get("comparisons", "fss")),
+        name=data.get("name"),
     )
+
+
+def _check_types(data: dict[str, Any], model: dict[str, Any]) -> None:
+    """One line naming the key whose value has the wrong TOML type."""
+    for key in ("role", "certs", "listen", "name"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{key} must be a string, got {data[key]!r}")
+    for key in ("name", "variant", "overrides"):
+        if key in model and not isinstance(model[key], str):
+            raise ConfigError(f"[model] {key} must be a string, got {model[key]!r}")
+    peers = data.get("peers", {})
+    if not isinstance(peers, dict):
+        raise ConfigError("[peers] must be a table of role = \"host:port\"")
+    timeout = data.get("timeout_s", 120.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError(f"timeout_s must be a number of seconds, got {timeout!r}")
+
+
+_LEGACY_PROTOCOL_KEYS = ("preprocess", "comparisons")
+
+
+def _protocol_from(data: dict[str, Any], model: dict[str, Any]) -> ProtocolConfig:
+    """The ``[protocol]`` table, with the older top-level keys and ``[model] device`` folded in."""
+    table = data.get("protocol", {})
+    if not isinstance(table, dict):
+        raise ConfigError("[protocol] must be a table")
+    merged = {key: data[key] for key in _LEGACY_PROTOCOL_KEYS if key in data}
+    if "device" in model:
+        merged["device"] = model["device"]
+    clash = sorted(set(merged) & set(table))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} set both in [protocol] and outside it")
+    try:
+        return ProtocolConfig.from_json({**merged, **table})
+    except (ProtocolConfigError, TypeError) as exc:
+        raise ConfigError(f"[protocol]: {exc}") from None
+
+
+def config_to_dict(config: PartyConfig) -> dict[str, Any]:
+    """Plain data for :func:`config_from_dict` (e.g. handed to a session worker process)."""
+    return {"role": config.role, "certs": str(config.certs), "listen": config.listen,
+            "peers": dict(config.peers), "timeout_s": config.timeout_s,
+            "model": {key: value for key, value in config.model.to_json().items() if value is not None},
+            "protocol": config.protocol.to_json(), **({"name": config.name} if config.name else {})}
+
+
+def _toml_value(value: Any) -> str:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else f'"{value}"'
 
 
 def dump_config(config: PartyConfig) -> str:
     """TOML text for ``config`` (used by ``privinf launch`` to write one file per party)."""
     lines = [f'role = "{config.role}"', f'listen = "{config.listen}"', f'certs = "{config.certs}"',
-             f"preprocess = {config.preprocess}", f"timeout_s = {config.timeout_s}",
-             f'comparisons = "{config.comparisons}"', "", "[peers]"]
+             f"timeout_s = {config.timeout_s}", "", "[peers]"]
     lines += [f'{peer} = "{address}"' for peer, address in sorted(config.peers.items())]
-    lines += ["", "[model]", f'name = "{config.model.name}"', f'variant = "{config.model.variant}"',
-              f'device = "{config.model.device}"']
+    if config.name is not None:
+        lines.insert(3, f'name = "{config.name}"')
+    lines += ["", "[model]", f'name = "{config.model.name}"', f'variant = "{config.model.variant}"']
+    if config.model.overrides is not None:
+        lines.append(f"overrides = {json.dumps(config.model.overrides)}")
+    lines += ["", "[protocol]"] + [f"{key} = {_toml_value(value)}" for key, value in config.protocol.to_json().items()]
     return "\n".join(lines) + "\n"

@@ -14,9 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from privinf.progress import terminal_progress
 from protocols.net.channels import TransportError
+from protocols.protocol_config import COMPARISON_METHODS, ProtocolConfig
 
 PROTOCOLS = ("plain", "mpc", "he")
+DEFAULTS = ProtocolConfig()
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError,
                TransportError)
 
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "bound with port 0 and announced), run the client here over gRPC with mutual "
                     "TLS, print the output and the per-layer cost report, then stop the parties.")
     _add_common_run_args(launch, ("mpc", "he"))
-    launch.add_argument("--preprocess", type=int, default=1,
+    launch.add_argument("--preprocess", type=int, default=DEFAULTS.preprocess,
                         help="offline material generated ahead for this many inferences")
     launch.add_argument("--repeat", type=int, default=1,
                         help="run the same input this many times in one session (reuses offline "
@@ -76,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV-cache pruning policy for --generate (see docs/kv_pruning.md)")
     launch.add_argument("--budget", type=float, default=None,
                         help="KV budget for the policy: a fraction of the prompt in (0, 1] or a count")
-    launch.add_argument("--comparisons", choices=("fss", "circuit"), default="fss",
+    launch.add_argument("--comparisons", choices=COMPARISON_METHODS, default=DEFAULTS.comparisons,
                         help="MPC comparisons (max, GeLU's sign, arg-max): fss = one opening per "
                              "element with dealer keys (default), circuit = CrypTen's A2B circuit")
-    launch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    launch.add_argument("--device", choices=("cpu", "cuda"), default=DEFAULTS.device,
                         help="where shares live; only cpu is supported so far (cuda is refused)")
     launch.add_argument("--workdir", type=Path, default=None,
                         help="keep certificates and party configs here (default: a temp dir)")
@@ -114,37 +117,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
                            description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
-                                       "and dealer into DIR (keys mode 0600).")
+                                       "and dealer into DIR (created 0700; keys 0600, certificates "
+                                       "0644), plus client-NAME.pem/.key per --client. Existing "
+                                       "files are refused unless --force.")
     certs.add_argument("--out", required=True, type=Path)
     certs.add_argument("--host", action="append", default=None,
                        help="host name or IP the parties are reached at (repeatable; default "
                             "localhost and 127.0.0.1)")
+    certs.add_argument("--client", action="append", default=None, metavar="NAME",
+                       help="also issue a certificate for the client NAME (repeatable): it "
+                            "authenticates as role client and names NAME, so the server can tell "
+                            "clients apart")
+    certs.add_argument("--force", action="store_true",
+                       help="replace an existing set (each file atomically) instead of refusing it")
     certs.set_defaults(func=_cmd_certs)
 
     return parser
 
 
 def _read_input(bundle: Any, text: str | None) -> Any:
+    """The input for ``bundle`` read and checked by the model's own encoder, before anything runs."""
+    from privinf.inputs import checked_input
+
     if text is None:
         raise _usage("--input is required")
-    return _read_input_kind(bundle.input_kind, text)
+    return checked_input(bundle, text)
 
 
-def _read_input_kind(kind: str, text: str) -> Any:
-    if kind == "image":
-        import numpy as np
-        import torch
+def _checked_client_input(model: str, variant: str, overrides: str | Path | None, text: str) -> Any:
+    """Load the public model once on the client and check ``text`` with it, before any party starts
+    (the MPC client builds the same model later: the second load in a process is cheap)."""
+    from models.registry import load_model
+    from models.variants import parse_variant
 
-        path = Path(text)
-        if not path.exists():
-            raise _usage(f"image input {text!r} is not a file (.pt or .npy tensor [C,H,W])")
-        data = torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
-        return data
-    return text
+    return _read_input(load_model(model, parse_variant(variant, overrides)), text)
 
 
 class _UsageError(ValueError):
     pass
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse any text argument that is not valid UTF-8 (undecodable bytes arrive as surrogates)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not _is_utf8(item):
+                shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                option = "--" + name.removesuffix("_text").replace("_", "-")
+                raise _usage(f"{option} '{shown}' is not valid UTF-8 text")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _report_phase(progress: Callable[[str, int, int | None], None] | None, phase: str) -> None:
+    if progress is not None:
+        progress(phase, 0, None)
 
 
 def _usage(message: str) -> _UsageError:
@@ -191,8 +224,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     if args.input_text is None:
         raise _usage("--input is required")
+    if args.preprocess < 1:
+        raise _usage(f"--preprocess must be >= 1 inference, got {args.preprocess}")
     if args.repeat < 1:
         raise _usage(f"--repeat must be >= 1, got {args.repeat}")
+    if args.workdir is not None:
+        args.workdir = args.workdir.resolve()  # party configs name files in it from other directories
+        if args.workdir.exists() and not args.workdir.is_dir():
+            raise _usage(f"--workdir {args.workdir} is not a directory")
     if args.generate < 0:
         raise _usage(f"--generate must be >= 1 tokens, got {args.generate}")
     if args.generate and args.protocol != "mpc":
@@ -207,22 +246,23 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         if problem is not None:
             raise _usage(f"the HE route needs a polynomial variant ({problem}); "
                          f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
-    if args.device != "cpu":
-        raise _usage("--device cuda is not supported yet: the CSPRNG dealer provider and the "
-                     "weight-stationary layers compute on the CPU")
+    protocol = ProtocolConfig(preprocess=max(args.preprocess, args.repeat), comparisons=args.comparisons,
+                              device=args.device)
     if args.model not in model_names():
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
-    model = ModelChoice(args.model, args.variant,
-                        str(args.overrides.resolve()) if args.overrides else None, args.device)
-    with local_deployment(model, preprocess=max(args.preprocess, args.repeat), workdir=args.workdir,
-                          with_dealer=args.protocol == "mpc", echo_logs=args.verbose,
-                          comparisons=args.comparisons) as deployment:
-        with connect(deployment.client, protocol=args.protocol) as session:
-            if args.generate:
-                budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
-                result = session.generate(args.input_text, args.generate, args.policy, budget)
-            for _ in range(0 if args.generate else args.repeat):
-                result = session.infer(_read_input_kind(session.input_kind, args.input_text))
+    model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
+    with terminal_progress() as progress:
+        _report_phase(progress, "set-up: checking the input")
+        value = _checked_client_input(args.model, args.variant, args.overrides, args.input_text)
+        _report_phase(progress, "set-up: starting the parties")
+        with local_deployment(model, protocol, workdir=args.workdir, with_dealer=args.protocol == "mpc",
+                              echo_logs=args.verbose) as deployment:
+            with connect(deployment.client, protocol=args.protocol, progress=progress) as session:
+                if args.generate:
+                    budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
+                    result = session.generate(value, args.generate, args.policy, budget)
+                for _ in range(0 if args.generate else args.repeat):
+                    result = session.infer(value)
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     if args.generate:
@@ -261,8 +301,12 @@ def _cmd_party(args: argparse.Namespace) -> int:
     if args.input_text is None:
         raise _usage("the client needs --input")
     config = load_config(args.config, role="client")
-    with connect(config, protocol=args.protocol) as session:
-        result = session.infer(_read_input_kind(session.input_kind, args.input_text))
+    with terminal_progress() as progress:
+        _report_phase(progress, "set-up: checking the input")
+        value = _checked_client_input(config.model.name, config.model.variant, config.model.overrides,
+                                      args.input_text)
+        with connect(config, protocol=args.protocol, progress=progress) as session:
+            result = session.infer(value)
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     return 0
@@ -282,8 +326,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_certs(args: argparse.Namespace) -> int:
     from protocols.net.certs import DEFAULT_HOSTS, write_certs
 
-    write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS)
-    print(f"certificates for client, server and dealer written to {args.out}")
+    clients = tuple(args.client or ())
+    write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS, clients=clients, force=args.force)
+    named = f" and the clients {', '.join(clients)}" if clients else ""
+    print(f"certificates for client, server and dealer{named} written to {args.out}")
     return 0
 
 
@@ -324,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _check_text_arguments(args)
         return func(args)
     except USER_ERRORS as exc:
         if os.environ.get("PRIVINF_DEBUG"):

@@ -2,73 +2,69 @@
 
 from __future__ import annotations
 
-import re
-import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from protocols.net.channels import ProtocolError
+from protocols.net.names import SESSION_ID_RULE, is_session_id, new_session_id
+from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
 
 PROTOCOLS = ("mpc", "he")
-COMPARISONS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
-_SESSION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_REQUIRED = ("session", "protocol", "model", "variant")
+
+__all__ = ["PROTOCOLS", "ProtocolConfig", "SessionRefused", "SessionSpec", "new_session_id"]
 
 
 class SessionRefused(ValueError):
     """The peer refused to open the session (its reason is in the message)."""
 
 
-def new_session_id() -> str:
-    return "s-" + secrets.token_hex(8)
-
-
 @dataclass(frozen=True)
 class SessionSpec:
-    """The public terms of one session, agreed by client and server."""
+    """The public terms of one session, agreed by client and server: which model and variant run
+    under which protocol, and the :class:`ProtocolConfig` both parties must share."""
 
     session: str
     protocol: str
     model: str
     variant: str
-    preprocess: int = 1
-    device: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)
-    comparisons: str = "fss"
+    config: ProtocolConfig = ProtocolConfig()
 
     def __post_init__(self) -> None:
-        if not _SESSION_RE.match(self.session):
-            raise SessionRefused(f"invalid session id {self.session!r}")
+        if not is_session_id(self.session):
+            raise SessionRefused(f"invalid session id {self.session!r}: {SESSION_ID_RULE}")
         if self.protocol not in PROTOCOLS:
             raise SessionRefused(f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-        if not isinstance(self.preprocess, int) or self.preprocess < 1:
-            raise SessionRefused(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
-        if self.comparisons not in COMPARISONS:
-            raise SessionRefused(f"unknown comparison method {self.comparisons!r}; expected one of "
-                                 f"{', '.join(COMPARISONS)}")
-        if self.device == "cuda":
-            raise SessionRefused("device cuda is not supported yet: the CSPRNG dealer provider and the "
-                                 "weight-stationary layers compute on the CPU (use --device cpu)")
-        if self.device != "cpu":
-            raise SessionRefused(f"unknown device {self.device!r}; expected cpu")
+        if not isinstance(self.config, ProtocolConfig):
+            raise SessionRefused(f"config must be a ProtocolConfig, got {type(self.config).__name__}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The hello's JSON object."""
+        return {"session": self.session, "protocol": self.protocol, "model": self.model,
+                "variant": self.variant, "config": self.config.to_json()}
 
     @classmethod
     def from_json(cls, data: Any) -> SessionSpec:
+        """Parse a hello; malformed ones raise ProtocolError, refused terms SessionRefused."""
         if not isinstance(data, dict):
             raise ProtocolError("session hello is not a JSON object")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(_REQUIRED) | {"config"}
         unknown = set(data) - known
-        missing = {"session", "protocol", "model", "variant"} - set(data)
+        missing = set(_REQUIRED) - set(data)
         if unknown or missing:
             raise ProtocolError(f"session hello has unknown keys {sorted(unknown)} / misses {sorted(missing)}")
-        return cls(**data)
+        if not all(isinstance(data[key], str) for key in _REQUIRED):
+            raise ProtocolError(f"session hello fields {list(_REQUIRED)} must be strings")
+        try:
+            config = ProtocolConfig.from_json(data.get("config", {}))
+        except ProtocolConfigError as exc:
+            raise SessionRefused(str(exc)) from None
+        return cls(**{key: data[key] for key in _REQUIRED}, config=config)
 
-    def mismatch(self, model: str, variant: str) -> str | None:
-        """Why this spec does not fit a party configured for ``model`` / ``variant``."""
+    def mismatch(self, model: str, variant: str, config: ProtocolConfig) -> str | None:
+        """Why this spec does not fit a party configured for ``model`` / ``variant`` / ``config``."""
         if self.model != model:
             return f"model mismatch: client asked for {self.model!r}, server runs {model!r}"
         if self.variant != variant:
             return f"variant mismatch: client asked for {self.variant!r}, server runs {variant!r}"
-        return None
+        return config.mismatch(self.config)

@@ -42,9 +42,9 @@ from he_kernels.tensor import ColumnLayout, Domain, EncTensor
 from models.attention import PowerAttention
 from models.layers import AffineNorm, Quad
 
-SCALE_BITS = 30
+CKKS_SCALE_BITS = 30
 OP_DEPTH = 3  # deepest atomic op: the reciprocal's scaled first guess
-PARAMS: CkksParams = params_for_depth(OP_DEPTH, scale_bits=SCALE_BITS)  # N=8192, [60,30,30,30,60]
+PARAMS: CkksParams = params_for_depth(OP_DEPTH, scale_bits=CKKS_SCALE_BITS)  # N=8192, [60,30,30,30,60]
 RECIP_TOL = 1e-3
 
 Refresh = Callable[[list, str], list]
@@ -90,7 +90,7 @@ class HeEvaluator:
         self.block = _block_for(self.rows)
         p = max(k.p for k in model.modules() if isinstance(k, PowerAttention)) if any(
             isinstance(k, PowerAttention) for k in model.modules()) else 2
-        self.params = params_for_depth(max(OP_DEPTH, math.ceil(math.log2(p))), scale_bits=SCALE_BITS,
+        self.params = params_for_depth(max(OP_DEPTH, math.ceil(math.log2(p))), scale_bits=CKKS_SCALE_BITS,
                                        min_slots=self.block * self.config.hidden)
         self.recips: dict[str, NewtonApprox] = {}
         for i, block in enumerate(model.layer):

@@ -36,6 +36,7 @@ from models.kv_pruning import (
     make_policy,
 )
 from protocols.kv.stationary import StationaryError, StationaryParty, StationaryView, _Store
+from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor
 
 
@@ -77,25 +78,6 @@ class StationaryCache(PrunedCache):
         """Bytes this party holds for the cache: ``F`` and its mask share, K and V, all layers."""
         return sum(2 * s.f.numel() * 8 for s in self._stores.values())
 
-    def fill_public(self, entries: int, kv_heads: int, head_dim: int, seed: int) -> int:
-        """Benchmarks only: start from a cache as it stands after a prefill of ``entries`` tokens
-        (and the policy's eviction), holding shares of *public* random K/V (``seed``), instead
-        of running that prefill. Costs match a real cache of that size; returns stored entries."""
-        party = self._party()
-        self.policy.prompt = entries
-        stored = self.policy.plan(entries, entries, self.layers).stored
-        gen = torch.Generator().manual_seed(seed)
-        for layer in range(self.layers):
-            pair = []
-            for _ in ("k", "v"):
-                value = torch.randn(1, kv_heads, stored, head_dim, generator=gen)
-                share = torch.round(value.double() * 2**16).long() if party.rank == 0 else torch.zeros(
-                    1, kv_heads, stored, head_dim, dtype=torch.long)
-                pair.append(MPCTensor.from_shares(share, precision=16))
-            self.replace(layer, pair[0], pair[1], torch.arange(stored))
-        self.seen = entries
-        return stored
-
     def _view(self, layer: int, kind: str) -> StationaryView:
         return self._party().view(self._stores[(layer, kind)], layer, kind)
 
@@ -109,9 +91,9 @@ class StationaryCache(PrunedCache):
         self._sync(layer, positions)
 
     def _sync(self, layer: int, positions: torch.Tensor) -> None:
-        rank = self._party().rank
-        self.stored_keys[layer] = MPCTensor.from_shares(self._stores[(layer, "k")].share(rank), precision=16)
-        self.stored_values[layer] = MPCTensor.from_shares(self._stores[(layer, "v")].share(rank), precision=16)
+        rank, bits = self._party().rank, fixed_point.precision_bits()
+        self.stored_keys[layer] = MPCTensor.from_shares(self._stores[(layer, "k")].share(rank), precision=bits)
+        self.stored_values[layer] = MPCTensor.from_shares(self._stores[(layer, "v")].share(rank), precision=bits)
         self.stored_positions[layer] = positions
 
     def update(self, layer: int, k: Any, v: Any, positions: torch.Tensor) -> tuple[Any, Any]:

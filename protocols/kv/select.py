@@ -42,10 +42,10 @@ import torch
 from models import ops
 from models.config import ModelConfig
 from models.kv_pruning import KVPolicy, Plan
+from protocols.mpc import fixed_point, numerics
 from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.onehot import domain_for, one_hot
 
-_ULP = 2.0**-16
 _BIG = 1.0e4
 RESOLUTION = 2.0**-12  # bisection bracket width; closer scores are ties (latest first)
 
@@ -63,7 +63,7 @@ def greater_than_zero(x: Any) -> Any:
     """
     if ops.is_plain(x):
         return (x > 0).to(x.dtype)
-    return ops.as_fixed_point(x > 0, x)
+    return numerics.as_fixed_point(x > 0, x)
 
 
 def _check(n: int, k: int) -> None:
@@ -86,6 +86,11 @@ def _pair_layout(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, c, where[off_diagonal].reshape(n, n - 1)
 
 
+def _ulp() -> float:
+    """The session's fixed-point resolution (plaintext runs use it too, so ties break alike)."""
+    return 2.0 ** -fixed_point.precision_bits()
+
+
 def ranks(scores: Any) -> Any:
     """Descending rank of each entry of ``scores`` [..., n] (0 = largest), ties by index.
 
@@ -98,7 +103,7 @@ def ranks(scores: Any) -> Any:
         return scores * 0.0
     a, c, where = _pair_layout(n)
     last = scores.dim() - 1
-    earlier_wins = greater_than_zero(ops.index(scores, last, a) - ops.index(scores, last, c) + _ULP)
+    earlier_wins = greater_than_zero(ops.index(scores, last, a) - ops.index(scores, last, c) + _ulp())
     table = ops.cat([earlier_wins, 1.0 - earlier_wins], dim=last)
     beaten_by = ops.index(table, last, where.reshape(-1))
     return beaten_by.reshape(*scores.shape[:-1], n, n - 1).sum(-1)
@@ -137,7 +142,7 @@ def threshold_topk_mask(scores: Any, k: int, bound: float, iterations: int | Non
         above = greater_than_zero(scores - mid).sum(-1, keepdim=True)
         step = greater_than_zero(above - (k + 0.5)) * half  # too many above mid: move up
         lo, hi = step + lo, step + mid
-    margin = 2.0 * iterations * _ULP  # covers the truncation drift of lo and hi
+    margin = 2.0 * iterations * _ulp()  # covers the truncation drift of lo and hi
     keep = greater_than_zero(scores - (hi + margin))
     candidate = greater_than_zero(scores - (lo - margin)) - keep
     missing = k - keep.sum(-1, keepdim=True)
@@ -236,7 +241,7 @@ class OpCount:
 # Online per-element costs per party of privinf's protocol (2 parties, dealer, FSS comparisons):
 # an open is one 8-byte ring element in one round; an FSS comparison opens one masked element
 # in 5 bytes at the default 40 bits (tests/unit/test_fss.py); exp is CrypTen's 8 squarings;
-# the range-reduced reciprocal (models.ops) is 23 comparisons against public powers of 2 plus
+# the range-reduced reciprocal (protocols.mpc.numerics) is 23 comparisons against public powers of 2 plus
 # ~11 opens in 9 rounds.
 # Offline material is not priced here: an FSS key is ~1 KB per comparison and party, a one-hot
 # D ring elements per value, a Beaver correction one ring element per product element.

@@ -45,19 +45,16 @@ import numpy as np
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor
 from protocols.mpc.csprng import Stream, check_seed
+from protocols.mpc.vocabulary import MSG_END, MSG_KV_TRIPLE, TAG_CORR, TAG_MSG
 from protocols.net.channels import Channel
 
-SCALE_BITS = 16
-SCALE = 1 << SCALE_BITS
 KINDS = ("k", "v", "s")  # keys, values, and mpcache's selection S^T (stationary for one step)
 OPS = ("qk", "pv")
 TAG_F = "kvs.F"
 TAG_E = "kvs.E"
-TAG_MSG = "dealer.msg"
-TAG_CORR = "dealer.corr"
-MSG_TYPE = "kvs_triple"
 
 
 class StationaryError(ValueError):
@@ -136,9 +133,9 @@ class StationaryDealer:
             heads = torch.tensor(_dims(msg["heads"], "heads"), dtype=torch.long)
             blocks = [(int(b), int(n)) for b, n in msg["blocks"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise StationaryError(f"malformed {MSG_TYPE} request: {exc}") from None
+            raise StationaryError(f"malformed {MSG_KV_TRIPLE} request: {exc}") from None
         if op not in OPS or kind not in KINDS or not blocks or len(lead) != 2:
-            raise StationaryError(f"bad {MSG_TYPE} request: op={op!r} kind={kind!r} blocks={len(blocks)}")
+            raise StationaryError(f"bad {MSG_KV_TRIPLE} request: op={op!r} kind={kind!r} blocks={len(blocks)}")
         label = (layer, f"{kind}/{op}", index)
         if label in self._served:
             raise StationaryError(f"KV-stationary product {label} requested twice (mask reuse)")
@@ -152,7 +149,7 @@ class StationaryDealer:
         return _product(op, a0 + a1, mask) - c1
 
     def handles(self, msg: Any) -> bool:
-        return isinstance(msg, dict) and msg.get("type") == MSG_TYPE
+        return isinstance(msg, dict) and msg.get("type") == MSG_KV_TRIPLE
 
     def reply(self, channel: Channel, msg: dict[str, Any]) -> None:
         """Answer one request on ``channel`` (offline material)."""
@@ -167,7 +164,7 @@ class StationaryDealer:
         """Standalone loop (tests): answer requests until ``{"type": "end"}``."""
         while True:
             msg = channel.recv_json(TAG_MSG)
-            if isinstance(msg, dict) and msg.get("type") == "end":
+            if isinstance(msg, dict) and msg.get("type") == MSG_END:
                 return
             if not self.handles(msg):
                 raise StationaryError(f"unexpected dealer message {msg!r:.80}")
@@ -235,7 +232,7 @@ class StationaryView:
     def materialize(self) -> MPCTensor:
         """The view as ordinary shares (for kernels without a stationary path; costs O(n d) later)."""
         share = self.store.share(self.party.rank).index_select(1, self.heads)
-        return MPCTensor.from_shares(share, precision=SCALE_BITS)
+        return MPCTensor.from_shares(share, precision=fixed_point.precision_bits())
 
 
 class StationaryParty:
@@ -338,11 +335,11 @@ class StationaryParty:
         z = _product(op, e, mask) + _product(op, a, f) + c
         if self.rank == 0:
             z = z + _product(op, e, f)
-        return MPCTensor.from_shares(z.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
+        return fixed_point.truncated(z, fixed_point.precision_bits())
 
     def _correction(self, op: str, view: StationaryView, index: int, a_shape: tuple[int, ...],
                     lead: tuple[int, ...], d: int, c_shape: tuple[int, ...]) -> torch.Tensor:
-        msg = {"type": MSG_TYPE, "op": op, "kind": view.kind, "layer": view.layer, "index": index,
+        msg = {"type": MSG_KV_TRIPLE, "op": op, "kind": view.kind, "layer": view.layer, "index": index,
                "a_shape": list(a_shape), "lead": list(lead), "dim": d,
                "heads": [int(h) for h in view.heads], "blocks": [list(b) for b in view.store.blocks]}
         assert self._dealer is not None
@@ -363,11 +360,7 @@ def _tensor(data: Any) -> torch.Tensor:
 
 
 def _local_share(x: Any, dims: int) -> torch.Tensor:
-    if not isinstance(x, MPCTensor):
-        raise StationaryError(f"KV-stationary products take an MPCTensor, got {type(x).__name__}")
-    if x.ptype.name != "arithmetic" or x.encoder.scale != SCALE:
-        raise StationaryError(f"need an arithmetic sharing at scale 2^{SCALE_BITS}")
-    share = x.share
+    share = fixed_point.arithmetic_share(x, "a KV-stationary operand", StationaryError)
     if share.dim() != dims:
         raise StationaryError(f"expected a {dims}-D tensor, got shape {list(share.shape)}")
     return share

@@ -11,13 +11,13 @@ tests; :func:`open_low_bits`). The dealer sends the keys offline (``--preprocess
 request.
 
 Comparison width: the gate looks at ``x mod 2^bits``, so it is exact for ring values
-``|x| < 2^(bits - 1)``; with CrypTen's 16 fractional bits and :data:`DEFAULT_SIGN_BITS` = 40
-that is ``|value| < 2^23`` (8.4 million). Larger values (CrypTen's own products overflow near
-``|x * y| >= 2^31``) would compare wrongly (``models.ops.inv_sqrt_wide``'s energies stay below
-2^21 through its calibrated shift). Code that knows its operands are smaller says so with
-``models.ops.compare_bound(limit)``; the gate then runs on ``bits_for(limit)`` bits (GeLU's range
-tests: 32 bits, 20% smaller and faster keys). ``comparisons = "circuit"`` in a session keeps
-CrypTen's circuit (no width limit).
+``|x| < 2^(bits - 1)``; with the default configuration (16 fractional bits, comparison_bits =
+40; :class:`~protocols.protocol_config.ProtocolConfig`) that is ``|value| < 2^23`` (8.4
+million). Larger values (CrypTen's own products overflow near ``|x * y| >= 2^31``) would compare
+wrongly (``models.ops.inv_sqrt_wide``'s energies stay below 2^21 through its calibrated shift).
+Code that knows its operands are smaller says so with ``models.ops.compare_bound(limit)``; the
+gate then runs on :func:`bits_for` bits (GeLU's range tests: 32 bits, 20% smaller and faster
+keys). ``comparisons = "circuit"`` in a session keeps CrypTen's circuit (no width limit).
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.mpc.cryptenlib import crypten
-from protocols.session_spec import COMPARISONS
-
-DEFAULT_COMPARISONS = "fss"
-DEFAULT_SIGN_BITS = 40
-FRACTION_BITS = 16  # CrypTen's fixed-point precision
+from protocols.mpc.cryptenlib import MPCTensor, crypten
+from protocols.protocol_config import COMPARISON_METHODS
 
 
-def bits_for(bound: float | None, default: int = DEFAULT_SIGN_BITS) -> int:
+def bits_for(bound: float | None, default: int, fraction_bits: int) -> int:
     """Ring width for comparing values below ``bound`` in magnitude (``models.ops.compare_bound``):
-    the integer bits, the fraction, a sign bit and one bit of headroom; never above ``default``."""
+    the integer bits, the ``fraction_bits``, a sign bit and one bit of headroom; never above
+    ``default`` (the session's ``comparison_bits``)."""
     if bound is None:
         return default
-    return max(2, min(default, math.ceil(math.log2(bound)) + FRACTION_BITS + 2))
+    return max(2, min(default, math.ceil(math.log2(bound)) + fraction_bits + 2))
 
 
 class ComparisonError(ValueError):
@@ -50,8 +47,9 @@ class ComparisonError(ValueError):
 
 
 def check_comparisons(method: str) -> str:
-    if method not in COMPARISONS:
-        raise ComparisonError(f"unknown comparison method {method!r}; expected one of {', '.join(COMPARISONS)}")
+    """``method`` if it is a comparison method the protocol knows."""
+    if method not in COMPARISON_METHODS:
+        raise ComparisonError(f"unknown comparison method {method!r}; expected one of {', '.join(COMPARISON_METHODS)}")
     return method
 
 
@@ -77,14 +75,12 @@ def open_low_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (values + torch.from_numpy(theirs.view(np.int64).reshape(values.shape))) & low
 
 
-def less_than_zero(x: Any, provider: Any, bits: int = DEFAULT_SIGN_BITS) -> Any:
+def less_than_zero(x: Any, provider: Any, bits: int) -> Any:
     """``[x < 0]`` as an arithmetic MPCTensor at scale 1 (CrypTen's ``_ltz`` contract).
 
     ``provider`` is the party's :class:`~protocols.mpc.cryptenlib.provider.DealerProvider` (it fetches
     the keys); the opening goes through CrypTen's communicator, so it is counted like any other.
     """
-    from crypten.mpc import MPCTensor
-
     share = x._tensor.share
     if share.device.type != "cpu":
         raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")

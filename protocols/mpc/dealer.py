@@ -15,21 +15,14 @@ can be recorded once (:class:`RequestSchedule`) and the dealer can generate the 
 ``N`` inferences ahead of time (preprocessed mode) instead of answering request by request
 (online mode). Both modes are served by :meth:`Dealer.serve` over one :class:`Channel` per party.
 
-Wire messages on a party<->dealer channel (JSON control + raw int64 arrays, nothing pickled):
-``dealer.seed`` (16 bytes, dealer -> party, once), ``dealer.msg`` JSON from the party
-(``{"type": "tuple", "index", "request"}``, ``{"type": "preprocess", "start", "inferences",
-"schedule"}``, ``{"type": "ws_preprocess", ...}`` (see :mod:`protocols.mpc.secure_linear`),
-``{"type": "end"}``), and ``dealer.corr`` arrays back.
+The wire vocabulary (tags, message types, request layouts) is :mod:`protocols.mpc.vocabulary`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,202 +31,24 @@ import torch
 from privinf.ledger.counting import Ledger, Phase
 from protocols.mpc import fss, secure_linear
 from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
+from protocols.mpc.vocabulary import (
+    CORRECTED_RANK,
+    GELU_MASKS,
+    GELU_PRODUCTS,
+    MSG_END,
+    MSG_PREPROCESS,
+    MSG_REPORT,
+    MSG_TUPLE,
+    MSG_WS_PREPROCESS,
+    TAG_CORR,
+    TAG_MSG,
+    TAG_SEED,
+    DealerError,
+    RequestSchedule,
+    TupleRequest,
+    _numel,
+)
 from protocols.net.channels import Channel
-
-TAG_SEED = "dealer.seed"
-TAG_MSG = "dealer.msg"
-TAG_CORR = "dealer.corr"
-
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale", "gelu")
-GELU_MASKS = ("x", "v", "v2", "v3", "v4", "inside", "even", "w")  # order of a gelu request's masks
-GELU_PRODUCTS = (("x", "x"), ("v", "v"), ("v", "v2"), ("v2", "v2"), ("v", "v4"), ("v3", "v3"),
-                 ("inside", "even"), ("w", "x"))  # mask products it shares (protocols/mpc/fused_gelu.py)
-SIGN_BITS_RANGE = (2, 64)
-ONEHOT_DOMAIN_MAX = 1 << 16  # a one-hot request's domain: a power of two up to this
-ADDITIVE_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
-_CONV_KWARGS = ("stride", "padding", "dilation", "groups", "output_padding")
-CORRECTED_RANK = 0  # the party that receives corrections for CrypTen tuples
-WORLD_SIZE = 2
-
-
-class DealerError(ValueError):
-    """A malformed, unexpected or mismatched dealer request or reply."""
-
-
-def _dims(value: Any, what: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in value)
-    except TypeError:
-        raise DealerError(f"{what} must be a list of ints, got {value!r}") from None
-    if any(d < 0 for d in dims):
-        raise DealerError(f"{what} has a negative dimension: {list(dims)}")
-    return dims
-
-
-def _kwarg_value(key: str, value: Any) -> int | tuple[int, ...]:
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
-    if isinstance(value, int):
-        return value
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise DealerError(f"conv argument {key}={value!r} must be an int or a list of ints")
-    return tuple(value)
-
-
-@dataclass(frozen=True)
-class TupleRequest:
-    """One public request for correlated randomness, as CrypTen's provider receives it."""
-
-    kind: str
-    size0: tuple[int, ...]
-    size1: tuple[int, ...] = ()
-    op: str = ""
-    kwargs: tuple[tuple[str, Any], ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "additive" and self.op not in ADDITIVE_OPS:
-            raise DealerError(f"unsupported additive-triple op {self.op!r}; expected one of {ADDITIVE_OPS}")
-        if self.kind == "sign":
-            keys = dict(self.kwargs)
-            bits = keys.get("bits")
-            if self.op or set(keys) != {"bits"} or not isinstance(bits, int) \
-                    or not SIGN_BITS_RANGE[0] <= bits <= SIGN_BITS_RANGE[1]:
-                raise DealerError(f"a sign request takes only bits in {list(SIGN_BITS_RANGE)}, got "
-                                  f"op={self.op!r} {dict(self.kwargs)}")
-            return
-        if self.kind == "onehot":
-            domain = dict(self.kwargs).get("domain")
-            if self.op or [k for k, _ in self.kwargs] != ["domain"] or isinstance(domain, bool) \
-                    or not isinstance(domain, int) or not 2 <= domain <= ONEHOT_DOMAIN_MAX \
-                    or domain & (domain - 1):
-                raise DealerError(f"a onehot request takes only a domain that is a power of two in "
-                                  f"[2, {ONEHOT_DOMAIN_MAX}], got op={self.op!r} {dict(self.kwargs)}")
-            return
-        if self.kind != "additive" and (self.op or self.kwargs):
-            raise DealerError(f"{self.kind} requests take no op or op arguments")
-        for key, _ in self.kwargs:
-            if key not in _CONV_KWARGS:
-                raise DealerError(f"unsupported op argument {key!r}; expected one of {_CONV_KWARGS}")
-
-    @classmethod
-    def additive(cls, size0: Any, size1: Any, op: str, **kwargs: Any) -> TupleRequest:
-        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
-        return cls("additive", _dims(size0, "size0"), _dims(size1, "size1"), op, items)
-
-    @classmethod
-    def sign(cls, size: Any, bits: int) -> TupleRequest:
-        """FSS sign-gate keys for a tensor of ``size`` on ``bits``-bit values (both parties fetch)."""
-        return cls("sign", _dims(size, "size"), (), "", (("bits", int(bits)),))
-
-    @classmethod
-    def one_hot(cls, size: Any, domain: int) -> TupleRequest:
-        """A random ``rho`` (uniform mod ``domain``) per element and the unit vector ``e_rho``."""
-        return cls("onehot", _dims(size, "size"), (), "", (("domain", domain),))
-
-    @property
-    def domain(self) -> int:
-        return int(dict(self.kwargs)["domain"])
-
-    @property
-    def bits(self) -> int:
-        return int(dict(self.kwargs)["bits"])
-
-    def output_shape(self) -> tuple[int, ...]:
-        """Shape of the dependent tensor (c, r^2, theta_r, rA, or one party's flat sign keys),
-        computed on meta tensors."""
-        if self.kind == "sign":
-            return (fss.sign_key_words(self.bits, _numel(self.size0)),)
-        if self.kind == "onehot":
-            return self.size0 + (self.domain,)
-        if self.kind == "rowscale":
-            return (2,) + self.size0
-        if self.kind == "gelu":
-            return (len(GELU_PRODUCTS),) + self.size0
-        if self.kind == "additive":
-            a = torch.empty(self.size0, device="meta")
-            b = torch.empty(self.size1, device="meta")
-            try:
-                return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
-            except RuntimeError as exc:
-                raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
-                                  f"is invalid: {str(exc).splitlines()[0]}") from None
-        if self.kind == "binary":
-            return tuple(torch.broadcast_shapes(self.size0, self.size1))
-        return self.size0
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "size0": list(self.size0)}
-        if self.kind in ("additive", "binary"):
-            out["size1"] = list(self.size1)
-        if self.op:
-            out["op"] = self.op
-        if self.kind == "sign":
-            out["bits"] = self.bits
-        elif self.kind == "onehot":
-            out["domain"] = self.domain
-        elif self.kwargs:
-            out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
-        return out
-
-    @classmethod
-    def from_json(cls, data: Any) -> TupleRequest:
-        if not isinstance(data, dict) or "kind" not in data or "size0" not in data:
-            raise DealerError(f"malformed tuple request: {data!r}")
-        if data["kind"] == "sign":
-            bits = data.get("bits")
-            if isinstance(bits, bool) or not isinstance(bits, int):
-                raise DealerError(f"a sign request needs an integer bits, got {bits!r}")
-            return cls.sign(data["size0"], bits)
-        if data["kind"] == "onehot":
-            domain = data.get("domain")
-            if isinstance(domain, bool) or not isinstance(domain, int):
-                raise DealerError(f"a onehot request needs an integer domain, got {domain!r}")
-            return cls.one_hot(data["size0"], domain)
-        kwargs = data.get("kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise DealerError(f"tuple request kwargs must be an object, got {kwargs!r}")
-        items = tuple(sorted((k, _kwarg_value(k, v)) for k, v in kwargs.items()))
-        return cls(str(data["kind"]), _dims(data["size0"], "size0"),
-                   _dims(data.get("size1", []), "size1"), str(data.get("op", "")), items)
-
-
-class RequestSchedule:
-    """The ordered, public list of tuple requests one inference makes (recorded by party 0)."""
-
-    def __init__(self, requests: list[TupleRequest] | None = None) -> None:
-        self.requests: list[TupleRequest] = list(requests or [])
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def __getitem__(self, index: int) -> TupleRequest:
-        return self.requests[index]
-
-    def append(self, request: TupleRequest) -> None:
-        self.requests.append(request)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [r.to_json() for r in self.requests]
-
-    @classmethod
-    def from_json(cls, data: Any) -> RequestSchedule:
-        if not isinstance(data, list):
-            raise DealerError(f"a request schedule is a JSON list, got {type(data).__name__}")
-        return cls([TupleRequest.from_json(item) for item in data])
-
-    def digest(self) -> str:
-        """SHA-256 of the canonical JSON (both sides check they preprocess the same schedule)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
-
-    def correction_bytes(self) -> int:
-        """Bytes of corrections party 0 stores per inference of this schedule."""
-        return sum(8 * _numel(r.output_shape()) for r in self.requests)
-
-    def has_sign(self) -> bool:
-        """Whether any request is for FSS sign keys (which party 1 fetches as well)."""
-        return any(r.kind == "sign" for r in self.requests)
 
 
 class ScheduleCache:
@@ -265,13 +80,6 @@ class ScheduleCache:
         self._requests += len(schedule)
         while self._requests > self.max_requests and len(self._schedules) > 1:
             self._requests -= len(self._schedules.pop(next(iter(self._schedules))))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def count_wraps(shares: list[torch.Tensor]) -> torch.Tensor:
@@ -474,14 +282,14 @@ class Dealer:
         while True:
             msg = channel.recv_json(TAG_MSG)
             kind = msg.get("type") if isinstance(msg, dict) else None
-            if kind == "end":
+            if kind == MSG_END:
                 return sent
-            if kind == "report":
+            if kind == MSG_REPORT:
                 if on_report is None:
                     raise DealerError("this dealer link does not serve reports")
                 on_report()
                 continue
-            if kind == "tuple":
+            if kind == MSG_TUPLE:
                 index = int(msg["index"])
                 if index < expected_index:
                     raise DealerError(f"request index {index} repeats or goes back (expected >= {expected_index})")
@@ -489,7 +297,7 @@ class Dealer:
                 request = TupleRequest.from_json(msg["request"])
                 self._send(channel, self.correction(index, request, rank), Phase.ONLINE)
                 sent += 1
-            elif kind == "preprocess":
+            elif kind == MSG_PREPROCESS:
                 schedule = RequestSchedule.from_json(msg["schedule"])
                 start, n = int(msg["start"]), int(msg["inferences"])
                 if start < expected_index:
@@ -498,7 +306,7 @@ class Dealer:
                 for corr in self.preprocess(start, n, schedule, rank):
                     self._send(channel, corr, Phase.OFFLINE)
                     sent += 1
-            elif kind == "ws_preprocess":
+            elif kind == MSG_WS_PREPROCESS:
                 for corr in secure_linear.dealer_corrections(self._seeds, rank, msg):
                     self._send(channel, corr, Phase.OFFLINE)
                     sent += 1

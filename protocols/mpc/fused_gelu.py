@@ -1,6 +1,6 @@
-"""GeLU on shares with every operand opened once (``models.ops.gelu``'s piecewise polynomial).
+"""GeLU on shares with every operand opened once (``protocols.mpc.numerics.gelu``'s piecewise polynomial).
 
-``models.ops.gelu`` on shares evaluates ``x / 2 + inside * g(v) + w * x / 2`` with ``v = x^2 /
+``numerics.gelu`` evaluates ``x / 2 + inside * g(v) + w * x / 2`` with ``v = x^2 /
 T^2``, ``g`` an even degree-6 polynomial in ``v``, ``w = [x > T] - [x < -T]`` and ``inside = 1 -
 |w|``. With one fresh Beaver triple per product CrypTen opens ``x`` twice, ``v`` three times and
 ``v^2`` twice: 7 openings for the powers and the last products, plus 4 for those products'
@@ -21,22 +21,22 @@ from __future__ import annotations
 import torch
 
 from models import ops
+from protocols.mpc import fixed_point, numerics
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib import provider as crypten_provider
-from protocols.mpc.dealer import GELU_MASKS, GELU_PRODUCTS
-from protocols.mpc.fused_norm import SCALE, SCALE_BITS, opened_product
+from protocols.mpc.fused_norm import opened_product
+from protocols.mpc.vocabulary import GELU_MASKS, GELU_PRODUCTS
 
 
 class FusedGeluError(ValueError):
-    """An operand not at CrypTen's 2^16 arithmetic encoding."""
+    """An operand not at the session's arithmetic fixed-point encoding."""
 
 
 class _Party:
     """One party's view of the fused evaluation: masks, mask products, openings."""
 
     def __init__(self, x: MPCTensor) -> None:
-        if not isinstance(x, MPCTensor) or x.ptype.name != "arithmetic" or x.encoder.scale != SCALE:
-            raise FusedGeluError(f"GeLU's input must be an arithmetic MPCTensor at scale 2^{SCALE_BITS}")
+        fixed_point.arithmetic_share(x, "GeLU's input", FusedGeluError)
         context = crypten_provider.current()
         self.first = context.rank == 0
         self.comm = crypten.communicator.get()
@@ -53,18 +53,18 @@ class _Party:
             self.opened[name] = opened
 
     def times(self, left: str, right: str) -> MPCTensor:
-        """Shares of ``left * right`` (both opened), truncated to 2^16."""
+        """Shares of ``left * right`` (both opened), truncated to the session's scale."""
         pair = (left, right) if (left, right) in self.product else (right, left)
         return opened_product(self.opened[left], self.mask[left], self.opened[right], self.mask[right],
                               self.product[pair], self.first)
 
 
-def gelu(x: MPCTensor) -> MPCTensor:
-    """``models.ops.gelu`` on shares (same polynomial and range), each operand opened once."""
-    t = ops.GELU_RANGE
+def gelu(x: MPCTensor, form: str = "erf") -> MPCTensor:
+    """``numerics.gelu`` (same polynomial and range, for either ``form``), each operand opened once."""
+    t = numerics.GELU_RANGE
     party = _Party(x)
-    with ops.compare_bound(ops.GELU_COMPARE_BOUND):
-        outside = ops.as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
+    with ops.compare_bound(numerics.GELU_COMPARE_BOUND):
+        outside = numerics.as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
     above, below = outside[0], outside[1]
     party.open(x=x)
     v = party.times("x", "x") * (1.0 / (t * t))
@@ -74,7 +74,7 @@ def gelu(x: MPCTensor) -> MPCTensor:
     v3, v4 = party.times("v", "v2"), party.times("v2", "v2")
     party.open(v3=v3, v4=v4)
     powers = [v, v2, v3, v4, party.times("v", "v4"), party.times("v3", "v3")]
-    coeffs = ops.GELU_EVEN_COEFFS
+    coeffs = numerics.GELU_EVEN_COEFFS
     even = sum((p * c for p, c in zip(powers, coeffs[1:])), start=coeffs[0])
     party.open(inside=1.0 - above - below, even=even, w=above - below)
     return x * 0.5 + party.times("inside", "even") + party.times("w", "x") * 0.5

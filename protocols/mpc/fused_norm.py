@@ -16,7 +16,7 @@ the dealer refuses nothing new because each request index is used once.
 
 Fixed point as CrypTen: operands at 2^16, products at 2^32, each party truncates its own share.
 ``models.ops.scaled_rows`` calls :func:`scaled_rows` when a session installs it with
-``models.ops.fused_kernels`` (the MPC session does, on the party's thread).
+``protocols.mpc.numerics.share_kernels`` (the MPC session does, on the party's thread).
 """
 
 from __future__ import annotations
@@ -26,31 +26,27 @@ from typing import Any
 
 import torch
 
+from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib import provider as crypten_provider
 
-SCALE_BITS = 16
-SCALE = 1 << SCALE_BITS
-
 
 class FusedNormError(ValueError):
-    """An operand not at CrypTen's 2^16 arithmetic encoding, or a row factor of the wrong shape."""
+    """An operand not at the session's arithmetic fixed-point encoding, or a row factor of the wrong shape."""
 
 
 def _share(x: Any, what: str) -> torch.Tensor:
-    if not isinstance(x, MPCTensor) or x.ptype.name != "arithmetic" or x.encoder.scale != SCALE:
-        raise FusedNormError(f"{what} must be an arithmetic MPCTensor at scale 2^{SCALE_BITS}")
-    return x.share
+    return fixed_point.arithmetic_share(x, what, FusedNormError)
 
 
 def opened_product(e1: torch.Tensor, a1: torch.Tensor, e2: torch.Tensor, a2: torch.Tensor,
                    a1a2: torch.Tensor, first: bool) -> MPCTensor:
     """This party's shares of ``(e1 + a1)(e2 + a2)`` from the opened ``e``s, its mask shares and
-    its share of ``a1 a2`` (party 0 adds ``e1 e2``), truncated from 2^32 to 2^16."""
+    its share of ``a1 a2`` (party 0 adds ``e1 e2``), truncated from the double scale to the session's."""
     z = e1 * a2 + a1 * e2 + a1a2
     if first:
         z = z + e1 * e2
-    return MPCTensor.from_shares(z.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
+    return fixed_point.truncated(z, fixed_point.precision_bits())
 
 
 def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:

@@ -11,9 +11,8 @@ from torch import nn
 
 from models.layers import Calibrated, Embedding, Linear
 from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.vocabulary import SERVER_RANK
 from protocols.net.channels import ProtocolError
-
-SERVER = 1
 
 
 def secure_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -94,7 +93,7 @@ def share_remaining_weights(model: nn.Module) -> None:
     """Secret-share the server's remaining parameters (rank 1 provides, rank 0 passes shape)."""
     from models.ops import replace_parameters
 
-    replace_parameters(model, lambda p: crypten.cryptensor(p.float(), src=SERVER))
+    replace_parameters(model, lambda p: crypten.cryptensor(p.float(), src=SERVER_RANK))
 
 
 def hidden_shapes(model: nn.Module, targets: list[tuple[str, nn.Module]], input_shape: tuple[int, ...],

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from protocols.mpc import fixed_point
 from protocols.mpc.compare import open_low_bits
-
-FRACTION_BITS = 16
+from protocols.mpc.cryptenlib import MPCTensor
 
 
 class OneHotError(ValueError):
-    """A domain that is not a power of two, or an operand not at CrypTen's 2^16 scale."""
+    """A domain that is not a power of two, or an operand not at the session's fixed-point scale."""
 
 
 def domain_for(count: int) -> int:
@@ -39,24 +39,21 @@ def domain_for(count: int) -> int:
 
 
 def one_hot(x: Any, domain: int, provider: Any) -> Any:
-    """Shares of ``e_v`` [*x.shape, domain] at scale 2^16 for a secret integer ``x`` in [0, domain).
+    """Shares of ``e_v`` [*x.shape, domain] at ``x``'s scale for a secret integer ``x`` in [0, domain).
 
     ``provider`` is the party's :class:`~protocols.mpc.cryptenlib.provider.DealerProvider`; the opening
     goes through CrypTen's communicator, so it is counted like any other.
     """
-    from crypten.mpc import MPCTensor
-
     if domain < 2 or domain & (domain - 1):
         raise OneHotError(f"a one-hot domain must be a power of two >= 2, got {domain}")
-    if x.encoder.scale != 1 << FRACTION_BITS:
-        raise OneHotError(f"one_hot needs shares at scale 2^{FRACTION_BITS}, got {x.encoder.scale}")
-    share = x._tensor.share
+    share = fixed_point.arithmetic_share(x, "one_hot's operand", OneHotError)
+    bits = fixed_point.bits_of(x)
     if share.device.type != "cpu":
         raise OneHotError(f"one_hot runs on CPU shares, got {share.device}")
     r, unit = provider.one_hot_mask(share.shape, domain)
-    modulus = (domain << FRACTION_BITS) - 1
-    residue = (share - r * (1 << FRACTION_BITS)) & modulus
-    shift = open_low_bits(residue, FRACTION_BITS + domain.bit_length() - 1) >> FRACTION_BITS
+    modulus = (domain << bits) - 1
+    residue = (share - r * (1 << bits)) & modulus
+    shift = open_low_bits(residue, bits + domain.bit_length() - 1) >> bits
     slots = torch.arange(domain)
     index = (slots - shift.unsqueeze(-1)) & (domain - 1)
-    return MPCTensor.from_shares(unit.gather(-1, index), precision=FRACTION_BITS)
+    return MPCTensor.from_shares(unit.gather(-1, index), precision=bits)

@@ -35,16 +35,15 @@ import torch
 from torch import nn
 
 from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor
 from protocols.mpc.csprng import Stream, check_seed
+from protocols.mpc.fixed_point import encode
+from protocols.mpc.vocabulary import MSG_WS_PREPROCESS, TAG_CORR, TAG_MSG
 from protocols.net.channels import Channel
 
-SCALE_BITS = 16
-SCALE = 1 << SCALE_BITS
 TAG_F = "ws.F"
 TAG_E = "ws.E"
-TAG_MSG = "dealer.msg"
-TAG_CORR = "dealer.corr"
 
 
 class SecureLinearError(ValueError):
@@ -89,11 +88,6 @@ class LayerSpec:
                        str(data.get("group", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise SecureLinearError(f"malformed layer spec {data!r}: {exc}") from None
-
-
-def encode(values: torch.Tensor, bits: int = SCALE_BITS) -> torch.Tensor:
-    """Fixed-point encoding to int64 ring elements (round to nearest)."""
-    return torch.round(values.detach().to(torch.float64) * (1 << bits)).to(torch.int64)
 
 
 def weight_mask(server_seed: bytes, name: str, out_features: int, in_features: int) -> torch.Tensor:
@@ -163,7 +157,7 @@ def preprocess_message(specs: list[LayerSpec], start: int, inferences: int, clie
     """The server's request to the dealer for ``inferences`` corrections of every layer."""
     if inferences < 1:
         raise SecureLinearError(f"inferences must be >= 1, got {inferences}")
-    return {"type": "ws_preprocess", "layers": [s.to_json() for s in specs], "start": start,
+    return {"type": MSG_WS_PREPROCESS, "layers": [s.to_json() for s in specs], "start": start,
             "inferences": inferences, "client_rank": client_rank}
 
 
@@ -186,21 +180,10 @@ def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str,
 
 
 def _local_share(x: Any, in_features: int) -> torch.Tensor:
-    if not isinstance(x, MPCTensor):
-        raise SecureLinearError(f"secure linear takes an MPCTensor, got {type(x).__name__}")
-    if x.ptype.name != "arithmetic":
-        raise SecureLinearError("secure linear needs an arithmetic sharing of x")
-    if x.encoder.scale != SCALE:
-        raise SecureLinearError(f"x must be at fixed-point scale 2^{SCALE_BITS}, got scale {x.encoder.scale}")
-    share = x.share
+    share = fixed_point.arithmetic_share(x, "secure linear's input", SecureLinearError)
     if share.dim() == 0 or share.shape[-1] != in_features:
         raise SecureLinearError(f"x has shape {list(share.shape)}, expected [..., {in_features}]")
     return share
-
-
-def _result(share: torch.Tensor) -> MPCTensor:
-    """Local truncation of a scale-2^32 share back to 2^16, wrapped as this party's MPCTensor."""
-    return MPCTensor.from_shares(share.div(SCALE, rounding_mode="trunc"), precision=SCALE_BITS)
 
 
 class SecureLinearClient(nn.Module):
@@ -251,7 +234,7 @@ class SecureLinearClient(nn.Module):
             if self._ledger is not None:
                 self._ledger.record_rounds(1)
         self.inferences += 1
-        return _result(times_transposed(a, self._masked_weight) + c0)
+        return fixed_point.truncated(times_transposed(a, self._masked_weight) + c0, fixed_point.bits_of(x))
 
 
 class SecureLinearServer(nn.Module):
@@ -271,8 +254,9 @@ class SecureLinearServer(nn.Module):
             raise SecureLinearError(f"{name}: bias shape {list(bias.shape)} does not match out={weight.shape[0]}")
         self.name = name
         self.out_features, self.in_features = (int(d) for d in weight.shape)
-        self._weight = encode(weight)
-        self._bias = None if bias is None else encode(bias, 2 * SCALE_BITS)
+        self.bits = fixed_point.precision_bits()  # the session's; inputs must match it
+        self._weight = encode(weight, self.bits)
+        self._bias = None if bias is None else encode(bias, 2 * self.bits)
         self._seed = check_seed(server_seed)
         self._channel = channel
         self._ledger = ledger
@@ -335,7 +319,7 @@ class SecureLinearServer(nn.Module):
         y1 = times_transposed(e + x1, self._weight) + c1
         if self._bias is not None:
             y1 = y1 + self._bias
-        return _result(y1)
+        return fixed_point.truncated(y1, self.bits)
 
 
 def preprocess_server(layers: list[SecureLinearServer], x_shapes: list[tuple[int, ...]], inferences: int,

@@ -4,30 +4,33 @@ deployments run one party per process (mpc_parties)."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from models.registry import load_model
 from privinf.ledger.counting import Ledger
-from protocols.mpc.cryptenlib import provider as crypten_provider
-from protocols.mpc.cryptenlib.config_cache import parties_as_threads
-from protocols.net.channels import memory_pair, run_parties
+from protocols.mpc.cryptenlib import parties_as_threads
+from protocols.net.certs import TlsConfig, write_certs
+from protocols.net.channels import Channel, memory_pair, run_parties
+from protocols.net.grpc_link import PartyServer, connect
+from protocols.net.names import CLIENT, DEALER, ROLES, SERVER
 from protocols.routes.mpc import MpcClient, MpcServer, serve_dealer_session
-from protocols.session_spec import SessionSpec
+from protocols.session_spec import ProtocolConfig, SessionSpec
 
 T = TypeVar("T")
 
 
 @contextmanager
 def threaded_crypten() -> Iterator[None]:
-    """Per-thread CrypTen config plus privinf's CSPRNG provider, one torch thread."""
-    installed_here = not crypten_provider.is_installed()
-    if installed_here:
-        crypten_provider.install()
+    """Per-thread CrypTen config and one torch thread (each party installs privinf's CrypTen
+    integration in its own thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -35,8 +38,6 @@ def threaded_crypten() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(threads)
-        if installed_here:
-            crypten_provider.uninstall()
 
 
 @dataclass
@@ -49,29 +50,62 @@ class LocalSession:
     ledgers: dict[str, Ledger]
 
 
-def run_local_session(model: str, variant: str, work: Callable[[MpcClient], T], preprocess: int = 1,
-                      timeout_s: float = 600.0, comparisons: str = "fss") -> LocalSession:
-    """Start an MPC session for ``model``/``variant`` and run ``work(client)`` on the client
-    side (between ``start`` and ``finish``); the server and dealer serve it in threads.
-    ``comparisons``: ``"fss"`` (dealer keys) or ``"circuit"`` (CrypTen's)."""
+LINKS = ("memory", "grpc")
+
+
+def run_local_session(model: str, variant: str, work: Callable[[MpcClient], T],
+                      config: ProtocolConfig | None = None, timeout_s: float = 600.0, links: str = "memory",
+                      parties: tuple[type[MpcClient], type[MpcServer]] = (MpcClient, MpcServer)) -> LocalSession:
+    """Start an MPC session for ``model``/``variant`` under ``config`` (defaults if None) and run
+    ``work(client)`` on the client side (between ``start`` and ``finish``); the server and
+    dealer serve it in threads of this process. ``links``: in-memory channels, or real gRPC +
+    mutual TLS links over loopback (certificates in a temporary directory). ``parties``: the
+    client and server classes (e.g. subclasses that measure something)."""
+    if links not in LINKS:
+        raise ValueError(f"unknown links {links!r}; expected one of {', '.join(LINKS)}")
     load_model(model, variant)  # import transformers' lazy modules once, not from two threads
-    spec = SessionSpec(session="local", protocol="mpc", model=model, variant=variant, preprocess=preprocess,
-                       comparisons=comparisons)
-    ledgers = {role: Ledger(role) for role in ("client", "server", "dealer")}
-    c_s, s_c = memory_pair("client", "server", "local", ledgers["client"], ledgers["server"], timeout_s)
-    c_d, d_c = memory_pair("client", "dealer", "local", ledgers["client"], ledgers["dealer"], timeout_s)
-    s_d, d_s = memory_pair("server", "dealer", "local", ledgers["server"], ledgers["dealer"], timeout_s)
-    client = MpcClient(spec, None, c_s, c_d, ledgers["client"])
-    server = MpcServer(spec, None, s_c, s_d, ledgers["server"])
+    spec = SessionSpec(session="local", protocol="mpc", model=model, variant=variant,
+                       config=config or ProtocolConfig())
+    ledgers = {role: Ledger(role) for role in ROLES}
+    with contextlib.ExitStack() as stack:
+        pair = memory_pair if links == "memory" else stack.enter_context(grpc_pairs(timeout_s))
+        c_s, s_c = pair(CLIENT, SERVER, spec.session, ledgers[CLIENT], ledgers[SERVER], timeout_s)
+        c_d, d_c = pair(CLIENT, DEALER, spec.session, ledgers[CLIENT], ledgers[DEALER], timeout_s)
+        s_d, d_s = pair(SERVER, DEALER, spec.session, ledgers[SERVER], ledgers[DEALER], timeout_s)
+        client = parties[0](spec, None, c_s, c_d, ledgers[CLIENT])
+        server = parties[1](spec, None, s_c, s_d, ledgers[SERVER])
 
-    def run_client() -> T:
-        client.start()
-        result = work(client)
-        client.finish()
-        return result
+        def run_client() -> T:
+            client.start()
+            result = work(client)
+            client.finish()
+            return result
 
-    with threaded_crypten():
-        result = run_parties(run_client, server.serve,
-                             lambda: serve_dealer_session(spec, d_c, d_s, ledgers["dealer"]),
-                             timeout_s=timeout_s)[0]
+        with threaded_crypten():
+            result = run_parties(run_client, server.serve,
+                                 lambda: serve_dealer_session(spec, d_c, d_s, ledgers[DEALER]),
+                                 timeout_s=timeout_s)[0]
     return LocalSession(result, client, server, ledgers)
+
+
+@contextmanager
+def grpc_pairs(timeout_s: float) -> Iterator[Callable[..., tuple[Channel, Channel]]]:
+    """A factory of linked channel pairs over real gRPC + mutual TLS on loopback (one listening
+    party server per accepting role, certificates from a temporary directory)."""
+    with tempfile.TemporaryDirectory(prefix="privinf-local-") as tmp:
+        write_certs(Path(tmp))
+        servers: dict[str, PartyServer] = {}
+        try:
+            def pair(a: str, b: str, session: str, ledger_a: Ledger, ledger_b: Ledger,
+                     timeout: float) -> tuple[Channel, Channel]:
+                if b not in servers:
+                    servers[b] = PartyServer(TlsConfig.load(tmp, b), peers=(CLIENT, SERVER)).start()
+                near = connect(servers[b].address, TlsConfig.load(tmp, a), b, session, ledger_a,
+                               timeout=timeout_s, timeout_s=timeout)
+                far = servers[b].accept(session, a, timeout=timeout_s, ledger=ledger_b, timeout_s=timeout)
+                return near, far
+
+            yield pair
+        finally:
+            for server in servers.values():
+                server.stop()

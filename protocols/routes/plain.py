@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from models.bundle import InputError
 from models.registry import ModelBundle
 from privinf.ledger.counting import Ledger
-
-CLIENT = "client"
+from protocols.net.names import CLIENT
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ def run_plain(bundle: ModelBundle, raw_input: Any, ledger: Ledger | None = None)
     """Run ``bundle`` on ``raw_input`` in the clear, with per-layer scopes in ``ledger``."""
     ledger = ledger or Ledger(CLIENT)
     model_input = bundle.encode(raw_input)
+    if torch.is_floating_point(model_input) and not torch.isfinite(model_input).all():
+        raise InputError("input contains NaN or infinite values")
     started = time.perf_counter()
     hooks = ledger.attach(bundle.model, prefix=bundle.name)
     try:

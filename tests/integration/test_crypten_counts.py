@@ -84,8 +84,7 @@ def _bulk_exchange(channel: Any) -> dict[str, float]:
 
 def _party_grpc(rank: int, cert_dir: str, address: str | None) -> dict[str, Any]:
     from privinf.ledger.counting import Ledger
-    from protocols.mpc.cryptenlib import crypten
-    from protocols.mpc.cryptenlib.communicator import crypten_session
+    from protocols.mpc.cryptenlib import crypten, crypten_session
     from protocols.net.certs import TlsConfig
     from protocols.net.grpc_link import PartyServer, connect
 
@@ -100,7 +99,7 @@ def _party_grpc(rank: int, cert_dir: str, address: str | None) -> dict[str, Any]
     else:
         channel = connect(address, tls, "server", "counts", ledger, timeout=60)
     crypten.cfg.communicator.verbose = True
-    with crypten_session(channel, rank, ledger) as comm:
+    with crypten_session(channel, rank, ledger, randomness="crypten") as comm:
         comm.reset_communication_stats()
         ledger.reset()
         before = channel.stats.payload_sent + channel.stats.payload_recv

@@ -1,7 +1,7 @@
 """Dealer triples, the CrypTen provider over memory channels, and the no-Mersenne-Twister hooks.
 
 CrypTen runs here as two threads in one process, talking through privinf's communicator
-(:mod:`protocols.mpc.cryptenlib.communicator`) over an in-memory channel pair; the dealer serves both parties
+(:mod:`protocols.mpc.cryptenlib`) over an in-memory channel pair; the dealer serves both parties
 over two more memory channels.
 """
 
@@ -14,22 +14,11 @@ import pytest
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc.cryptenlib import communicator as crypten_comm
-from protocols.mpc.cryptenlib import config_cache as crypten_config
-from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import crypten, crypten_session, parties_as_threads
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
-from protocols.mpc.dealer import (
-    Dealer,
-    DealerError,
-    RequestSchedule,
-    ScheduleCache,
-    TupleRequest,
-    compute_correction,
-    count_wraps,
-    expand_shares,
-    receive_seed,
-)
+from protocols.mpc.dealer import Dealer, ScheduleCache, compute_correction, count_wraps, expand_shares, receive_seed
+from protocols.mpc.vocabulary import DealerError, RequestSchedule, TupleRequest
 from protocols.net.channels import memory_pair, run_parties
 
 torch.set_num_threads(1)
@@ -50,9 +39,8 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
     mpc_ledgers = mpc_ledgers or {}
     links = {r: memory_pair("dealer", f"p{r}", ledger_b=ledgers.get(r)) for r in (0, 1)}
     mpc = memory_pair("p0", "p1", "mpc", mpc_ledgers.get(0), mpc_ledgers.get(1))
-    threads = crypten_config.parties_as_threads()
+    threads = parties_as_threads()
     threads.__enter__()
-    cp.install()
 
     def make(rank: int) -> Callable[[], Any]:
         def run() -> Any:
@@ -61,7 +49,7 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
                 seed = receive_seed(channel, ledgers.get(rank))
                 if before_init is not None:
                     before_init(rank)
-                with crypten_comm.crypten_session(mpc[rank], rank, mpc_ledgers.get(rank)):
+                with crypten_session(mpc[rank], rank, mpc_ledgers.get(rank)):
                     context = cp.PartyContext.create(seed, channel, ledgers.get(rank))
                     with cp.bind(context):
                         result = party(rank, context)
@@ -83,7 +71,6 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
     try:
         *results, served, _ = run_parties(make(0), make(1), serve(0), serve(1), timeout_s=timeout_s)
     finally:
-        cp.uninstall()
         threads.__exit__(None, None, None)
     return results, served
 
@@ -318,31 +305,6 @@ def test_no_torch_generator_in_share_or_triple_path(monkeypatch: pytest.MonkeyPa
     (out0, _), _ = run_crypten_parties(party, before_init=patch_torch)
     _check(out0)
     assert torch.all((out0["rand"] >= 0) & (out0["rand"] < 1))
-
-
-def test_hooks_refuse_torch_generators_and_unbound_threads() -> None:
-    original_generators = crypten.generators
-    cp.install()
-    try:
-        with pytest.raises(cp.ProviderError, match="torch.Generator|Generator"):
-            cp.generate_random_ring_element((2,), generator=torch.Generator())
-        with pytest.raises(cp.ProviderError, match="no privinf PartyContext bound"):
-            cp.generate_kbit_random_tensor((2,), bitlength=1)
-        with pytest.raises(cp.ProviderError, match="Z_2\\^64"):
-            cp.generate_random_ring_element((2,), ring_size=2**32)
-        assert crypten.mpc.get_default_provider().NAME == cp.PROVIDER_NAME
-        with pytest.raises(cp.ProviderError, match="no privinf PartyContext bound"):
-            crypten.generators["prev"][torch.device("cpu")]
-        before = dict(original_generators["prev"])
-        crypten._setup_prng()  # what crypten.init() calls: must create no torch generators now
-        assert original_generators["prev"] == before
-    finally:
-        cp.uninstall()
-    assert crypten.cfg.mpc.provider != cp.PROVIDER_NAME
-    assert crypten.generators is original_generators and crypten._setup_prng is not cp._skip_mersenne_twister_setup
-    from crypten.common import rng
-
-    assert rng.generate_random_ring_element is not cp.generate_random_ring_element
 
 
 def test_schedule_cache_drops_the_oldest_schedules_beyond_its_request_budget() -> None:

@@ -7,6 +7,7 @@ The CrypTen part runs two party threads over memory channels with the dealer ser
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -19,7 +20,8 @@ from protocols.mpc import fss
 from protocols.mpc.compare import ComparisonError, check_comparisons
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
-from protocols.mpc.dealer import DealerError, TupleRequest
+from protocols.mpc.numerics import share_kernels
+from protocols.mpc.vocabulary import DealerError, TupleRequest
 from tests.unit.test_dealer import run_crypten_parties
 
 RNG = np.random.default_rng(7)
@@ -111,7 +113,7 @@ def _run(comparisons: str) -> tuple[dict[str, torch.Tensor], Ledger]:
     ledger = {0: Ledger("p0"), 1: Ledger("p1")}
 
     def party(rank: int, context: cp.PartyContext) -> dict[str, torch.Tensor]:
-        context.comparisons = check_comparisons(comparisons)
+        context.config = dataclasses.replace(context.config, comparisons=check_comparisons(comparisons))
         return _comparisons(rank, context)
 
     (out0, out1), _ = run_crypten_parties(party, mpc_ledgers=ledger)
@@ -170,7 +172,8 @@ def test_argmax_last_tournament_on_shares_matches_torch_including_ties() -> None
     assert torch.equal(index, torch.tensor([1.0, 1.0])) and torch.equal(values, torch.tensor([3.0, -3.5]))
 
     def party(rank: int, context: cp.PartyContext) -> tuple[torch.Tensor, torch.Tensor]:
-        m, i = ops.argmax_last(crypten.cryptensor(x, src=0))
+        with share_kernels():
+            m, i = ops.argmax_last(crypten.cryptensor(x, src=0))
         return m.get_plain_text(), i.get_plain_text()
 
     (got, _), _ = run_crypten_parties(party)
@@ -196,7 +199,8 @@ def test_masked_values_are_reduced_to_the_gate_width_before_opening() -> None:
 def test_compare_bound_narrows_the_gate_and_stays_exact_within_it() -> None:
     from protocols.mpc.compare import bits_for
 
-    assert bits_for(None) == 40 and bits_for(2.0 ** 14) == 32 and bits_for(2.0 ** 40) == 40
+    assert bits_for(None, 40, 16) == 40 and bits_for(2.0 ** 14, 40, 16) == 32 and bits_for(2.0 ** 40, 40, 16) == 40
+    assert bits_for(2.0 ** 14, 40, 12) == 28
     values = torch.tensor([-16000.0, -3.5, -1e-3, 0.0, 2e-3, 9000.0, 16383.0])
 
     def party(rank: int, context: cp.PartyContext) -> tuple[list[int], torch.Tensor]:

@@ -1,5 +1,5 @@
 """GeLU on shares with each operand opened once (protocols/mpc/fused_gelu.py): the dealer's gelu
-tuple, and the kernel against models.ops.gelu's CrypTen products and torch's GeLU."""
+tuple, and the kernel against protocols.mpc.numerics.gelu's CrypTen products and torch's GeLU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from protocols.mpc import fused_gelu
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
-from protocols.mpc.dealer import GELU_MASKS, GELU_PRODUCTS, TupleRequest, compute_correction, expand_shares
+from protocols.mpc.dealer import compute_correction, expand_shares
+from protocols.mpc.numerics import share_kernels
+from protocols.mpc.vocabulary import GELU_MASKS, GELU_PRODUCTS, TupleRequest
 from tests.unit.test_dealer import run_crypten_parties
 
 # inside [-3.5, 3.5], both edges, and far outside (where the powers overflow and are zeroed)
@@ -38,9 +40,10 @@ def test_fused_gelu_matches_the_unfused_one_and_sends_a_third_less() -> None:
     def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
         x = crypten.cryptensor(X, src=0)
         start = ledger[rank].totals()
-        unfused = ops.gelu(x)
+        with share_kernels():
+            unfused = ops.gelu(x)
         middle = ledger[rank].totals()
-        with ops.fused_kernels(gelu=fused_gelu.gelu):
+        with share_kernels(gelu=fused_gelu.gelu):
             fused = ops.gelu(x)
         end = ledger[rank].totals()
         with pytest.raises(fused_gelu.FusedGeluError, match="scale"):
@@ -59,9 +62,3 @@ def test_fused_gelu_matches_the_unfused_one_and_sends_a_third_less() -> None:
     assert 72 * n <= r0["fused_bytes"] < 72 * n + 800
     assert r0["unfused_bytes"] > 100 * n
     assert r0["fused_rounds"] <= 8  # comparison, 5 exchanges, and the dealer round trips
-
-
-def test_fused_kernels_refuses_unknown_names() -> None:
-    with pytest.raises(ValueError, match="unknown fused kernel"):
-        with ops.fused_kernels(softmax=lambda x: x):
-            pass

@@ -15,7 +15,9 @@ from protocols.mpc import fused_norm
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
-from protocols.mpc.dealer import TupleRequest, compute_correction, expand_shares
+from protocols.mpc.dealer import compute_correction, expand_shares
+from protocols.mpc.numerics import share_kernels
+from protocols.mpc.vocabulary import TupleRequest
 from tests.unit.test_dealer import run_crypten_parties
 
 X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4)) * 3
@@ -43,9 +45,10 @@ def test_fused_kernel_matches_two_products_with_one_opening_less() -> None:
     def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
         x = crypten.cryptensor(X, src=0)
         start = ledger[rank].totals()
-        two = x * _inv_rms(ops.square(x))
+        with share_kernels():
+            two = x * _inv_rms(ops.square(x))
         middle = ledger[rank].totals()
-        with ops.fused_kernels(scaled_rows=fused_norm.scaled_rows):
+        with share_kernels(scaled_rows=fused_norm.scaled_rows):
             fused = ops.scaled_rows(x, _inv_rms)
         end = ledger[rank].totals()
         with pytest.raises(fused_norm.FusedNormError, match="row factor has shape"):
@@ -74,9 +77,10 @@ def test_layernorm_on_shares_uses_the_fused_kernel_when_installed() -> None:
         ops.replace_parameters(mine, lambda p: crypten.cryptensor(p, src=1))
         x = crypten.cryptensor(X, src=0)
         start = ledger[rank].totals().bytes_sent
-        plain_path = mine(x)
+        with share_kernels():
+            plain_path = mine(x)
         middle = ledger[rank].totals().bytes_sent
-        with ops.fused_kernels(scaled_rows=fused_norm.scaled_rows):
+        with share_kernels(scaled_rows=fused_norm.scaled_rows):
             fused = mine(x)
         end = ledger[rank].totals().bytes_sent
         return {"plain_path": plain_path.get_plain_text(), "fused": fused.get_plain_text(),

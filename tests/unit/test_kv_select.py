@@ -24,8 +24,8 @@ from protocols.kv.select import (
     ranks,
     threshold_topk_mask,
 )
-from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.cryptenlib.communicator import crypten_session
+from protocols.mpc.cryptenlib import crypten, crypten_session
+from protocols.mpc.numerics import share_kernels
 from protocols.net.channels import memory_pair, run_parties
 
 PROMPT, TOTAL = 12, 15
@@ -78,7 +78,7 @@ def test_two_party_selection_matches_plaintext(scores: torch.Tensor) -> None:
     def party(rank: int, channel: Any) -> dict[str, Any]:
         ledger = Ledger(channel.local)
         channel.ledger = ledger  # count the bytes this party puts on the wire
-        with crypten_session(channel, rank, ledger):
+        with crypten_session(channel, rank, ledger, randomness="crypten"):
             enc_s, enc_x = crypten.cryptensor(scores, src=0), crypten.cryptensor(x, src=1)
             exact = ObliviousSelector(exact_limit=64)
             bisect = ObliviousSelector(exact_limit=8)
@@ -129,8 +129,9 @@ def test_policy_on_shares_matches_plaintext(single: Any, family: str, name: str,
     replace_parameters(model, single.cryptensor)
     policy = make_policy(name, 0.5, selector=ObliviousSelector(exact_limit=4), **options)
     cache = PrunedCache.for_model(model, policy)
-    out = torch.cat([reveal(model(ids[:, :PROMPT], cache))]
-                    + [reveal(model(ids[:, i:i + 1], cache)) for i in range(PROMPT, TOTAL)], 1)
+    with share_kernels():
+        out = torch.cat([reveal(model(ids[:, :PROMPT], cache))]
+                        + [reveal(model(ids[:, i:i + 1], cache)) for i in range(PROMPT, TOTAL)], 1)
     assert cache.stored_entries(0) < TOTAL or name == "mpcache"
     for layer in range(FAMILIES[family].layers):
         stored, view = reveal(cache.stored_keys[layer]), reveal(cache.keys[layer])

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "he_kernels"),
     ("protocols.net", "protocols.protocol_config"),
     ("protocols.session_spec",),
-    ("protocols.mpc", "protocols.he"),
+    ("protocols.mpc", "protocols.he", "protocols.ee"),
     ("protocols.kv",),
     ("protocols.routes",),
     ("mpc_parties",),

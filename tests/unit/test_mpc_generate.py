@@ -13,10 +13,10 @@ from models.kv_pruning import PolicyError
 from models.registry import InputError, load_model
 from privinf.ledger.counting import Ledger
 from protocols.kv.generate import plain_greedy
-from protocols.kv.stationary import TAG_MSG, StationaryDealer, StationaryError, StationaryParty
-from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.cryptenlib.communicator import crypten_session
+from protocols.kv.stationary import StationaryDealer, StationaryError, StationaryParty
+from protocols.mpc.cryptenlib import crypten, crypten_session
 from protocols.mpc.csprng import new_seed
+from protocols.mpc.vocabulary import MSG_END, TAG_MSG
 from protocols.net.channels import memory_pair, run_parties
 from protocols.routes.local_run import run_local_session
 from protocols.routes.mpc import MpcClient, MpcInputError, MpcServer
@@ -37,10 +37,10 @@ def _stationary_parties(body: Callable[[StationaryParty, Ledger], dict[str, Any]
         ledger = Ledger(peer.local)
         peer.ledger = ledger
         kvs = StationaryParty(rank, seeds[rank], peer, d0 if rank == 0 else None, ledger)
-        with crypten_session(peer, rank, ledger):
+        with crypten_session(peer, rank, ledger, randomness="crypten"):
             result = body(kvs, ledger)
         if rank == 0:
-            d0.send_json(TAG_MSG, {"type": "end"})
+            d0.send_json(TAG_MSG, {"type": MSG_END})
         return result
 
     return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]

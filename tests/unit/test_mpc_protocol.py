@@ -12,6 +12,7 @@ import torch
 from models.registry import load_model
 from mpc_parties.handshake import SessionSpec
 from privinf.ledger.counting import Ledger, Phase
+from protocols.protocol_config import ProtocolConfig
 from protocols.routes.local_run import run_local_session
 from protocols.routes.mpc import MpcClient, MpcInputError, MpcServer
 from protocols.routes.plain import run_plain
@@ -34,7 +35,7 @@ def run_mpc(model: str, variant: str, inputs: list[Any], preprocess: int = 1) ->
             rows.append(party_rows)
         return outs, rows
 
-    session = run_local_session(model, variant, work, preprocess=preprocess, timeout_s=300)
+    session = run_local_session(model, variant, work, ProtocolConfig(preprocess=preprocess), timeout_s=300)
     outs, rows = session.result
     return Run(outs, rows, session.client, session.server)
 

@@ -12,8 +12,9 @@ from protocols.kv.select import ObliviousSelector, compact, indices_of, rank_top
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
-from protocols.mpc.dealer import DealerError, TupleRequest, compute_correction, expand_shares
+from protocols.mpc.dealer import compute_correction, expand_shares
 from protocols.mpc.onehot import OneHotError, domain_for, one_hot
+from protocols.mpc.vocabulary import DealerError, TupleRequest
 from tests.unit.test_dealer import run_crypten_parties
 from tests.unit.test_kv_select import reveal
 

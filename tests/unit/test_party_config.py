@@ -9,16 +9,17 @@ import pytest
 from mpc_parties.handshake import TAG_HELLO, SessionRefused, SessionSpec, refuse, send_hello
 from mpc_parties.party_config import ConfigError, ModelChoice, PartyConfig, dump_config, load_config
 from protocols.net.channels import ProtocolError, memory_pair, run_parties
+from protocols.protocol_config import ProtocolConfig
 
 
 def test_config_round_trips_through_toml(tmp_path: Path) -> None:
     config = PartyConfig("client", tmp_path / "certs", peers={"server": "h:1", "dealer": "h:2"},
-                         model=ModelChoice("gpt2-tiny", "mpcformer"), preprocess=3)
+                         model=ModelChoice("gpt2-tiny", "mpcformer"), protocol=ProtocolConfig(preprocess=3))
     path = tmp_path / "client.toml"
     path.write_text(dump_config(config))
     loaded = load_config(path, role="client")
     assert loaded.peers == config.peers and loaded.model.variant == "mpcformer"
-    assert loaded.preprocess == 3 and loaded.certs == tmp_path / "certs"
+    assert loaded.protocol == ProtocolConfig(preprocess=3) and loaded.certs == tmp_path / "certs"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -46,8 +47,8 @@ def test_role_on_command_line_must_match_file(tmp_path: Path) -> None:
 
 def test_session_spec_checks_and_mismatch() -> None:
     spec = SessionSpec("s-1", "mpc", "minilm", "exact")
-    assert spec.mismatch("minilm", "exact") is None
-    assert "variant mismatch" in spec.mismatch("minilm", "mpcformer")
+    assert spec.mismatch("minilm", "exact", ProtocolConfig()) is None
+    assert "variant mismatch" in spec.mismatch("minilm", "mpcformer", ProtocolConfig())
     with pytest.raises(SessionRefused, match="protocol"):
         SessionSpec("s-1", "magic", "minilm", "exact")
     with pytest.raises(ProtocolError, match="unknown keys"):

@@ -17,7 +17,6 @@ from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.secure_linear import (
-    SCALE,
     TAG_E,
     LayerSpec,
     SecureLinearClient,
@@ -110,7 +109,7 @@ def test_secure_linear_matches_plaintext_over_several_inferences() -> None:
     for i, (y0, y1) in enumerate(zip(out["client"]["outputs"], out["server"]["outputs"])):
         expected = _expected(linear, x * (i + 1))
         assert torch.equal(y0, y1)
-        assert torch.allclose(y0, expected, atol=4 / SCALE * 16 + 1e-4), (y0 - expected).abs().max()
+        assert torch.allclose(y0, expected, atol=4 / 2 ** 16 * 16 + 1e-4), (y0 - expected).abs().max()
     assert out["client"]["layer"].inferences == out["server"]["layer"].inferences == 3
 
 
@@ -136,7 +135,7 @@ def test_client_and_server_hold_none_of_each_others_secrets() -> None:
     x = torch.randn(3, 6)
     out = _run(linear, x)
     client, server = out["client"]["layer"], out["server"]["layer"]
-    w = encode(linear.weight)
+    w = encode(linear.weight, 16)
     b_mask = weight_mask(out["server"]["seed"], client.name, 4, 6)
     assert _holds(server, w) and _holds(client, w - b_mask)  # the check can see what is there
     assert not _holds(client, w) and not _holds(client, b_mask)

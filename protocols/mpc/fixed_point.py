@@ -1,0 +1,58 @@
+"""Fixed-point encoding on shares: the session's precision and the local truncation after a
+product of two fixed-point factors.
+
+The precision is the session's :class:`~protocols.protocol_config.ProtocolConfig`
+``fixed_point_bits``: the MPC route sets CrypTen's encoder to it for the session
+(:func:`session_precision`), shares carry it in their encoder, and the kernels here read it from
+the shares they are handed (or from the session where they encode a public value).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from protocols.mpc.cryptenlib import MPCTensor, crypten
+
+
+class FixedPointError(ValueError):
+    """An operand that is not an arithmetic sharing at the session's fixed-point scale."""
+
+
+@contextlib.contextmanager
+def session_precision(bits: int) -> Iterator[None]:
+    """Within the block, CrypTen encodes new values with ``bits`` fractional bits."""
+    with crypten.cfg.temp_override({"encoder.precision_bits": int(bits)}):
+        yield
+
+
+def precision_bits() -> int:
+    """The fractional bits new encodings use in this session."""
+    return int(crypten.cfg.encoder.precision_bits)
+
+
+def bits_of(x: Any) -> int:
+    """The fractional bits of the shares ``x`` carries."""
+    return int(x.encoder.scale).bit_length() - 1
+
+
+def encode(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Public values as ring elements at scale ``2^bits`` (round to nearest)."""
+    return torch.round(values.detach().to(torch.float64) * (1 << bits)).to(torch.int64)
+
+
+def arithmetic_share(x: Any, what: str, error: type[ValueError] = FixedPointError) -> torch.Tensor:
+    """This party's share of ``x``, which must be an arithmetic MPCTensor at the session's scale."""
+    bits = precision_bits()
+    if not isinstance(x, MPCTensor) or x.ptype.name != "arithmetic" or x.encoder.scale != 1 << bits:
+        raise error(f"{what} must be an arithmetic MPCTensor at scale 2^{bits}")
+    return x.share
+
+
+def truncated(share: torch.Tensor, bits: int) -> MPCTensor:
+    """A share at scale ``2^(2 bits)`` (a product of two fixed-point factors) truncated locally
+    back to ``2^bits`` and wrapped as this party's MPCTensor (CrypTen's own local truncation)."""
+    return MPCTensor.from_shares(share.div(1 << bits, rounding_mode="trunc"), precision=bits)

@@ -1,0 +1,100 @@
+"""The one protocol configuration: the numeric and operational choices both computing parties
+must share, carried by the session hello and checked field by field.
+
+Every module that needs one of these numbers reads it from the configuration it is handed (or
+from the fixed-point scale its shares carry); none keeps its own copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+COMPARISON_METHODS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
+STORAGE_POLICIES = ("regenerate",)  # weight masks derived again at every session set-up
+DEVICES = ("cpu",)
+RING_BITS = 64  # CrypTen shares live in Z_2^64 (torch int64); not a choice
+FIXED_POINT_RANGE = (10, 20)  # precisions the range reductions and comparison widths are checked for
+
+
+class ProtocolConfigError(ValueError):
+    """A protocol configuration names an unsupported value."""
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Public protocol choices of one session (both computing parties must hold the same).
+
+    ``fixed_point_bits``: fractional bits of the fixed-point encoding (CrypTen's precision).
+    ``comparison_bits``: ring width of an FSS comparison when the code knows no tighter bound
+    (exact for ``|x| < 2^(comparison_bits - fixed_point_bits - 1)``).
+    ``comparisons``: ``"fss"`` (dealer keys, one opening) or ``"circuit"`` (CrypTen's own).
+    ``device``: where shares are computed. ``preprocess``: inferences of dealer material made
+    ahead per input shape. ``storage``: what a party keeps between sessions.
+    """
+
+    fixed_point_bits: int = 16
+    comparison_bits: int = 40
+    comparisons: str = "fss"
+    device: str = "cpu"
+    preprocess: int = 1
+    storage: str = "regenerate"
+
+    def __post_init__(self) -> None:
+        lo, hi = FIXED_POINT_RANGE
+        if not _is_int(self.fixed_point_bits) or not lo <= self.fixed_point_bits <= hi:
+            raise ProtocolConfigError(f"fixed_point_bits must be an integer in {lo}..{hi}, "
+                                      f"got {self.fixed_point_bits!r}")
+        if not _is_int(self.comparison_bits) or not self.fixed_point_bits + 2 <= self.comparison_bits <= RING_BITS:
+            raise ProtocolConfigError(f"comparison_bits must be an integer in {self.fixed_point_bits + 2}.."
+                                      f"{RING_BITS}, got {self.comparison_bits!r}")
+        _choice("comparisons", self.comparisons, COMPARISON_METHODS)
+        if self.device == "cuda":
+            raise ProtocolConfigError("device cuda is not supported yet: the CSPRNG dealer provider and the "
+                                      "weight-stationary layers compute on the CPU (use device cpu)")
+        _choice("device", self.device, DEVICES)
+        if not _is_int(self.preprocess) or self.preprocess < 1:
+            raise ProtocolConfigError(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
+        _choice("storage", self.storage, STORAGE_POLICIES)
+
+    @property
+    def scale(self) -> int:
+        """The fixed-point scale ``2^fixed_point_bits``."""
+        return 1 << self.fixed_point_bits
+
+    @property
+    def ulp(self) -> float:
+        """The smallest positive fixed-point value."""
+        return 1.0 / self.scale
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as a JSON object (the hello carries it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProtocolConfig:
+        """Parse a JSON object; unknown keys are refused, missing ones take the defaults."""
+        if not isinstance(data, dict):
+            raise ProtocolConfigError("protocol configuration is not a JSON object")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ProtocolConfigError(f"unknown protocol configuration keys {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def mismatch(self, other: ProtocolConfig, mine: str = "server", theirs: str = "client") -> str | None:
+        """Why ``other`` (``theirs``) differs from this one (``mine``): the first differing field, or None."""
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                return f"protocol configuration mismatch in {f.name}: {theirs} has {b!r}, {mine} has {a!r}"
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ProtocolConfigError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
