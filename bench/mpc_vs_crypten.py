@@ -81,8 +81,9 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
     """One CrypTen party: warm-up plus ``runs`` timed forwards; per-run and per-op statistics."""
     os.environ.update(DISTRIBUTED_BACKEND="gloo", RENDEZVOUS=rendezvous, WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    from models.ops import numerics, replace_parameters
+    from models.ops import replace_parameters
     from protocols.mpc.cryptenlib import crypten
+    from protocols.mpc.numerics import share_kernels
 
     crypten.cfg.communicator.verbose = True
     crypten.cfg.mpc.provider = "TFP"
@@ -112,7 +113,7 @@ def crypten_party(rank: int, rendezvous: str, variant: str, seq: int, runs: int,
         comm.barrier()
         comm.reset_communication_stats()
         started = time.perf_counter()
-        with torch.no_grad(), numerics("crypten"):
+        with torch.no_grad(), share_kernels("crypten"):
             out = layer(crypten.cryptensor(x, src=0))
         seconds.append(time.perf_counter() - started)
         stats = comm.get_communication_stats()

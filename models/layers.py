@@ -65,7 +65,7 @@ class Embedding(nn.Module):
 class Calibrated(nn.Module):
     """A module with a public power-of-two ``mpc_scale`` measured on plaintext calibration data.
 
-    On shares, Newton iterations are accurate only in a range (``models.ops``: the positive
+    On shares, Newton iterations are accurate only in a range (``protocols.mpc.numerics``: the positive
     reciprocal on [2^-14, 2^10), the inverse square root on [4^-7, 4^6); CrypTen's general
     reciprocal only on about [0.002, 10], exploding past ~200).
     Dividing the private value by ``mpc_scale`` first (free: a public constant) maps the largest

@@ -5,32 +5,35 @@ treated as an encrypted tensor with CrypTen's ``MPCTensor`` method names (``matm
 ``reciprocal``, ``inv_sqrt``, ``exp``, ``relu``, ``square``, ``cumsum``, ``max(dim)`` returning
 ``(values, one_hot)``, ...). Public constants (masks, divisors) are always torch tensors or floats.
 
-Numerics on shares: the positive reciprocal and the inverse square root are range-reduced
-Newton iterations (one batched comparison picks the power of two / four, then a linear guess
-and 3 Newton steps; accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6), 9 and 12 rounds
-where CrypTen's exp-seeded versions take 28 and 17 and hold only on about [0.002, 10] and
-[0.1, 100]); callers pass a public ``scale`` that brings the private value into range; ``x**p``
-uses repeated squaring (CrypTen's ``pow`` is wrong for odd p > 3); GeLU on shares is a piecewise
-polynomial (see :func:`gelu`). A protocol may compute :func:`scaled_rows` (norms) with its own
-kernel (:func:`fused_kernels`), e.g. one opening of ``x`` for both of its products.
+Ops that are plain method calls (``exp``, ``relu``, ``softmax``, ``matmul``, ...) dispatch by
+type. The kernels in :data:`KERNELS` (``reciprocal``, ``inv_sqrt``, ``gelu``, ``row_max``, ...)
+compute in torch on plain values; on encrypted values they call the implementation the protocol
+installs with :func:`encrypted_kernels` (the MPC route installs ``protocols.mpc.numerics``'
+share numerics and its fused kernels around each forward), and raise :class:`MissingKernelError`
+when none is installed. :func:`compare_bound` lets model code promise a magnitude bound to the
+secure comparisons inside a block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-GELU_SIGMOID_SLOPE = 1.702
 Tensor = Any  # torch.Tensor or an encrypted tensor with the MPCTensor interface
+KERNELS = ("reciprocal", "inv_sqrt", "inv_sqrt_wide", "gelu", "scaled_rows", "row_max", "argmax_last")
+
+
+class MissingKernelError(LookupError):
+    """A kernel ran on an encrypted value with no implementation installed for it."""
 
 
 def is_plain(x: Tensor) -> bool:
+    """Whether ``x`` is a torch tensor (anything else is an encrypted tensor)."""
     return torch.is_tensor(x)
 
 
@@ -61,29 +64,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim``."""
     return torch.softmax(x, dim) if is_plain(x) else x.softmax(dim)
 
 
 def exp(x: Tensor) -> Tensor:
+    """Elementwise exponential."""
     return torch.exp(x) if is_plain(x) else x.exp()
 
 
-# Range reduction on shares: one batched comparison of x against public powers of the base
-# picks k with base^k <= x < base^(k+1); x * base^-k then lies in [1, base), where a linear
-# first guess and a few Newton steps are accurate (relative error 1/17 and 0.086 at the start,
-# squared by every step). Rounds: 1 comparison + 1 product + 2 (reciprocal) or 3 (inverse
-# square root) per Newton step + 1 product, against CrypTen's exp-based first guess (8 squarings)
-# and 10 / 3 Newton steps.
-RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
-INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
-RECIPROCAL_NEWTON_STEPS = 3
-INV_SQRT_NEWTON_STEPS = 3
-NUMERICS = ("reduced", "crypten")
-_numerics: contextvars.ContextVar[str] = contextvars.ContextVar("privinf_numerics", default="reduced")
-
-
-_compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
-                                                                            default=None)
 @contextlib.contextmanager
 def _setting(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
     """``var`` set to ``value`` within the block."""
@@ -94,34 +83,42 @@ def _setting(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
         var.reset(token)
 
 
-KERNELS = ("scaled_rows", "gelu")
-_kernels: contextvars.ContextVar[dict[str, Callable[..., Any]] | None] = contextvars.ContextVar(
+_kernels: contextvars.ContextVar[Mapping[str, Callable[..., Any]] | None] = contextvars.ContextVar(
     "privinf_kernels", default=None)
+_compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
+                                                                            default=None)
 
 
 @contextlib.contextmanager
-def fused_kernels(**kernels: Callable[..., Any]) -> Iterator[None]:
-    """Within the block, encrypted :func:`scaled_rows` / :func:`gelu` run a protocol's kernel
-    (same function, fewer openings; the MPC parties install ``protocols.mpc.fused_norm.scaled_rows``
-    and ``protocols.mpc.fused_gelu.gelu``). Names outside :data:`KERNELS` are refused."""
-    unknown = sorted(set(kernels) - set(KERNELS))
+def encrypted_kernels(**impls: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, the named kernels of :data:`KERNELS` run ``impls`` on encrypted values
+    (on top of those an enclosing block installed). A protocol installs its implementations
+    here, so models never import it; names outside :data:`KERNELS` are refused. The setting is
+    a context variable: it holds on the thread (or task) that entered the block."""
+    unknown = sorted(set(impls) - set(KERNELS))
     if unknown:
-        raise ValueError(f"unknown fused kernel(s) {unknown}; expected some of {list(KERNELS)}")
-    with _setting(_kernels, dict(kernels)):
+        raise ValueError(f"unknown encrypted kernel(s) {unknown}; expected some of {list(KERNELS)}")
+    with _setting(_kernels, {**(_kernels.get() or {}), **impls}):
         yield
 
 
-def _kernel(name: str) -> Callable[..., Any] | None:
-    return (_kernels.get() or {}).get(name)
+def _kernel(name: str) -> Callable[..., Any]:
+    """The installed implementation of kernel ``name`` for encrypted values."""
+    impl = (_kernels.get() or {}).get(name)
+    if impl is None:
+        raise MissingKernelError(
+            f"models.ops.{name} got an encrypted value but no encrypted implementation of {name!r} is "
+            "installed; run the forward inside protocols.mpc.numerics.share_kernels() "
+            "(or models.ops.encrypted_kernels)")
+    return impl
 
 
 def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
     """``x * finish(x * x)``: a norm's input times a row factor computed from its squares. On
     shares the two products share the operand ``x``; a fused kernel opens it once."""
-    kernel = _kernel("scaled_rows")
-    if is_plain(x) or kernel is None:
+    if is_plain(x):
         return x * finish(square(x))
-    return kernel(x, finish)
+    return _kernel("scaled_rows")(x, finish)
 
 
 @contextlib.contextmanager
@@ -140,104 +137,20 @@ def comparison_bound() -> float | None:
     return _compare_bound.get()
 
 
-@contextlib.contextmanager
-def numerics(method: str) -> Iterator[None]:
-    """Within the block, ``"crypten"`` runs CrypTen's own positive reciprocal (exp-seeded Newton,
-    10 steps) and inverse square root instead of the range-reduced ones: the CrypTen baseline in
-    ``bench/mpc_vs_crypten.py`` uses it so that route computes what CrypTen itself would."""
-    if method not in NUMERICS:
-        raise ValueError(f"unknown numerics {method!r}; expected one of {NUMERICS}")
-    with _setting(_numerics, method):
-        yield
-
-
 def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
-    """``1 / x``; on shares computed as ``(1 / (x / scale)) / scale`` to stay in range.
-
-    ``positive=True`` (normalisers of non-negative attention weights plus eps) uses the
-    range-reduced Newton iteration (:func:`_reciprocal_reduced`, exact for ``x / scale`` in
-    [2^-14, 2^10)); otherwise CrypTen's general reciprocal (which also handles the sign).
-    """
+    """``1 / x``. On encrypted values ``scale`` (public) brings ``x / scale`` into the range where
+    the installed approximation is accurate; ``positive=True`` promises ``x > 0`` (normalisers of
+    non-negative attention weights plus eps), which allows a cheaper approximation."""
     if is_plain(x):
         return 1.0 / x
-    if isinstance(scale, torch.Tensor) or scale != 1.0:
-        inv = 1.0 / torch.as_tensor(scale, dtype=torch.float32)
-        return reciprocal(x * inv, positive=positive) * inv
-    if not positive:
-        return x.reciprocal()
-    if _numerics.get() == "crypten":
-        guess = (1 - 2 * x).exp() * 3 + 0.003  # CrypTen's initial guess, all-positive Newton
-        for _ in range(10):
-            guess = guess * 2 - guess.square() * x
-        return guess
-    return _reciprocal_reduced(x)
+    return _kernel("reciprocal")(x, scale, positive)
 
 
 def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``1 / sqrt(x)`` for positive x; on shares range-reduced Newton on ``x / scale``
-    (exact for ``x / scale`` in [4^-7, 4^6))."""
+    """``1 / sqrt(x)`` for positive x; ``scale`` as in :func:`reciprocal`."""
     if is_plain(x):
         return torch.rsqrt(x)
-    if scale != 1.0:
-        return inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
-    if _numerics.get() == "crypten":
-        return x.inv_sqrt()
-    return _inv_sqrt_reduced(x, *INV_SQRT_POWERS)
-
-
-def _power_factors(x: Tensor, base: float, first: int, last: int,
-                   exponents: Sequence[float]) -> list[Tensor]:
-    """Secret ``base^(-k e)`` for each ``e`` in ``exponents``, where ``base^k <= x < base^(k+1)``
-    with k clamped to [first, last]. The comparison bits against the public thresholds are
-    monotone, so each factor is linear in them (no products)."""
-    powers = range(first + 1, last + 1)
-    bits = as_fixed_point((x.unsqueeze(-1) - torch.tensor([base ** p for p in powers])) > 0, x)
-    factors = []
-    for e in exponents:
-        steps = torch.tensor([base ** (-p * e) - base ** (-(p - 1) * e) for p in powers])
-        factors.append((bits * steps).sum(-1) + base ** (-first * e))
-    return factors
-
-
-def _reciprocal_reduced(x: Tensor) -> Tensor:
-    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), Newton from the
-    linear guess 24/17 - 8/17 m, times 2^-k."""
-    (factor,) = _power_factors(x, 2.0, *RECIPROCAL_POWERS, (1.0,))
-    m = x * factor
-    y = m * (-8.0 / 17.0) + 24.0 / 17.0
-    for _ in range(RECIPROCAL_NEWTON_STEPS):
-        y = y * (2.0 - m * y)
-    return y * factor
-
-
-def _inv_sqrt_reduced(x: Tensor, first: int, last: int) -> Tensor:
-    """Positive ``x``: ``m = x 4^-k`` in [1, 4), Newton from the linear guess
-    1.06639 - 0.15234 m (minimax, relative error 0.086), times 2^-k."""
-    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
-    m = x * factor4
-    y = m * -0.15234 + 1.06639
-    for _ in range(INV_SQRT_NEWTON_STEPS):
-        # y (3 - m y^2) / 2 = 1.5 y - 0.5 (m y) y^2: y^2 and m y in one batched product, then
-        # their product: two rounds a step instead of three
-        both = cat([y, m], dim=-1) * cat([y, y], dim=-1)
-        square, my = both[..., :y.shape[-1]], both[..., y.shape[-1]:]
-        y = y * 1.5 - my * square * 0.5
-    return y * factor2
-
-
-def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
-    """A comparison result re-encoded at ``like``'s fixed-point scale (identity in torch).
-
-    CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would round the constant to 0;
-    multiplying the share by the scale ratio (local) gives the same bit at the usual scale.
-    """
-    if is_plain(bit):
-        return bit.to(like.dtype) if is_plain(like) else bit
-    factor = int(like.encoder.scale) // int(bit.encoder.scale)
-    if factor != 1:
-        bit.share = bit.share * factor
-        bit.encoder = like.encoder
-    return bit
+    return _kernel("inv_sqrt")(x, scale)
 
 
 def rowdot(x: Tensor, y: Tensor) -> Tensor:
@@ -249,21 +162,12 @@ def rowdot(x: Tensor, y: Tensor) -> Tensor:
 
 
 def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
-    """``1 / sqrt(x)`` for positive ``x`` spanning many orders of magnitude, [lo, hi] public.
-
-    On shares the value is brought into [1, 4) by a public power of four chosen with
-    comparisons against public thresholds 4^j (:func:`_power_factors`: one batched comparison,
-    factors linear in the monotone bits). Then CrypTen's inverse square root runs where it is
-    accurate (its exp-based guess also covers values well above the last threshold, which the
-    linear guess of :func:`inv_sqrt` would not). Powers of two down to 2^-16 are exact in fixed
-    point, so ``hi`` may reach 4^8.
-    """
+    """``1 / sqrt(x)`` for positive ``x`` spanning many orders of magnitude within the public
+    range [lo, hi] (``hi`` up to 4^8); on encrypted values a range-reduced approximation."""
     if is_plain(x):
         return torch.rsqrt(x)
-    first = math.floor(math.log(lo, 4))
-    last = min(max(math.ceil(math.log(hi, 4)), first + 1), 8) - 1
-    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
-    return (x * factor4).inv_sqrt() * factor2
+    return _kernel("inv_sqrt_wide")(x, lo, hi)
+
 
 def relu(x: Tensor) -> Tensor:
     return torch.relu(x) if is_plain(x) else x.relu()
@@ -282,7 +186,8 @@ def square(x: Tensor) -> Tensor:
 
 
 def pow_even(x: Tensor, p: int) -> Tensor:
-    """``x ** p`` for even ``p`` by repeated squaring (log2 p rounds of multiplication)."""
+    """``x ** p`` for even ``p`` by repeated squaring (log2 p rounds of multiplication; CrypTen's
+    ``pow`` is wrong for odd p > 3)."""
     if p < 2 or p % 2:
         raise ValueError(f"pow_even needs an even p >= 2, got {p}")
     result: Tensor | None = None
@@ -296,50 +201,12 @@ def pow_even(x: Tensor, p: int) -> Tensor:
     return result
 
 
-# GeLU on shares: x / 2 + g(x) on [-T, T], where g(x) = x (Phi(x) - 1/2) is even, fitted as a
-# degree-6 polynomial in v = x^2 / T^2 (near-minimax on [0, 1], max error 2.3e-4), and relu(x)
-# outside (GeLU differs from it by at most 8.1e-4 there).
-GELU_RANGE = 3.5
-GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
-GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.06349736554911566 * 3.5 ** 4,
-                    0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
-                    3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
-
-
 def gelu(x: Tensor, form: str = "erf") -> Tensor:
-    """GeLU: exact erf (or tanh) form in torch; on shares a piecewise polynomial (max error
-    8.1e-4 against erf GeLU; the tanh form is within 1e-3 of erf).
-
-    On shares: two comparisons in one batch, ``above = [x > T]`` and ``below = [x < -T]``
-    (T = 3.5), the even part ``g`` as a polynomial in ``v = x^2 / T^2`` (powers by squaring),
-    then ``x / 2 + inside * g + (above - below) * x / 2`` with ``inside = 1 - above - below``
-    in one product: about 104 bytes and 8 rounds per element with FSS comparisons (a fused
-    kernel, ``protocols.mpc.fused_gelu``, opens each operand once: 72 bytes) (on a
-    32-bit ring: inputs are promised below 2^14, where ``x^2`` still fits CrypTen's ring). Outside
-    [-T, T] the powers may overflow the ring; they are multiplied by an exact 0 there. Under
-    ``numerics("crypten")`` the earlier sigmoid form ``x * sigmoid(1.702 x)`` (one comparison,
-    exp and reciprocal; error 0.021) is used, which is what the CrypTen baseline computes.
-    """
+    """GeLU: exact erf (or tanh) ``form`` in torch; on encrypted values the installed
+    approximation (on shares a piecewise polynomial within 8.1e-4 of erf GeLU)."""
     if is_plain(x):
         return F.gelu(x, approximate="none" if form == "erf" else "tanh")
-    if _numerics.get() == "crypten":
-        return x * (x * GELU_SIGMOID_SLOPE).sigmoid()
-    kernel = _kernel("gelu")
-    if kernel is not None:
-        return kernel(x)
-    t = GELU_RANGE
-    with compare_bound(GELU_COMPARE_BOUND):
-        outside = as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
-    above, below = outside[0], outside[1]
-    v = square(x) * (1.0 / (t * t))
-    powers = [v, square(v)]
-    powers += [powers[1] * v, square(powers[1])]
-    powers += [powers[3] * v, square(powers[2])]
-    even = sum((p * c for p, c in zip(powers, GELU_EVEN_COEFFS[1:])), start=GELU_EVEN_COEFFS[0])
-    inside = 1.0 - above - below
-    weights = type(x).stack([inside, above - below])
-    terms = weights * type(x).stack([even, x * 0.5])
-    return x * 0.5 + terms[0] + terms[1]
+    return _kernel("gelu")(x, form)
 
 
 def silu(x: Tensor) -> Tensor:
@@ -347,55 +214,19 @@ def silu(x: Tensor) -> Tensor:
 
 
 def row_max(x: Tensor, dim: int = -1) -> Tensor:
-    """Max over ``dim`` with the dim kept (values only).
-
-    On shares a pairwise tree: each level keeps ``b + relu(a - b)`` of the two halves, n - 1
-    comparisons per row in ceil(log2 n) levels. CrypTen's ``max(dim)`` computes the arg-max
-    one-hot as well (about 2.4x the comparisons); measured on [12, 128, 128]: 43.2 MiB and 63
-    rounds per party instead of 125.6 MiB and 79.
-    """
+    """Max over ``dim`` with the dim kept (values only; on shares a comparison tree)."""
     if is_plain(x):
         return x.amax(dim=dim, keepdim=True)
-    while x.size(dim) > 1:
-        n = x.size(dim)
-        a, b, rest = x.split([n // 2, n // 2, n % 2], dim=dim)
-        gap = a - b
-        top = b + gap * (gap > 0)
-        x = type(top).cat([top, rest], dim=dim) if n % 2 else top
-    return x
+    return _kernel("row_max")(x, dim)
 
 
 def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:
     """(max, index of the first max) over the last dim of ``x`` [..., n]; the index is a value
-    of ``x``'s own type (on shares a secret integer at the fixed-point scale).
-
-    On shares a tournament: each level compares neighbours once (``a >= b`` with ``a`` the
-    earlier, so ties keep the earlier entry, as ``torch.argmax`` does) and moves value and index
-    with one product of the comparison bit and the stacked differences: n - 1 comparisons in
-    ceil(log2 n) rounds of them, instead of CrypTen's one-hot arg-max (a max tree plus an equality test of every
-    entry against the max).
-    """
+    of ``x``'s own type (on shares a secret integer at the fixed-point scale)."""
     if is_plain(x):
         values, first = x.max(dim=-1)
         return values, first.to(x.dtype)
-    last = x.dim() - 1
-    position: Tensor = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
-    while x.size(-1) > 1:
-        m = x.size(-1)
-        even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)  # neighbours: a precedes b
-        a, b = index(x, last, even), index(x, last, odd)
-        ia, ib = index(position, last, even), index(position, last, odd)
-        final = torch.tensor([m - 1])
-        rest = [(index(x, last, final), index(position, last, final))] if m % 2 else []
-        take_a = as_fixed_point(a >= b, a)
-        if is_plain(ia):
-            x, position = take_a * (a - b) + b, take_a * (ia - ib) + ib
-        else:
-            both = type(a).stack([a - b, ia - ib]) * take_a
-            x, position = both[0] + b, both[1] + ib
-        for value, where in rest:  # an odd entry out waits for the next level
-            x, position = cat([x, value], dim=-1), cat([position, where], dim=-1)
-    return x.squeeze(-1), position.squeeze(-1)
+    return _kernel("argmax_last")(x)
 
 
 def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from models.ops import replace_parameters
 from models.toy import FAMILIES, make_input, make_model
 from models.variants import parse_variant
+from protocols.mpc.numerics import share_kernels
 
 VARIANTS = [
     "exact", "mpcformer", "power", "relu", "scale", "linear", "attn=power:p=4:tau=2",
@@ -43,7 +44,8 @@ def test_shares_match_torch(crypten, family: str, variant: str) -> None:
     assert torch.isfinite(ref).all()
     replace_parameters(model, crypten.cryptensor)
     enc_x = crypten.cryptensor(x) if FAMILIES[family].family == "vit" else x
-    out = reveal(model(enc_x))
+    with share_kernels():
+        out = reveal(model(enc_x))
     assert out.shape == ref.shape
     assert (out - ref).abs().max() < 0.05 * max(1.0, float(ref.abs().max()))
 
@@ -55,7 +57,8 @@ def test_one_hot_input_on_shares_matches_ids(crypten) -> None:
         ref = model(ids)
     replace_parameters(model, crypten.cryptensor)
     one_hot = torch.nn.functional.one_hot(ids, FAMILIES["llama"].vocab_size).float()
-    out = reveal(model(crypten.cryptensor(one_hot)))
+    with share_kernels():
+        out = reveal(model(crypten.cryptensor(one_hot)))
     assert (out - ref).abs().max() < 0.05 * max(1.0, float(ref.abs().max()))
 
 
@@ -92,8 +95,9 @@ def test_kv_cache_on_shares(crypten) -> None:
         full = model(ids)
     replace_parameters(model, crypten.cryptensor)
     cache = model.new_cache()
-    prefill = reveal(model(ids[:, :4], cache))
-    step = reveal(model(ids[:, 4:], cache))
+    with share_kernels():
+        prefill = reveal(model(ids[:, :4], cache))
+        step = reveal(model(ids[:, 4:], cache))
     out = torch.cat([prefill, step], dim=1)
     assert (out - full).abs().max() < 0.05 * max(1.0, float(full.abs().max()))
 

@@ -1,4 +1,5 @@
-"""The torch/share adapter: each op on plain tensors and on CrypTen shares (in-process)."""
+"""The torch/encrypted adapter: plain paths in torch, generic ops on CrypTen shares (in-process),
+and the kernel table a protocol installs for encrypted values."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def reveal(x) -> torch.Tensor:
     return x.share.double().div(x.encoder.scale).float()
 
 
+class Sealed:
+    """A stand-in encrypted value: not a torch tensor, so the adapter dispatches to kernels."""
+
+
 def test_pow_even_matches_torch_and_rejects_odd(crypten) -> None:
     x = torch.tensor([-1.5, -0.5, 0.3, 1.2])
     for p in (2, 4, 6):
@@ -28,17 +33,6 @@ def test_pow_even_matches_torch_and_rejects_odd(crypten) -> None:
         assert (reveal(ops.pow_even(crypten.cryptensor(x), p)) - x**p).abs().max() < 1e-2
     with pytest.raises(ValueError, match="even p"):
         ops.pow_even(x, 3)
-
-
-def test_reciprocal_and_inv_sqrt_scaling_extends_range(crypten) -> None:
-    big = torch.tensor([400.0, 900.0])
-    unscaled = reveal(ops.reciprocal(crypten.cryptensor(big)))
-    scaled = reveal(ops.reciprocal(crypten.cryptensor(big), scale=128.0))
-    assert (unscaled * big - 1).abs().max() > 0.5
-    assert (scaled - 1 / big).abs().max() < 2 * 2**-16  # within fixed-point resolution
-    small = torch.tensor([0.004, 0.02])
-    root = reveal(ops.inv_sqrt(crypten.cryptensor(small), scale=1 / 64))
-    assert (root * small.sqrt() - 1).abs().max() < 1e-2
 
 
 def test_mixed_matmul_linear_and_cat(crypten) -> None:
@@ -54,14 +48,6 @@ def test_mixed_matmul_linear_and_cat(crypten) -> None:
     assert joined.shape == (4, 4) and (reveal(joined)[-1] - 1).abs().max() < 1e-4
     with pytest.raises(ValueError, match="empty list"):
         ops.cat([])
-
-
-def test_gelu_on_shares_uses_sigmoid_form_and_survives_large_inputs(crypten) -> None:
-    x = torch.cat([torch.linspace(-3, 3, 13), torch.tensor([-40.0, -24.0, 17.0, 24.0, 60.0])])
-    sigmoid_form = x * torch.sigmoid(1.702 * x)
-    assert (reveal(ops.gelu(crypten.cryptensor(x))) - sigmoid_form).abs().max() < 2e-2
-    assert (sigmoid_form - torch.nn.functional.gelu(x)).abs().max() < 0.021
-    torch.testing.assert_close(ops.gelu(x), torch.nn.functional.gelu(x))
 
 
 def test_replace_parameters_converts_shared_weights_once() -> None:
@@ -82,35 +68,62 @@ def test_replace_parameters_converts_shared_weights_once() -> None:
     assert model(torch.randn(2, 4)).shape == (2, 4)
 
 
-@pytest.mark.parametrize("length", [1, 2, 5, 8, 13])
-def test_row_max_tree_on_shares_matches_torch(crypten, length: int) -> None:
-    x = torch.randn(3, 4, length, generator=torch.Generator().manual_seed(length)) * 5
-    got = reveal(ops.row_max(crypten.cryptensor(x), dim=-1))
-    assert got.shape == (3, 4, 1)
-    assert (got - x.amax(-1, keepdim=True)).abs().max() < 1e-3
+def test_kernels_compute_in_torch_on_plain_values_with_nothing_installed() -> None:
+    x = torch.tensor([[0.5, 3.0, -1.0, 3.0], [2.0, -4.0, 0.25, 1.5]])
+    pos = x.abs() + 0.1
+    torch.testing.assert_close(ops.reciprocal(pos, scale=64.0, positive=True), 1 / pos)
+    torch.testing.assert_close(ops.inv_sqrt(pos, 16.0), pos.rsqrt())
+    torch.testing.assert_close(ops.inv_sqrt_wide(pos, 1e-3, 1e4), pos.rsqrt())
+    torch.testing.assert_close(ops.gelu(x), torch.nn.functional.gelu(x))
+    torch.testing.assert_close(ops.gelu(x, "tanh"), torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(ops.row_max(x, 0), x.amax(0, keepdim=True))
+    values, index = ops.argmax_last(x)
+    assert torch.equal(values, torch.tensor([3.0, 2.0])) and torch.equal(index, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(ops.scaled_rows(x, lambda sq: sq.sum(-1, keepdim=True)),
+                               x * (x * x).sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("name, call", [
+    ("reciprocal", lambda v: ops.reciprocal(v, positive=True)),
+    ("inv_sqrt", lambda v: ops.inv_sqrt(v)),
+    ("inv_sqrt_wide", lambda v: ops.inv_sqrt_wide(v, 1.0, 2.0)),
+    ("gelu", lambda v: ops.gelu(v)),
+    ("scaled_rows", lambda v: ops.scaled_rows(v, lambda sq: sq)),
+    ("row_max", lambda v: ops.row_max(v)),
+    ("argmax_last", lambda v: ops.argmax_last(v)),
+])
+def test_an_encrypted_value_without_its_kernel_names_the_missing_kernel(name: str, call) -> None:
+    assert name in ops.KERNELS
+    with pytest.raises(ops.MissingKernelError, match=f"encrypted implementation of '{name}'.*share_kernels"):
+        call(Sealed())
 
-def test_range_reduced_newton_beats_crypten_seeded_one_outside_its_range(crypten) -> None:
-    x = torch.tensor([0.01, 0.5, 3.0, 40.0, 300.0])
-    reduced = reveal(ops.reciprocal(crypten.cryptensor(x), positive=True))
-    assert ((reduced - 1 / x).abs() * x).max() < 0.02  # x = 300: 1/x is 218 ulps
-    root = reveal(ops.inv_sqrt(crypten.cryptensor(x)))
-    assert ((root - x.rsqrt()).abs() / x.rsqrt()).max() < 2e-3
-    with ops.numerics("crypten"):  # CrypTen's exp-seeded Newton (the baseline's numerics)
-        seeded = reveal(ops.reciprocal(crypten.cryptensor(x[:3]), positive=True))
-        assert ((seeded - 1 / x[:3]).abs() * x[:3]).max() < 0.02
-        assert not torch.isfinite(reveal(ops.reciprocal(crypten.cryptensor(x[4:]), positive=True))).all() or \
-            (reveal(ops.reciprocal(crypten.cryptensor(x[4:]), positive=True)) * x[4:] - 1).abs().max() > 0.5
-    with pytest.raises(ValueError, match="unknown numerics"):
-        with ops.numerics("magic"):
+
+def test_installed_kernels_get_the_arguments_and_nested_blocks_override_by_name() -> None:
+    value = Sealed()
+    with ops.encrypted_kernels(reciprocal=lambda x, scale, positive: ("outer", x, scale, positive),
+                               gelu=lambda x, form: ("outer gelu", form)):
+        assert ops.reciprocal(value, 8.0, positive=True) == ("outer", value, 8.0, True)
+        with ops.encrypted_kernels(gelu=lambda x, form: ("inner gelu", form)):
+            assert ops.gelu(value, "tanh") == ("inner gelu", "tanh")
+            assert ops.reciprocal(value)[0] == "outer"  # kept from the enclosing block
+        assert ops.gelu(value) == ("outer gelu", "erf")
+    with pytest.raises(ops.MissingKernelError):
+        ops.gelu(value)
+
+
+def test_encrypted_kernels_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown encrypted kernel.*softmax"):
+        with ops.encrypted_kernels(softmax=lambda x: x):
             pass
 
 
-def test_gelu_on_shares_is_the_piecewise_polynomial_within_1e_3(crypten) -> None:
-    x = torch.linspace(-30.0, 30.0, 1201)
-    got = reveal(ops.gelu(crypten.cryptensor(x)))
-    assert (got - torch.nn.functional.gelu(x)).abs().max() < 1e-3
-    with ops.numerics("crypten"):  # the sigmoid form the CrypTen baseline computes
-        sigmoid_form = reveal(ops.gelu(crypten.cryptensor(x[500:700])))
-    assert 5e-3 < (sigmoid_form - torch.nn.functional.gelu(x[500:700])).abs().max() < 0.03
+def test_compare_bound_is_scoped_and_positive() -> None:
+    assert ops.comparison_bound() is None
+    with ops.compare_bound(2.0 ** 14):
+        with ops.compare_bound(8):
+            assert ops.comparison_bound() == 8.0
+        assert ops.comparison_bound() == 2.0 ** 14
+    assert ops.comparison_bound() is None
+    with pytest.raises(ValueError, match="positive limit"):
+        with ops.compare_bound(0):
+            pass

@@ -1,0 +1,278 @@
+"""The numerics that run on secret shares: what :mod:`models.ops` dispatches to for encrypted values.
+
+Models call :mod:`models.ops` (``reciprocal``, ``inv_sqrt``, ``inv_sqrt_wide``, ``gelu``,
+``row_max``, ``argmax_last``, ``scaled_rows``); on torch tensors those compute in torch, on
+shares they call the implementation installed with ``models.ops.encrypted_kernels``. This module
+holds those implementations for CrypTen ``MPCTensor``s (duck-typed: it never imports crypten)
+and :func:`share_kernels`, the context manager that installs them, optionally with a protocol's
+fused kernels (``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in place of some.
+
+* **Positive reciprocal and inverse square root**: range-reduced Newton iterations. One batched
+  comparison of ``x`` against public powers of the base picks k with ``base^k <= x <
+  base^(k+1)``; ``x base^-k`` then lies in [1, base), where a linear first guess (relative error
+  1/17 and 0.086) and 3 Newton steps are accurate. Accurate for ``x / scale`` in [2^-14, 2^10)
+  and [4^-7, 4^6): 9 and 12 rounds, where CrypTen's exp-seeded versions take 28 and 17 and hold
+  only on about [0.002, 10] and [0.1, 100]. Callers pass a public ``scale`` that brings the
+  private value into range. The general (signed) reciprocal is CrypTen's own.
+* **Wide inverse square root** (SmolLM2's massive activations): the same power-of-four
+  reduction, then CrypTen's inverse square root where it is accurate.
+* **Fixed-point scale**: CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would
+  round the constant to 0; :func:`as_fixed_point` multiplies the share by the scale ratio (a
+  local operation) to get the same bit at the usual 2^16 scale.
+* **GeLU**: ``x / 2 + g(x)`` on [-T, T] (T = 3.5), where ``g(x) = x (Phi(x) - 1/2)`` is even,
+  fitted as a degree-6 polynomial in ``v = x^2 / T^2`` (near-minimax on [0, 1], max error
+  2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there).
+* **Row max and arg-max**: comparison tournaments (n - 1 comparisons in ceil(log2 n) levels)
+  instead of CrypTen's ``max(dim)``, which also builds the arg-max one-hot.
+* ``share_kernels("crypten")`` runs CrypTen's own positive reciprocal (exp-seeded Newton, 10
+  steps), inverse square root and the sigmoid-form GeLU: what the CrypTen baseline in
+  ``bench/mpc_vs_crypten.py`` computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from models import ops
+
+Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
+
+RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
+INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
+RECIPROCAL_NEWTON_STEPS = 3
+INV_SQRT_NEWTON_STEPS = 3
+CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
+
+GELU_RANGE = 3.5
+GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
+GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.06349736554911566 * 3.5 ** 4,
+                    0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
+                    3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
+GELU_SIGMOID_SLOPE = 1.702
+NUMERICS = ("reduced", "crypten")
+
+
+def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
+    """A comparison result re-encoded at ``like``'s fixed-point scale (identity in torch).
+
+    CrypTen encodes comparison bits at scale 1; multiplying the share by the scale ratio (local,
+    in place) gives the same bit at ``like``'s scale, so ``bit * 0.25`` no longer rounds to 0.
+    """
+    if ops.is_plain(bit):
+        return bit.to(like.dtype) if ops.is_plain(like) else bit
+    factor = int(like.encoder.scale) // int(bit.encoder.scale)
+    if factor != 1:
+        bit.share = bit.share * factor
+        bit.encoder = like.encoder
+    return bit
+
+
+def _power_factors(x: Tensor, base: float, first: int, last: int, exponents: Sequence[float]) -> list[Tensor]:
+    """Secret ``base^(-k e)`` for each ``e`` in ``exponents``, where ``base^k <= x < base^(k+1)``
+    with k clamped to [first, last]. The comparison bits against the public thresholds are
+    monotone, so each factor is linear in them (no products)."""
+    powers = range(first + 1, last + 1)
+    bits = as_fixed_point((x.unsqueeze(-1) - torch.tensor([base ** p for p in powers])) > 0, x)
+    factors = []
+    for e in exponents:
+        steps = torch.tensor([base ** (-p * e) - base ** (-(p - 1) * e) for p in powers])
+        factors.append((bits * steps).sum(-1) + base ** (-first * e))
+    return factors
+
+
+def _reciprocal_reduced(x: Tensor) -> Tensor:
+    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), Newton from the
+    linear guess 24/17 - 8/17 m, times 2^-k."""
+    (factor,) = _power_factors(x, 2.0, *RECIPROCAL_POWERS, (1.0,))
+    m = x * factor
+    y = m * (-8.0 / 17.0) + 24.0 / 17.0
+    for _ in range(RECIPROCAL_NEWTON_STEPS):
+        y = y * (2.0 - m * y)
+    return y * factor
+
+
+def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
+    """CrypTen's positive reciprocal: initial guess ``3 exp(1 - 2x) + 0.003``, all-positive Newton."""
+    guess = (1 - 2 * x).exp() * 3 + 0.003
+    for _ in range(CRYPTEN_RECIPROCAL_NEWTON_STEPS):
+        guess = guess * 2 - guess.square() * x
+    return guess
+
+
+def _inv_sqrt_reduced(x: Tensor) -> Tensor:
+    """Positive ``x``: ``m = x 4^-k`` in [1, 4), Newton from the linear guess
+    1.06639 - 0.15234 m (minimax, relative error 0.086), times 2^-k."""
+    factor4, factor2 = _power_factors(x, 4.0, *INV_SQRT_POWERS, (1.0, 0.5))
+    m = x * factor4
+    y = m * -0.15234 + 1.06639
+    for _ in range(INV_SQRT_NEWTON_STEPS):
+        # y (3 - m y^2) / 2 = 1.5 y - 0.5 (m y) y^2: y^2 and m y in one batched product, then
+        # their product: two rounds a step instead of three
+        both = ops.cat([y, m], dim=-1) * ops.cat([y, y], dim=-1)
+        square, my = both[..., :y.shape[-1]], both[..., y.shape[-1]:]
+        y = y * 1.5 - my * square * 0.5
+    return y * factor2
+
+
+def _reciprocal(x: Tensor, scale: float | torch.Tensor, positive: bool,
+                positive_kernel: Callable[[Tensor], Tensor]) -> Tensor:
+    """``1 / x`` as ``(1 / (x / scale)) / scale``; ``positive_kernel`` for positive x, else CrypTen's."""
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        inv = 1.0 / torch.as_tensor(scale, dtype=torch.float32)
+        return _reciprocal(x * inv, 1.0, positive, positive_kernel) * inv
+    return positive_kernel(x) if positive else x.reciprocal()
+
+
+def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
+    """``1 / x`` on shares: range-reduced Newton when ``positive`` (exact for ``x / scale`` in
+    [2^-14, 2^10)), otherwise CrypTen's general reciprocal (which also handles the sign)."""
+    return _reciprocal(x, scale, positive, _reciprocal_reduced)
+
+
+def crypten_reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
+    """``1 / x`` on shares as CrypTen computes it (exp-seeded Newton for positive x)."""
+    return _reciprocal(x, scale, positive, _reciprocal_exp_seeded)
+
+
+def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``1 / sqrt(x)`` for positive shares: range-reduced Newton on ``x / scale`` (exact for
+    ``x / scale`` in [4^-7, 4^6))."""
+    if scale != 1.0:
+        return inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
+    return _inv_sqrt_reduced(x)
+
+
+def crypten_inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``1 / sqrt(x)`` for positive shares with CrypTen's own inverse square root on ``x / scale``."""
+    if scale != 1.0:
+        return crypten_inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
+    return x.inv_sqrt()
+
+
+def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
+    """``1 / sqrt(x)`` for positive shares spanning many orders of magnitude, [lo, hi] public.
+
+    The value is brought into [1, 4) by a public power of four chosen with comparisons against
+    public thresholds 4^j (:func:`_power_factors`). Then CrypTen's inverse square root runs where
+    it is accurate (its exp-based guess also covers values well above the last threshold, which
+    the linear guess of :func:`inv_sqrt` would not). The factors 4^-j are exact in fixed point
+    while 2j is at most the fractional bits, so ``hi`` may reach 4^8 at 16 bits.
+    """
+    fraction_bits = int(x.encoder.scale).bit_length() - 1
+    first = math.floor(math.log(lo, 4))
+    last = min(max(math.ceil(math.log(hi, 4)), first + 1), fraction_bits // 2) - 1
+    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
+    return (x * factor4).inv_sqrt() * factor2
+
+
+def gelu(x: Tensor, form: str = "erf") -> Tensor:
+    """GeLU on shares as a piecewise polynomial (max error 8.1e-4 against erf GeLU; the tanh
+    ``form`` is within 1e-3 of erf, so both get the same polynomial).
+
+    Two comparisons in one batch, ``above = [x > T]`` and ``below = [x < -T]`` (on a 32-bit ring:
+    inputs are promised below 2^14, where ``x^2`` still fits CrypTen's ring), the even part ``g``
+    as a polynomial in ``v = x^2 / T^2`` (powers by squaring), then ``x / 2 + inside * g + (above
+    - below) * x / 2`` with ``inside = 1 - above - below`` in one product: about 104 bytes and 8
+    rounds per element with FSS comparisons (``protocols.mpc.fused_gelu`` opens each operand
+    once: 72 bytes). Outside [-T, T] the powers may overflow the ring; they are multiplied by an
+    exact 0 there.
+    """
+    t = GELU_RANGE
+    with ops.compare_bound(GELU_COMPARE_BOUND):
+        outside = as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
+    above, below = outside[0], outside[1]
+    v = x.square() * (1.0 / (t * t))
+    powers = [v, v.square()]
+    powers += [powers[1] * v, powers[1].square()]
+    powers += [powers[3] * v, powers[2].square()]
+    even = sum((p * c for p, c in zip(powers, GELU_EVEN_COEFFS[1:])), start=GELU_EVEN_COEFFS[0])
+    inside = 1.0 - above - below
+    weights = type(x).stack([inside, above - below])
+    terms = weights * type(x).stack([even, x * 0.5])
+    return x * 0.5 + terms[0] + terms[1]
+
+
+def crypten_gelu(x: Tensor, form: str = "erf") -> Tensor:
+    """GeLU on shares in the sigmoid form ``x * sigmoid(1.702 x)`` (one comparison, exp and
+    reciprocal; error 0.021): what the CrypTen baseline computes."""
+    return x * (x * GELU_SIGMOID_SLOPE).sigmoid()
+
+
+def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
+    """``x * finish(x * x)`` with two Beaver products (``protocols.mpc.fused_norm`` opens ``x`` once)."""
+    return x * finish(x.square())
+
+
+def row_max(x: Tensor, dim: int = -1) -> Tensor:
+    """Max over ``dim`` with the dim kept, by a pairwise tree on shares.
+
+    Each level keeps ``b + relu(a - b)`` of the two halves: n - 1 comparisons per row in
+    ceil(log2 n) levels. CrypTen's ``max(dim)`` computes the arg-max one-hot as well (about 2.4x
+    the comparisons); measured on [12, 128, 128]: 43.2 MiB and 63 rounds per party instead of
+    125.6 MiB and 79.
+    """
+    while x.size(dim) > 1:
+        n = x.size(dim)
+        a, b, rest = x.split([n // 2, n // 2, n % 2], dim=dim)
+        gap = a - b
+        top = b + gap * (gap > 0)
+        x = type(top).cat([top, rest], dim=dim) if n % 2 else top
+    return x
+
+
+def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, index of the first max) over the last dim of shares ``x`` [..., n] by a tournament.
+
+    Each level compares neighbours once (``a >= b`` with ``a`` the earlier, so ties keep the
+    earlier entry, as ``torch.argmax`` does) and moves value and index with one product of the
+    comparison bit and the stacked differences: n - 1 comparisons in ceil(log2 n) rounds of them,
+    instead of CrypTen's one-hot arg-max (a max tree plus an equality test of every entry against
+    the max). The index is a secret integer at the fixed-point scale.
+    """
+    last = x.dim() - 1
+    position: Tensor = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
+    while x.size(-1) > 1:
+        m = x.size(-1)
+        even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)  # neighbours: a precedes b
+        a, b = ops.index(x, last, even), ops.index(x, last, odd)
+        ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
+        final = torch.tensor([m - 1])
+        rest = [(ops.index(x, last, final), ops.index(position, last, final))] if m % 2 else []
+        take_a = as_fixed_point(a >= b, a)
+        if ops.is_plain(ia):
+            x, position = take_a * (a - b) + b, take_a * (ia - ib) + ib
+        else:
+            both = type(a).stack([a - b, ia - ib]) * take_a
+            x, position = both[0] + b, both[1] + ib
+        for value, where in rest:  # an odd entry out waits for the next level
+            x, position = ops.cat([x, value], dim=-1), ops.cat([position, where], dim=-1)
+    return x.squeeze(-1), position.squeeze(-1)
+
+
+def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:
+    """The share implementations of every kernel of ``models.ops`` for ``method`` in :data:`NUMERICS`."""
+    if method not in NUMERICS:
+        raise ValueError(f"unknown numerics {method!r}; expected one of {NUMERICS}")
+    table: dict[str, Callable[..., Any]] = {
+        "reciprocal": reciprocal, "inv_sqrt": inv_sqrt, "inv_sqrt_wide": inv_sqrt_wide, "gelu": gelu,
+        "scaled_rows": scaled_rows, "row_max": row_max, "argmax_last": argmax_last,
+    }
+    if method == "crypten":
+        table.update(reciprocal=crypten_reciprocal, inv_sqrt=crypten_inv_sqrt, gelu=crypten_gelu)
+    return table
+
+
+@contextlib.contextmanager
+def share_kernels(method: str = "reduced", **fused: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, ``models.ops`` runs on shares with :func:`kernels` of ``method``, and
+    ``fused`` (e.g. ``scaled_rows=fused_norm.scaled_rows``) in place of the named ones.
+
+    Kernels are installed per thread (a context variable): enter the block on the thread that
+    runs the forward."""
+    with ops.encrypted_kernels(**{**kernels(method), **fused}):
+        yield
