@@ -150,6 +150,7 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    _check_types(data)
     file_role = data.get("role", role)
     if file_role is None:
         raise ConfigError("config names no role (set role = \"client\" | \"server\" | \"dealer\")")
@@ -164,7 +165,6 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     extra = set(model) - {"name", "variant", "overrides", "device"}
     if extra:
         raise ConfigError(f"unknown [model] keys: {', '.join(sorted(extra))}")
-    _check_types(data, model)
     protocol = _protocol_from(data, model)
     overrides = model.get("overrides")
     if overrides is not None and not Path(overrides).is_absolute():
@@ -181,11 +181,14 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     )
 
 
-def _check_types(data: dict[str, Any], model: dict[str, Any]) -> None:
+def _check_types(data: dict[str, Any]) -> None:
     """One line naming the key whose value has the wrong TOML type."""
     for key in ("role", "certs", "listen", "name"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{key} must be a string, got {data[key]!r}")
+    model = data.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError("[model] must be a table")
     for key in ("name", "variant", "overrides"):
         if key in model and not isinstance(model[key], str):
             raise ConfigError(f"[model] {key} must be a string, got {model[key]!r}")

@@ -51,6 +51,14 @@ class PeerLost(TransportError):
     """The link to the peer broke (process died, network gone) or it went silent too long."""
 
 
+class IdleTimeout(PeerLost):
+    """The peer sent nothing within the receive timeout (``timeout_s``): the session's idle limit."""
+
+    def __init__(self, message: str, limit_s: float) -> None:
+        super().__init__(message)
+        self.limit_s = limit_s
+
+
 class FrameKind(str, Enum):
     DATA = "data"
     ABORT = "abort"
@@ -180,8 +188,9 @@ class Channel(ABC):
         try:
             frame = self._recv_frame(wait)
         except TimeoutError:
-            raise PeerLost(
-                f"{self.local}: no message {tag!r} from {self.peer} within {wait:.0f} s"
+            limit = " (timeout_s, the session's idle limit)" if timeout is None else ""
+            raise IdleTimeout(
+                f"{self.local}: no message {tag!r} from {self.peer} within {wait:.0f} s{limit}", wait
             ) from None
         finally:
             if self.ledger is not None:

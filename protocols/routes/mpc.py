@@ -335,7 +335,7 @@ def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Le
         except BaseException as exc:
             errors.append(exc)
             idle = isinstance(exc, IdleTimeout)
-            client.abort(f"the dealer heard nothing from the server for {exc.limit_s:.0f} s, the session's idle "
+            client.abort(f"the dealer heard nothing from the server for {exc.limit_s:g} s, the session's idle "
                          "limit (timeout_s, docs/deployment.md): session closed" if idle
                          else f"dealer lost the server: {exc}")
 

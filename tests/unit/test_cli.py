@@ -122,3 +122,163 @@ def test_launch_he_refuses_non_polynomial_variants_before_starting(variant: str,
                  "--input", "x.pt"]) == 2
     err = capsys.readouterr().err
     assert "polynomial" in err and problem in err and "--variant he" in err
+
+
+# ----- bad input: one line, exit 2, before anything starts ------------------------------------
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _input_files(tmp_path: Path) -> dict[str, Path]:
+    import pickle
+
+    import numpy as np
+    import torch
+
+    files = {"pickle": tmp_path / "p.pt", "corrupt": tmp_path / "c.pt", "dict": tmp_path / "d.pt",
+             "complex": tmp_path / "x.pt", "strings": tmp_path / "s.npy", "objects": tmp_path / "o.npy",
+             "nan": tmp_path / "n.npy", "inf": tmp_path / "i.pt", "directory": tmp_path / "dir.pt",
+             "suffix": tmp_path / "img.png"}
+    files["pickle"].write_bytes(pickle.dumps({"a": 1}))
+    files["corrupt"].write_bytes(b"\x80\x02garbage")
+    torch.save({"image": torch.zeros(3, 16, 16)}, files["dict"])
+    torch.save(torch.zeros(3, 16, 16, dtype=torch.complex64), files["complex"])
+    np.save(files["strings"], np.array(["a", "b"]))
+    np.save(files["objects"], np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(files["nan"], np.full((3, 16, 16), np.nan, dtype=np.float32))
+    torch.save(torch.full((3, 16, 16), float("inf")), files["inf"])
+    files["directory"].mkdir()
+    files["suffix"].write_bytes(b"\x89PNG")
+    return files
+
+
+@pytest.mark.parametrize("case, message", [
+    ("pickle", "is not a tensor file"), ("corrupt", "is not a tensor file"), ("dict", "holds a dict"),
+    ("complex", "complex64"), ("strings", "holds <U1 data"), ("objects", "holds Python objects"),
+    ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("directory", "is a directory"),
+    ("suffix", "must be a .pt or .npy"),
+])
+def test_bad_tensor_files_are_one_line(case: str, message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = _input_files(tmp_path)[case]
+    assert main(["run", "--model", "vit-tiny", "--input", str(path)]) == 2
+    err = _one_line_error(capsys)
+    assert message in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"layers": [1, 2, 3]}', "'layers' must be an object keyed by layer index"),
+    ('{"heads": [1]}', "'heads' must be an object keyed by layer index"),
+    ('{"layers": {"0": 5}}', "must map to a variant string, got int"),
+    ('{"heads": {"0": [1, 2]}}', "must be a list of kinds"),
+    ('[1, 2]', "expected keys 'layers' and/or 'heads'"),
+    (b"\xff\xfe{", "is not UTF-8 text"),
+])
+def test_overrides_of_the_wrong_type_are_one_line(content: str | bytes, message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ov.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["run", "--model", "gpt2-tiny", "--input", "hi", "--overrides", str(path)]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_non_utf8_text_and_pickles_are_one_line_in_a_real_process(tmp_path: Path) -> None:
+    """In a real process (argv bytes as the OS hands them, warnings on): one stderr line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    pickled = os.fsencode(_input_files(tmp_path)["pickle"])
+    cases = [([b"--model", b"gpt2-tiny", b"--input", b"caf\xe9"], "--input 'caf\\xe9' is not valid UTF-8 text"),
+             ([b"--model", b"vit-tiny", b"--input", pickled], "is not a tensor file")]
+    for args, message in cases:
+        done = subprocess.run([os.fsencode(sys.executable), b"-m", b"privinf.cli", b"run", *args],
+                              capture_output=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "default"})
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert message in err, err
+
+
+class _NoParties:
+    """Stands in for local_deployment: records the call, starts nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, model: object, protocol: object, **kwargs: object) -> object:
+        self.calls.append({"model": model, "protocol": protocol, **kwargs})
+        raise ValueError("stopped before starting the parties")
+
+
+@pytest.fixture()
+def no_parties(monkeypatch: pytest.MonkeyPatch) -> _NoParties:
+    import mpc_parties.launch
+
+    fake = _NoParties()
+    monkeypatch.setattr(mpc_parties.launch, "local_deployment", fake)
+    return fake
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preprocess", "0"], "--preprocess must be >= 1 inference, got 0"),
+    (["--preprocess", "-5"], "--preprocess must be >= 1 inference, got -5"),
+    (["--input", ""], "input text is empty"),
+    (["--input", "   "], "input text is empty"),
+    (["--input", "x" * 100], "the limit is 64"),
+    (["--generate", "2", "--input", ""], "input text is empty"),
+])
+def test_launch_refuses_bad_input_before_any_party_starts(args: list[str], message: str, no_parties: _NoParties,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--model", "gpt2-tiny", "--input", "hi", *args]) == 2
+    assert message in _one_line_error(capsys)
+    assert no_parties.calls == []
+
+
+@pytest.mark.parametrize("protocol", ["mpc", "he"])
+def test_launch_refuses_nan_images_before_any_party_starts(protocol: str, tmp_path: Path, no_parties: _NoParties,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = _input_files(tmp_path)["nan"]
+    model, variant = ("vit-tiny", "exact") if protocol == "mpc" else ("vit-digits", "he")
+    assert main(["launch", "--protocol", protocol, "--model", model, "--variant", variant, "--input", str(path)]) == 2
+    assert "NaN or infinite" in _one_line_error(capsys)
+    assert no_parties.calls == []
+
+
+def test_launch_resolves_a_relative_workdir_once(tmp_path: Path, no_parties: _NoParties,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "--model", "gpt2-tiny", "--input", "hi", "--workdir", "wd"]) == 2
+    assert no_parties.calls[0]["workdir"] == tmp_path / "wd"
+    assert "stopped before starting the parties" in _one_line_error(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main(["launch", "--model", "gpt2-tiny", "--input", "hi", "--workdir", "file"]) == 2
+    assert "is not a directory" in _one_line_error(capsys)
+
+
+def test_party_server_with_unknown_model_fails_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for model, message in (('name = "nope"', "unknown model 'nope' under [model]"),
+                           ('name = "gpt2-tiny"\nvariant = "attn=magic"', "unknown attn kind 'magic'")):
+        path = tmp_path / "server.toml"
+        path.write_text(f'role = "server"\ncerts = "certs"\nlisten = "127.0.0.1:0"\n\n[model]\n{model}\n')
+        assert main(["party", "--role", "server", "--config", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert "privinf-ready" not in captured.out
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+# ----- certificates ---------------------------------------------------------------------------
+def test_certs_refuses_an_existing_set_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c"
+    assert main(["certs", "--out", str(out), "--client", "alice", "--client", "bob"]) == 0
+    assert "and the clients alice, bob written" in capsys.readouterr().out
+    assert (out / "client-alice.pem").is_file() and (out / "client-bob.key").stat().st_mode & 0o077 == 0
+    before = (out / "server.key").read_bytes()
+    assert main(["certs", "--out", str(out)]) == 2
+    assert "already exists" in _one_line_error(capsys) and (out / "server.key").read_bytes() == before
+    assert main(["certs", "--out", str(out), "--force"]) == 0
+    assert (out / "server.key").read_bytes() != before
+    assert main(["certs", "--out", str(tmp_path / "d"), "--client", "Bad Name"]) == 2
+    assert "invalid client name" in _one_line_error(capsys)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from mpc_parties.handshake import TAG_HELLO, SessionRefused, SessionSpec, refuse, send_hello
 from mpc_parties.party_config import ConfigError, ModelChoice, PartyConfig, dump_config, load_config
+from protocols.net.certs import write_certs
 from protocols.net.channels import ProtocolError, memory_pair, run_parties
 from protocols.protocol_config import ProtocolConfig
 
@@ -67,3 +69,55 @@ def test_refused_hello_raises_with_the_reason() -> None:
             send_hello(a, SessionSpec("s-2", "mpc", "m", "a"))
 
     run_parties(client, server)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("model, message", [
+    ('name = "nope"', "unknown model 'nope' under [model]; known:"),
+    ('name = "gpt2-tiny"\nvariant = "bogus"', "[model] variant 'bogus': unknown variant"),
+    ('name = "gpt2-tiny"\noverrides = "missing.json"', "cannot read variant overrides"),
+])
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_model_is_checked_when_a_server_or_client_config_loads(tmp_path: Path, role: str, model: str,
+                                                                message: str) -> None:
+    peers = '\n[peers]\nserver = "h:1"\n' if role == "client" else ""
+    path = _write(tmp_path, f'role = "{role}"\ncerts = "c"\n{peers}\n[model]\n{model}\n')
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_dealer_config_needs_no_known_model(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, 'role = "dealer"\ncerts = "c"\n[model]\nname = "nope"\n')).role == "dealer"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('role = "server"\ncerts = "c"\npeers = 5', "[peers] must be a table"),
+    ('role = "server"\ncerts = "c"\ntimeout_s = "soon"', "timeout_s must be a number"),
+    ('role = "server"\ncerts = 3', "certs must be a string"),
+    ('role = "server"\ncerts = "c"\n[model]\nname = 3', "[model] name must be a string"),
+    ('role = "server"\ncerts = "c"\npreprocess = -5', "preprocess"),
+    ('role = "server"\ncerts = "c"\nname = "alice"', "only a client has a name"),
+    ('role = "client"\ncerts = "c"\nname = "Alice!"\n[peers]\nserver = "h:1"', "invalid client name"),
+])
+def test_wrong_types_and_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(_write(tmp_path, text))
+
+
+def test_named_client_uses_its_own_certificate_and_round_trips(tmp_path: Path) -> None:
+    write_certs(tmp_path / "certs", clients=("alice",))
+    (tmp_path / "ov.json").write_text('{"layers": {"1": "attn=relu"}}')
+    path = _write(tmp_path, 'role = "client"\ncerts = "certs"\nname = "alice"\n[peers]\nserver = "h:1"\n'
+                            '[model]\nname = "gpt2-tiny"\noverrides = "ov.json"\n')
+    config = load_config(path, role="client")
+    assert config.name == "alice" and config.model.overrides == str(tmp_path / "ov.json")
+    tls = config.tls()
+    assert tls.cert == tmp_path / "certs" / "client-alice.pem" and tls.name == "alice"
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
