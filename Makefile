@@ -29,6 +29,7 @@ test: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m protocols.net.wire.regenerate
+	$(BIN)/python -m he_kernels.regenerate
 
 clean:
 	rm -rf $(VENV) run-report.json
