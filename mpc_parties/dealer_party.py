@@ -4,6 +4,13 @@ It never sees data: it hands each party a CSPRNG seed, then sends correction sha
 weight-stationary corrections) computed from the seeds. Both computing parties open the session
 with the same public ``hello``; the dealer refuses the session if they disagree. The dealer has
 no CrypTen state, so sessions run as threads of one process.
+
+What an unauthenticated session costs it is bounded: each link stays under the hello limits
+(a few KiB) until its hello is read and accepted, a client has ten seconds to say hello and its
+server ``JOIN_TIMEOUT_S`` to join, a stream no session takes is cut by the transport, and each
+client identity holds at most ``max_sessions_per_client`` links. After each session the memory
+it used is returned to the system. SIGTERM: new links are refused, live sessions get
+``drain_s`` seconds, then hear "dealer is shutting down".
 """
 
 from __future__ import annotations
@@ -12,51 +19,66 @@ import logging
 import threading
 from collections.abc import Callable
 
-from mpc_parties.front_door import serve_front_door
+from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
 from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.party_config import PartyConfig
+from mpc_parties.worker_pool import release_memory
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, TransportError
+from protocols.net.framing import HELLO_LIMITS, SESSION_LIMITS
+from protocols.net.grpc_channel import GrpcChannel
 from protocols.net.grpc_link import PartyServer
 
 log = logging.getLogger("privinf.dealer")
+JOIN_TIMEOUT_S = 20.0  # the server joins right after the client reached its worker
+DRAIN_S = 5.0
 
 
 class DealerParty:
     """Serves dealer sessions until :meth:`stop`."""
 
-    def __init__(self, config: PartyConfig, max_sessions: int = 16) -> None:
+    def __init__(self, config: PartyConfig, max_sessions: int = 16, max_sessions_per_client: int | None = None,
+                 drain_s: float = DRAIN_S) -> None:
         if config.role != "dealer":
             raise ValueError(f"DealerParty needs a dealer config, got role {config.role!r}")
         self.config = config
         self.max_sessions = max_sessions
+        self.max_sessions_per_client = max_sessions_per_client or max_sessions
+        self.drain_s = drain_s
         self._stop = threading.Event()
 
     def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Bind (port 0 allowed), announce the address through ``ready``, serve until stopped."""
-        serve_front_door(self.config, {"client", "server"}, 2 * self.max_sessions, self._stop,
-                         self._session, ready)
+        limits = FrontDoorLimits(max_streams=2 * self.max_sessions + 8,
+                                 max_streams_per_client=self.max_sessions_per_client)
+        serve_front_door(self.config, {"client", "server"}, limits, self._stop, self._session, ready,
+                         stopping_reason="dealer is shutting down", drain_s=self.drain_s)
 
     def stop(self) -> None:
+        """Stop accepting sessions; :meth:`serve` drains the live ones and returns."""
         self._stop.set()
 
-    def _session(self, front: PartyServer, client: Channel) -> None:
+    def _join_server(self, front: PartyServer, spec: SessionSpec, ledger: Ledger) -> GrpcChannel:
+        server = front.accept(spec.session, "server", timeout=JOIN_TIMEOUT_S, ledger=ledger,
+                              timeout_s=self.config.timeout_s, limits=HELLO_LIMITS)
+        server_spec = SessionSpec.from_json(server.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
+        if server_spec != spec:
+            refuse(server, "client and server disagree on the session terms")
+            server.close()
+            raise TransportError("dealer: client and server disagree on the session terms")
+        server.set_limits(SESSION_LIMITS)
+        server.send_json(TAG_WELCOME, {"status": "ok"})
+        return server
+
+    def _session(self, front: PartyServer, client: GrpcChannel) -> None:
         ledger = Ledger("dealer")
         client.ledger = ledger
         server: Channel | None = None
         try:
-            spec = SessionSpec.from_json(client.recv_json(TAG_HELLO, timeout=30.0))
+            spec = SessionSpec.from_json(client.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
+            client.set_limits(SESSION_LIMITS)
             client.send_json(TAG_WELCOME, {"status": "ok"})
-            server = front.accept(spec.session, "server", timeout=self.config.timeout_s, ledger=ledger,
-                                  timeout_s=self.config.timeout_s)
-            server_spec = SessionSpec.from_json(server.recv_json(TAG_HELLO, timeout=30.0))
-            if server_spec != spec:
-                reason = "client and server disagree on the session terms"
-                refuse(server, reason)
-                client.abort(f"dealer: {reason}")
-                server.close()
-                return
-            server.send_json(TAG_WELCOME, {"status": "ok"})
+            server = self._join_server(front, spec, ledger)
             from protocols.routes.mpc import serve_dealer_session
 
             serve_dealer_session(spec, client, server, ledger)
@@ -64,7 +86,9 @@ class DealerParty:
             server.close()
             log.info("session %s done", spec.session)
         except (TransportError, ValueError) as exc:
-            log.error("dealer session failed: %s", exc)
+            log.error("dealer session with %s failed: %s", client.peer_name, exc)
             for channel in (client, server):
                 if channel is not None:
                     channel.abort(f"dealer failed: {exc}")
+        finally:
+            release_memory()

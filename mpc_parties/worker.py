@@ -1,53 +1,116 @@
-"""One session of the server party, in its own process (see :mod:`mpc_parties.server_party`)."""
+"""One session of the server party, in its own process (forked by :mod:`mpc_parties.worker_pool`).
+
+:func:`preload` runs once in the template process (imports and the model bundle every session
+shares); :func:`run_forked_worker` is a worker's life after the fork; :func:`run_server_session`
+binds the session's port, waits for the client and hands the session to its route through
+:data:`SESSION_ROUTES` (one entry per protocol).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from multiprocessing.connection import Connection
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from mpc_parties.handshake import SessionSpec, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
 from privinf.ledger.counting import Ledger
-from protocols.net.channels import TransportError
+from protocols.net.channels import Channel, TransportError
 from protocols.net.grpc_link import PartyServer, connect
 
 log = logging.getLogger("privinf.server.session")
+JOIN_TIMEOUT_S = 20.0  # the client dials its worker right after the welcome (and the dealer's)
+SHUTDOWN_REASON = "server is shutting down"
+_PARENT_CHECK_S = 0.5
 
 
-def run_server_session(config: PartyConfig, spec: SessionSpec, conn: Connection) -> int:
-    """Bind a port for this session, tell the front door, serve the client, return an exit code."""
-    tls = config.tls()
-    host = config.listen.rsplit(":", 1)[0]
+class ServerShutdown(BaseException):
+    """SIGTERM reached a session worker: end the session and tell the peers why (a BaseException
+    so that no route's ``except Exception`` swallows it)."""
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """What every session worker shares read-only: the server's model bundle, and the torch
+    thread count sessions run with (the template itself keeps one thread; see worker_pool)."""
+
+    bundle: Any
+    threads: int
+
+
+def preload(config: PartyConfig) -> Preloaded:
+    """Import the routes and load the configured model once (in the template process)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool would not survive a fork
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP pool before forking: a forked child would hang in it
+    from models.registry import load_model
+    from models.variants import parse_variant
+    from protocols.routes import he, mpc  # noqa: F401 - imported once here, shared by every worker
+
+    bundle = load_model(config.model.name, parse_variant(config.model.variant, config.model.overrides))
+    return Preloaded(bundle, threads)
+
+
+def _serve_mpc(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: Ledger, bundle: Any) -> None:
+    if "dealer" not in config.peers:
+        raise ConfigError("an MPC server needs the dealer's address under [peers]")
+    from protocols.routes.mpc import serve_mpc_session
+
+    dealer = connect(config.peers["dealer"], config.tls(), "dealer", spec.session, ledger, timeout_s=config.timeout_s)
+    try:
+        send_hello(dealer, spec)
+        serve_mpc_session(spec, client, dealer, ledger, config.model.overrides, bundle=bundle)
+    except BaseException as exc:
+        dealer.abort(f"server failed: {type(exc).__name__}: {_first_line(exc)}")
+        raise
+    dealer.close()
+
+
+def _serve_he(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: Ledger, bundle: Any) -> None:
+    from protocols.routes.he import serve_he_session
+
+    serve_he_session(spec, config, client, ledger, bundle=bundle)
+
+
+Route = Callable[[PartyConfig, SessionSpec, Channel, Ledger, Any], None]
+# The dispatch point: one server-side entry per protocol a session may ask for.
+SESSION_ROUTES: dict[str, Route] = {"mpc": _serve_mpc, "he": _serve_he}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def run_server_session(config: PartyConfig, spec: SessionSpec, announce: Callable[[dict[str, Any]], None],
+                       bundle: Any = None) -> int:
+    """Bind a port for this session, ``announce`` it to the front door, serve the client, return
+    an exit code. ``bundle`` is the preloaded model (None: the route loads it)."""
     ledger = Ledger("server")
+    route = SESSION_ROUTES.get(spec.protocol)
     try:
-        server = PartyServer(tls, host, 0, peers={"client"}, max_sessions=1).start()
+        if route is None:
+            raise ConfigError(f"protocol {spec.protocol!r} is not served here")
+        server = PartyServer(config.tls(), config.listen.rsplit(":", 1)[0], 0, peers={"client"},
+                             max_sessions=1, sessions={spec.session}).start()
     except (TransportError, ValueError, OSError) as exc:
-        conn.send({"error": str(exc)})
+        announce({"error": str(exc)})
         return 1
-    conn.send({"port": server.port})
-    conn.close()
+    announce({"port": server.port})
     try:
-        client = server.accept(spec.session, "client", timeout=config.timeout_s, ledger=ledger,
+        client = server.accept(spec.session, "client", timeout=JOIN_TIMEOUT_S, ledger=ledger,
                                timeout_s=config.timeout_s)
         try:
-            if spec.protocol == "mpc":
-                if "dealer" not in config.peers:
-                    raise ConfigError("an MPC server needs the dealer's address under [peers]")
-                from protocols.routes.mpc import serve_mpc_session
-
-                dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
-                                 timeout_s=config.timeout_s)
-                try:
-                    send_hello(dealer, spec)
-                    serve_mpc_session(spec, client, dealer, ledger, config.model.overrides)
-                finally:
-                    dealer.close()
-            else:
-                from protocols.routes.he import serve_he_session
-
-                serve_he_session(spec, config, client, ledger)
+            route(config, spec, client, ledger, bundle)
         except BaseException as exc:
-            client.abort(f"server failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            client.abort(f"server failed: {type(exc).__name__}: {_first_line(exc)}")
             raise
         client.close()
         log.info("session %s done", spec.session)
@@ -55,5 +118,41 @@ def run_server_session(config: PartyConfig, spec: SessionSpec, conn: Connection)
     except (TransportError, ValueError) as exc:
         log.error("session %s failed: %s", spec.session, exc)
         return 1
+    except ServerShutdown:
+        log.warning("session %s stopped: %s", spec.session, SHUTDOWN_REASON)
+        return 3
     finally:
         server.stop(grace=2.0)
+
+
+def _stop_on_signal(*_args: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the session is already ending
+    raise ServerShutdown(SHUTDOWN_REASON)
+
+
+def _watch_parent(template: int) -> None:
+    """Stop this worker (as SIGTERM would) when its template process is gone."""
+    def watch() -> None:
+        while os.getppid() == template:
+            threading.Event().wait(_PARENT_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def run_forked_worker(config: PartyConfig, spec_data: dict[str, Any], shared: Preloaded, port_fd: int,
+                      template: int) -> int:
+    """A worker's life after the fork: signals, threads, then the session; returns the exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    _watch_parent(template)
+    import torch
+
+    torch.set_num_threads(shared.threads)
+
+    def announce(message: dict[str, Any]) -> None:
+        os.write(port_fd, json.dumps(message).encode())
+        os.close(port_fd)
+
+    spec = SessionSpec.from_json(spec_data)
+    return run_server_session(config, spec, announce, shared.bundle)
