@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -115,17 +116,25 @@ class EeKey:
         patches = patchify(images.float(), self.patch_size)[:, self.patches][:, :, self.pixels]
         return unpatchify(patches, images.shape[1], images.shape[2], self.patch_size)
 
+    @cached_property
+    def _hidden_back(self) -> torch.Tensor:
+        return inverse(self.hidden)
+
+    @cached_property
+    def _vocab_back(self) -> torch.Tensor:
+        return inverse(self.vocab)
+
     def decode_output(self, y: torch.Tensor) -> torch.Tensor:
         """The model's output from the compute node's: logits, class logits or hidden states."""
         if self.family == "decoder":
             return y[..., self.vocab]
         if self.family == "vit":
             return y[..., self.classes]
-        return y[..., inverse(self.hidden)]
+        return y[..., self._hidden_back]
 
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids from the permuted ids a compute node generated."""
-        return inverse(self.vocab)[ids]
+        return self._vocab_back[ids]
 
 
 def unpatchify(patches: torch.Tensor, channels: int, size: int, patch: int) -> torch.Tensor:

@@ -15,7 +15,10 @@ Per inference (one round):
   3. The owner encodes its input, permutes it (token ids through the secret vocabulary
      permutation; images with patches and pixels shuffled) and sends it.
   4. The compute node runs the plain forward pass with per-layer ledger scopes and returns the
-     output in the transformed basis (permuted logits / hidden units / classes) and its rows.
+     output in the transformed basis (permuted logits / hidden units / classes) and its rows. A
+     decoder returns the logits of the last position only: what the decoded output (the next
+     token) uses; the whole [T, vocab] block would cost the owner more to copy and unpermute than
+     the rest of the route (about 10% of a SmolLM2 forward at 120 tokens).
   5. The owner maps the output back and decodes it.
 Per generation (decoders, one round): the owner sends the permuted prompt; the compute node runs
 greedy decoding with the KV cache on its side (its argmax is a permuted id, which is exactly what
@@ -24,6 +27,10 @@ its permuted embedding expects next) and returns the permuted ids; the owner map
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -245,7 +252,7 @@ class _ComputeNode:
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         config: ModelConfig = self.model.config
         if config.family == "vit":
-            if x.dtype != torch.float32 or x.dim() != 4 or not torch.isfinite(x).all():
+            if x.dtype != torch.float32 or x.dim() != 4 or not bool(torch.isfinite(x).all()):
                 raise EeProtocolError(f"expected a finite float32 image batch, got {x.dtype} {list(x.shape)}")
             return x
         if x.dtype != torch.long or x.dim() != 2 or not 1 <= x.shape[1] <= config.max_positions:
@@ -264,14 +271,16 @@ class _ComputeNode:
         return count
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.ledger.attach(self.model, prefix=self.name), torch.no_grad():
-            return self.model(x).float()
+        """The output in the transformed basis; a decoder's only at the last position (the next token)."""
+        with torch.no_grad():
+            out = self.model(x).float()
+        return out[:, -1:].contiguous() if self.model.config.family == "decoder" else out
 
     def _generate(self, ids: torch.Tensor, count: int) -> torch.Tensor:
         """Greedy decoding in the transformed vocabulary, one ledger step per token."""
         cache = self.model.new_cache()
         tokens: list[int] = []
-        with self.ledger.attach(self.model, prefix=self.name), torch.no_grad():
+        with torch.no_grad():
             with self.ledger.step("prefill"):
                 logits = self.model(ids, cache)
                 tokens.append(int(logits[0, -1].argmax()))
@@ -282,8 +291,42 @@ class _ComputeNode:
         return torch.tensor(tokens, dtype=torch.long)
 
 
+@contextmanager
+def threaded_session(bundle: ModelBundle, owner_channel: Channel, node_channel: Channel,
+                     seed: bytes | None = None) -> Iterator[EeOwner]:
+    """A started owner whose compute node serves ``node_channel`` in a thread (tests, benches)."""
+    spec = SimpleNamespace(session=owner_channel.session, protocol="ee", model=bundle.name, variant=str(bundle.variant))
+    config = SimpleNamespace(model=SimpleNamespace(name=bundle.name, variant=str(bundle.variant), overrides=None))
+    failures: list[BaseException] = []
+    threads = torch.get_num_threads()
+
+    def node() -> None:
+        torch.set_num_threads(threads)  # OpenMP's thread count is per thread: a new one starts at the default
+        try:
+            serve_ee_session(spec, config, node_channel, node_channel.ledger or Ledger("server"))
+        except BaseException as exc:
+            failures.append(exc)
+            node_channel.abort(f"compute node failed: {type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=node, name="ee-compute-node", daemon=True)
+    thread.start()
+    owner = EeOwner(spec, config, owner_channel, owner_channel.ledger or Ledger("client"), bundle=bundle, seed=seed)
+    try:
+        owner.start()
+        yield owner
+        owner.finish()
+    except BaseException:
+        owner_channel.abort("owner stopped")
+        raise
+    finally:
+        thread.join(owner_channel.timeout_s)
+    if failures:
+        raise failures[0]
+
+
 def serve_ee_session(spec: Any, config: Any, owner_channel: Channel, ledger: Ledger) -> None:
     """Compute-node loop of one EE session: receive the transformed model, then serve requests."""
     node = _ComputeNode(spec, config, owner_channel, ledger)
     node.receive_model()
-    node.serve()
+    with ledger.attach(node.model, prefix=node.name):  # per-layer scopes, installed once
+        node.serve()
