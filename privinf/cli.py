@@ -216,14 +216,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_launch(args: argparse.Namespace) -> int:
-    from models.variants import parse_variant
-    from mpc_parties.launch import local_deployment
-    from mpc_parties.party_config import ModelChoice
-    from privinf.session import connect
-
-    if args.input_text is None:
-        raise _usage("--input is required")
+def _check_launch_args(args: argparse.Namespace) -> None:
+    """The checks that need no model: they answer at once, before the heavy imports."""
+    _check_input_given(args.input_text, "--input is required")
     if args.preprocess < 1:
         raise _usage(f"--preprocess must be >= 1 inference, got {args.preprocess}")
     if args.repeat < 1:
@@ -236,7 +231,22 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise _usage(f"--generate must be >= 1 tokens, got {args.generate}")
     if args.generate and args.protocol != "mpc":
         raise _usage("--generate needs --protocol mpc")
+
+
+def _check_input_given(text: str | None, missing: str) -> None:
+    if text is None:
+        raise _usage(missing)
+    if not text.strip():
+        raise _usage("--input is empty")
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    _check_launch_args(args)
     from models.registry import UnknownModelError, model_names
+    from models.variants import parse_variant
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.session import connect
 
     variant = parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
     if args.protocol == "he":
@@ -251,6 +261,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.model not in model_names():
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
     model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
+    budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
+    if args.generate:
+        from models.kv_pruning import make_policy
+
+        make_policy(args.policy, budget)  # a bad budget is refused here, not after the offline phase
     with terminal_progress() as progress:
         _report_phase(progress, "set-up: checking the input")
         value = _checked_client_input(args.model, args.variant, args.overrides, args.input_text)
@@ -259,7 +274,6 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                               echo_logs=args.verbose) as deployment:
             with connect(deployment.client, protocol=args.protocol, progress=progress) as session:
                 if args.generate:
-                    budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
                     result = session.generate(value, args.generate, args.policy, budget)
                 for _ in range(0 if args.generate else args.repeat):
                     result = session.infer(value)
@@ -298,8 +312,7 @@ def _cmd_party(args: argparse.Namespace) -> int:
     from mpc_parties.party_config import load_config
     from privinf.session import connect
 
-    if args.input_text is None:
-        raise _usage("the client needs --input")
+    _check_input_given(args.input_text, "the client needs --input")
     config = load_config(args.config, role="client")
     with terminal_progress() as progress:
         _report_phase(progress, "set-up: checking the input")

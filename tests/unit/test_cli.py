@@ -224,10 +224,13 @@ def no_parties(monkeypatch: pytest.MonkeyPatch) -> _NoParties:
 @pytest.mark.parametrize("args, message", [
     (["--preprocess", "0"], "--preprocess must be >= 1 inference, got 0"),
     (["--preprocess", "-5"], "--preprocess must be >= 1 inference, got -5"),
-    (["--input", ""], "input text is empty"),
-    (["--input", "   "], "input text is empty"),
+    (["--input", ""], "--input is empty"),
+    (["--input", "   "], "--input is empty"),
     (["--input", "x" * 100], "the limit is 64"),
-    (["--generate", "2", "--input", ""], "input text is empty"),
+    (["--generate", "2", "--input", "\t"], "--input is empty"),
+    (["--generate", "2", "--input", "x" * 70], "the limit is 64"),
+    (["--generate", "2", "--policy", "window", "--budget", "-3"], "budget"),
+    (["--generate", "2", "--policy", "window"], "needs a budget"),
 ])
 def test_launch_refuses_bad_input_before_any_party_starts(args: list[str], message: str, no_parties: _NoParties,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
