@@ -42,7 +42,7 @@ MAX_SCHEDULED_REQUESTS = 200_000  # recorded generation requests kept per sessio
 STEP_KEYS = ("prompt_len", "policy", "budget", "options")  # what a generation step's dealer requests depend on
 
 
-def fused_kernels() -> contextlib.AbstractContextManager[None]:
+def share_kernels() -> contextlib.AbstractContextManager[None]:
     """The share numerics for model code, with the fused kernels for ops that open an operand twice."""
     return numerics.share_kernels(scaled_rows=fused_norm.scaled_rows, gelu=fused_gelu.gelu)
 
@@ -126,7 +126,7 @@ class MpcParty:
 
     # per inference ----------------------------------------------------------------------------
     def _forward(self, x: MPCTensor) -> MPCTensor:
-        with torch.no_grad(), fused_kernels():
+        with torch.no_grad(), share_kernels():
             return self.model(x)
 
     def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
@@ -211,7 +211,7 @@ class MpcParty:
             raise ProtocolError(f"generation step {step} left {provider.stored} preprocessed requests unused")
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
-        with torch.no_grad(), fused_kernels():
+        with torch.no_grad(), share_kernels():
             return self.model(x, cache)
 
     def _next_token(self, logits: MPCTensor, tokens: list[int]) -> MPCTensor:
@@ -221,7 +221,7 @@ class MpcParty:
         sends its share of it to the client, which learns the token and shares its one-hot as
         the next input (a fresh input sharing, no communication). Returns that secret one-hot
         [1, 1, vocab]."""
-        with self.ledger.scope("output", "argmax"), fused_kernels():
+        with self.ledger.scope("output", "argmax"), share_kernels():
             last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1])).reshape(self.vocab)
             _, index = ops.argmax_last(last)
             index_share = index.share.reshape(1)
