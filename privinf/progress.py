@@ -8,6 +8,8 @@ long offline phase still shows that the run is alive. The line is cleared when t
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 TICK_S = 1.0
+DEFAULT_SCREEN = (80, 24)
 _COUNTED = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} layers [{elapsed}]"
 _OPEN_ENDED = "{desc} [{elapsed}]"
 
@@ -48,7 +51,8 @@ class PhaseDisplay:
     def _open(self, phase: str, total: int | None) -> None:
         self._close_bar()
         self._phase = phase
-        self._bar = tqdm(desc=phase, total=total, file=self._stream, leave=False, dynamic_ncols=True,
+        columns, lines = _screen(self._stream)
+        self._bar = tqdm(desc=phase, total=total, file=self._stream, leave=False, ncols=columns, nrows=lines,
                          bar_format=_COUNTED if total else _OPEN_ENDED, mininterval=0)
 
     def _tick(self) -> None:
@@ -68,6 +72,17 @@ class PhaseDisplay:
             self._stop.set()
             self._close_bar()
         self._ticker.join()
+
+
+def _screen(stream: TextIO) -> tuple[int, int]:
+    """The terminal's (columns, lines), with 80 x 24 where it reports none (a pseudo-terminal
+    without a size: tqdm would otherwise draw nothing)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return DEFAULT_SCREEN
+    columns, lines = DEFAULT_SCREEN
+    return (size.columns if size.columns > 0 else columns, size.lines if size.lines > 0 else lines)
 
 
 @contextmanager
