@@ -132,6 +132,18 @@ def match_public_model(shipped: dict[str, torch.Tensor], public: dict[str, torch
     return PublicMatch(hidden, ffn, heads)
 
 
+def match_vit_input(shipped: dict[str, torch.Tensor], public: dict[str, torch.Tensor],
+                    hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ViT: (patch order, pixel order, class order) once the hidden permutation is known."""
+    back = torch.argsort(hidden)
+    pixels = _assign(shipped["patch.weight"][back].t(), public["patch.weight"].t())
+    positions = shipped["pos"][0, 1:][:, back]
+    patches = _assign(positions, public["pos"][0, 1:])
+    head_rows = _assign(shipped["head.weight"][:, back], public["head.weight"])  # gather: shipped row -> public
+    classes = torch.argsort(head_rows)  # scatter: class t is sent as classes[t]
+    return patches, pixels, classes
+
+
 def match_vocab_rows(shipped_embed: torch.Tensor, public_embed: torch.Tensor, hidden: torch.Tensor,
                      rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """For each shipped embedding row in ``rows`` (a permuted id), the public token it most likely is.
@@ -150,12 +162,18 @@ def match_vocab_rows(shipped_embed: torch.Tensor, public_embed: torch.Tensor, hi
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def frequency_attack(observed: Iterable[int], reference: Counter[int]) -> dict[int, int]:
-    """Attack (b): map each observed (permuted) id to the public token of the same frequency rank."""
-    seen = Counter(observed)
-    ranked_seen = [token for token, _ in seen.most_common()]
-    ranked_public = [token for token, _ in reference.most_common()]
-    return dict(zip(ranked_seen, ranked_public))
+def frequency_attack(observed: Iterable[int], reference: Counter[int],
+                     anchors: dict[int, int] | None = None) -> dict[int, int]:
+    """Attack (b): map each observed (permuted) id to the public token of the same frequency rank.
+
+    ``anchors`` (observed id -> token) are ids identified otherwise, e.g. the tokenizer's start and
+    end tokens found at the first and last position of every query; both sides rank without them.
+    """
+    anchors = dict(anchors or {})
+    taken = set(anchors.values())
+    ranked_seen = [token for token, _ in Counter(observed).most_common() if token not in anchors]
+    ranked_public = [token for token, _ in reference.most_common() if token not in taken]
+    return {**dict(zip(ranked_seen, ranked_public)), **anchors}
 
 
 def token_recovery(observed: list[int], truth: list[int], guess: dict[int, int]) -> float:
