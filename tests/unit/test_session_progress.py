@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +116,18 @@ def test_display_stays_quiet_in_pipes() -> None:
     with terminal_progress(stream) as display:
         assert display is None
     assert stream.getvalue() == ""
+
+
+def test_display_draws_on_a_terminal_that_reports_no_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As under `script` or some CI runners: a pseudo-terminal of 0 x 0 (tqdm alone draws nothing)."""
+    master, replica = pty.openpty()
+    try:
+        with os.fdopen(replica, "w") as stream:
+            monkeypatch.setattr(sys, "stderr", stream)  # tqdm asks for the screen size of stderr only
+            with terminal_progress() as display:
+                display("offline", 0, None)
+        os.set_blocking(master, False)
+        drawn = os.read(master, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(master)
+    assert "offline [00:00]" in drawn
