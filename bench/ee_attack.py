@@ -188,7 +188,7 @@ def fine_tune(bundle: ModelBundle, texts: list[str], labels: list[int], steps: i
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     print(f"    fine-tuning: {steps} AdamW steps (lr {lr:g}, batch 16): loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"relative weight change {relative_change(bundle.model, model):.4f}")
     return model.eval()
