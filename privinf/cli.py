@@ -41,6 +41,26 @@ def _add_common_run_args(p: argparse.ArgumentParser, protocols: Sequence[str]) -
                    help="group the terminal table to this module-path depth")
 
 
+def _add_certs_command(sub: Any) -> None:
+    """``privinf certs``: a CA and one certificate per role (and per named client)."""
+    certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
+                           description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
+                                       "and dealer into DIR (created 0700; keys 0600, certificates "
+                                       "0644), plus client-NAME.pem/.key per --client. Existing "
+                                       "files are refused unless --force.")
+    certs.add_argument("--out", required=True, type=Path)
+    certs.add_argument("--host", action="append", default=None,
+                       help="host name or IP the parties are reached at (repeatable; default "
+                            "localhost and 127.0.0.1)")
+    certs.add_argument("--client", action="append", default=None, metavar="NAME",
+                       help="also issue a certificate for the client NAME (repeatable): it "
+                            "authenticates as role client and names NAME, so the server can tell "
+                            "clients apart")
+    certs.add_argument("--force", action="store_true",
+                       help="replace an existing set (each file atomically) instead of refusing it")
+    certs.set_defaults(func=_cmd_certs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privinf",
@@ -66,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the dealer (MPC) and server as separate processes on loopback (ports "
                     "bound with port 0 and announced), run the client here over gRPC with mutual "
                     "TLS, print the output and the per-layer cost report, then stop the parties.")
-    _add_common_run_args(launch, ("mpc", "he"))
+    _add_common_run_args(launch, ("mpc", "he", "ee"))
     launch.add_argument("--preprocess", type=int, default=DEFAULTS.preprocess,
                         help="offline material generated ahead for this many inferences")
     launch.add_argument("--repeat", type=int, default=1,
@@ -97,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--config", required=True, type=Path)
     party.add_argument("--input", dest="input_text", default=None,
                        help="client only: the input to run privately")
-    party.add_argument("--protocol", choices=("mpc", "he"), default="mpc", help="client only")
+    party.add_argument("--protocol", choices=("mpc", "he", "ee"), default="mpc", help="client only")
     party.add_argument("--report", type=Path, default=None, help="client only: JSON report path")
     party.add_argument("--csv", type=Path, default=None)
     party.add_argument("--png", type=Path, default=None)
@@ -115,22 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 
-    certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
-                           description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
-                                       "and dealer into DIR (created 0700; keys 0600, certificates "
-                                       "0644), plus client-NAME.pem/.key per --client. Existing "
-                                       "files are refused unless --force.")
-    certs.add_argument("--out", required=True, type=Path)
-    certs.add_argument("--host", action="append", default=None,
-                       help="host name or IP the parties are reached at (repeatable; default "
-                            "localhost and 127.0.0.1)")
-    certs.add_argument("--client", action="append", default=None, metavar="NAME",
-                       help="also issue a certificate for the client NAME (repeatable): it "
-                            "authenticates as role client and names NAME, so the server can tell "
-                            "clients apart")
-    certs.add_argument("--force", action="store_true",
-                       help="replace an existing set (each file atomically) instead of refusing it")
-    certs.set_defaults(func=_cmd_certs)
+    _add_certs_command(sub)
 
     return parser
 
@@ -229,8 +234,10 @@ def _check_launch_args(args: argparse.Namespace) -> None:
             raise _usage(f"--workdir {args.workdir} is not a directory")
     if args.generate < 0:
         raise _usage(f"--generate must be >= 1 tokens, got {args.generate}")
-    if args.generate and args.protocol != "mpc":
-        raise _usage("--generate needs --protocol mpc")
+    if args.generate and args.protocol not in ("mpc", "ee"):
+        raise _usage("--generate needs --protocol mpc or ee")
+    if args.generate and args.protocol == "ee" and (args.policy != "none" or args.budget is not None):
+        raise _usage("--protocol ee keeps the whole KV cache on the compute node: no --policy / --budget")
 
 
 def _check_input_given(text: str | None, missing: str) -> None:
