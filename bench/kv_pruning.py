@@ -1,19 +1,33 @@
 """Private decoding costs: KV-pruning policies per decode step, and SmolLM2 tokens vs plaintext.
 
-``python bench/kv_pruning.py [--quick]``: per-decode-step bytes sent per party, rounds and wall
-time of ``none`` / ``window`` / ``static`` / ``mpcache`` (budget 25%) on a GPT-2-small-shaped
-decoder (12 layers, hidden 768, 12 heads, random weights), private generation end to end:
-client, server and dealer as threads of one process linked by gRPC + mutual TLS over loopback
-(``--transport memory``: in-memory channels).
+``python bench/kv_pruning.py [--setting gpt2-small|mpcache|all] [--quick]``: per decode step, the
+bytes the client sends and receives, rounds, wall time on loopback and the estimated latency on
+the LAN and WAN profiles (``privinf.ledger.pricing``) of private generation end to end: client,
+server and dealer as threads of one process linked by gRPC + mutual TLS over loopback
+(``--transport memory``: in-memory channels; bytes and rounds are the same, deterministic).
+Ratios are against the full cache (policy ``none``) in the same session.
+
+Settings:
+
+* ``gpt2-small`` (default): a GPT-2-small-shaped decoder (12 layers, hidden 768, 12 heads,
+  random weights), contexts 256/512/1024, ``none`` / ``window`` / ``static`` / ``mpcache`` at a
+  25% budget. Target: a warm decode step at 1024 in <= 600 rounds (PASS/MISS).
+* ``mpcache``: MPCache's efficiency shape (``models.bench_layers.mpcache_block``: one GPT-2
+  block, 32 heads x 32 dims, FFN 4096, GPT-2's vocabulary and LM head), prompts 512 to 4096, the
+  full cache against MPCache's static + dynamic split (static eviction keeps 30% of the prompt,
+  each step attends 0.1 resp. 0.2 of that: budgets 3% and 6%; clusters of 8 up to 1024 tokens,
+  16 above). Targets at the longest prompt and 6%: communication >= 3.4x and latency >= 1.8x
+  lower than the full cache (PASS/MISS for loopback wall, LAN and WAN estimates, cold start).
+
 Every generation runs twice in one session: *cold* (each step's Beaver/FSS material fetched from
 the dealer online, the request schedule recorded) and *warm* (the same public generation again:
 each step's material preprocessed in one offline batch before the step); the weight-stationary
-and KV-stationary material is fetched before each step in both.
-Instead of a real prefill of 256-1024 tokens (hours of exact softmax in MPC on 2 cores), the
-cache starts as shares of public random K/V of the right shape (after the policy's eviction),
-which costs the same per step (``bench/kv_fill.py``: bench-only parties, one session per
-context). Prints ratios vs ``none`` and the MPCache targets with PASS/MISS;
-"keys MiB" is the dealer material the client receives per step (mostly FSS keys).
+and KV-stationary material is fetched before each step in both. Instead of a real prefill
+(hours of exact softmax in MPC on 2 cores), the cache starts as shares of public random K/V of
+the right shape (after the policy's eviction), which costs the same per step
+(``bench/kv_fill.py``). Two decode steps are measured per generation (the 1-token "prefill" on
+the filled cache and ``decode.0``); "keys MiB" is the dealer material the client receives per
+step (mostly FSS keys).
 
 ``python bench/kv_pruning.py --smollm2``: private greedy decoding of SmolLM2-135M (16-token
 prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logit margins.
@@ -24,6 +38,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +48,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kv_fill import filling_parties
-from models.bench_layers import GPT2_SMALL
+from models.bench_layers import GPT2_SMALL, MPCACHE_BLOCK
+from models.kv_pruning import POLICIES, make_policy, mpcache_split
 from models.registry import load_model
+from privinf.ledger.pricing import LAN, WAN, estimate
+from privinf.ledger.records import Phase, Row
 from protocols.kv.generate import plain_greedy
 from protocols.routes.local_run import run_local_session
 from protocols.routes.mpc import MpcClient, MpcServer
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+NEW_TOKENS = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
+STEPS = ("prefill", "decode.0")
+ROUNDS_TARGET = 600  # GPT-2-small, warm decode step at 1024
+MPCACHE_TARGETS = (3.4, 1.8)  # communication, latency: MPCache's efficiency claims
 
 
 def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]], links: str = "memory",
@@ -56,6 +79,7 @@ def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]],
 
 
 def smollm2() -> None:
+    """SmolLM2-135M: private greedy tokens against plaintext greedy, per-step client costs."""
     bundle = load_model("smollm2", "exact")
     ids = bundle.encode(SMOLLM2_PROMPT)[:, :16]
     text = bundle.decode(ids[0])["text"]  # the client encodes text: these 16 ids, decoded
@@ -83,87 +107,267 @@ def _per_step(rows: list[Any]) -> dict[str, list[float]]:
     return steps
 
 
-POLICY_NAMES = ("none", "window", "static", "mpcache")
+# ----- settings ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One generation configuration of a table row: policy, budget and options."""
+
+    label: str
+    policy: str
+    budget: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def call(self) -> dict[str, Any]:
+        """The keyword arguments of ``MpcClient.generate`` for this configuration."""
+        return {"max_new_tokens": NEW_TOKENS, "policy": self.policy, "budget": self.budget,
+                "options": dict(self.options)}
 
 
-def _step_costs(rows: list[Any], steps: tuple[str, ...]) -> dict[str, float]:
-    """Mean per step of the client's rows: online bytes sent, rounds, wall; offline wall and
-    bytes received (dealer material preprocessed before the step); attention bytes sent."""
-    out = dict.fromkeys(("sent", "rounds", "wall", "off_wall", "off_recv", "attn"), 0.0)
-    for row in rows:
-        if row.step not in steps:
+@dataclass(frozen=True)
+class Setting:
+    """A model, its contexts and the configurations measured at each context."""
+
+    name: str
+    model: str
+    title: str
+    contexts: tuple[int, ...]
+    quick: tuple[int, ...]
+    configs: Callable[[int], list[Config]]
+    fill: Callable[[int], int]  # cached entries before the measured steps, per context
+
+
+def _gpt2_configs(_: int) -> list[Config]:
+    return [Config("none", "none")] + [Config(f"{name} 25%", name, 0.25) for name in ("window", "static", "mpcache")]
+
+
+def mpcache_cluster(prompt: int) -> int:
+    """Cluster size of the MPCache setting: 8 up to 1024 prompt tokens, 16 above (a few dozen to
+    ~75 clusters, so the rank comparisons stay well below the attention they save)."""
+    return 8 if prompt <= 1024 else 16
+
+
+def _mpcache_configs(prompt: int) -> list[Config]:
+    configs = [Config("none", "none")]
+    for ratio in (0.1, 0.2):
+        budget, options = mpcache_split(0.3, ratio)
+        options = {**options, "cluster": mpcache_cluster(prompt)}
+        configs.append(Config(f"mpcache {budget:.0%}", "mpcache", budget, options))
+    return configs
+
+
+SETTINGS = {
+    "gpt2-small": Setting(
+        "gpt2-small", GPT2_SMALL,
+        "GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, random weights), exact softmax; "
+        f"cache of ctx-{NEW_TOKENS} public-random entries + 1 prompt token",
+        (256, 512, 1024), (64, 128), _gpt2_configs, lambda ctx: ctx - NEW_TOKENS),
+    "mpcache": Setting(
+        "mpcache", MPCACHE_BLOCK,
+        "MPCache's setting: one GPT-2 block (hidden 1024 = 32 heads x 32 dims, FFN 4096, vocab 50257, random "
+        "weights), exact softmax; cache of `prompt` public-random entries (after static eviction to 30%) "
+        "+ 1 token",
+        (512, 1024, 2048, 4096), (128, 256), _mpcache_configs, lambda prompt: prompt),
+}
+
+
+# ----- measuring -----------------------------------------------------------------------------
+@dataclass
+class StepCost:
+    """Mean per measured step: client online bytes each way, rounds, wall; estimated LAN/WAN
+    latency (all parties' online rows, priced per cell); offline wall and bytes received."""
+
+    sent: float = 0.0
+    recv: float = 0.0
+    rounds: float = 0.0
+    wall: float = 0.0
+    lan: float = 0.0
+    wan: float = 0.0
+    off_wall: float = 0.0
+    off_recv: float = 0.0
+
+    @property
+    def cold(self) -> float:
+        """Online plus offline wall (material fetched in the step)."""
+        return self.wall + self.off_wall
+
+
+def step_cost(parties: list[list[Row]]) -> StepCost:
+    """Per-step means over :data:`STEPS` of one generation's rows ([client, server, dealer])."""
+    cost = StepCost()
+    for row in parties[0]:
+        if row.step not in STEPS:
             continue
         c = row.counters
-        if row.phase.value == "online":
-            out["sent"] += c.bytes_sent
-            out["rounds"] += c.rounds
-            out["wall"] += c.wall_s
-            out["attn"] += c.bytes_sent if ".attn" in row.name else 0
+        if row.phase == Phase.ONLINE:
+            cost.sent += c.bytes_sent
+            cost.recv += c.bytes_recv
+            cost.rounds += c.rounds
+            cost.wall += c.wall_s
         else:
-            out["off_wall"] += c.wall_s
-            out["off_recv"] += c.bytes_recv
-    return {k: v / len(steps) for k, v in out.items()}
+            cost.off_wall += c.wall_s
+            cost.off_recv += c.bytes_recv
+    online = [row for rows in parties for row in rows if row.step in STEPS]
+    cost.lan = estimate(online, LAN, Phase.ONLINE).latency_s
+    cost.wan = estimate(online, WAN, Phase.ONLINE).latency_s
+    n = len(STEPS)
+    for name in ("sent", "recv", "rounds", "wall", "lan", "wan", "off_wall", "off_recv"):
+        setattr(cost, name, getattr(cost, name) / n)
+    return cost
 
 
-def policies(quick: bool, transport: str, contexts: tuple[int, ...] | None = None) -> None:
-    contexts = contexts or ((64, 128) if quick else (256, 512, 1024))
-    new = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
-    keys, results = [], []
-    started = time.perf_counter()
+def median_cost(costs: list[StepCost]) -> StepCost:
+    """Field-wise median of repeated warm runs (bytes and rounds are the same in each)."""
+    out = StepCost()
+    for name in vars(out):
+        values = sorted(getattr(c, name) for c in costs)
+        setattr(out, name, values[len(values) // 2])
+    return out
+
+
+@dataclass
+class Measured:
+    """One row of the table: the configuration, its cold run and its (median) warm run."""
+
+    config: Config
+    cold: StepCost
+    warm: StepCost
+    rows: list[list[Row]]  # the first warm run's rows, all parties
+
+
+Table = dict[tuple[int, str], Measured]  # (context, label) -> measured
+
+
+def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: set[str] | None,
+            repeats: int = 1) -> Table:
+    """One session per context; every configuration once cold, then ``repeats`` times warm."""
+    table: Table = {}
+    per = 1 + repeats
     for ctx in contexts:
-        calls = []
-        for name in POLICY_NAMES:
-            budget = None if name == "none" else 0.25
-            call = {"max_new_tokens": new, "policy": name, "budget": budget}
-            calls += [call, dict(call)]  # cold (schedule recorded), then warm (material preprocessed)
-            keys.append((ctx, name))
-        results += run_generations(GPT2_SMALL, ["a"] * len(calls), calls, transport, filling_parties(ctx - new))
-    print(f"transport: {'gRPC + mutual TLS over loopback' if transport == 'grpc' else 'in-memory channels'}, "
-          "parties as threads, one session per context")
-    print(f"GPT-2-small shape (12 layers, hidden 768, 12 heads, vocab 50257, random weights), budget 25%, "
-          f"exact softmax; cache of ctx-{new} public-random entries + 1 prompt token; per decode step "
-          f"(mean of 2 steps), client side; total run {time.perf_counter() - started:.0f} s")
-    print("cold: first run of the generation in the session, dealer material fetched online; warm: the same "
-          "generation again, each step's material preprocessed (offline) from the recorded schedule")
-    print(f"{'ctx':>5} {'policy':8} {'MiB sent':>8} {'attn MiB':>8} {'rounds':>6} {'online s':>8} "
-          f"{'offline s':>9} {'cold s':>6} {'x comm':>6} {'x attn':>6} {'x online':>8} {'x cold':>6} "
-          f"{'keys MiB':>8}")
-    steps = ("prefill", "decode.0")
-    table: dict[tuple[int, str], tuple[dict[str, float], dict[str, float]]] = {}
-    for index, key in enumerate(keys):
-        cold_rows, warm_rows = results[2 * index][1][0], results[2 * index + 1][1][0]
-        table[key] = (_step_costs(cold_rows, steps), _step_costs(warm_rows, steps))
-    for (ctx, name), (cold, warm) in table.items():
-        base_cold, base = table[(ctx, "none")]
-        print(f"{ctx:5d} {name:8} {warm['sent'] / 2**20:8.2f} {warm['attn'] / 2**20:8.2f} {warm['rounds']:6.0f} "
-              f"{warm['wall']:8.2f} {warm['off_wall']:9.2f} {cold['wall'] + cold['off_wall']:6.2f} "
-              f"{base['sent'] / warm['sent']:6.2f} {base['attn'] / max(warm['attn'], 1.0):6.2f} "
-              f"{base['wall'] / warm['wall']:8.2f} "
-              f"{(base_cold['wall'] + base_cold['off_wall']) / (cold['wall'] + cold['off_wall']):6.2f} "
-              f"{warm['off_recv'] / 2**20:8.1f}")
-    top = max(contexts)
-    (none_cold, none), (mpc_cold, mpc) = table[(top, "none")], table[(top, "mpcache")]
-    comm = none["sent"] / mpc["sent"]
-    lat = none["wall"] / mpc["wall"]
-    lat_cold = (none_cold["wall"] + none_cold["off_wall"]) / (mpc_cold["wall"] + mpc_cold["off_wall"])
-    print(f"MPCache target at {top}: communication {comm:.2f}x (>= 3.4x: {'PASS' if comm >= 3.4 else 'MISS'}), "
-          f"online latency {lat:.2f}x (>= 1.8x: {'PASS' if lat >= 1.8 else 'MISS'}), "
-          f"cold latency {lat_cold:.2f}x (>= 1.8x: {'PASS' if lat_cold >= 1.8 else 'MISS'})")
+        configs = [c for c in setting.configs(ctx) if only is None or c.policy in only]
+        calls = [c.call() for c in configs for _ in range(per)]
+        results = run_generations(setting.model, ["a"] * len(calls), calls, transport,
+                                  filling_parties(setting.fill(ctx)))
+        for index, config in enumerate(configs):
+            runs = [rows for _, rows, _ in results[per * index:per * (index + 1)]]
+            table[(ctx, config.label)] = Measured(config, step_cost(runs[0]),
+                                                  median_cost([step_cost(r) for r in runs[1:]]), runs[1])
+    return table
+
+
+def print_breakdown(table: Table, top: int = 12) -> None:
+    """The client's costliest scopes of a warm step, per row (online, summed over the steps)."""
+    for (ctx, label), measured in table.items():
+        scopes: dict[str, list[float]] = {}
+        for row in measured.rows[0]:
+            if row.step in STEPS and row.phase == Phase.ONLINE:
+                cell = scopes.setdefault(row.name, [0.0, 0.0, 0.0])
+                cell[0] += row.counters.bytes_sent / len(STEPS)
+                cell[1] += row.counters.rounds / len(STEPS)
+                cell[2] += row.counters.wall_s / len(STEPS)
+        print(f"-- {ctx} {label}: scopes by rounds (per step: KiB sent, rounds, wall s)")
+        for name, (sent, rounds, wall) in sorted(scopes.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f}")
+
+
+def _sizes(setting: Setting, ctx: int, config: Config, layers: int) -> tuple[int, int]:
+    """(stored, attended) entries per kv head at the first measured step."""
+    fill = setting.fill(ctx)
+    plan = make_policy(config.policy, config.budget, **config.options).plan(fill, fill + 1, layers)
+    return plan.stored, plan.attended
+
+
+def _ratio(base: float, value: float) -> str:
+    return f"{base / value:6.2f}" if value > 0 else "     -"
+
+
+def print_table(setting: Setting, table: Table, transport: str) -> None:
+    """The per-step table, ratios against ``none`` at the same context."""
+    layers = load_model(setting.model, "exact").config.layers
+    link = "gRPC + mutual TLS over loopback" if transport == "grpc" else "in-memory channels"
+    print(f"\n== setting {setting.name}: {setting.title}")
+    print(f"links: {link}, parties as threads, one session per context; per decode step (mean of "
+          f"{len(STEPS)} steps), client side; LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
+    print(f"{'ctx':>5} {'policy':12} {'stored':>6} {'attnd':>5} {'MiB sent':>8} {'MiB recv':>8} {'rounds':>6} "
+          f"{'online s':>8} {'LAN s':>6} {'WAN s':>6} {'offl s':>6} {'cold s':>6} {'x comm':>6} "
+          f"{'x wall':>6} {'x LAN':>6} {'x WAN':>6} {'x cold':>6} {'keys MiB':>8}")
+    for (ctx, label), measured in table.items():
+        cold, warm = measured.cold, measured.warm
+        stored, attended = _sizes(setting, ctx, measured.config, layers)
+        base = table.get((ctx, "none"))
+        ratios = ["     -"] * 5
+        if base is not None:
+            bc, bw = base.cold, base.warm
+            ratios = [_ratio(bw.sent, warm.sent), _ratio(bw.wall, warm.wall), _ratio(bw.lan, warm.lan),
+                      _ratio(bw.wan, warm.wan), _ratio(bc.cold, cold.cold)]
+        print(f"{ctx:5d} {label:12} {stored:6d} {attended:5d} {warm.sent / 2**20:8.2f} {warm.recv / 2**20:8.2f} "
+              f"{warm.rounds:6.0f} {warm.wall:8.2f} {warm.lan:6.2f} {warm.wan:6.2f} {warm.off_wall:6.2f} "
+              f"{cold.cold:6.2f} {' '.join(ratios)} {warm.off_recv / 2**20:8.1f}")
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_targets(setting: Setting, table: Table) -> None:
+    """PASS/MISS lines for the setting's targets (where the rows they need were measured)."""
+    if setting.name == "gpt2-small":
+        for (ctx, label), measured in table.items():
+            if ctx == 1024:
+                rounds = measured.warm.rounds
+                print(f"rounds per warm decode step at 1024, {label}: {rounds:.0f} "
+                      f"(<= {ROUNDS_TARGET}: {_verdict(rounds <= ROUNDS_TARGET)})")
+        return
+    top = max(ctx for ctx, _ in table)
+    base, pruned = table.get((top, "none")), table.get((top, "mpcache 6%"))
+    if base is None or pruned is None:
+        print(f"MPCache targets need the rows none and mpcache 6% at {top}")
+        return
+    comm_goal, lat_goal = MPCACHE_TARGETS
+    comm = base.warm.sent / pruned.warm.sent
+    print(f"MPCache target at prompt {top}, budget 6%: communication {comm:.2f}x (>= {comm_goal}x: "
+          f"{_verdict(comm >= comm_goal)})")
+    for what, b, p in (("wall (warm)", base.warm.wall, pruned.warm.wall),
+                       ("est. LAN (warm)", base.warm.lan, pruned.warm.lan),
+                       ("est. WAN (warm)", base.warm.wan, pruned.warm.wan),
+                       ("cold (online + offline wall)", base.cold.cold, pruned.cold.cold)):
+        print(f"  latency, {what}: {b / p:.2f}x (>= {lat_goal}x: {_verdict(b / p >= lat_goal)})")
 
 
 def main() -> None:
+    """Parse the command line and run the chosen benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=(*SETTINGS, "all"), default="gpt2-small",
+                        help="which shapes and policies to measure (default gpt2-small)")
     parser.add_argument("--quick", action="store_true", help="short contexts only (a smoke run)")
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M tokens vs plaintext instead")
     parser.add_argument("--transport", choices=("grpc", "memory"), default="grpc",
                         help="links between the party threads: gRPC + mTLS over loopback (default) or in memory")
-    parser.add_argument("--contexts", help="comma-separated context lengths instead of 256,512,1024")
+    parser.add_argument("--contexts", help="comma-separated context (prompt) lengths instead of the setting's")
+    parser.add_argument("--policies", help="comma-separated policies to run (e.g. none); default all")
+    parser.add_argument("--repeats", type=int, default=1, help="warm runs per configuration (median wall)")
+    parser.add_argument("--breakdown", action="store_true", help="print each row's costliest scopes")
     args = parser.parse_args()
     if args.smollm2:
         smollm2()
         return
-    contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else None
-    policies(args.quick, args.transport, contexts)
+    try:
+        contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else None
+    except ValueError:
+        parser.exit(2, f"--contexts must be comma-separated integers, got {args.contexts!r}\n")
+    if args.repeats < 1:
+        parser.exit(2, f"--repeats must be >= 1, got {args.repeats}\n")
+    only = set(args.policies.split(",")) if args.policies else None
+    if only is not None and not only <= set(POLICIES):
+        parser.exit(2, f"--policies: unknown {sorted(only - set(POLICIES))}; known: {', '.join(POLICIES)}\n")
+    for setting in SETTINGS.values() if args.setting == "all" else [SETTINGS[args.setting]]:
+        chosen = contexts or (setting.quick if args.quick else setting.contexts)
+        started = time.perf_counter()
+        table = measure(setting, chosen, args.transport, only, args.repeats)
+        print_table(setting, table, args.transport)
+        if args.breakdown:
+            print_breakdown(table)
+        print_targets(setting, table)
+        print(f"setting {setting.name}: {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark-sized single layers: one BERT-base encoder block with random weights.
+"""Benchmark-sized models with random weights: one BERT-base encoder block, a GPT-2-small-shaped
+decoder and MPCache's one-block GPT-2-shaped decoder.
 
 ``bert_base_layer(variant)`` is the layer ``bench/mpc_vs_crypten.py`` runs through CrypTen and
 through privinf (registered as model ``bert-layer``): sequence up to 128, hidden 768, 12 heads,
@@ -142,3 +143,24 @@ def gpt2_small_random(variant: Any) -> ModelBundle:
     encode = text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
     decode = decoder_decode(lambda ids: repr(ids))
     return ModelBundle(GPT2_SMALL, model.config, model, "text", encode, decode, as_variant(variant))
+
+
+MPCACHE_BLOCK = "mpcache-block"
+MPCACHE_POSITIONS = 4096 + 64  # prompts up to 4096 tokens plus decoded ones
+
+
+def mpcache_block(variant: Any) -> ModelBundle:
+    """MPCache's efficiency shape: one GPT-2 block, hidden 1024 = 32 heads x 32 dims, FFN 4096,
+    GPT-2's vocabulary (50257) and LM head, 4160 positions, random weights from a fixed seed,
+    UTF-8 bytes as token ids: for decoding cost benchmarks at 512-4096 cached tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.bundle import decoder_decode, seeded, text_encoder
+    from models.hf_import import from_hf
+
+    hf = GPT2Config(vocab_size=50257, n_embd=1024, n_layer=1, n_head=32, n_inner=4096,
+                    n_positions=MPCACHE_POSITIONS)
+    model = from_hf(seeded(0, lambda: GPT2LMHeadModel(hf)), variant)
+    encode = text_encoder(lambda t: list(t.encode("utf-8")), model.config.max_positions)
+    decode = decoder_decode(lambda ids: repr(ids))
+    return ModelBundle(MPCACHE_BLOCK, model.config, model, "text", encode, decode, as_variant(variant))

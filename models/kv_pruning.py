@@ -359,6 +359,17 @@ class MPCachePolicy(StaticPolicy):
                     selecting_layers=math.ceil(layers / self.share) if clusters else 0)
 
 
+def mpcache_split(static_share: float, dynamic_ratio: float) -> tuple[float, dict[str, float]]:
+    """MPCache's static + dynamic split as an ``mpcache`` budget and options: static eviction keeps
+    ``static_share`` of the prompt, each step attends ``dynamic_ratio`` of what was kept, so the
+    budget is ``static_share * dynamic_ratio`` of the prompt and ``static`` is ``1 / dynamic_ratio``
+    budgets (e.g. 0.3 and 0.2: budget 6%, static 5x = 30% of the prompt)."""
+    for name, value in (("static_share", static_share), ("dynamic_ratio", dynamic_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise PolicyError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return round(static_share * dynamic_ratio, 9), {"static": 1.0 / dynamic_ratio}
+
+
 _CLASSES: dict[str, type[KVPolicy]] = {
     "none": KVPolicy, "window": WindowPolicy, "static": StaticPolicy, "mpcache": MPCachePolicy,
 }
@@ -390,6 +401,7 @@ class PrunedCache(KVCache):
         self._attn: list[nn.Module | None] = [None] * layers
         self._query: list[Any] = [None] * layers
         self._handles: list[Any] = []
+        self._recorded: list[tuple[Any, Any, Any, torch.Tensor]] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, policy: KVPolicy) -> PrunedCache:
@@ -409,6 +421,22 @@ class PrunedCache(KVCache):
 
             cache._handles.append(block.attn.q.register_forward_hook(capture))
         return cache
+
+    def record_prefill(self) -> list[tuple[Any, Any, Any, torch.Tensor]]:
+        """Record what the next prefill hands each layer (raw query, K, V, positions), so the
+        same prefill can be given to other policies with :meth:`replay_prefill` instead of
+        running the model again (the prefill attends the full cache whatever the policy)."""
+        self._recorded = []
+        return self._recorded
+
+    def replay_prefill(self, records: list[tuple[Any, Any, Any, torch.Tensor]]) -> None:
+        """Store a prefill recorded by :meth:`record_prefill` (on another cache of the same model)
+        as if the model had run it: every layer's policy evicts as after its own prefill."""
+        if len(records) != self.layers or self.stored_keys[0] is not None:
+            raise PolicyError(f"replay_prefill needs an empty cache and {self.layers} layers, got {len(records)}")
+        for layer, (query, k, v, positions) in enumerate(records):
+            self._query[layer] = query
+            self.update(layer, k, v, positions)
 
     def close(self) -> None:
         """Remove the query hooks from the model."""
@@ -467,6 +495,8 @@ class PrunedCache(KVCache):
 
     def update(self, layer: int, k: Any, v: Any, positions: torch.Tensor) -> tuple[Any, Any]:
         """Store this call's K/V, let the policy prune/select, return what attention reads."""
+        if self._recorded is not None and self.stored_keys[layer] is None:
+            self._recorded.append((self._query[layer], k, v, positions))
         query = self._begin_update(layer, positions)
         if self.stored_keys[layer] is None:
             self.replace(layer, k, v, positions)

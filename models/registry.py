@@ -187,6 +187,7 @@ MODEL_DESCRIPTIONS = {
     "vit-digits": "HE-friendly ViT trained in the repo on scikit-learn digits (8x8)",
     "bert-layer": "one BERT-base-shaped block (seq 128, hidden 768), random weights (benchmarks)",
     "gpt2-small-random": "GPT-2-small-shaped decoder over UTF-8 bytes, random weights (benchmarks)",
+    "mpcache-block": "MPCache's one GPT-2 block (32 heads x 32 dims, FFN 4096), random weights (benchmarks)",
 }
 
 
@@ -194,6 +195,12 @@ def _gpt2_small_random(variant: VariantSpec) -> ModelBundle:
     from models.bench_layers import gpt2_small_random
 
     return gpt2_small_random(variant)
+
+
+def _mpcache_block(variant: VariantSpec) -> ModelBundle:
+    from models.bench_layers import mpcache_block
+
+    return mpcache_block(variant)
 
 
 def default_registry() -> Registry:
@@ -207,6 +214,7 @@ def default_registry() -> Registry:
     registry.register("vit-digits", _vit_digits)
     registry.register("bert-layer", _bert_layer)
     registry.register("gpt2-small-random", _gpt2_small_random)
+    registry.register("mpcache-block", _mpcache_block)
     return registry
 
 

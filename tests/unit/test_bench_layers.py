@@ -154,3 +154,20 @@ def test_bench_targets_report_misses_honestly() -> None:
     }
     quick = bench.target_lines(results, full_size=False)
     assert not any("15 MiB" in line or "(aim)" in line for line in quick)
+
+
+def test_mpcache_block_has_mpcache_efficiency_shape() -> None:
+    from models.bench_layers import MPCACHE_BLOCK, MPCACHE_POSITIONS
+
+    bundle = load_model(MPCACHE_BLOCK, "exact")
+    cfg = bundle.config
+    assert (cfg.family, cfg.layers, cfg.hidden, cfg.heads, cfg.head_dim, cfg.kv_heads, cfg.ffn) == (
+        "decoder", 1, 1024, 32, 32, 32, 4096)
+    assert cfg.vocab_size == 50257 and cfg.max_positions == MPCACHE_POSITIONS >= 4096 + 2
+    ids = bundle.encode("private decoding")
+    assert ids.tolist() == [list(b"private decoding")]
+    with torch.no_grad():
+        logits = bundle.model(ids)
+    assert logits.shape == (1, ids.shape[1], 50257) and torch.isfinite(logits).all()
+    with pytest.raises(InputError, match="limit"):
+        bundle.encode("x" * (MPCACHE_POSITIONS + 1))

@@ -11,6 +11,7 @@ from models.kv_pruning import (
     PolicyError,
     PrunedCache,
     make_policy,
+    mpcache_split,
     prefill_scores,
     resolve_budget,
 )
@@ -180,3 +181,42 @@ def test_plans_shrink_attention_at_long_context(name: str) -> None:
 def test_plain_selector_refuses_shares_like_inputs() -> None:
     with pytest.raises(PolicyError, match="ObliviousSelector"):
         PlainSelector().top_k(object(), 1, True)
+
+
+@pytest.mark.parametrize("ratio, budget, static", [(0.1, 0.03, 10.0), (0.2, 0.06, 5.0)])
+def test_mpcache_split_is_static_share_then_dynamic_ratio(ratio: float, budget: float, static: float) -> None:
+    got_budget, options = mpcache_split(0.3, ratio)
+    assert got_budget == pytest.approx(budget) and options == {"static": static}
+    policy = make_policy("mpcache", got_budget, cluster=8, **options)
+    for prompt in (512, 1024, 4096):
+        assert abs(policy.static_keep(prompt) - 0.3 * prompt) <= 0.3 * prompt * 0.05  # ~30% kept
+        plan = policy.plan(prompt, prompt + 1, 1)
+        assert plan.stored == policy.static_keep(prompt) + 1
+        assert abs(plan.attended - budget * prompt) <= 8  # one cluster of rounding at most
+    for bad in ((0.0, 0.1), (0.3, 1.5), (True, 0.1), (0.3, "0.1")):
+        with pytest.raises(PolicyError, match="fraction"):
+            mpcache_split(*bad)
+
+
+@pytest.mark.parametrize("name, options", [("window", {}), ("static", {}), ("mpcache", {"cluster": 2})])
+def test_replayed_prefill_decodes_like_running_it(name: str, options: dict) -> None:
+    model = make_model("llama")
+    ids = make_input("llama", length=TOTAL)
+    recorder = PrunedCache.for_model(model, make_policy("none"))
+    records = recorder.record_prefill()
+    with torch.no_grad():
+        model(ids[:, :PROMPT], recorder)
+    recorder.close()
+    assert len(records) == 2
+    ran = PrunedCache.for_model(model, make_policy(name, 0.5, **options))
+    want = decode(model, ids, ran)[:, PROMPT:]
+    ran.close()
+    replayed = PrunedCache.for_model(model, make_policy(name, 0.5, **options))
+    replayed.replay_prefill(records)
+    with torch.no_grad():
+        got = torch.cat([model(ids[:, i:i + 1], replayed) for i in range(PROMPT, TOTAL)], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert replayed.stored_positions[0].tolist() == ran.stored_positions[0].tolist()
+    with pytest.raises(PolicyError, match="empty cache"):
+        replayed.replay_prefill(records)
+    replayed.close()
