@@ -52,7 +52,7 @@ def preload(config: PartyConfig) -> Preloaded:
     torch.set_num_threads(1)  # no OpenMP pool before forking: a forked child would hang in it
     from models.registry import load_model
     from models.variants import parse_variant
-    from protocols.routes import he, mpc  # noqa: F401 - imported once here, shared by every worker
+    from protocols.routes import ee, he, mpc  # noqa: F401 - imported once here, shared by every worker
 
     bundle = load_model(config.model.name, parse_variant(config.model.variant, config.model.overrides))
     return Preloaded(bundle, threads)
@@ -79,9 +79,15 @@ def _serve_he(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: L
     serve_he_session(spec, config, client, ledger, bundle=bundle)
 
 
+def _serve_ee(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: Ledger, _bundle: Any) -> None:
+    from protocols.routes.ee import serve_ee_session
+
+    serve_ee_session(spec, config, client, ledger)  # runs the owner's shipped weights, never its own model
+
+
 Route = Callable[[PartyConfig, SessionSpec, Channel, Ledger, Any], None]
 # The dispatch point: one server-side entry per protocol a session may ask for.
-SESSION_ROUTES: dict[str, Route] = {"mpc": _serve_mpc, "he": _serve_he}
+SESSION_ROUTES: dict[str, Route] = {"mpc": _serve_mpc, "he": _serve_he, "ee": _serve_ee}
 
 
 def _first_line(exc: BaseException) -> str:

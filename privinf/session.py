@@ -38,8 +38,8 @@ class Session:
     """An open private-inference session (MPC or HE) with a server (and a dealer for MPC)."""
 
     def __init__(self, config: PartyConfig, protocol: str = "mpc", progress: Progress | None = None) -> None:
-        if protocol not in ("mpc", "he"):
-            raise ValueError(f"unknown protocol {protocol!r}; expected mpc or he")
+        if protocol not in ("mpc", "he", "ee"):
+            raise ValueError(f"unknown protocol {protocol!r}; expected mpc, he or ee")
         self.config = config
         self.protocol = protocol
         self._links = None
@@ -65,6 +65,10 @@ class Session:
 
                 self._runner = MpcClient(links.spec, self.config.model.overrides, links.server,
                                          links.dealer, links.ledger)
+            elif self.protocol == "ee":
+                from protocols.routes.ee import EeOwner
+
+                self._runner = EeOwner(links.spec, self.config, links.server, links.ledger)
             else:
                 from protocols.routes.he import HeClient
 
@@ -119,8 +123,8 @@ class Session:
         """
         if self._runner is None:
             raise RuntimeError("session is not open (use `with privinf.connect(...) as session`)")
-        if self.protocol != "mpc":
-            raise ValueError("generate needs the mpc protocol")
+        if self.protocol not in ("mpc", "ee"):
+            raise ValueError("generate needs the mpc or ee protocol")
         self._online(max_new_tokens)
         output, rows = self._runner.generate(prompt, max_new_tokens, policy, budget, options)
         report = Report.from_rows(*rows, model=self.config.model.name, protocol=self.protocol,

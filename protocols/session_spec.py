@@ -9,7 +9,7 @@ from protocols.net.channels import ProtocolError
 from protocols.net.names import SESSION_ID_RULE, is_session_id, new_session_id
 from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
 
-PROTOCOLS = ("mpc", "he")
+PROTOCOLS = ("mpc", "he", "ee")
 _REQUIRED = ("session", "protocol", "model", "variant")
 
 __all__ = ["PROTOCOLS", "ProtocolConfig", "SessionRefused", "SessionSpec", "new_session_id"]
