@@ -18,7 +18,10 @@ One file per party and host. Example (the server's)::
     comparisons = "fss"              # FSS keys from the dealer, or "circuit" (CrypTen's)
 
 The client's file names ``server`` and ``dealer`` under ``[peers]``; the dealer needs no peers and
-no model. ``[protocol]`` holds the fields of :class:`protocols.protocol_config.ProtocolConfig`
+no model. On the EE route (``protocol="ee"``, docs/ee.md) the client is the model owner (it loads
+``[model]`` itself: model and data are its own) and the server is the compute node (its ``[model]``
+names the public architecture and variant; it runs the weights the owner ships); no dealer.
+``[protocol]`` holds the fields of :class:`protocols.protocol_config.ProtocolConfig`
 (the session refuses a client whose values differ from the server's, naming the field); the
 older top-level ``preprocess`` / ``comparisons`` keys and ``[model] device`` are read into it.
 A client with its own certificate (``privinf certs --client alice``) sets ``name = "alice"`` and
