@@ -9,7 +9,10 @@ from other processes hits both alike; medians. The EE session (key, transformati
 shipping) is set up once before the timed runs: it is the offline phase, reported separately.
 Target (issue 13): EE <= 1.05 x plaintext.
 
-Run: ``.venv/bin/python bench/ee_overhead.py [--models minilm smollm2 vit-digits] [--reps 9] [--grpc]``
+With ``--processes`` the compute node is a server process started as ``privinf launch`` does (its
+sessions run with the server's torch thread count) and both sides also build their cost report.
+
+Run: ``.venv/bin/python bench/ee_overhead.py [--models minilm smollm2 vit-digits] [--reps 9] [--grpc | --processes]``
 """
 
 from __future__ import annotations
@@ -120,6 +123,32 @@ def _row(label: str, medians: list[float]) -> None:
           f"{plain_cpu * 1e3:9.2f} {ee_cpu * 1e3:9.2f} {ee_cpu / plain_cpu:8.3f}", flush=True)
 
 
+def bench_processes(name: str, reps: int, new_tokens: int) -> None:
+    """The product path: the compute node is a server process (``privinf launch`` style, gRPC + mTLS);
+    both sides build their cost report (``Session.infer`` vs ``run_plain`` + ``Report.from_rows``)."""
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.ledger.reports import Report
+    from privinf.session import connect
+
+    variant = "he" if name == "vit-digits" else "exact"
+    bundle = load_model(name, variant)
+
+    def plain(value: Any) -> Report:
+        result = run_plain(bundle, value)
+        return Report.from_rows(result.ledger.rows(), model=name, protocol="plain", variant=variant,
+                                output=result.output)
+
+    with local_deployment(ModelChoice(name, variant), with_dealer=False) as deployment:
+        with connect(deployment.client, protocol="ee") as session:
+            for label, value in _inputs(bundle).items():
+                _row(f"{name} {label}", _compare(lambda v=value: plain(v), lambda v=value: session.infer(v), reps))
+            if bundle.config.family == "decoder" and new_tokens:
+                _row(f"{name} generate {new_tokens}",
+                     _compare(lambda: plain_generate(bundle, PROMPT, new_tokens),
+                              lambda: session.generate(PROMPT, new_tokens), max(3, reps // 3)))
+
+
 def bench_model(name: str, reps: int, grpc: bool, new_tokens: int) -> None:
     """Print plain vs EE medians for one model (and greedy generation for decoders)."""
     bundle = load_model(name, "he" if name == "vit-digits" else "exact")
@@ -145,14 +174,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--grpc", action="store_true", help="EE over loopback gRPC + mTLS instead of in-memory")
+    parser.add_argument("--processes", action="store_true",
+                        help="the compute node as a server process (privinf launch's path); CPU = this process only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    transport = "gRPC + mTLS loopback" if args.grpc else "in-memory channels"
-    print(f"EE vs plaintext, medians of {args.reps} alternating runs, 1 torch thread, EE over {transport}")
+    transport = ("a server process, gRPC + mTLS loopback" if args.processes else
+                 "gRPC + mTLS loopback (thread)" if args.grpc else "in-memory channels (thread)")
+    print(f"EE vs plaintext, medians of {args.reps} alternating runs, 1 torch thread, EE compute node in {transport}")
     print(f"{'case':<24} {'plain ms':>10} {'EE ms':>10} {'EE/plain':>8}  wall<={TARGET} "
           f"{'plain CPU':>9} {'EE CPU':>9} {'CPU ratio':>8}")
     for name in args.models:
-        bench_model(name, args.reps, args.grpc, args.new_tokens)
+        if args.processes:
+            bench_processes(name, args.reps, args.new_tokens)
+        else:
+            bench_model(name, args.reps, args.grpc, args.new_tokens)
 
 
 if __name__ == "__main__":
