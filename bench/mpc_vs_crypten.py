@@ -193,10 +193,11 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> 
     from mpc_parties.launch import local_deployment
     from mpc_parties.party_config import ModelChoice
     from privinf.session import connect
+    from protocols.protocol_config import ProtocolConfig
 
     x = sample_input(INPUT_SEED, seq)
-    with local_deployment(ModelChoice(NAME, variant), preprocess=1 + runs, timeout_s=PARTY_TIMEOUT_S,
-                          comparisons=comparisons) as deployment:
+    protocol = ProtocolConfig(preprocess=1 + runs, comparisons=comparisons)
+    with local_deployment(ModelChoice(NAME, variant), protocol, timeout_s=PARTY_TIMEOUT_S) as deployment:
         started = time.perf_counter()
         with connect(deployment.client) as session:
             setup_s = time.perf_counter() - started
