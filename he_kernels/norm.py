@@ -21,6 +21,7 @@ from he_kernels.tensor import ColumnLayout, EncTensor, LayoutError
 
 
 def layernorm_rotation_steps(layout: ColumnLayout) -> list[int]:
+    """The rotation steps a LayerNorm on ``layout`` needs (its block sums): the Galois keys to make."""
     return block_sum_steps(layout.block, layout.slots)
 
 

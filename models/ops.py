@@ -170,18 +170,22 @@ def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
 
 
 def relu(x: Tensor) -> Tensor:
+    """ReLU on plain or encrypted values."""
     return torch.relu(x) if is_plain(x) else x.relu()
 
 
 def sigmoid(x: Tensor) -> Tensor:
+    """The logistic function on plain or encrypted values."""
     return torch.sigmoid(x) if is_plain(x) else x.sigmoid()
 
 
 def tanh(x: Tensor) -> Tensor:
+    """tanh on plain or encrypted values."""
     return torch.tanh(x) if is_plain(x) else x.tanh()
 
 
 def square(x: Tensor) -> Tensor:
+    """``x * x``; encrypted values use their own squaring (one product, no second operand)."""
     return x * x if is_plain(x) else x.square()
 
 
@@ -210,6 +214,7 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
 
 
 def silu(x: Tensor) -> Tensor:
+    """SiLU ``x * sigmoid(x)`` on plain or encrypted values."""
     return F.silu(x) if is_plain(x) else x * x.sigmoid()
 
 

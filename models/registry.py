@@ -237,4 +237,5 @@ def list_models() -> list[tuple[str, str]]:
 
 
 def model_names() -> list[str]:
+    """The names of the registered models, sorted."""
     return _DEFAULT.names()

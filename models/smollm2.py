@@ -41,6 +41,7 @@ def package_dir() -> Path:
 
 
 def cache_root() -> Path:
+    """Where unpacked model copies are cached (``$PRIVINF_CACHE`` or ``~/.cache/privinf``)."""
     return Path(os.environ.get("PRIVINF_CACHE") or Path.home() / ".cache" / "privinf")
 
 

@@ -110,6 +110,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def entry_dir(name: str, steps: int, seed: int, cache_dir: str | Path | None = None) -> Path:
+    """The cache directory of one trained model (name, seed and step count make it unique)."""
     return cache_root(cache_dir) / "models" / f"{name}-seed{seed}-steps{steps}"
 
 

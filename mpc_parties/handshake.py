@@ -33,4 +33,5 @@ def send_hello(channel: Channel, spec: SessionSpec) -> dict[str, Any]:
 
 
 def refuse(channel: Channel, reason: str) -> None:
+    """Server side: answer a hello with a refusal and its reason."""
     channel.send_json(TAG_WELCOME, {"status": "refused", "reason": reason})

@@ -53,6 +53,7 @@ class ConfigError(ValueError):
 
 
 def check_address(address: str, what: str) -> str:
+    """``address`` if it is ``host:port`` with a valid port; ``what`` names it in the error."""
     if not isinstance(address, str) or not _ADDRESS_RE.match(address):
         raise ConfigError(f"{what} must be host:port, got {address!r}")
     port = int(address.rsplit(":", 1)[1])
@@ -149,6 +150,7 @@ def check_model_choice(model: ModelChoice, source: str | Path = "config") -> Non
 
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
+    """A party configuration from parsed TOML data; relative paths are taken from ``base``."""
     known = {"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name"} | set(_LEGACY_PROTOCOL_KEYS)
     unknown = set(data) - known
     if unknown:

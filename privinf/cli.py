@@ -62,6 +62,7 @@ def _add_certs_command(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``privinf`` command line: one subcommand per task."""
     parser = argparse.ArgumentParser(
         prog="privinf",
         description="Privacy-preserving transformer inference (MPC over CrypTen, HE over "

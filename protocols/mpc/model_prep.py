@@ -52,6 +52,7 @@ class EmbeddingAsLinear(nn.Module):
 
 
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model``."""
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, module)
@@ -69,6 +70,7 @@ def calibration_of(model: nn.Module) -> dict[str, Any]:
 
 
 def apply_calibration(model: nn.Module, data: Any) -> None:
+    """Set the public calibration constants the server sent on the client's empty model."""
     if not isinstance(data, dict):
         raise ProtocolError("calibration message is not a JSON object")
     mine = {path for path, m in model.named_modules() if isinstance(m, Calibrated)}
@@ -116,6 +118,7 @@ def hidden_shapes(model: nn.Module, targets: list[tuple[str, nn.Module]], input_
 
 
 def dummy_input(shape: tuple[int, ...], vocab: int | None) -> torch.Tensor:
+    """A zero input of the model's public shape (token ids as one-hot rows when ``vocab`` is set)."""
     if vocab is not None:
         return torch.zeros(*shape, vocab)
     return torch.zeros(*shape)

@@ -62,6 +62,7 @@ def stale_files(fresh: dict[str, bytes], target: Path = GENERATED_DIR) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: regenerate the wire code, or only check it is current."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if stale")
     args = parser.parse_args(argv)
