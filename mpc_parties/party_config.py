@@ -40,8 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from protocols.net.certs import CLIENT_ROLE, CertError, TlsConfig, check_client_name
-from protocols.net.names import ROLES
+from protocols.net.certs import CertError, TlsConfig, check_client_name
+from protocols.net.names import CLIENT, ROLES
 from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
 
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -102,7 +102,7 @@ class PartyConfig:
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.name is not None:
-            if self.role != CLIENT_ROLE:
+            if self.role != CLIENT:
                 raise ConfigError(f"name = {self.name!r}: only a client has a name of its own")
             try:
                 check_client_name(self.name)

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEFAULT_ROLES = ("client", "server", "dealer")
+from protocols.net.names import CLIENT, ROLES
+
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
-CLIENT_ROLE = "client"
 ROLE_DOMAIN = "privinf"
 CA_FILE = "ca.pem"
 KEY_MODE = 0o600
@@ -63,7 +63,7 @@ def role_hostname(role: str) -> str:
 
 def client_hostname(name: str) -> str:
     """The DNS name that carries a client's name in its certificate (``alice.client.privinf``)."""
-    return f"{check_client_name(name)}.{role_hostname(CLIENT_ROLE)}"
+    return f"{check_client_name(name)}.{role_hostname(CLIENT)}"
 
 
 def check_role(role: str) -> str:
@@ -86,7 +86,7 @@ def cert_file_stem(role: str, name: str | None = None) -> str:
     check_role(role)
     if name is None:
         return role
-    if role != CLIENT_ROLE:
+    if role != CLIENT:
         raise CertError(f"only clients have per-name certificates, not role {role!r}")
     return f"{role}-{check_client_name(name)}"
 
@@ -167,7 +167,7 @@ def _identity_from_names(role: str, dns_names: Sequence[str]) -> PeerIdentity:
     named = sorted({n[: -len(suffix)] for n in dns_names if n.endswith(suffix)})
     if not named:
         return PeerIdentity(role)
-    if role != CLIENT_ROLE or len(named) != 1:
+    if role != CLIENT or len(named) != 1:
         raise CertError(f"certificate for role {role!r} names {len(named)} identities: {named}")
     return PeerIdentity(role, check_client_name(named[0]))
 
@@ -401,7 +401,7 @@ def _check_set(roles: tuple[str, ...], clients: tuple[str, ...], days: int) -> N
         raise CertError(f"certificate lifetime must be at least 1 day, got {days}")
 
 
-def write_certs(out_dir: str | Path, roles: Iterable[str] = DEFAULT_ROLES,
+def write_certs(out_dir: str | Path, roles: Iterable[str] = ROLES,
                 hosts: Iterable[str] = DEFAULT_HOSTS, days: int = 365, *,
                 clients: Iterable[str] = (), force: bool = False) -> dict[str, TlsConfig]:
     """Make a CA, one certificate + key per role and one per named client in ``out_dir``.
@@ -419,7 +419,7 @@ def write_certs(out_dir: str | Path, roles: Iterable[str] = DEFAULT_ROLES,
     ca_key, ca_cert = _issue_ca(now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
     files: dict[str, tuple[bytes, int]] = {}
     configs: dict[str, TlsConfig] = {}
-    identities = [(role, None) for role in roles] + [(CLIENT_ROLE, name) for name in clients]
+    identities = [(role, None) for role in roles] + [(CLIENT, name) for name in clients]
     for role, name in identities:
         key, cert = _issue(ca_key, ca_cert, _san(role, hosts, name), role)
         stem = cert_file_stem(role, name)
