@@ -8,7 +8,10 @@ from mpc_parties.handshake import SessionSpec, new_session_id, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel
+from protocols.net.grpc_channel import fail_together
 from protocols.net.grpc_link import connect
+
+CONNECT_TIMEOUT_S = 8.0  # TLS handshake + Ready on a live peer take milliseconds; a frozen one never ends
 
 
 @dataclass
@@ -43,7 +46,8 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     spec = SessionSpec(session=session or new_session_id(), protocol=protocol,
                        model=config.model.name, variant=config.model.variant, config=config.protocol)
     server_address = config.peers["server"]
-    front = connect(server_address, tls, "server", spec.session, timeout=config.timeout_s)
+    dial_s = min(config.timeout_s, CONNECT_TIMEOUT_S)
+    front = connect(server_address, tls, "server", spec.session, timeout=dial_s)
     try:
         welcome = send_hello(front, spec)
     except BaseException:
@@ -54,12 +58,18 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     dealer: Channel | None = None
     if protocol == "mpc":
         dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
-                         timeout=config.timeout_s, timeout_s=config.timeout_s)
+                         timeout=dial_s, timeout_s=config.timeout_s)
         try:
             send_hello(dealer, spec)
         except BaseException:
             dealer.abort("client gave up during the handshake")
             raise
-    server = connect(worker_address, tls, "server", spec.session, ledger, timeout=config.timeout_s,
-                     timeout_s=config.timeout_s)
+    try:
+        server = connect(worker_address, tls, "server", spec.session, ledger, timeout=dial_s,
+                         timeout_s=config.timeout_s)
+    except BaseException:
+        if dealer is not None:
+            dealer.abort("client could not reach its session worker")
+        raise
+    fail_together(server, dealer)  # a receive on one link ends when the other breaks
     return ClientLinks(spec, server, dealer, ledger)

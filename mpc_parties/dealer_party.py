@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
@@ -24,9 +25,9 @@ from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.party_config import PartyConfig
 from mpc_parties.worker_pool import release_memory
 from privinf.ledger.counting import Ledger
-from protocols.net.channels import Channel, TransportError
+from protocols.net.channels import Channel, PeerLost, TransportError
 from protocols.net.framing import HELLO_LIMITS, SESSION_LIMITS
-from protocols.net.grpc_channel import GrpcChannel
+from protocols.net.grpc_channel import GrpcChannel, fail_together
 from protocols.net.grpc_link import PartyServer
 
 log = logging.getLogger("privinf.dealer")
@@ -58,9 +59,19 @@ class DealerParty:
         """Stop accepting sessions; :meth:`serve` drains the live ones and returns."""
         self._stop.set()
 
-    def _join_server(self, front: PartyServer, spec: SessionSpec, ledger: Ledger) -> GrpcChannel:
-        server = front.accept(spec.session, "server", timeout=JOIN_TIMEOUT_S, ledger=ledger,
-                              timeout_s=self.config.timeout_s, limits=HELLO_LIMITS)
+    def _join_server(self, front: PartyServer, spec: SessionSpec, client: GrpcChannel, ledger: Ledger) -> GrpcChannel:
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:  # wait for the server's link, but not for a client that has left
+            try:
+                server = front.accept(spec.session, "server", timeout=0.5, ledger=ledger,
+                                      timeout_s=self.config.timeout_s, limits=HELLO_LIMITS)
+                break
+            except PeerLost:
+                if client.wait_peer_closed(0):
+                    raise PeerLost(f"dealer: the client left {spec.session!r} before the server joined") from None
+                if time.monotonic() >= deadline:
+                    raise PeerLost(f"dealer: the server did not join session {spec.session!r} "
+                                   f"within {JOIN_TIMEOUT_S:.0f} s") from None
         server_spec = SessionSpec.from_json(server.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
         if server_spec != spec:
             refuse(server, "client and server disagree on the session terms")
@@ -78,7 +89,8 @@ class DealerParty:
             spec = SessionSpec.from_json(client.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
             client.set_limits(SESSION_LIMITS)
             client.send_json(TAG_WELCOME, {"status": "ok"})
-            server = self._join_server(front, spec, ledger)
+            server = self._join_server(front, spec, client, ledger)
+            fail_together(client, server)
             from protocols.routes.mpc import serve_dealer_session
 
             serve_dealer_session(spec, client, server, ledger)

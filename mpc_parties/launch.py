@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from mpc_parties.main import READY_PREFIX
 from mpc_parties.party_config import ModelChoice, PartyConfig, dump_config
@@ -77,7 +78,7 @@ class PartyProcess:
             raise PartyFailure(f"{self.role} process exited with code {code}" + (f": {tail}" if tail else ""))
 
 
-def _drain(stream, sink: LogLines) -> None:
+def _drain(stream: IO[str], sink: LogLines) -> None:
     for line in iter(stream.readline, ""):
         sink.add(line.rstrip())
 
@@ -89,7 +90,8 @@ def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
     path = workdir / f"{config.role}.toml"
     path.write_text(dump_config(config))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    extra = ["--remove-on-exit", str(workdir)] if remove_on_exit else []
+    extra = ["--drain-s", "0"]  # its sessions are the launcher's own: when it stops them, they are over
+    extra += ["--remove-on-exit", str(workdir)] if remove_on_exit else []
     process = subprocess.Popen(
         [sys.executable, "-m", "mpc_parties.main", "--role", config.role, "--config", str(path),
          "--exit-with-parent", *extra],
@@ -120,12 +122,25 @@ def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
     return PartyProcess(config.role, process, announced[0], logs)
 
 
+def _ask_to_stop(party: PartyProcess) -> None:
+    if party.process.poll() is None:
+        party.process.terminate()
+        party.process.send_signal(signal.SIGCONT)  # a frozen party acts on SIGTERM once resumed
+
+
+def stop_parties(parties: list[PartyProcess]) -> None:
+    """Ask every party to stop at once, then wait for each (killing it after STOP_TIMEOUT_S)."""
+    for party in parties:
+        _ask_to_stop(party)
+    for party in parties:
+        stop_party(party)
+
+
 def stop_party(party: PartyProcess) -> int | None:
     """Ask a party to stop (SIGTERM, and SIGCONT so a frozen one acts on it), kill it if it does
     not within STOP_TIMEOUT_S."""
     if party.process.poll() is None:
-        party.process.terminate()
-        party.process.send_signal(signal.SIGCONT)
+        _ask_to_stop(party)
         try:
             party.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -206,8 +221,7 @@ def local_deployment(model: ModelChoice, protocol: ProtocolConfig | None = None,
         (workdir / "client.toml").write_text(dump_config(client))
         yield LocalDeployment(workdir, client, parties)
     finally:
-        for party in reversed(parties):
-            stop_party(party)
+        stop_parties(list(reversed(parties)))
         if keys is not None:
             keys.remove()
 

@@ -45,9 +45,12 @@ def _watch_stdin(stop: Callable[[], None], parent_gone: threading.Event) -> None
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _make_party(role: str, config_path: str, max_sessions: int | None, per_client: int | None) -> object:
+def _make_party(role: str, config_path: str, max_sessions: int | None, per_client: int | None,
+                drain_s: float | None) -> object:
     config = load_config(config_path, role=role)
     sizes = {} if max_sessions is None else {"max_sessions": max_sessions}
+    if drain_s is not None:
+        sizes["drain_s"] = drain_s
     if role == "server":
         from mpc_parties.server_party import ServerParty
 
@@ -60,14 +63,15 @@ def _make_party(role: str, config_path: str, max_sessions: int | None, per_clien
 
 
 def run_party(role: str, config_path: str, exit_with_parent: bool = False, remove_on_exit: Path | None = None,
-              max_sessions: int | None = None, max_sessions_per_client: int | None = None) -> int:
+              max_sessions: int | None = None, max_sessions_per_client: int | None = None,
+              drain_s: float | None = None) -> int:
     """Serve as ``role`` until stopped; returns the exit status."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("PRIVINF_LOG", "INFO"),
                         format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
     parent_gone = threading.Event()
     try:
-        party = _make_party(role, config_path, max_sessions, max_sessions_per_client)
+        party = _make_party(role, config_path, max_sessions, max_sessions_per_client, drain_s)
 
         def stop(*_args: object) -> None:
             party.stop()
@@ -96,12 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=None, help="sessions at once")
     parser.add_argument("--max-sessions-per-client", type=int, default=None,
                         help="sessions at once for one client identity (default: --max-sessions)")
+    parser.add_argument("--drain-s", type=float, default=None,
+                        help="on SIGTERM, seconds live sessions get to finish before they are aborted")
     args = parser.parse_args(argv)
     from mpc_parties.worker_pool import PoolError
 
     try:
         return run_party(args.role, args.config, args.exit_with_parent, args.remove_on_exit,
-                         args.max_sessions, args.max_sessions_per_client)
+                         args.max_sessions, args.max_sessions_per_client, args.drain_s)
     except (ValueError, PoolError) as exc:
         print(f"privinf party {args.role}: error: {exc}", file=sys.stderr)
         return 2

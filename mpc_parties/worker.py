@@ -21,9 +21,11 @@ from mpc_parties.handshake import SessionSpec, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, TransportError
+from protocols.net.grpc_channel import fail_together
 from protocols.net.grpc_link import PartyServer, connect
 
 log = logging.getLogger("privinf.server.session")
+CONNECT_TIMEOUT_S = 8.0  # TLS handshake + Ready with the dealer: milliseconds, unless it is frozen
 JOIN_TIMEOUT_S = 20.0  # the client dials its worker right after the welcome (and the dealer's)
 SHUTDOWN_REASON = "server is shutting down"
 _PARENT_CHECK_S = 0.5
@@ -63,7 +65,9 @@ def _serve_mpc(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: 
         raise ConfigError("an MPC server needs the dealer's address under [peers]")
     from protocols.routes.mpc import serve_mpc_session
 
-    dealer = connect(config.peers["dealer"], config.tls(), "dealer", spec.session, ledger, timeout_s=config.timeout_s)
+    dealer = connect(config.peers["dealer"], config.tls(), "dealer", spec.session, ledger,
+                     timeout=min(config.timeout_s, CONNECT_TIMEOUT_S), timeout_s=config.timeout_s)
+    fail_together(client, dealer)
     try:
         send_hello(dealer, spec)
         serve_mpc_session(spec, client, dealer, ledger, config.model.overrides, bundle=bundle)

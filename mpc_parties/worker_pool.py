@@ -95,7 +95,7 @@ class WorkerPool:
         """Fork the template and wait until it has loaded the model (raises PoolError if it cannot)."""
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._template = ctx.Process(target=_template_main, args=(self.config, child),
+        self._template = ctx.Process(target=_template_main, args=(self.config, child, self._conn),
                                      name="privinf-session-template", daemon=True)
         self._template.start()
         child.close()
@@ -202,9 +202,11 @@ class WorkerPool:
 
 
 # ----- the template process -----------------------------------------------------------------
-def _template_main(config: PartyConfig, conn: Connection) -> None:
+def _template_main(config: PartyConfig, conn: Connection, server_end: Connection) -> None:
     """Load what sessions share, then fork a worker per request until told to stop."""
     from mpc_parties.worker import preload
+
+    server_end.close()  # inherited by the fork: holding it, we would never see the server go
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     stopping = threading.Event()

@@ -150,6 +150,16 @@ class Channel(ABC):
     def _shutdown(self) -> None:  # noqa: B027 - optional hook: links without resources keep it empty
         """Release link resources (called once by close)."""
 
+    def _wake(self, error: TransportError) -> None:  # noqa: B027 - optional hook
+        """Make a receive blocked on this link raise ``error`` (links that can block override it)."""
+
+    def interrupt(self, error: TransportError) -> None:
+        """End this link's session from outside: the next receive (or the one waiting now) raises
+        ``error``. Used when another link of the same session failed."""
+        if self._peer_error is None:
+            self._peer_error = error
+        self._wake(error)
+
     # ----- sending ------------------------------------------------------------------------
     def send(self, tag: str, payload: np.ndarray | bytes | Any) -> None:
         """Send an array (numpy or torch) or raw bytes under ``tag``."""
@@ -288,9 +298,15 @@ class MemoryChannel(Channel):
 
     def _recv_frame(self, timeout: float) -> Frame:
         try:
-            return self._inbox.get(timeout=timeout)
+            item = self._inbox.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError from None
+        if isinstance(item, TransportError):
+            raise item
+        return item
+
+    def _wake(self, error: TransportError) -> None:
+        self._inbox.put(error)
 
 
 def memory_pair(a: str, b: str, session: str = "local", ledger_a: Ledger | None = None,

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import grpc
 
 from privinf.ledger.counting import Ledger
-from protocols.net.channels import DEFAULT_TIMEOUT_S, Channel, Frame, FrameKind, PeerLost, ProtocolError, TransportError
+from protocols.net.channels import (
+    DEFAULT_TIMEOUT_S,
+    Channel,
+    Frame,
+    FrameKind,
+    PeerAborted,
+    PeerLost,
+    ProtocolError,
+    TransportError,
+)
 from protocols.net.framing import (
     CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
@@ -37,6 +46,7 @@ from protocols.net.wire import pb
 GRPC_MAX_CHUNK_MESSAGE = CHUNK_BYTES + (64 << 10)  # a chunk plus generous header room
 META_SESSION = "privinf-session"
 META_ROLE = "privinf-role"
+ABORT_FLUSH_S = 1.0  # an aborting dialer gives its ABORT frame this long to reach the peer
 _SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -68,8 +78,8 @@ def is_link_session(session: object) -> bool:
 class Keepalive:
     """HTTP/2 keepalive: ping every ``interval_s``; a peer silent ``timeout_s`` longer is dead."""
 
-    interval_s: float = 2.0
-    timeout_s: float = 5.0
+    interval_s: float = 1.0
+    timeout_s: float = 4.0
 
     def options(self, server: bool) -> list[tuple[str, int]]:
         """gRPC channel or server options for this keepalive."""
@@ -126,6 +136,20 @@ class GrpcChannel(Channel):
         self._reader_started = False
         self._reader_done = threading.Event()
         self._release: Callable[[bool], None] | None = None
+        self._failure_hooks: list[Callable[[TransportError], None]] = []
+        self.close_wait_s = 0.0  # how long an orderly close waits for the peer to close too (dialing end)
+
+    def on_failure(self, hook: Callable[[TransportError], None]) -> None:
+        """Call ``hook(error)`` once, from the reader thread, when the link breaks or the peer aborts."""
+        self._failure_hooks.append(hook)
+
+    def _failed(self, error: TransportError) -> None:
+        hooks, self._failure_hooks = self._failure_hooks, []
+        for hook in hooks:
+            hook(error)
+
+    def _wake(self, error: TransportError) -> None:
+        self._inbox.put(error)
 
     @property
     def limits(self) -> LinkLimits:
@@ -177,6 +201,8 @@ class GrpcChannel(Channel):
                         self._unread += len(frame.payload)
                     self._inbox.put(frame)
                     ended = ended or frame.kind != FrameKind.DATA
+                    if frame.kind == FrameKind.ABORT:
+                        self._failed(PeerAborted(f"{self.peer} aborted: {frame.payload.decode(errors='replace')}"))
                 self._check_buffer()
             pending = self._assembler.pending()
             if pending is not None and not self._closed:
@@ -195,6 +221,7 @@ class GrpcChannel(Channel):
             if error is not None:
                 self._link_error = error
                 self._inbox.put(error)
+                self._failed(error)
             self._reader_done.set()
         if isinstance(error, LimitExceeded) and self._release is not None:
             self._release(False)  # cut at once: nothing more from this peer is kept
@@ -237,6 +264,12 @@ class GrpcChannel(Channel):
         if self._link_error is not None:
             self._inbox.put(self._link_error)
 
+    def abort(self, reason: str) -> None:
+        """Tell the peer this party failed, then close without waiting long for the peer: a
+        failing session must not hang on a peer that may be what failed."""
+        self.close_wait_s = min(self.close_wait_s, ABORT_FLUSH_S)
+        super().abort(reason)
+
     def _shutdown(self) -> None:
         self._outbox.put(None)
         if self._release is not None:
@@ -257,3 +290,17 @@ def _lost(channel: GrpcChannel, exc: grpc.RpcError) -> PeerLost:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     details = details or "connection reset or keepalive timeout"
     return PeerLost(f"{channel.local}: lost link to {channel.peer} in session {channel.session!r} ({code}: {details})")
+
+
+def fail_together(*channels: Channel | None) -> None:
+    """Links of one session end together: when one breaks or its peer aborts, a receive waiting
+    on any of the others raises at once (naming the failed link) instead of waiting out its timeout."""
+    links = [channel for channel in channels if isinstance(channel, GrpcChannel)]
+    for link in links:
+        others = [other for other in links if other is not link]
+
+        def spread(error: TransportError, others: list[GrpcChannel] = others) -> None:
+            for other in others:
+                other.interrupt(PeerLost(f"{other.local}: session {other.session!r} ended: {error}"))
+
+        link.on_failure(spread)

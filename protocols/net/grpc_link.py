@@ -116,12 +116,14 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
 
     def release(orderly: bool) -> None:
         # Cancelling at once could drop chunks still queued in gRPC: an orderly close waits
-        # (bounded) for the peer to end the stream, which it does when it closes its side.
+        # (bounded; shorter after an abort) for the peer to end the stream, which it does when it
+        # closes its side.
         if orderly:
-            channel.wait_peer_closed(close_timeout_s)
+            channel.wait_peer_closed(channel.close_wait_s)
         call.cancel()
         grpc_channel.close()
 
+    channel.close_wait_s = close_timeout_s
     channel._release = release
     channel.start_reader(call)
     return channel

@@ -268,7 +268,7 @@ class PartyServer:
             if not self._cond.wait_for(lambda: key in self._pending or self._stopped, timeout):
                 raise PeerLost(f"{self.role}: {peer_role} did not open session {session!r} within {timeout:.0f} s")
             if self._stopped:
-                raise TransportError(f"{self.role}: server stopped")
+                raise TransportError(self._closing_reason or f"{self.role} stopped serving")
             return self._take(key, ledger, timeout_s, limits)
 
     def accept_any(self, peer_role: str, timeout: float = 30.0, ledger: Ledger | None = None,
@@ -283,7 +283,7 @@ class PartyServer:
         with self._cond:
             found = self._cond.wait_for(ready, timeout)
             if self._stopped:
-                raise TransportError(f"{self.role}: server stopped")
+                raise TransportError(self._closing_reason or f"{self.role} stopped serving")
             if not found:
                 return None
             key = next(key for key in self._pending if key[1] == role)

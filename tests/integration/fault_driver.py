@@ -1,0 +1,49 @@
+"""The client side of tests/integration/test_faults.py: launches dealer and server (gpt2-tiny),
+runs one session and stops at each phase boundary until the test writes a line on stdin.
+
+Prints one JSON line per pause: ``{"phase": ..., "pids": {role: pid}, "workdir": ...}``; on a
+failure one line ``client failed: <error class>: <message>`` on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import privinf.session as session_module
+from mpc_parties.launch import LocalDeployment, local_deployment
+from mpc_parties.party_config import ModelChoice
+
+
+def _pause(phase: str, deployment: LocalDeployment) -> None:
+    pids = {party.role: party.process.pid for party in deployment.parties}
+    print(json.dumps({"phase": phase, "pids": pids, "workdir": str(deployment.workdir)}), flush=True)
+    if not sys.stdin.readline():
+        raise SystemExit(3)
+
+
+def run() -> Any:
+    """One session with pauses before the handshake, before the offline phase and before the input."""
+    with local_deployment(ModelChoice("gpt2-tiny", "exact"), echo_logs=True) as deployment:
+        open_links = session_module.open_links
+
+        def open_then_pause(*args: Any, **kwargs: Any) -> Any:
+            links = open_links(*args, **kwargs)
+            _pause("offline", deployment)
+            return links
+
+        session_module.open_links = open_then_pause
+        _pause("setup", deployment)
+        with session_module.connect(deployment.client) as session:
+            _pause("online", deployment)
+            return session.infer("hi").output
+
+
+if __name__ == "__main__":
+    try:
+        output = run()
+    except Exception as exc:
+        print(f"client failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps({"done": str(output)}), flush=True)
