@@ -4,9 +4,10 @@
     (:func:`protocols.ee.attack.match_public_model`: per-unit signatures, Hungarian assignment;
     embedding rows by nearest neighbour) and reads the owner's inputs and outputs. Needs no query.
 (b) Base model not public: the node ranks the permuted ids it receives by frequency against a
-    public corpus tokenised with the public tokenizer. Token recovery vs the number of queries,
-    with an in-distribution reference (other SMS messages) and an out-of-distribution one (the
-    package descriptions installed here).
+    public corpus tokenised with the public tokenizer, then improves the guess with the corpus's
+    bigram statistics (a local search, as substitution ciphers are solved). Token recovery vs the
+    number of queries, with an in-distribution reference (other SMS messages) and an
+    out-of-distribution one (the package descriptions installed here).
 (c) A fine-tuned private model: attack (a) against the public base after a few AdamW steps of
     real fine-tuning, and after Gaussian perturbations of every weight (sigma x the tensor's std).
 
@@ -41,6 +42,7 @@ from protocols.ee.attack import (
     match_public_model,
     match_vit_input,
     match_vocab_rows,
+    refine_with_bigrams,
     token_recovery,
 )
 from protocols.ee.keys import EeKey, KeySource
@@ -136,40 +138,45 @@ def package_corpus() -> list[str]:
     return texts
 
 
-def reference_counts(bundle: ModelBundle, texts: list[str]) -> Counter[int]:
-    counts: Counter[int] = Counter()
-    for ids in encode_all(bundle, texts):
-        counts.update(ids.tolist())
-    return counts
-
-
 def part_b(queries: list[str], reference: list[str]) -> None:
     bundle = load_model("minilm")
     key = draw_key(bundle.model, KeySource(SEED))
-    owner = encode_all(bundle, queries)
+    owner = [ids.tolist() for ids in encode_all(bundle, queries)]
     first, last = (int(i) for i in bundle.encode("x").reshape(-1)[[0, -1]])  # [CLS], [SEP]: public tokenizer
-    special = {first, last}
     anchors = {int(key.vocab[first]): first, int(key.vocab[last]): last}  # seen first / last in every query
-    corpora = {"SMS (same source)": reference_counts(bundle, reference),
-               "package docs": reference_counts(bundle, package_corpus())}
-    print("\n(b) base model not public (minilm tokenizer public): token-frequency ranks vs a public corpus")
-    print(f"{'queries':>8} {'tokens':>8}" + "".join(f"{name + ' all':>24}{name + ' words':>26}" for name in corpora))
-    needed: dict[str, int | None] = {name: None for name in corpora}
-    for n in [q for q in QUERY_GRID if q <= len(owner)] + [len(owner)]:
-        truth = torch.cat(owner[:n]).tolist()
-        seen = key.encode_input(torch.tensor(truth)).tolist()
-        words = [(s, t) for s, t in zip(seen, truth) if t not in special]
-        cells = ""
-        for name, counts in corpora.items():
-            guess = frequency_attack(seen, counts, anchors)
-            every = token_recovery(seen, truth, guess)
-            word_rate = token_recovery([s for s, _ in words], [t for _, t in words], guess)
-            cells += f"{every:>24.3f}{word_rate:>26.3f}"
-            if needed[name] is None and word_rate >= 0.25:
-                needed[name] = n
-        print(f"{n:>8} {len(truth):>8}{cells}", flush=True)
-    for name, n in needed.items():
-        print(f"    {name}: 25% of word tokens read after {n if n else 'more than ' + str(len(owner))} queries")
+    corpora = {"SMS (other half, same source)": reference, "package descriptions installed here": package_corpus()}
+    print("\n(b) base model not public (minilm tokenizer public): fraction of the owner's tokens read from "
+          "token-frequency ranks against a public corpus, then refined with its bigram statistics "
+          "(words = without [CLS]/[SEP])")
+    for name, texts in corpora.items():
+        public = [ids.tolist() for ids in encode_all(bundle, texts)]
+        counts: Counter[int] = Counter(t for seq in public for t in seq)
+        print(f"  reference: {name} ({sum(counts.values())} tokens)")
+        print(f"  {'queries':>8} {'tokens':>8} {'ranks all':>10} {'ranks words':>12} {'+bigrams all':>13} "
+              f"{'+bigrams words':>15}")
+        needed: dict[float, int | None] = {0.25: None, 0.5: None}
+        for n in [q for q in QUERY_GRID if q < len(owner)] + [len(owner)]:
+            truth = owner[:n]
+            seen = [key.encode_input(torch.tensor(seq)).tolist() for seq in truth]
+            guess = frequency_attack([t for seq in seen for t in seq], counts, anchors)
+            rates = [*_rates(seen, truth, guess, {first, last}),
+                     *_rates(seen, truth, refine_with_bigrams(seen, public, guess), {first, last})]
+            print(f"  {n:>8} {sum(map(len, truth)):>8} {rates[0]:>10.3f} {rates[1]:>12.3f} {rates[2]:>13.3f} "
+                  f"{rates[3]:>15.3f}", flush=True)
+            for level in needed:
+                if needed[level] is None and max(rates[1], rates[3]) >= level:
+                    needed[level] = n
+        for level, n in needed.items():
+            print(f"    {level:.0%} of word tokens read after {n if n else f'more than {len(owner)}'} queries")
+
+
+def _rates(seen: list[list[int]], truth: list[list[int]], guess: dict[int, int],
+           special: set[int]) -> tuple[float, float]:
+    """(fraction of all tokens read, fraction of word tokens read)."""
+    pairs = [(s, t) for a, b in zip(seen, truth) for s, t in zip(a, b)]
+    words = [(s, t) for s, t in pairs if t not in special]
+    every = token_recovery([s for s, _ in pairs], [t for _, t in pairs], guess)
+    return every, token_recovery([s for s, _ in words], [t for _, t in words], guess)
 
 
 def fine_tune(bundle: ModelBundle, texts: list[str], labels: list[int], steps: int, lr: float) -> torch.nn.Module:

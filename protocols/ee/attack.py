@@ -176,6 +176,58 @@ def frequency_attack(observed: Iterable[int], reference: Counter[int],
     return {**dict(zip(ranked_seen, ranked_public)), **anchors}
 
 
+def _bigram_counts(sequences: Iterable[list[int]], index: dict[int, int], size: int) -> np.ndarray:
+    """Counts of consecutive pairs, tokens outside ``index`` in one bucket (``size``)."""
+    counts = np.zeros((size + 1, size + 1))
+    for seq in sequences:
+        slots = [index.get(t, size) for t in seq]
+        np.add.at(counts, (slots[:-1], slots[1:]), 1.0)
+    return counts
+
+
+def refine_with_bigrams(observed: list[list[int]], reference: list[list[int]], guess: dict[int, int],
+                        top: int = 200, candidates: int = 400, sweeps: int = 6) -> dict[int, int]:
+    """Improve a frequency guess with bigram statistics (local search, as for substitution ciphers).
+
+    The ``top`` most frequent observed ids may move to any of the ``candidates`` most frequent
+    reference tokens; a move (or swap with the id holding that token) is kept when it raises the
+    log-likelihood of the observed bigrams under the reference's bigram model.
+    """
+    seen = Counter(t for q in observed for t in q)
+    ref = Counter(t for q in reference for t in q)
+    mine = [t for t, _ in seen.most_common(top)]
+    theirs = list(dict.fromkeys([guess[t] for t in mine if t in guess] + [t for t, _ in ref.most_common(candidates)]))
+    k, m = len(mine), len(theirs)
+    counts = _bigram_counts(observed, {t: i for i, t in enumerate(mine)}, k)
+    ref_counts = _bigram_counts(reference, {t: i for i, t in enumerate(theirs)}, m) + 0.1
+    logp = np.log(ref_counts / ref_counts.sum(1, keepdims=True))
+    place = {t: i for i, t in enumerate(theirs)}
+    sigma = np.array([place.get(guess.get(t), m) for t in mine] + [m])
+
+    def score(order: np.ndarray) -> float:
+        return float((counts * logp[order][:, order]).sum())
+
+    best = score(sigma)
+    for _ in range(sweeps):
+        improved = False
+        for i in range(k):
+            gain = logp[:, sigma] @ counts[i] + logp[sigma, :].T @ counts[:, i]
+            for r in np.argsort(-gain[:m])[:8]:
+                trial = sigma.copy()
+                holder = np.flatnonzero(sigma[:k] == r)
+                if len(holder):
+                    trial[holder[0]] = sigma[i]
+                trial[i] = r
+                value = score(trial)
+                if value > best + 1e-9:
+                    sigma, best, improved = trial, value, True
+        if not improved:
+            break
+    refined = dict(guess)
+    refined.update({t: theirs[sigma[i]] for i, t in enumerate(mine) if sigma[i] < m})
+    return refined
+
+
 def token_recovery(observed: list[int], truth: list[int], guess: dict[int, int]) -> float:
     """Fraction of observed token occurrences a guess maps to the right token."""
     if not observed:

@@ -3,6 +3,7 @@ public model gives nothing; token frequencies read the common tokens without any
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import torch
@@ -14,6 +15,7 @@ from protocols.ee.attack import (
     frequency_attack,
     match_public_model,
     match_vocab_rows,
+    refine_with_bigrams,
     token_recovery,
 )
 from protocols.ee.keys import KeySource
@@ -59,3 +61,24 @@ def test_frequency_ranks_read_the_common_tokens() -> None:
     assert guess[int(secret[0])] == 0 and guess[int(secret[1])] == 1
     assert token_recovery(observed, truth, guess) > 0.8
     assert token_recovery([], [], guess) == 0.0
+
+
+def test_bigram_refinement_reads_what_frequency_ranks_miss() -> None:
+    rng = random.Random(0)
+    successors = {i: rng.sample([j for j in range(12) if j != i], 2) for i in range(12)}
+
+    def walk() -> list[int]:
+        token, out = rng.randrange(12), []
+        for _ in range(30):
+            out.append(token)
+            token = rng.choice(successors[token])
+        return out
+
+    reference, truth = [walk() for _ in range(200)], [walk() for _ in range(200)]
+    secret = rng.sample(range(12), 12)
+    seen = [[secret[t] for t in query] for query in truth]
+    flat_seen, flat_truth = [t for q in seen for t in q], [t for q in truth for t in q]
+    ranks = frequency_attack(flat_seen, Counter(t for q in reference for t in q))
+    refined = refine_with_bigrams(seen, reference, ranks)
+    assert token_recovery(flat_seen, flat_truth, ranks) < 0.9
+    assert token_recovery(flat_seen, flat_truth, refined) == 1.0
