@@ -18,7 +18,17 @@ from privinf.ledger.counting import Ledger, Phase
 from protocols.net.certs import write_certs
 from protocols.net.channels import Channel, PeerAborted, memory_pair, run_parties
 from protocols.net.grpc_link import PartyServer, connect
-from protocols.routes.ee import TAG_INPUT, TAG_WEIGHT, EeOwner, EeProtocolError, serve_ee_session
+from protocols.routes.ee import (
+    TAG_INPUT,
+    TAG_ROW_COUNTS,
+    TAG_ROWS,
+    TAG_WEIGHT,
+    EeOwner,
+    EeProtocolError,
+    recv_rows,
+    send_rows,
+    serve_ee_session,
+)
 from protocols.routes.plain import run_plain
 
 SEED = bytes(range(16))
@@ -183,3 +193,21 @@ def test_ee_over_grpc_with_mutual_tls(tmp_path) -> None:
         server.stop(grace=0)
     assert output["token_ids"] == bundle.model.generate_greedy(bundle.encode("hello"), 4)
     assert sum(r.counters.bytes_recv for r in rows[1]) > 0
+
+
+def test_ledger_rows_round_trip_in_their_compact_form() -> None:
+    ledger = Ledger("server")
+    with ledger.phase(Phase.OFFLINE), ledger.scope("m.weights", "ship"):
+        ledger.record_storage("ee_weights", 1234)
+        ledger.record_send(2**40 + 3)
+    with ledger.step("decode.0"), ledger.scope("m.layer.0", "block"):
+        ledger.record_rounds(2)
+        ledger.record_extra("tokens", 1.5)
+    rows = ledger.rows()
+    a, b = memory_pair("server", "client", "t")
+    send_rows(a, rows)
+    assert recv_rows(b) == rows
+    a.send_json(TAG_ROWS, {"party": "server", "labels": [["x", "op", "online", ""]], "sparse": {}})
+    a.send(TAG_ROW_COUNTS, np.array([[-1.0, 0, 0, 0, 0, 0, 0]]))
+    with pytest.raises(EeProtocolError, match="negative"):
+        recv_rows(b)
