@@ -13,7 +13,6 @@ at once; closing, aborting or dropping a channel lets go of whatever it still he
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,13 +40,13 @@ from protocols.net.framing import (
     TransportConfigError,
     encode_chunks,
 )
+from protocols.net.names import SESSION_ID_RULE, is_session_id
 from protocols.net.wire import pb
 
 GRPC_MAX_CHUNK_MESSAGE = CHUNK_BYTES + (64 << 10)  # a chunk plus generous header room
 META_SESSION = "privinf-session"
 META_ROLE = "privinf-role"
 ABORT_FLUSH_S = 1.0  # an aborting dialer gives its ABORT frame this long to reach the peer
-_SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class PeerRefused(TransportError):
@@ -63,15 +62,15 @@ class PeerBusy(PeerRefused):
 
 
 def check_session(session: str) -> str:
-    """Return ``session`` if it is a valid session id (1-128 of ``A-Za-z0-9._:-``)."""
+    """Return ``session`` if it is a valid session id (:data:`protocols.net.names.SESSION_ID_RULE`)."""
     if not is_link_session(session):
-        raise TransportConfigError(f"invalid session id {session!r}: 1-128 chars of A-Za-z0-9._:-")
+        raise TransportConfigError(f"invalid session id {session!r}: {SESSION_ID_RULE}")
     return session
 
 
 def is_link_session(session: object) -> bool:
-    """Whether ``session`` may name a link (1-128 of ``A-Za-z0-9._:-``)."""
-    return isinstance(session, str) and _SESSION_RE.match(session) is not None
+    """Whether ``session`` may name a link: the one session-id rule of :mod:`protocols.net.names`."""
+    return is_session_id(session)
 
 
 @dataclass(frozen=True)
