@@ -36,6 +36,7 @@ prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -254,17 +255,18 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
     return table
 
 
-def print_breakdown(table: Table, top: int = 12) -> None:
-    """The client's costliest scopes of a warm step, per row (online, summed over the steps)."""
+def print_breakdown(table: Table, top: int = 16) -> None:
+    """The client's costliest scopes of a warm step, per row (online, per step; the scopes of
+    all layers summed, ``*`` standing for the layer number)."""
     for (ctx, label), measured in table.items():
         scopes: dict[str, list[float]] = {}
         for row in measured.rows[0]:
             if row.step in STEPS and row.phase == Phase.ONLINE:
-                cell = scopes.setdefault(row.name, [0.0, 0.0, 0.0])
+                cell = scopes.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", row.name), [0.0, 0.0, 0.0])
                 cell[0] += row.counters.bytes_sent / len(STEPS)
                 cell[1] += row.counters.rounds / len(STEPS)
                 cell[2] += row.counters.wall_s / len(STEPS)
-        print(f"-- {ctx} {label}: scopes by rounds (per step: KiB sent, rounds, wall s)")
+        print(f"-- {ctx} {label}: scopes by rounds, all layers (per step: KiB sent, rounds, wall s)")
         for name, (sent, rounds, wall) in sorted(scopes.items(), key=lambda kv: -kv[1][1])[:top]:
             print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f}")
 

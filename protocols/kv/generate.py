@@ -53,7 +53,8 @@ class Selection:
 
 
 class StationaryCache(PrunedCache):
-    """A pruned cache on KV-stationary shares (see module doc); one per generation."""
+    """A pruned cache on KV-stationary shares (see module doc); one per generation. A layer's new
+    K and V blocks are opened together (one round)."""
 
     def __init__(self, layers: int, policy: KVPolicy, party: StationaryParty | None = None) -> None:
         super().__init__(layers, policy)
@@ -85,9 +86,8 @@ class StationaryCache(PrunedCache):
         """Cache new secret K/V for ``layer`` (fresh blocks, fresh masks: F opened once)."""
         if k.shape[2] != len(positions) or v.shape[2] != len(positions):
             raise PolicyError(f"replace: {len(positions)} positions for {k.shape[2]} entries")
-        party = self._party()
-        for kind, x in (("k", k), ("v", v)):
-            self._stores[(layer, kind)] = party.new_store(layer, kind, x)
+        stores = self._party().append_many([(None, layer, "k", k), (None, layer, "v", v)])
+        self._stores[(layer, "k")], self._stores[(layer, "v")] = stores
         self._sync(layer, positions)
 
     def _sync(self, layer: int, positions: torch.Tensor) -> None:
@@ -104,9 +104,9 @@ class StationaryCache(PrunedCache):
             seen = positions
             self.evict_after_prefill(layer, query, k, positions)
         else:
-            party = self._party()
-            for kind, x in (("k", k), ("v", v)):
-                self._stores[(layer, kind)] = party.append(self._stores[(layer, kind)], layer, kind, x)
+            stores = self._party().append_many([(self._stores[(layer, "k")], layer, "k", k),
+                                                (self._stores[(layer, "v")], layer, "v", v)])
+            self._stores[(layer, "k")], self._stores[(layer, "v")] = stores
             self._sync(layer, torch.cat([self.stored_positions[layer], positions]))
             kv = (self._view(layer, "k"), self._view(layer, "v"))
             seen = self.stored_positions[layer]

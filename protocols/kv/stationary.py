@@ -267,6 +267,30 @@ class StationaryParty:
 
     def append(self, store: _Store | None, layer: int, kind: str, x: MPCTensor) -> _Store:
         """``store`` extended by ``x`` as a new block (``store`` None: a new store)."""
+        return self.append_many([(store, layer, kind, x)])[0]
+
+    def append_many(self, items: list[tuple[_Store | None, int, str, MPCTensor]]) -> list[_Store]:
+        """Several :meth:`append` s (e.g. a layer's K and V) with their ``F`` opened in one round."""
+        blocks = [self._new_block(*item) for item in items]
+        mine = torch.cat([(share - mask).reshape(-1) for share, mask, _ in blocks])
+        self._peer.send(TAG_F, mine)
+        theirs = _tensor(self._peer.recv(TAG_F))
+        if theirs.shape != mine.shape or theirs.dtype != torch.int64:
+            raise StationaryError(f"peer opened {theirs.dtype} {list(theirs.shape)}, expected int64 "
+                                  f"{list(mine.shape)}")
+        if self._ledger is not None:
+            self._ledger.record_rounds(1)
+        out, offset = [], 0
+        for (store, _, kind, _), (share, mask, block) in zip(items, blocks):
+            size = share.numel()
+            f = share - mask + theirs[offset:offset + size].reshape(share.shape)
+            offset += size
+            out.append(self._cached(store, kind, f, mask, block))
+        return out
+
+    def _new_block(self, store: _Store | None, layer: int, kind: str,
+                   x: MPCTensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(this party's share of ``x``, its block mask share, the block id) of a block to append."""
         if kind not in KINDS:
             raise StationaryError(f"kind must be one of {KINDS}, got {kind!r}")
         share = _local_share(x, 4)
@@ -275,20 +299,15 @@ class StationaryParty:
         key = (layer, kind)
         block = self._next_block.get(key, 0)
         self._next_block[key] = block + 1
-        mask = block_mask(self._seed, layer, kind, block, tuple(share.shape))
-        self._peer.send(TAG_F, share - mask)
-        theirs = _tensor(self._peer.recv(TAG_F))
-        if theirs.shape != share.shape or theirs.dtype != torch.int64:
-            raise StationaryError(f"peer opened {theirs.dtype} {list(theirs.shape)}, expected int64 "
-                                  f"{list(share.shape)}")
-        f = share - mask + theirs
-        if self._ledger is not None:
-            self._ledger.record_rounds(1)
-            if kind != "s":  # a selection lives for one step; K and V stay cached
-                self._ledger.record_storage("kv_cache", 2 * f.numel() * 8)  # F and the mask share
-        if kind != "s":
-            self.opened_rows += int(f.shape[2])
+        return share, block_mask(self._seed, layer, kind, block, tuple(share.shape)), block
+
+    def _cached(self, store: _Store | None, kind: str, f: torch.Tensor, mask: torch.Tensor, block: int) -> _Store:
+        """``store`` with the opened block ``F`` appended (storage and row counts recorded)."""
+        if self._ledger is not None and kind != "s":  # a selection lives for one step; K and V stay cached
+            self._ledger.record_storage("kv_cache", 2 * f.numel() * 8)  # F and the mask share
         rows = int(f.shape[2])
+        if kind != "s":
+            self.opened_rows += rows
         if store is None:
             return _Store(f, mask, [(block, rows)])
         return _Store(torch.cat([store.f, f], dim=2), torch.cat([store.mask, mask], dim=2),

@@ -32,6 +32,7 @@ fused kernels (``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in pl
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -44,8 +45,8 @@ Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
 RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
 INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
-RECIPROCAL_NEWTON_STEPS = 3
-INV_SQRT_NEWTON_STEPS = 3
+RECIPROCAL_PIECES = 16  # first-guess pieces per octave of the reciprocal (one Newton step after)
+INV_SQRT_PIECES = 16    # first-guess pieces per power of four of the inverse square root
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 
 GELU_RANGE = 3.5
@@ -85,15 +86,68 @@ def _power_factors(x: Tensor, base: float, first: int, last: int, exponents: Seq
     return factors
 
 
+@functools.lru_cache(maxsize=8)
+def _first_guess_table(base: float, first: int, last: int, pieces: int, exponent: float) -> dict[str, torch.Tensor]:
+    """Thresholds and per-interval values of the piecewise first guess of ``x^exponent``.
+
+    The thresholds are ``base^p g_j`` for powers p in [first, last] and ``g_j = base^(j /
+    pieces)``; an x in interval (p, j) has ``m = x base^-p`` in [g_j, g_(j+1)), where the line
+    ``alpha + beta m`` is the minimax linear approximation of ``m^exponent``. Interval 0 also
+    takes every x below the first threshold, the last every x above the last one (a clamped k).
+    Returns ``thresholds`` [J] and, per interval [J + 1], ``f`` (``base^-p``), ``out``
+    (``base^(p exponent)``), ``alpha`` and ``beta``.
+    """
+    grid = [base ** (j / pieces) for j in range(pieces + 1)]
+    rows = []
+    for p in range(first, last + 1):
+        for j in range(pieces):
+            a, b = grid[j], grid[j + 1]
+            m = torch.linspace(a, b, 257, dtype=torch.float64)
+            beta = (b ** exponent - a ** exponent) / (b - a)
+            gap = m ** exponent - (a ** exponent + beta * (m - a))  # one-signed: the power is convex
+            alpha = a ** exponent - beta * a + 0.5 * (float(gap.max()) + float(gap.min()))
+            rows.append((base ** p * a, base ** -p, base ** (p * exponent), alpha, beta))
+    table = torch.tensor(rows, dtype=torch.float64)
+    return {"thresholds": table[1:, 0], "f": table[:, 1], "out": table[:, 2], "alpha": table[:, 3],
+            "beta": table[:, 4]}
+
+
+def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[str]) -> list[Tensor]:
+    """Secret per-interval values of ``table`` for ``x`` from one batch of comparisons.
+
+    The bits ``[x > t_j]`` are monotone (a thermometer code), so any function of the interval is
+    linear in them, ``v_0 + sum_j bit_j (v_j - v_(j-1))``: local once the bits are known. The
+    bits' shares (scale 1) are multiplied by the integer steps of the values rounded to ``x``'s
+    scale, so the sum is exact (no truncation per term: hundreds of thresholds would add up their
+    1-ulp errors) and each value is its rounding to the fixed-point grid."""
+    bits = (x.unsqueeze(-1) - table["thresholds"].float()) > 0
+    scale = int(x.encoder.scale)
+    if int(bits.encoder.scale) != 1:
+        raise ValueError(f"comparison bits at scale {bits.encoder.scale}, expected 1")
+    out = []
+    for name in names:
+        ints = torch.round(table[name] * scale).long()
+        value = bits.sum(-1)  # a share of the right shape; its share and encoder are replaced
+        value.share = (bits.share * (ints[1:] - ints[:-1])).sum(-1)
+        value.encoder = x.encoder
+        out.append(value + float(ints[0]) / scale)
+    return out
+
+
 def _reciprocal_reduced(x: Tensor) -> Tensor:
-    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), Newton from the
-    linear guess 24/17 - 8/17 m, times 2^-k."""
-    (factor,) = _power_factors(x, 2.0, *RECIPROCAL_POWERS, (1.0,))
+    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), a piecewise-linear first
+    guess ``y`` of ``1 / m`` chosen by the same comparisons that find k (relative error < 1.6e-3),
+    then one Newton step with the factor ``2^-k`` folded in: ``2^-k y (2 - m y) = 2 (2^-k y) -
+    (m y)(2^-k y)``. Five rounds: the comparisons, ``m``, ``y``, ``m y`` with ``2^-k y``, their
+    product (the Newton steps from one linear guess took nine)."""
+    table = _first_guess_table(2.0, *RECIPROCAL_POWERS, RECIPROCAL_PIECES, -1.0)
+    factor, alpha, beta = _interval_values(x, table, ("f", "alpha", "beta"))
     m = x * factor
-    y = m * (-8.0 / 17.0) + 24.0 / 17.0
-    for _ in range(RECIPROCAL_NEWTON_STEPS):
-        y = y * (2.0 - m * y)
-    return y * factor
+    y = m * beta + alpha
+    width = y.shape[-1]
+    both = ops.cat([m, factor], dim=-1) * ops.cat([y, y], dim=-1)
+    my, fy = both[..., :width], both[..., width:]
+    return fy * 2.0 - my * fy
 
 
 def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
@@ -105,18 +159,20 @@ def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
 
 
 def _inv_sqrt_reduced(x: Tensor) -> Tensor:
-    """Positive ``x``: ``m = x 4^-k`` in [1, 4), Newton from the linear guess
-    1.06639 - 0.15234 m (minimax, relative error 0.086), times 2^-k."""
-    factor4, factor2 = _power_factors(x, 4.0, *INV_SQRT_POWERS, (1.0, 0.5))
+    """Positive ``x``: ``m = x 4^-k`` in [1, 4), a piecewise-linear first guess ``y`` of
+    ``m^-1/2`` chosen by the comparisons that find k (relative error < 1.2e-3), then one Newton
+    step with the factor ``2^-k`` folded in: ``2^-k y (3 - m y^2) / 2 = 1.5 (2^-k y) - 0.5
+    ((2^-k m) y) y^2``. Five rounds: the comparisons, ``m``, ``y`` with ``2^-k m``, ``y^2`` with
+    ``(2^-k m) y`` and ``2^-k y``, the last product (three Newton steps took nine)."""
+    table = _first_guess_table(4.0, *INV_SQRT_POWERS, INV_SQRT_PIECES, -0.5)
+    factor4, factor2, alpha, beta = _interval_values(x, table, ("f", "out", "alpha", "beta"))
     m = x * factor4
-    y = m * -0.15234 + 1.06639
-    for _ in range(INV_SQRT_NEWTON_STEPS):
-        # y (3 - m y^2) / 2 = 1.5 y - 0.5 (m y) y^2: y^2 and m y in one batched product, then
-        # their product: two rounds a step instead of three
-        both = ops.cat([y, m], dim=-1) * ops.cat([y, y], dim=-1)
-        square, my = both[..., :y.shape[-1]], both[..., y.shape[-1]:]
-        y = y * 1.5 - my * square * 0.5
-    return y * factor2
+    width = m.shape[-1]
+    guess = ops.cat([beta, factor2], dim=-1) * ops.cat([m, m], dim=-1)
+    y, sm = guess[..., :width] + alpha, guess[..., width:]
+    three = ops.cat([y, sm, factor2], dim=-1) * ops.cat([y, y, y], dim=-1)
+    square, smy, sy = three[..., :width], three[..., width:2 * width], three[..., 2 * width:]
+    return sy * 1.5 - smy * square * 0.5
 
 
 def _reciprocal(x: Tensor, scale: float | torch.Tensor, positive: bool,

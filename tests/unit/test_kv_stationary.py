@@ -1,0 +1,62 @@
+"""KV-stationary cache blocks: a layer's K and V blocks are opened in one round, with the same
+shares and products as one block at a time (two CrypTen parties over memory channels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from privinf.ledger.counting import Ledger
+from protocols.kv.stationary import StationaryDealer, StationaryParty
+from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session
+from protocols.mpc.csprng import new_seed
+from protocols.mpc.vocabulary import MSG_END, TAG_MSG
+from protocols.net.channels import memory_pair, run_parties
+
+
+def _run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, together: bool) -> list[dict[str, Any]]:
+    seeds = {0: new_seed(), 1: new_seed()}
+    p0, p1 = memory_pair("client", "server", timeout_s=60)
+    d0, dd = memory_pair("client", "dealer", timeout_s=60)
+    dealer = StationaryDealer(seeds)
+
+    def party(rank: int) -> dict[str, Any]:
+        peer = p0 if rank == 0 else p1
+        ledger = Ledger(peer.local)
+        peer.ledger = ledger
+        kvs = StationaryParty(rank, seeds[rank], peer, d0 if rank == 0 else None, ledger)
+        with crypten_session(peer, rank, ledger, randomness="crypten"):
+            k_sh, v_sh = crypten.cryptensor(keys, src=1), crypten.cryptensor(values, src=1)
+            q_sh = crypten.cryptensor(q, src=0)
+            ks = vs = None
+            rounds = ledger.totals().rounds
+            for start, stop in ((0, 5), (5, 6)):
+                idx = torch.arange(start, stop)
+                if together:
+                    ks, vs = kvs.append_many([(ks, 0, "k", k_sh[:, :, idx]), (vs, 0, "v", v_sh[:, :, idx])])
+                else:
+                    ks, vs = kvs.append(ks, 0, "k", k_sh[:, :, idx]), kvs.append(vs, 0, "v", v_sh[:, :, idx])
+            rounds = ledger.totals().rounds - rounds
+            scores = kvs.scores(q_sh, kvs.view(ks, 0, "k")).get_plain_text()
+            cache_v = MPCTensor.from_shares(vs.share(rank)).get_plain_text()
+        if rank == 0:
+            d0.send_json(TAG_MSG, {"type": MSG_END})
+        return {"rounds": rounds, "scores": scores, "values": cache_v, "opened": kvs.opened_rows,
+                "blocks": (ks.blocks, vs.blocks)}
+
+    return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
+
+
+def test_k_and_v_blocks_open_in_one_round_with_the_same_cache() -> None:
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(1, 2, 6, 4, generator=gen), torch.randn(1, 2, 6, 4, generator=gen)
+    q = torch.randn(1, 2, 1, 4, generator=gen)
+    batched, separate = _run(keys, values, q, together=True), _run(keys, values, q, together=False)
+    for out in batched + separate:
+        assert (out["scores"] - q @ keys.transpose(-2, -1)).abs().max() < 1e-3
+        assert (out["values"] - values).abs().max() < 1e-4
+        assert out["opened"] == 12 and out["blocks"] == ([(0, 5), (1, 1)], [(0, 5), (1, 1)])
+    assert [out["rounds"] for out in batched] == [2, 2]  # one round per append_many
+    assert [out["rounds"] for out in separate] == [4, 4]
