@@ -14,6 +14,7 @@ frame in the party's :class:`~privinf.ledger.counting.Ledger` as it is sent or r
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -33,6 +34,8 @@ _ALLOWED_DTYPES = {
     "int64", "int32", "int16", "int8", "uint8", "bool", "float64", "float32", "float16",
 }
 ARRAY_DTYPES = frozenset(_ALLOWED_DTYPES)  # array dtypes a frame may carry (besides bytes, json)
+MAX_DIMS = 32  # numpy's own limit on dimensions
+MAX_ARRAY_BYTES = 1 << 40  # no frame shape may describe more (with zero-sized dimensions counted as 1)
 
 
 class TransportError(RuntimeError):
@@ -106,11 +109,22 @@ def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     return name, tuple(int(d) for d in array.shape), little.tobytes()
 
 
+def array_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes an array of ``dtype`` and ``shape`` holds; ProtocolError for a shape no array can
+    have (negative, or so large that numpy cannot even describe it, zero-sized or not)."""
+    if any(d < 0 for d in shape) or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"frame has an impossible shape {list(shape)}")
+    itemsize = np.dtype(dtype).itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_ARRAY_BYTES:
+        raise ProtocolError(f"frame shape {list(shape)} of {dtype} is beyond any array this link carries")
+    return math.prod(shape) * itemsize
+
+
 def decode_array(dtype: str, shape: tuple[int, ...], payload: bytes) -> np.ndarray:
     """Inverse of :func:`encode_array`, checking the payload size against dtype and shape."""
     if dtype not in _ALLOWED_DTYPES:
         raise ProtocolError(f"frame has unknown dtype {dtype!r}")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = array_bytes(dtype, shape)
     if expected != len(payload):
         raise ProtocolError(
             f"frame payload is {len(payload)} bytes but dtype {dtype} shape {list(shape)} "
@@ -242,7 +256,7 @@ class Channel(ABC):
             raise ProtocolError(f"{self.local}: expected JSON for {tag!r}, got dtype {frame.dtype}")
         try:
             return json.loads(frame.payload.decode())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
             raise ProtocolError(f"{self.local}: {tag!r} is not valid JSON: {exc}") from None
 
     # ----- ending -------------------------------------------------------------------------

@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from protocols.net.channels import ARRAY_DTYPES, Frame, FrameKind, ProtocolError
+from protocols.net.channels import ARRAY_DTYPES, Frame, FrameKind, ProtocolError, array_bytes
 from protocols.net.wire import pb
 
 CHUNK_BYTES = 1 << 20
@@ -132,7 +130,10 @@ class FrameAssembler:
             if list(msg.shape) != [msg.total_bytes]:
                 raise self._fail(f"frame {msg.seq}: {msg.dtype} shape {list(msg.shape)} != [{msg.total_bytes}]")
         elif msg.dtype in ARRAY_DTYPES:
-            expected = int(np.prod(list(msg.shape), dtype=np.float64)) * np.dtype(msg.dtype).itemsize
+            try:
+                expected = array_bytes(msg.dtype, tuple(msg.shape))
+            except ProtocolError as exc:
+                raise self._fail(f"frame {msg.seq}: {exc}") from None
             if expected != msg.total_bytes:
                 raise self._fail(f"frame {msg.seq}: dtype {msg.dtype} shape {list(msg.shape)} needs "
                                  f"{expected} bytes, header says {msg.total_bytes}")

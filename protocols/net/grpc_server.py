@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -240,12 +240,11 @@ class PartyServer:
         with self._cond:
             return len(self._active)
 
-    def wait_streams(self, at_most: int, timeout: float, pending: bool = False) -> bool:
-        """Wait until at most ``at_most`` streams are open (only unaccepted ones if ``pending``);
-        True if that happened within ``timeout`` seconds."""
-        streams = self._pending if pending else self._active
+    def wait_until(self, condition: Callable[[int, int], bool], timeout: float) -> bool:
+        """Wait until ``condition(open_streams, unaccepted_streams)`` holds; True if it did within
+        ``timeout`` seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: len(streams) <= at_most, timeout)
+            return self._cond.wait_for(lambda: condition(len(self._active), len(self._pending)), timeout)
 
     # ----- accepting ------------------------------------------------------------------------
     def _take(self, key: tuple[str, str], ledger: Ledger | None, timeout_s: float,

@@ -64,7 +64,7 @@ def test_large_frame_before_the_hello_is_cut_at_its_first_chunk(certs: dict[str,
         with pytest.raises(LimitExceeded, match="above the 16384-byte limit of the hello phase"):
             served.recv_json("hello", timeout=10)
         assert _ended_with(call) == grpc.StatusCode.CANCELLED  # the peer's stream is cut, not drained
-        assert server.wait_streams(0, timeout=10)
+        assert server.wait_until(lambda open_, _pending: open_ == 0, timeout=10)
         channel.close()
 
 
@@ -102,16 +102,16 @@ def test_stream_nobody_accepts_is_cut_after_the_deadline(certs: dict[str, TlsCon
         frames = _frame("orphan", 0, b"x" * 100)
         channel, call = _raw_call(server, certs["client"], "orphan", iter(frames))
         assert _ended_with(call) == grpc.StatusCode.CANCELLED
-        assert server.wait_streams(0, timeout=10) and server.pending_count() == 0
+        assert server.wait_until(lambda open_, _pending: open_ == 0, timeout=10) and server.pending_count() == 0
         channel.close()
 
 
 def test_cancelled_stream_is_forgotten_at_once(certs: dict[str, TlsConfig]) -> None:
     with PartyServer(certs["server"], peers=("client",), accept_deadline_s=600) as server:
         client = connect(server.address, certs["client"], "server", "gone", timeout=10, timeout_s=10)
-        assert server.wait_streams(1, timeout=10, pending=True) and server.pending_count() == 1
+        assert server.wait_until(lambda _open, pending: pending == 1, timeout=10)
         client.drop()
-        assert server.wait_streams(0, timeout=10)
+        assert server.wait_until(lambda open_, _pending: open_ == 0, timeout=10)
         assert server.pending_count() == 0
 
 
@@ -136,7 +136,7 @@ def test_full_server_is_busy_not_exhausted(certs: dict[str, TlsConfig]) -> None:
         with pytest.raises(PeerBusy, match=r"busy: server has 2 links open; retry after"):
             connect(server.address, certs["client"], "server", "h2", timeout=10)
         held[0].drop()
-        assert server.wait_streams(1, timeout=10)
+        assert server.wait_until(lambda open_, _pending: open_ == 1, timeout=10)
         extra = connect(server.address, certs["client"], "server", "h3", timeout=10)
         for channel in (held[1], extra):
             channel.drop()
