@@ -241,12 +241,12 @@ class OpCount:
 # Online per-element costs per party of privinf's protocol (2 parties, dealer, FSS comparisons):
 # an open is one 8-byte ring element in one round; an FSS comparison opens one masked element
 # in 5 bytes at the default 40 bits (tests/unit/test_fss.py); exp is CrypTen's 8 squarings;
-# the range-reduced reciprocal (protocols.mpc.numerics) is 23 comparisons against public powers of 2 plus
-# ~11 opens in 9 rounds.
+# the range-reduced reciprocal (protocols.mpc.numerics) is 191 comparisons against public thresholds
+# (8 per octave) plus 10 opens in 5 rounds.
 # Offline material is not priced here: an FSS key is ~1 KB per comparison and party, a one-hot
 # D ring elements per value, a Beaver correction one ring element per product element.
-BYTES_PER = {"open": 8, "compare": 5, "exp": 64, "reciprocal": 23 * 5 + 11 * 8}
-ROUNDS_PER = {"open": 1, "compare": 1, "exp": 8, "reciprocal": 9}
+BYTES_PER = {"open": 8, "compare": 5, "exp": 64, "reciprocal": 191 * 5 + 10 * 8}
+ROUNDS_PER = {"open": 1, "compare": 1, "exp": 8, "reciprocal": 5}
 
 
 def _attention_ops(config: ModelConfig, attended: int, stored: int) -> list[OpCount]:

@@ -45,8 +45,8 @@ Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
 RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
 INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
-RECIPROCAL_PIECES = 16  # first-guess pieces per octave of the reciprocal (one Newton step after)
-INV_SQRT_PIECES = 16    # first-guess pieces per power of four of the inverse square root
+RECIPROCAL_PIECES = 8  # first-guess pieces per octave of the reciprocal (one Newton step after)
+INV_SQRT_PIECES = 8    # first-guess pieces per power of four of the inverse square root
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 
 GELU_RANGE = 3.5
@@ -136,7 +136,7 @@ def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[
 
 def _reciprocal_reduced(x: Tensor) -> Tensor:
     """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), a piecewise-linear first
-    guess ``y`` of ``1 / m`` chosen by the same comparisons that find k (relative error < 1.6e-3),
+    guess ``y`` of ``1 / m`` chosen by the same comparisons that find k (relative error < 1e-3),
     then one Newton step with the factor ``2^-k`` folded in: ``2^-k y (2 - m y) = 2 (2^-k y) -
     (m y)(2^-k y)``. Five rounds: the comparisons, ``m``, ``y``, ``m y`` with ``2^-k y``, their
     product (the Newton steps from one linear guess took nine)."""
@@ -160,7 +160,7 @@ def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
 
 def _inv_sqrt_reduced(x: Tensor) -> Tensor:
     """Positive ``x``: ``m = x 4^-k`` in [1, 4), a piecewise-linear first guess ``y`` of
-    ``m^-1/2`` chosen by the comparisons that find k (relative error < 1.2e-3), then one Newton
+    ``m^-1/2`` chosen by the comparisons that find k (relative error < 1.5e-3), then one Newton
     step with the factor ``2^-k`` folded in: ``2^-k y (3 - m y^2) / 2 = 1.5 (2^-k y) - 0.5
     ((2^-k m) y) y^2``. Five rounds: the comparisons, ``m``, ``y`` with ``2^-k m``, ``y^2`` with
     ``(2^-k m) y`` and ``2^-k y``, the last product (three Newton steps took nine)."""
