@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpc_parties.dealer_party import INBOUND_CHUNK_BYTES
 from mpc_parties.handshake import SessionSpec, new_session_id, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
 from privinf.ledger.counting import Ledger
@@ -58,7 +59,7 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     dealer: Channel | None = None
     if protocol == "mpc":
         dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
-                         timeout=dial_s, timeout_s=config.timeout_s)
+                         timeout=dial_s, timeout_s=config.timeout_s, chunk_bytes=INBOUND_CHUNK_BYTES)
         try:
             send_hello(dealer, spec)
         except BaseException:

@@ -9,7 +9,8 @@ What an unauthenticated session costs it is bounded: each link stays under the h
 (a few KiB) until its hello is read and accepted, a client has ten seconds to say hello and its
 server ``JOIN_TIMEOUT_S`` to join, a stream no session takes is cut by the transport, and each
 client identity holds at most ``max_sessions_per_client`` links. After each session the memory
-it used is returned to the system. SIGTERM: new links are refused, live sessions get
+it used is returned to the system. gRPC refuses messages above ``INBOUND_CHUNK_BYTES`` (what
+the parties send here is JSON requests, cut that small). SIGTERM: new links are refused, live sessions get
 ``drain_s`` seconds, then hear "dealer is shutting down".
 """
 
@@ -33,6 +34,9 @@ from protocols.net.grpc_link import PartyServer
 log = logging.getLogger("privinf.dealer")
 JOIN_TIMEOUT_S = 20.0  # the server joins right after the client reached its worker
 DRAIN_S = 5.0
+# Parties send the dealer only JSON requests, so they cut them into small chunks and gRPC itself
+# refuses a larger message from anyone: a flood of maximal frames costs the dealer almost nothing.
+INBOUND_CHUNK_BYTES = 64 << 10
 
 
 class DealerParty:
@@ -51,7 +55,8 @@ class DealerParty:
     def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Bind (port 0 allowed), announce the address through ``ready``, serve until stopped."""
         limits = FrontDoorLimits(max_streams=2 * self.max_sessions + 8,
-                                 max_streams_per_client=self.max_sessions_per_client)
+                                 max_streams_per_client=self.max_sessions_per_client,
+                                 max_receive_bytes=INBOUND_CHUNK_BYTES + (16 << 10))
         serve_front_door(self.config, {"client", "server"}, limits, self._stop, self._session, ready,
                          stopping_reason="dealer is shutting down", drain_s=self.drain_s)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mpc_parties.dealer_party import INBOUND_CHUNK_BYTES
 from mpc_parties.handshake import SessionSpec, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
 from privinf.ledger.counting import Ledger
@@ -66,7 +67,8 @@ def _serve_mpc(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: 
     from protocols.routes.mpc import serve_mpc_session
 
     dealer = connect(config.peers["dealer"], config.tls(), "dealer", spec.session, ledger,
-                     timeout=min(config.timeout_s, CONNECT_TIMEOUT_S), timeout_s=config.timeout_s)
+                     timeout=min(config.timeout_s, CONNECT_TIMEOUT_S), timeout_s=config.timeout_s,
+                     chunk_bytes=INBOUND_CHUNK_BYTES)
     fail_together(client, dealer)
     try:
         send_hello(dealer, spec)
