@@ -134,8 +134,9 @@ class WorkerPool:
         with self._changed:
             info = self._workers.pop(pid, None)
             self._changed.notify_all()
-        if info is not None and code not in (0, None):
-            log.warning("session %s worker (pid %d) exited with code %s", info.session, pid, code)
+        if info is not None:
+            level = logging.INFO if code == 0 else logging.WARNING
+            log.log(level, "session %s worker (pid %d) exited (code %s), reaped", info.session, pid, code)
 
     @property
     def alive(self) -> bool:

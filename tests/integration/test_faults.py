@@ -139,6 +139,7 @@ def test_fault(target: str, signal_name: str, phase: str, tmp_path: Path) -> Non
             state = driver.pause()
         groups = _processes(driver, state)
         everyone |= set().union(*groups.values())
+        assert all(os.getpgid(pid) == pid for pid in groups["worker"])  # each worker leads its own group
         victims = groups[target]
         assert victims, f"no {target} process in phase {phase}"
         for pid in victims:
@@ -176,3 +177,18 @@ def _check_named_error(driver: Driver, target: str, frozen_launcher: bool) -> No
     assert failures, f"the client exited {code} without a named error:\n{log[-3000:]}"
     error = failures[-1]
     assert any(word in error for word in NAMED[target]), error
+
+
+def test_finished_worker_is_reaped_at_once() -> None:
+    from mpc_parties.launch import local_deployment
+    from mpc_parties.party_config import ModelChoice
+    from privinf.session import connect
+
+    with local_deployment(ModelChoice("gpt2-tiny", "exact")) as deployment:
+        with connect(deployment.client) as session:
+            session.infer("hi")
+        server = deployment.parties[-1]
+        assert server.log_lines.wait_for(lambda line: "exited (code 0), reaped" in line, EXIT_WITHIN_S)
+        line = next(line for line in server.log_lines if "exited (code 0), reaped" in line)
+        pid = int(re.search(r"\(pid (\d+)\) exited", line).group(1))
+        assert not Path(f"/proc/{pid}").exists()  # reaped by the template, not a zombie
