@@ -80,6 +80,7 @@ class Sampler:
         self.period = period
 
     def measure(self) -> dict[str, dict[str, int]]:
+        """RSS and PSS (MiB) summed over each group's processes, and how many there are, now."""
         out = {}
         for name, pids in self.groups.items():
             found = pids()

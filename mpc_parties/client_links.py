@@ -25,11 +25,13 @@ class ClientLinks:
     ledger: Ledger
 
     def close(self) -> None:
+        """Orderly end of the session on every link."""
         for channel in (self.server, self.dealer):
             if channel is not None:
                 channel.close()
 
     def abort(self, reason: str) -> None:
+        """Tell every peer the client failed (``reason`` holds no secrets) and close."""
         for channel in (self.server, self.dealer):
             if channel is not None:
                 channel.abort(reason)

@@ -50,6 +50,7 @@ class LogLines(list):
         self._changed = threading.Condition()
 
     def add(self, line: str) -> None:
+        """Keep ``line`` (the oldest go first past 200) and wake waiters."""
         with self._changed:
             self.append(line)
             if len(self) > 200:

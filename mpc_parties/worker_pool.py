@@ -4,9 +4,11 @@ CrypTen keeps process-global state, so each session runs in its own process. Loa
 CrypTen, transformers and the model bundle in every worker cost ~950 MiB per session; instead the
 server forks a *template* process before its gRPC server starts (gRPC must not be forked once
 running). The template imports the routes, loads the bundle with one torch thread (OpenMP's thread
-pool does not survive a fork), returns freed memory to the system, then forks one worker per
-session. Workers share the template's pages copy-on-write: what is public and read-only (code,
-weights, tokenizer) is in memory once.
+pool does not survive a fork), freezes its objects out of the garbage collector's reach (a
+collection in a worker would otherwise write to, and so copy, every page holding Python objects),
+returns freed memory to the system, then forks one worker per session. Workers share the
+template's pages copy-on-write: what is public and read-only (code, weights, tokenizer) is in
+memory once.
 
 Hygiene: each worker leads its own process group (stopping a session reaches whatever it started);
 the template reaps a finished worker at once (no zombies) and reports its exit; stopping sends
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import json
 import logging
 import multiprocessing as mp
@@ -40,6 +43,7 @@ WORKER_START_TIMEOUT_S = 30.0  # fork to bound port
 TEMPLATE_READY_TIMEOUT_S = 300.0  # imports and model load (SmolLM2 unpacks its GGUF the first time)
 KILL_AFTER_S = 5.0  # SIGTERM -> SIGKILL
 _REAP_PERIOD_S = 0.2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def release_memory() -> None:
@@ -49,6 +53,18 @@ def release_memory() -> None:
         return
     try:
         ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def limit_arenas(count: int = 2) -> None:
+    """Let at most ``count`` malloc arenas exist (glibc): each of a worker's threads would
+    otherwise get its own, each holding freed memory the others cannot reuse."""
+    name = ctypes.util.find_library("c")
+    if name is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, count)
     except (OSError, AttributeError):
         pass
 
@@ -212,12 +228,15 @@ def _template_main(config: PartyConfig, conn: Connection, server_end: Connection
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    limit_arenas()  # inherited by every worker
     try:
         shared = preload(config)
     except Exception as exc:  # one line for the operator: the server cannot serve this model
         conn.send({"error": f"cannot load model {config.model.name!r} ({config.model.variant}): "
                             f"{type(exc).__name__}: {exc}"})
         return
+    gc.collect()
+    gc.freeze()  # the collector would write to every object's header in each worker: copying its page
     release_memory()
     conn.send({"ready": True})
     children: set[int] = set()

@@ -251,6 +251,7 @@ class Channel(ABC):
         return decode_array(frame.dtype, frame.shape, frame.payload)
 
     def recv_json(self, tag: str, timeout: float | None = None) -> Any:
+        """Receive the next message, which must be JSON under ``tag`` (ProtocolError if it is not)."""
         frame = self._next(tag, timeout)
         if frame.dtype != "json":
             raise ProtocolError(f"{self.local}: expected JSON for {tag!r}, got dtype {frame.dtype}")

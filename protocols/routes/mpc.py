@@ -213,7 +213,10 @@ class MpcServer(MpcParty):
         self.peer.send_json(TAG_CALIB, calibration_of(self.model))
 
     def _install_secure_layers(self, seed: bytes) -> None:
-        self._plain = copy.deepcopy(self.model)  # still plaintext here: for shape dry runs
+        # still plaintext here: a copy for shape dry runs, sharing the weights' storage (no second copy)
+        memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), p.requires_grad) for p in self.model.parameters()}
+        memo |= {id(b): b.detach() for b in self.model.buffers()}
+        self._plain = copy.deepcopy(self.model, memo)
         self.secure: list[SecureLinearServer] = []
         groups = MaskGroups()
         for path, module in self.targets:

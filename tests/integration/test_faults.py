@@ -7,7 +7,8 @@ pauses before each phase until told to go). Targets: the client (the launcher), 
 front door, its session worker, the dealer. A frozen launcher cannot be told apart from a slow
 one by the parties it started, so there the session's processes (worker, the dealer's session)
 must end within 10 s and the rest when the launcher is finally killed. The cases cover each
-target with each signal and each phase at least twice; PRIVINF_FAULTS=all runs the whole matrix.
+target with each signal and each phase at least twice, plus a graceful SIGTERM of the server
+while a session is live; PRIVINF_FAULTS=all runs the whole matrix.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CASES = [
     ("server", "SIGKILL", "setup"), ("server", "SIGSTOP", "setup"),
     ("worker", "SIGKILL", "offline"), ("worker", "SIGSTOP", "online"),
     ("dealer", "SIGKILL", "online"), ("dealer", "SIGSTOP", "offline"),
+    ("server", "SIGTERM", "online"),  # graceful stop: the client hears why, not "connection reset"
 ]
 if os.environ.get("PRIVINF_FAULTS") == "all":
     CASES = [(t, s, p) for t in TARGETS for s in ("SIGKILL", "SIGSTOP") for p in PHASES
@@ -150,6 +152,9 @@ def test_fault(target: str, signal_name: str, phase: str, tmp_path: Path) -> Non
         left = _wait_gone(must_exit, EXIT_WITHIN_S)
         assert not left, f"still running {EXIT_WITHIN_S:.0f} s after the fault: {left}\n{driver.log()[-3000:]}"
         _check_named_error(driver, target, frozen_launcher)
+        if signal_name == "SIGTERM":  # the client's one line says why, not "connection reset"
+            failure = driver.log().split("client failed: ", 1)[1]
+            assert "server aborted: " in failure and "server is shutting down" in failure, failure
         if frozen_launcher:  # the launcher never comes back: its parties see it die and clean up
             os.kill(driver.process.pid, signal.SIGKILL)
             left = _wait_gone(everyone - victims, EXIT_WITHIN_S)
