@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
 from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
+from mpc_parties.memory import release_memory
 from mpc_parties.party_config import PartyConfig
-from mpc_parties.worker_pool import release_memory
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, PeerLost, TransportError
 from protocols.net.framing import HELLO_LIMITS, SESSION_LIMITS

@@ -18,8 +18,6 @@ A worker whose template died, and a template whose server died, stop by themselv
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import json
 import logging
@@ -35,6 +33,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from mpc_parties.memory import limit_arenas, release_memory
 from mpc_parties.party_config import PartyConfig
 from protocols.session_spec import SessionSpec
 
@@ -43,30 +42,6 @@ WORKER_START_TIMEOUT_S = 30.0  # fork to bound port
 TEMPLATE_READY_TIMEOUT_S = 300.0  # imports and model load (SmolLM2 unpacks its GGUF the first time)
 KILL_AFTER_S = 5.0  # SIGTERM -> SIGKILL
 _REAP_PERIOD_S = 0.2
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
-
-
-def release_memory() -> None:
-    """Give memory the allocator holds but no longer uses back to the system (glibc only)."""
-    name = ctypes.util.find_library("c")
-    if name is None or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def limit_arenas(count: int = 2) -> None:
-    """Let at most ``count`` malloc arenas exist (glibc): each of a worker's threads would
-    otherwise get its own, each holding freed memory the others cannot reuse."""
-    name = ctypes.util.find_library("c")
-    if name is None or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, count)
-    except (OSError, AttributeError):
-        pass
 
 
 def signal_group(pgid: int, signum: int) -> bool:
