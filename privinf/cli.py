@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--csv", type=Path, default=None)
     party.add_argument("--png", type=Path, default=None)
     party.add_argument("--depth", type=int, default=None)
+    party.add_argument("--max-sessions", type=int, default=None, help="server only: sessions at once")
+    party.add_argument("--max-sessions-per-client", type=int, default=None,
+                       help="server only: sessions at once per client identity (default: --max-sessions)")
+    party.add_argument("--drain-s", type=float, default=None,
+                       help="server only: on SIGTERM, seconds live sessions get before they are aborted")
     party.set_defaults(func=_cmd_party)
 
     train = sub.add_parser("train", help="train an HE/MPC-friendly model in the repo (cached)",
@@ -316,7 +321,8 @@ def _cmd_party(args: argparse.Namespace) -> int:
     if args.role != "client":
         from mpc_parties.main import run_party
 
-        return run_party(args.role, str(args.config))
+        return run_party(args.role, str(args.config), max_sessions=args.max_sessions,
+                         max_sessions_per_client=args.max_sessions_per_client, drain_s=args.drain_s)
     from mpc_parties.party_config import load_config
     from privinf.session import connect
 
