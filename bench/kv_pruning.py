@@ -16,12 +16,13 @@ Settings:
   block, 32 heads x 32 dims, FFN 4096, GPT-2's vocabulary and LM head), prompts 512 to 4096, the
   full cache against MPCache's static + dynamic split (static eviction keeps 30% of the prompt,
   each step attends 0.1 resp. 0.2 of that: budgets 3% and 6%; clusters of 8 up to 1024 tokens,
-  16 above). Targets at the longest prompt and 6%: communication >= 3.4x and latency >= 1.8x
+  then prompt / 128). Targets at the longest prompt and 6%: communication >= 3.4x and latency >= 1.8x
   lower than the full cache (PASS/MISS for loopback wall, LAN and WAN estimates, cold start).
 
-Every generation runs twice in one session: *cold* (each step's Beaver/FSS material fetched from
-the dealer online, the request schedule recorded) and *warm* (the same public generation again:
-each step's material preprocessed in one offline batch before the step); the weight-stationary
+Every generation runs in one session first *cold* (each step's Beaver/FSS material fetched from
+the dealer online, the request schedule recorded), then ``--repeats`` times *warm* (the same
+public generation again: each step's material preprocessed in one offline batch before the
+step; the configurations interleaved, the median wall reported); the weight-stationary
 and KV-stationary material is fetched before each step in both. Instead of a real prefill
 (hours of exact softmax in MPC on 2 cores), the cache starts as shares of public random K/V of
 the right shape (after the policy's eviction), which costs the same per step
@@ -142,9 +143,10 @@ def _gpt2_configs(_: int) -> list[Config]:
 
 
 def mpcache_cluster(prompt: int) -> int:
-    """Cluster size of the MPCache setting: 8 up to 1024 prompt tokens, 16 above (a few dozen to
-    ~75 clusters, so the rank comparisons stay well below the attention they save)."""
-    return 8 if prompt <= 1024 else 16
+    """Cluster size of the MPCache setting: 8 up to 1024 prompt tokens, then prompt / 128 (16 at
+    2048, 32 at 4096): about 36 clusters of the 30% kept, so the rank comparisons (c (c - 1) / 2
+    per kv head) stay far below the attention's own comparisons."""
+    return max(8, prompt // 128)
 
 
 def _mpcache_configs(prompt: int) -> list[Config]:
@@ -240,16 +242,16 @@ Table = dict[tuple[int, str], Measured]  # (context, label) -> measured
 
 def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: set[str] | None,
             repeats: int = 1) -> Table:
-    """One session per context; every configuration once cold, then ``repeats`` times warm."""
+    """One session per context: every configuration once cold, then ``repeats`` rounds of warm
+    runs, the configurations interleaved (so a change in the machine's load hits all alike)."""
     table: Table = {}
-    per = 1 + repeats
     for ctx in contexts:
         configs = [c for c in setting.configs(ctx) if only is None or c.policy in only]
-        calls = [c.call() for c in configs for _ in range(per)]
+        calls = [c.call() for _ in range(1 + repeats) for c in configs]
         results = run_generations(setting.model, ["a"] * len(calls), calls, transport,
                                   filling_parties(setting.fill(ctx)))
         for index, config in enumerate(configs):
-            runs = [rows for _, rows, _ in results[per * index:per * (index + 1)]]
+            runs = [rows for _, rows, _ in results[index::len(configs)]]
             table[(ctx, config.label)] = Measured(config, step_cost(runs[0]),
                                                   median_cost([step_cost(r) for r in runs[1:]]), runs[1])
     return table

@@ -146,7 +146,8 @@ def score(model: torch.nn.Module, pieces: list[torch.Tensor], prompt: int,
     """Print agreement with the full cache and perplexity per configuration (each piece is
     prefilled once; its prefill is replayed into every configuration's cache)."""
     sums = [{"agree": 0, "total": 0, "nll": 0.0, "attended": 0, "s": 0.0} for _ in configs]
-    for piece in pieces:
+    for number, piece in enumerate(pieces, 1):
+        print(f"piece {number}/{len(pieces)}", file=sys.stderr, flush=True)
         prefilled = prefill(model, piece, prompt)
         targets = piece[0, prompt:]
         reference = None
