@@ -15,7 +15,8 @@ Per inference (one round):
   3. The owner encodes its input, permutes it (token ids through the secret vocabulary
      permutation; images with patches and pixels shuffled) and sends it.
   4. The compute node runs the plain forward pass with per-layer ledger scopes and returns the
-     output in the transformed basis (permuted logits / hidden units / classes) and its rows. A
+     output in the transformed basis (permuted logits / hidden units / classes) and its rows (one
+     array of counts; the labels only when they change, see :class:`RowSender`). A
      decoder returns the logits of the last position only: what the decoded output (the next
      token) uses; the whole [T, vocab] block would cost the owner more to copy and unpermute than
      the rest of the route (about 10% of a SmolLM2 forward at 120 tokens).
@@ -27,6 +28,8 @@ its permuted embedding expects next) and returns the permuted ids; the owner map
 
 from __future__ import annotations
 
+import math
+import operator
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +58,7 @@ TAG_OUTPUT = "ee.output"
 TAG_ROWS = "ee.rows"
 TAG_ROW_COUNTS = "ee.row_counts"
 _ROW_NUMBERS = ("bytes_sent", "bytes_recv", "messages_sent", "messages_recv", "rounds", "wall_s", "wait_s")
+_numbers_of = operator.attrgetter(*_ROW_NUMBERS)
 
 
 class EeProtocolError(ValueError):
@@ -95,45 +99,91 @@ def apply_calibration(model: nn.Module, data: Any) -> None:
             module.calibrated = bool(values["calibrated"])
 
 
-def send_rows(channel: Channel, rows: list[Row]) -> None:
-    """A party's ledger rows in two frames: the labels (JSON) and the counts (one float64 array).
+class RowSender:
+    """A party's ledger rows in compact form: per reply one float64 array of counts; the labels
+    (JSON) only when they differ from the last ones sent.
 
     A generation's rows (every module at every step: 3,600 for 8 SmolLM2 tokens) as one JSON object
-    each took the owner ~120 ms to parse, a sixth of the generation; this form takes a few ms.
-    Counts stay exact (integers below 2^53).
+    each took the owner ~120 ms to parse. The labels of an inference (module names, ops, phases,
+    steps, storage kinds) are the same every time, so they travel once per label set: the array's
+    first row is a header (label set version, row count) and the labels follow it only for a new
+    version. Counts stay exact (integers below 2^53).
     """
-    labels = [[r.name, r.op, r.phase.value, r.step] for r in rows]
-    sparse = {str(i): {"storage": r.counters.storage, "extra": r.counters.extra}
-              for i, r in enumerate(rows) if r.counters.storage or r.counters.extra}
-    party = rows[0].party if rows else ""
-    channel.send_json(TAG_ROWS, {"party": party, "labels": labels, "sparse": sparse})
-    numbers = [[getattr(r.counters, field) for field in _ROW_NUMBERS] for r in rows]
-    channel.send(TAG_ROW_COUNTS, np.asarray(numbers, dtype=np.float64).reshape(len(rows), len(_ROW_NUMBERS)))
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._version = 0
+        self._header: tuple[Any, ...] | None = None
+
+    def send(self, rows: list[Row]) -> None:
+        """Send ``rows``: the counts array, then the labels if they changed."""
+        labels = [[r.name, r.op, r.phase.value, r.step] for r in rows]
+        sparse = {str(i): {"storage": r.counters.storage, "extra": r.counters.extra}
+                  for i, r in enumerate(rows) if r.counters.storage or r.counters.extra}
+        header = (rows[0].party if rows else "", labels, sparse)
+        fresh = header != self._header
+        if fresh:
+            self._version, self._header = self._version + 1, header
+        numbers = np.zeros((len(rows) + 1, len(_ROW_NUMBERS)), dtype=np.float64)
+        numbers[0, :2] = self._version, len(rows)
+        if rows:
+            numbers[1:] = [_numbers_of(r.counters) for r in rows]
+        self.channel.send(TAG_ROW_COUNTS, numbers)
+        if fresh:
+            self.channel.send_json(TAG_ROWS, {"version": self._version, "party": header[0],
+                                              "labels": labels, "sparse": sparse})
 
 
-def recv_rows(channel: Channel) -> list[Row]:
-    """Inverse of :func:`send_rows`, checking the shapes and that every count is finite and >= 0."""
-    header = channel.recv_json(TAG_ROWS)
-    numbers = channel.recv(TAG_ROW_COUNTS)
-    try:
-        labels, sparse, party = header["labels"], header["sparse"], str(header["party"])
-        if not isinstance(numbers, np.ndarray) or numbers.shape != (len(labels), len(_ROW_NUMBERS)):
-            raise ValueError("counts do not match the labels")
-        if not np.isfinite(numbers).all() or (numbers < 0).any():
-            raise ValueError("a count is negative or not finite")
+class RowReceiver:
+    """Inverse of :class:`RowSender`, checking the shapes and that every count is finite and >= 0."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._version = 0
+        self._party = ""
+        self._labels: list[tuple[str, str, Phase, str]] = []
+        self._sparse: dict[int, tuple[dict[str, int], dict[str, float]]] = {}
+
+    def recv(self) -> list[Row]:
+        """The peer's rows of one reply, as fresh :class:`Row` objects."""
+        numbers = self.channel.recv(TAG_ROW_COUNTS)
+        try:
+            if not isinstance(numbers, np.ndarray) or numbers.ndim != 2 or numbers.shape[1] != len(_ROW_NUMBERS) \
+                    or numbers.shape[0] < 1 or numbers.dtype != np.float64:
+                raise ValueError("the counts are not a [1 + rows, 7] float64 array")
+            if not np.isfinite(numbers).all() or (numbers < 0).any():
+                raise ValueError("a count is negative or not finite")
+            version, count = int(numbers[0, 0]), int(numbers[0, 1])
+            if version != self._version:
+                self._learn(self.channel.recv_json(TAG_ROWS), version)
+            if count != len(numbers) - 1 or count != len(self._labels):
+                raise ValueError("counts do not match the labels")
+            return self._rows(numbers[1:])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EeProtocolError(f"malformed ledger rows from {self.channel.peer}: {exc}") from None
+
+    def _learn(self, header: Any, version: int) -> None:
+        if header["version"] != version or version <= self._version:
+            raise ValueError(f"label set {header['version']!r} arrived for counts of version {version}")
+        labels = [(str(name), str(op), Phase(phase), str(step)) for name, op, phase, step in header["labels"]]
+        sparse = {}
+        for index, more in header["sparse"].items():
+            sparse[int(index)] = ({str(k): int(v) for k, v in more.get("storage", {}).items()},
+                                  {str(k): float(v) for k, v in more.get("extra", {}).items()})
+        self._version, self._party, self._labels, self._sparse = version, str(header["party"]), labels, sparse
+
+    def _rows(self, numbers: np.ndarray) -> list[Row]:
+        ints = numbers[:, :5].astype(np.int64).tolist()
+        times = numbers[:, 5:].tolist()
+        no_more: tuple[dict[str, int], dict[str, float]] = ({}, {})
         rows = []
-        for i, ((name, op, phase, step), values) in enumerate(zip(labels, numbers.tolist())):
-            more = sparse.get(str(i), {})
-            storage = {str(k): int(v) for k, v in more.get("storage", {}).items()}
-            extra = {str(k): float(v) for k, v in more.get("extra", {}).items()}
-            counts = dict(zip(_ROW_NUMBERS, values))
-            counters = Counters(**{k: int(v) for k, v in counts.items() if not k.endswith("_s")},
-                                wall_s=counts["wall_s"], wait_s=counts["wait_s"],
-                                storage_bytes=sum(storage.values()), storage=storage, extra=extra)
-            rows.append(Row(str(name), str(op), party, Phase(phase), counters, str(step)))
+        for i, ((name, op, phase, step), (sent, recv, m_sent, m_recv, rounds), (wall, wait)) in \
+                enumerate(zip(self._labels, ints, times)):
+            storage, extra = self._sparse.get(i, no_more)
+            counters = Counters(sent, recv, m_sent, m_recv, rounds, wall, wait, sum(storage.values()),
+                                dict(storage), dict(extra))
+            rows.append(Row(name, op, self._party, phase, counters, step))
         return rows
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise EeProtocolError(f"malformed ledger rows from {channel.peer}: {exc}") from None
 
 
 # ----- owner (client role) ----------------------------------------------------------------------
@@ -147,6 +197,8 @@ class EeOwner:
         self.bundle = bundle
         self._seed = seed
         self.key: EeKey | None = None
+        self._rows = RowReceiver(server_channel)
+        self._pixel_index: dict[tuple[int, ...], tuple[torch.Tensor, tuple[int, ...]]] = {}
 
     @property
     def input_kind(self) -> str:
@@ -178,6 +230,17 @@ class EeOwner:
                 self.channel.send(TAG_WEIGHT, value.float().numpy())
             self.ledger.record_rounds(1)
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`EeKey.encode_input`; an image's shuffle as one gather whose index is built once per shape."""
+        if self.key.family != "vit" or x.dim() != 4 or x[0].numel() > 2**24:  # pixel numbers exact in float32
+            return self.key.encode_input(x)
+        shape = tuple(x.shape[1:])
+        if shape not in self._pixel_index:  # where each pixel goes: shuffle an image of pixel numbers
+            probe = self.key.encode_input(torch.arange(math.prod(shape), dtype=torch.float32).reshape(1, *shape))
+            self._pixel_index[shape] = probe.reshape(-1).long(), tuple(probe.shape[1:])
+        index, out_shape = self._pixel_index[shape]
+        return x.float().reshape(x.shape[0], -1)[:, index].reshape(x.shape[0], *out_shape)
+
     def _store_key(self) -> None:
         with self.ledger.scope(f"{self.bundle.name}.weights", "ship"):
             self.ledger.record_storage("ee_key", self.key.nbytes)
@@ -189,7 +252,7 @@ class EeOwner:
         name = self.bundle.name
         self._store_key()
         with self.ledger.scope(f"{name}.input", "permute"):
-            sent = self.key.encode_input(self.bundle.encode(value))
+            sent = self._encode(self.bundle.encode(value))
             self.channel.send_json(TAG_REQUEST, {"op": "infer"})
             self.channel.send(TAG_INPUT, sent.numpy())
             self.ledger.record_rounds(1)
@@ -228,7 +291,7 @@ class EeOwner:
         return self.bundle.decode(tokens), self._collect_rows()
 
     def _collect_rows(self) -> list[list[Row]]:
-        server_rows = recv_rows(self.channel)
+        server_rows = self._rows.recv()
         client_rows = self.ledger.rows()
         self.ledger.reset()
         return [client_rows, server_rows]
@@ -247,6 +310,7 @@ class _ComputeNode:
         self.model: nn.Module | None = None
         self.name = spec.model
         self.weight_bytes = 0
+        self.rows = RowSender(channel)
 
     def receive_model(self) -> None:
         with self.ledger.phase(Phase.OFFLINE), self.ledger.scope(f"{self.name}.weights", "ship"):
@@ -289,7 +353,7 @@ class _ComputeNode:
                 out = self._generate(x, self._new_tokens(request, x))
             with self.ledger.scope(f"{self.name}.output", "unpermute"):
                 self.channel.send(TAG_OUTPUT, out.numpy())
-            send_rows(self.channel, self.ledger.rows())
+            self.rows.send(self.ledger.rows())
             self.ledger.reset()
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:

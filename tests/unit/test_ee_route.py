@@ -25,8 +25,8 @@ from protocols.routes.ee import (
     TAG_WEIGHT,
     EeOwner,
     EeProtocolError,
-    recv_rows,
-    send_rows,
+    RowReceiver,
+    RowSender,
     serve_ee_session,
 )
 from protocols.routes.plain import run_plain
@@ -205,9 +205,26 @@ def test_ledger_rows_round_trip_in_their_compact_form() -> None:
         ledger.record_extra("tokens", 1.5)
     rows = ledger.rows()
     a, b = memory_pair("server", "client", "t")
-    send_rows(a, rows)
-    assert recv_rows(b) == rows
-    a.send_json(TAG_ROWS, {"party": "server", "labels": [["x", "op", "online", ""]], "sparse": {}})
-    a.send(TAG_ROW_COUNTS, np.array([[-1.0, 0, 0, 0, 0, 0, 0]]))
+    sender, receiver = RowSender(a), RowReceiver(b)
+    sender.send(rows)
+    assert receiver.recv() == rows
+    frames = a.stats.frames_sent
+    sender.send(rows)  # same labels: the counts array alone
+    assert a.stats.frames_sent == frames + 1
+    got = receiver.recv()
+    assert got == rows and got[0].counters is not rows[0].counters
+    got[0].counters.storage["ee_weights"] = 0  # fresh objects: the next reply is not affected
+    with ledger.scope("m.layer.1", "block"):
+        ledger.record_rounds(1)
+    more = ledger.rows()
+    sender.send(more)  # new labels: sent again
+    assert receiver.recv() == more and a.stats.frames_sent == frames + 3
+    sender.send([])
+    assert receiver.recv() == []
+    a.send(TAG_ROW_COUNTS, np.array([[2.0, 1, 0, 0, 0, 0, 0], [-1.0, 0, 0, 0, 0, 0, 0]]))
     with pytest.raises(EeProtocolError, match="negative"):
-        recv_rows(b)
+        receiver.recv()
+    a.send(TAG_ROW_COUNTS, np.array([[9.0, 1, 0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0, 0]]))
+    a.send_json(TAG_ROWS, {"version": 8, "party": "server", "labels": [["x", "op", "online", ""]], "sparse": {}})
+    with pytest.raises(EeProtocolError, match="label set"):
+        receiver.recv()
