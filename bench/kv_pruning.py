@@ -167,7 +167,7 @@ SETTINGS = {
     "mpcache": Setting(
         "mpcache", MPCACHE_BLOCK,
         "MPCache's setting: one GPT-2 block (hidden 1024 = 32 heads x 32 dims, FFN 4096, vocab 50257, random "
-        "weights), exact softmax; cache of `prompt` public-random entries (after static eviction to 30%) "
+        "weights), exact softmax; cache of `prompt` public-random entries (as after the eviction: mpcache keeps 30%) "
         "+ 1 token",
         (512, 1024, 2048, 4096), (128, 256), _mpcache_configs, lambda prompt: prompt),
 }
