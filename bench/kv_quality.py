@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.kv_pruning import PrunedCache, make_policy, mpcache_split
+from models.kv_pruning import make_policy, mpcache_split
+from models.pruned_cache import PrunedCache
 from models.smollm2 import load_smollm2
 
 DESCR_FILES = ("olivetti_faces", "rcv1", "lfw", "california_housing", "species_distributions",

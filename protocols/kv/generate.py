@@ -1,7 +1,7 @@
 """Private decoding pieces: the KV-stationary pruned cache, attention kernels that use it, and
 the plaintext greedy reference with the same pruning policy.
 
-:class:`StationaryCache` is a :class:`models.kv_pruning.PrunedCache` whose stored K/V live as
+:class:`StationaryCache` is a :class:`models.pruned_cache.PrunedCache` whose stored K/V live as
 KV-stationary shares (:mod:`protocols.kv.stationary`): every appended block is opened once as
 ``F = K - B``; the attention reads :class:`~protocols.kv.stationary.StationaryView` objects and
 the kernels installed by :func:`install_kernels` compute ``q K^T`` and ``w V`` opening only the
@@ -32,9 +32,9 @@ from models.kv_pruning import (
     MPCachePolicy,
     PlainSelector,
     PolicyError,
-    PrunedCache,
     make_policy,
 )
+from models.pruned_cache import PrunedCache
 from protocols.kv.stationary import StationaryError, StationaryParty, StationaryView, _Store
 from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor

@@ -9,12 +9,12 @@ from models.kv_pruning import (
     MPCachePolicy,
     PlainSelector,
     PolicyError,
-    PrunedCache,
     make_policy,
     mpcache_split,
     prefill_scores,
     resolve_budget,
 )
+from models.pruned_cache import PrunedCache
 from models.toy import make_input, make_model
 
 PROMPT, TOTAL = 10, 14

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from models.kv_pruning import PlainSelector, PrunedCache, make_policy
+from models.kv_pruning import PlainSelector, make_policy
 from models.ops import replace_parameters
+from models.pruned_cache import PrunedCache
 from models.toy import FAMILIES, make_input, make_model
 from privinf.ledger.counting import Ledger
 from protocols.kv.select import (
