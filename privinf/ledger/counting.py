@@ -16,6 +16,11 @@ from online work, and the step label groups one inference step of a decoder (``p
 ``decode.0``, ``decode.1``...) so per-token costs can be reported. Wall time is charged to the
 innermost scope between scope/phase/step transitions, so the rows' wall seconds add up to the
 time elapsed since the ledger was created (or reset).
+
+A party that works on behalf of another party's scope (the dealer answering a request made
+inside the client's ``encoder.3.attn.softmax``) charges that work to the same scope name with
+:meth:`Ledger.attribute`, per thread, whatever its own scope stack holds, so every party's rows
+for one layer share its name.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ _TOKENS = itertools.count(1)  # distinguishes the hook sets of separate attach()
 
 
 class _ThreadContexts:
-    """(phase, step) contexts entered by several threads on one ledger.
+    """(phase, step, attributed scope) contexts entered by several threads on one ledger.
 
     A thread's counts go to its own innermost context; a thread that entered none (a transport
     reader) follows the most recently entered context of any thread (normally the party's main
@@ -109,7 +114,8 @@ class Ledger:
         self._clock = clock
         self._lock = threading.RLock()
         self._stack: list[_Frame] = [_Frame(ROOT_SCOPE, "session", clock())]
-        self._contexts = _ThreadContexts((Phase.ONLINE, NO_STEP))
+        # per thread: (phase, step, scope the thread's counts are attributed to or None for the stack's)
+        self._contexts = _ThreadContexts((Phase.ONLINE, NO_STEP, None))
         self._owner: int | None = None
         self._counters: dict[tuple[str, Phase, str], Counters] = {}
         self._ops: dict[str, str] = {ROOT_SCOPE: "session"}
@@ -118,8 +124,15 @@ class Ledger:
     # ----- scopes, phases and steps ------------------------------------------------------
     @property
     def current_scope(self) -> str:
-        """Name of the innermost open scope (``<session>`` at the root)."""
-        return self._stack[-1].name
+        """Scope new counts from the calling thread are charged to: the one it is attributing
+        to (:meth:`attribute`), else the innermost open scope (``<session>`` at the root)."""
+        return self._contexts.get()[2] or self._stack[-1].name
+
+    @property
+    def current_op(self) -> str:
+        """Op kind of :attr:`current_scope` (``session`` at the root)."""
+        name = self.current_scope
+        return self._ops.get(name, name)
 
     @property
     def current_phase(self) -> Phase:
@@ -137,7 +150,8 @@ class Ledger:
         return len(self._stack) - 1
 
     def _cell(self) -> Counters:
-        key = (self._stack[-1].name, *self._contexts.get())
+        phase, step, attributed = self._contexts.get()
+        key = (attributed or self._stack[-1].name, phase, step)
         cell = self._counters.get(key)
         if cell is None:
             cell = Counters()
@@ -217,7 +231,7 @@ class Ledger:
     def phase(self, phase: Phase | str) -> Iterator[None]:
         """Count everything inside as ``phase`` (offline preprocessing vs online)."""
         new = Phase(phase)
-        with self._within(lambda current: (new, current[1])):
+        with self._within(lambda current: (new, *current[1:])):
             yield
 
     @contextmanager
@@ -225,12 +239,30 @@ class Ledger:
         """Label everything inside as one step (``prefill``, ``decode.3``) for per-token reports."""
         if not isinstance(label, str) or not label:
             raise ValueError("ledger: step label must be a non-empty string")
-        with self._within(lambda current: (current[0], label)):
+        with self._within(lambda current: (current[0], label, current[2])):
+            yield
+
+    @contextmanager
+    def attribute(self, name: str, op: str, step: str | None = None) -> Iterator[None]:
+        """Charge what the calling thread records inside to scope ``name`` of kind ``op`` (and
+        to ``step`` when given), whatever the scope stack holds; other threads are unaffected.
+
+        For work done on behalf of another party's scope: the dealer answers a request made in
+        the client's ``encoder.3.attn.softmax`` inside ``attribute("encoder.3.attn.softmax",
+        "softmax")``. Wall time is charged as for scopes, at this thread's transitions.
+        """
+        if not name or not op:
+            raise ValueError("ledger: attribute needs a non-empty scope name and op")
+        if step is not None and not step:
+            raise ValueError("ledger: an attributed step label must be non-empty (or None)")
+        with self._lock:
+            self._ops.setdefault(name, op)
+        with self._within(lambda current: (current[0], current[1] if step is None else step, name)):
             yield
 
     @contextmanager
     def _within(self, derive: Any) -> Iterator[None]:
-        """Push ``derive((phase, step))`` as this thread's context for the body."""
+        """Push ``derive((phase, step, attributed scope))`` as this thread's context for the body."""
         with self._lock:
             self._charge_wall()
             entry = self._contexts.push(derive(self._contexts.get()))

@@ -20,6 +20,7 @@ The wire vocabulary (tags, message types, request layouts) is :mod:`protocols.mp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -269,7 +270,8 @@ class Dealer:
         for _ in range(inferences):
             for request in schedule.requests:
                 if rank == CORRECTED_RANK or request.kind == "sign":
-                    yield self.correction(index, request, rank)
+                    with self._charged(request):  # the consumer sends it inside: charged to its layer
+                        yield self.correction(index, request, rank)
                 index += 1
 
     def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
@@ -295,7 +297,8 @@ class Dealer:
                     raise DealerError(f"request index {index} repeats or goes back (expected >= {expected_index})")
                 expected_index = index + 1
                 request = TupleRequest.from_json(msg["request"])
-                self._send(channel, self.correction(index, request, rank), Phase.ONLINE)
+                with self._charged(request):
+                    self._send(channel, self.correction(index, request, rank), Phase.ONLINE)
                 sent += 1
             elif kind == MSG_PREPROCESS:
                 schedule = RequestSchedule.from_json(msg["schedule"])
@@ -312,6 +315,13 @@ class Dealer:
                     sent += 1
             else:
                 raise DealerError(f"unknown dealer message type {kind!r}")
+
+    def _charged(self, request: TupleRequest) -> contextlib.AbstractContextManager[None]:
+        """Charge the work inside to the ledger scope the request was made in (its label)."""
+        label = request.label
+        if self.ledger is None or label is None:
+            return contextlib.nullcontext()
+        return self.ledger.attribute(label.scope, label.op, label.step or None)
 
     def _send(self, channel: Channel, tensor: torch.Tensor, phase: Phase) -> None:
         if self.ledger is None:

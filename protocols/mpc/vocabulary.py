@@ -9,13 +9,18 @@ online), ``preprocess`` (``start``, ``inferences``, ``schedule``: a recorded sch
 ahead), ``ws_preprocess`` (weight-stationary corrections, :mod:`protocols.mpc.secure_linear`),
 ``kvs_triple`` (KV-stationary corrections, :mod:`protocols.kv.stationary`), ``report`` (send the
 dealer's ledger rows on ``dealer.rows``) and ``end``; ``dealer.corr`` arrays back.
+
+A request may carry a :class:`ScopeLabel` (``label``: the requesting party's ledger scope, op
+kind and step, all public model structure) so the dealer charges the material it sends to the
+layer and op that consume it; labels never change what is generated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +59,35 @@ class DealerError(ValueError):
     """A malformed, unexpected or mismatched dealer request or reply."""
 
 
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9_.:<>/-]{1,200}")  # a label's scope, op and step: model paths and kinds
+
+
+@dataclass(frozen=True)
+class ScopeLabel:
+    """Where a request is charged in the ledgers: the requesting party's scope path (a model
+    module path such as ``minilm.layer.0.attn.softmax``), its op kind and its step label ("" for
+    none). Public (model structure); bounded and checked on arrival."""
+
+    scope: str
+    op: str
+    step: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("scope", "op", "step"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or (value or key != "step") and not LABEL_PATTERN.fullmatch(value):
+                raise DealerError(f"a label's {key} must be 1-200 of A-Za-z0-9_.:<>/-, got {value!r:.80}")
+
+    def to_json(self) -> dict[str, str]:
+        return {"scope": self.scope, "op": self.op, **({"step": self.step} if self.step else {})}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ScopeLabel:
+        if not isinstance(data, dict) or set(data) - {"scope", "op", "step"}:
+            raise DealerError(f"a request label is an object with scope, op and step, got {data!r:.80}")
+        return cls(data.get("scope"), data.get("op"), data.get("step", ""))
+
+
 def _dims(value: Any, what: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in value)
@@ -83,8 +117,11 @@ class TupleRequest:
     size1: tuple[int, ...] = ()
     op: str = ""
     kwargs: tuple[tuple[str, Any], ...] = field(default=())
+    label: ScopeLabel | None = field(default=None, compare=False)  # ledger attribution only
 
     def __post_init__(self) -> None:
+        if self.label is not None and not isinstance(self.label, ScopeLabel):
+            raise DealerError(f"a request label must be a ScopeLabel, got {type(self.label).__name__}")
         if self.kind not in KINDS:
             raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "additive" and self.op not in ADDITIVE_OPS:
@@ -169,12 +206,23 @@ class TupleRequest:
             out["domain"] = self.domain
         elif self.kwargs:
             out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+        if self.label is not None:
+            out["label"] = self.label.to_json()
         return out
+
+    def labelled(self, label: ScopeLabel | None) -> TupleRequest:
+        """The same request charged to ``label``."""
+        return replace(self, label=label)
 
     @classmethod
     def from_json(cls, data: Any) -> TupleRequest:
         if not isinstance(data, dict) or "kind" not in data or "size0" not in data:
-            raise DealerError(f"malformed tuple request: {data!r}")
+            raise DealerError(f"malformed tuple request: {data!r:.200}")
+        label = ScopeLabel.from_json(data["label"]) if "label" in data else None
+        return cls._from_json(data).labelled(label)
+
+    @classmethod
+    def _from_json(cls, data: dict[str, Any]) -> TupleRequest:
         if data["kind"] == "sign":
             bits = data.get("bits")
             if isinstance(bits, bool) or not isinstance(bits, int):
