@@ -33,7 +33,15 @@ from protocols.mpc.cryptenlib.randomness import PartyRandomness, as_shape, check
 from protocols.mpc.csprng import check_seed
 from protocols.mpc.dealer import expand_shares
 from protocols.mpc.fss import SignKey
-from protocols.mpc.vocabulary import CORRECTED_RANK, TAG_CORR, TAG_MSG, RequestSchedule, TupleRequest
+from protocols.mpc.vocabulary import (
+    CORRECTED_RANK,
+    TAG_CORR,
+    TAG_MSG,
+    DealerError,
+    RequestSchedule,
+    ScopeLabel,
+    TupleRequest,
+)
 from protocols.net.channels import Channel
 from protocols.protocol_config import ProtocolConfig
 
@@ -48,6 +56,10 @@ class DealerProvider:
     correction) and its sign keys from preprocessed material if any is stored, else asks the
     dealer online (one JSON request and one array reply on the dealer channel). Every request is
     public (shapes only) and can be recorded into a :class:`RequestSchedule` with :meth:`recording`.
+
+    With a ledger, each request is labelled with the scope it is made in (:class:`ScopeLabel`):
+    the dealer charges what it sends to that scope, and preprocessed material is charged (offline,
+    bytes and storage) to the scope of the request that will consume it.
     """
 
     def __init__(self, rank: int, seed: bytes, dealer: Channel | None = None, ledger: Ledger | None = None) -> None:
@@ -113,14 +125,14 @@ class DealerProvider:
             for _ in range(inferences):
                 for request, wanted in zip(schedule.requests, mine):
                     if wanted:
-                        corr = self._receive(request)
+                        with self._charged(request):
+                            corr = self._receive(request)
+                            what = "comparison keys" if request.kind == "sign" else "triples"
+                            if self._ledger is not None:
+                                self._ledger.record_storage(what, corr.numel() * 8)
                         self._store.append((index, request, corr))
-                        stored["comparison keys" if request.kind == "sign" else "triples"] += corr.numel() * 8
+                        stored[what] += corr.numel() * 8
                     index += 1
-            if self._ledger is not None:
-                for what, nbytes in stored.items():
-                    if nbytes:
-                        self._ledger.record_storage(what, nbytes)
         return sum(stored.values())
 
     def close(self) -> None:
@@ -177,8 +189,7 @@ class DealerProvider:
 
     def sign_key(self, size: Any, bits: int) -> SignKey:
         """This party's FSS sign-gate keys for a tensor of ``size`` (both ranks fetch theirs)."""
-        request = TupleRequest.sign(as_shape(size), bits)
-        index = self._next_index(request)
+        index, request = self._next_index(TupleRequest.sign(as_shape(size), bits))
         count = int(np.prod(request.size0, dtype=np.int64))
         return SignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
 
@@ -186,16 +197,38 @@ class DealerProvider:
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
                   "onehot": "u", "rowscale": "ab", "gelu": "products"}
 
-    def _next_index(self, request: TupleRequest) -> int:
+    def _next_index(self, request: TupleRequest) -> tuple[int, TupleRequest]:
+        """The next request index and the request labelled with the scope it is made in."""
         index = self._index
         self._index += 1
+        request = request.labelled(self._label())
         if self._recording is not None:
             self._recording.append(request)
-        return index
+        return index, request
+
+    def _label(self) -> ScopeLabel | None:
+        """The ledger's current scope, op and step; None without a ledger or for a scope name a
+        label cannot carry (the dealer then charges its session row)."""
+        if self._ledger is None:
+            return None
+        try:
+            return ScopeLabel(self._ledger.current_scope, self._ledger.current_op, self._ledger.current_step)
+        except DealerError:
+            return None
+
+    @contextmanager
+    def _charged(self, request: TupleRequest) -> Iterator[None]:
+        """Charge what is recorded inside to the scope that will consume ``request``."""
+        label = request.label
+        if self._ledger is None or label is None:
+            yield
+            return
+        with self._ledger.attribute(label.scope, label.op, label.step or None):
+            yield
 
     def _tuple(self, request: TupleRequest, device: Any) -> dict[str, torch.Tensor]:
         check_device(device)
-        index = self._next_index(request)
+        index, request = self._next_index(request)
         shares = expand_shares(self._seed, self.rank, index, request)
         if self.rank == CORRECTED_RANK:
             shares[self._DEPENDENT[request.kind]] = self._correction(index, request)
