@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 SEED_BYTES = 16
 _KDF_CONTEXT = b"privinf/csprng/v1|"
 _ZERO_IV = bytes(16)
-_CHUNK = 1 << 24  # keystream produced per AES call (bounds the zero buffer we feed in)
+_CHUNK = 1 << 22  # keystream produced per AES call
+_ZEROS = bytes(_CHUNK)  # the plaintext: the keystream is the AES-CTR encryption of zeros
+_SLACK = 15  # cryptography's update_into wants room for a block beyond the input
 
 
 class CsprngError(ValueError):
@@ -97,13 +99,21 @@ class Stream:
     def read_into(self, out: bytearray | memoryview) -> None:
         """Fill ``out`` with the next ``len(out)`` keystream bytes."""
         view = memoryview(out).cast("B")
-        n = len(view)
+        self._fill(view, len(view))
+
+    def _fill(self, view: memoryview, n: int) -> None:
+        """Write the next ``n`` keystream bytes into ``view[:n]``, straight into it (no copy)
+        wherever ``view`` has room for the cipher's slack, through a small buffer otherwise."""
         done = 0
         while done < n:
             step = min(_CHUNK, n - done)
-            block = bytearray(step + 15)
-            self._enc.update_into(bytes(step), block)
-            view[done:done + step] = block[:step]
+            zeros = memoryview(_ZEROS)[:step]
+            if len(view) - done >= step + _SLACK:
+                self._enc.update_into(zeros, view[done:])
+            else:
+                tail = bytearray(step + _SLACK)
+                self._enc.update_into(zeros, tail)
+                view[done:done + step] = memoryview(tail)[:step]
             done += step
         self.bytes_used += n
 
@@ -117,13 +127,8 @@ class Stream:
 
     def _words(self, count: int, itemsize: int) -> bytearray:
         nbytes = count * itemsize
-        if nbytes <= _CHUNK:
-            buf = bytearray(nbytes + 15)
-            self._enc.update_into(bytes(nbytes), buf)
-            self.bytes_used += nbytes
-            return buf
-        buf = bytearray(nbytes)
-        self.read_into(buf)
+        buf = bytearray(nbytes + _SLACK)
+        self._fill(memoryview(buf), nbytes)
         return buf
 
     def ring(self, shape: int | Iterable[int]) -> torch.Tensor:
@@ -132,8 +137,9 @@ class Stream:
         count = math.prod(dims)
         if count == 0:
             return torch.empty(dims, dtype=torch.int64)
-        buf = self._words(count, 8)
-        return torch.frombuffer(buf, dtype=torch.int64, count=count).reshape(dims)
+        out = torch.empty(count + 2, dtype=torch.int64)  # 16 bytes of room for the cipher's slack
+        self._fill(memoryview(out.numpy()).cast("B"), count * 8)
+        return out[:count].reshape(dims)
 
     def bits(self, shape: int | Iterable[int], bitlength: int = 1) -> torch.Tensor:
         """Uniform integers in [0, 2**bitlength) as int64; ``bitlength`` 64 means the full ring."""
