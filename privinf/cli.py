@@ -38,7 +38,7 @@ def _add_common_run_args(p: argparse.ArgumentParser, protocols: Sequence[str]) -
     p.add_argument("--csv", type=Path, default=None, help="also write the report as CSV")
     p.add_argument("--png", type=Path, default=None, help="also write a per-layer PNG chart")
     p.add_argument("--depth", type=int, default=None,
-                   help="group the terminal table to this module-path depth")
+                   help="group the terminal table and the PNG chart to this module-path depth")
 
 
 def _add_certs_command(sub: Any) -> None:
@@ -204,7 +204,7 @@ def _emit_report(report: Any, args: argparse.Namespace) -> None:
         args.csv.write_text(report.to_csv())
         print(f"csv: {args.csv}")
     if args.png:
-        report.to_png(args.png)
+        report.to_png(args.png, depth=args.depth)
         print(f"chart: {args.png}")
 
 

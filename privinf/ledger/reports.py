@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privinf.ledger.charts import ChartData, draw
 from privinf.ledger.pricing import (
     LAN,
     WAN,
@@ -352,43 +353,49 @@ class Report:
         return "\n".join(out)
 
     # ----- PNG chart -----------------------------------------------------------------------
-    def to_png(self, path: str | Path, depth: int | None = None,
-               phase: Phase | None = Phase.ONLINE) -> Path:
-        """Bar chart per layer: MiB sent (stacked by party) and estimated latency per profile."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    def to_png(self, path: str | Path, depth: int | None = None, step: str | None = None) -> Path:
+        """Chart per layer at ``depth`` (see :mod:`privinf.ledger.charts`): online and offline MiB
+        sent per party and estimated latency per profile, on log scales. ``step`` filters rows."""
+        return draw(self.chart_data(depth, step), path)
 
-        layers = self.layers(depth, phase)
+    def chart_data(self, depth: int | None = None, step: str | None = None) -> ChartData:
+        """What :meth:`to_png` draws: one row per scope group at ``depth``, both phases."""
+        layers = self.layers(depth, phase=None, step=step)
         if not layers:
-            raise ReportError("report has no rows to chart for this phase")
-        labels = [f"{s.name} [{s.phase}]" if phase is None else s.name for s in layers]
-        height = min(60.0, 1.5 + 0.28 * len(layers))
-        fig = Figure(figsize=(13, height))
-        FigureCanvasAgg(fig)
-        ax_bytes, ax_lat = fig.subplots(1, 2, sharey=True)
-        ys = list(range(len(layers)))
-        left = [0.0] * len(layers)
+            raise ReportError("report has no rows to chart")
+        names = list(dict.fromkeys(s.name for s in layers))
+        ops = {s.name: s.op for s in layers}
+        row_of = {name: i for i, name in enumerate(names)}
+        mib: dict[str, dict[str, list[float]]] = {ph.value: {} for ph in Phase}
         for party in self.parties:
-            per = {(s.name, s.phase): s.bytes_sent / MIB for s in self.layers(depth, phase, party=party)}
-            values = [per.get((s.name, s.phase), 0.0) for s in layers]
-            ax_bytes.barh(ys, values, left=left, label=party)
-            left = [a + b for a, b in zip(left, values)]
-        ax_bytes.set_xlabel("MiB sent")
-        ax_bytes.set_yticks(ys, labels, fontsize=7)
-        ax_bytes.invert_yaxis()
-        ax_bytes.legend(fontsize=7)
-        bar = 0.8 / len(self.profiles)
-        for i, prof in enumerate(self.profiles):
-            ax_lat.barh([y - 0.4 + bar * (i + 0.5) for y in ys],
-                        [s.estimates[prof.name].latency_s * 1e3 for s in layers], height=bar,
-                        label=prof.spec())
-        ax_lat.set_xlabel("estimated latency (ms)")
-        ax_lat.legend(fontsize=7)
-        fig.suptitle(f"{self.model} / {self.protocol} / {self.variant}")
-        fig.tight_layout()
-        target = Path(path)
-        fig.savefig(target, format="png", dpi=100)
-        return target
+            for s in self.layers(depth, phase=None, party=party, step=step):
+                mib[s.phase].setdefault(party, [0.0] * len(names))[row_of[s.name]] += s.bytes_sent / MIB
+        latency: dict[str, dict[str, list[float]]] = {ph.value: {} for ph in Phase}
+        for s in layers:
+            for prof in self.profiles:
+                series = latency[s.phase].setdefault(prof.spec(), [0.0] * len(names))
+                series[row_of[s.name]] += s.estimates[prof.name].latency_s * 1e3
+        return ChartData(self._chart_title(depth, step), self._chart_totals(step),
+                         [_chart_label(n, ops[n]) for n in names], mib, latency)
+
+    def _chart_title(self, depth: int | None, step: str | None) -> str:
+        return (f"{self.model} / {self.protocol} / {self.variant}"
+                + f"  (depth {depth if depth else 'all'}" + (f", step {step}" if step else "") + ")")
+
+    def _chart_totals(self, step: str | None) -> str:
+        """One line: MiB sent and estimated seconds per phase and profile."""
+        rows = [r for r in self.rows if step is None or r.step == step]
+        parts = []
+        for ph in (Phase.ONLINE, Phase.OFFLINE):
+            sent = sum(r.counters.bytes_sent for r in rows if r.phase == ph) / MIB
+            times = ", ".join(f"{p.name} {estimate(rows, p, ph).latency_s:.2f} s" for p in self.profiles)
+            parts.append(f"{ph.value}: {sent:,.2f} MiB sent, {times}")
+        return "   |   ".join(parts)
+
+
+def _chart_label(name: str, op: str) -> str:
+    """A chart row's label: the scope, and its op kind when the name does not say it."""
+    return name if op in ("mixed", name.rsplit(".", 1)[-1]) else f"{name} [{op}]"
 
 
 def _plain(obj: Any) -> Any:
