@@ -44,6 +44,8 @@ from protocols.net.channels import Channel
 
 TAG_F = "ws.F"
 TAG_E = "ws.E"
+TAG_OFFER = "ws.offer"  # storage = keep: the server names the masks of this model and epoch
+TAG_HAVE = "ws.have"  # ... and the client answers whether it holds them (then no F is sent)
 
 
 class SecureLinearError(ValueError):
@@ -146,23 +148,33 @@ def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def server_correction(client_seed: bytes, server_seed: bytes, spec: LayerSpec, inference: int) -> torch.Tensor:
-    """C1 = A @ B^T - C0, the server's offline share of the weight-stationary triple."""
+def server_correction(client_seed: bytes, server_seed: bytes, spec: LayerSpec, inference: int,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """C1 = A @ B^T - C0, the server's offline share of the weight-stationary triple (``mask``:
+    the layer's B when the caller has it already, else expanded from ``server_seed``)."""
     a, c0 = activation_masks(client_seed, spec, inference)
-    b = weight_mask(server_seed, spec.name, spec.out_features, spec.in_features)
-    return times_transposed(a, b) - c0
+    b = mask if mask is not None else weight_mask(server_seed, spec.name, spec.out_features, spec.in_features)
+    out = times_transposed(a, b)
+    return out.sub_(c0)
 
 
-def preprocess_message(specs: list[LayerSpec], start: int, inferences: int, client_rank: int) -> dict[str, Any]:
-    """The server's request to the dealer for ``inferences`` corrections of every layer."""
+def preprocess_message(specs: list[LayerSpec], start: int, inferences: int, client_rank: int,
+                       mask_id: str | None = None) -> dict[str, Any]:
+    """The server's request to the dealer for ``inferences`` corrections of every layer
+    (``mask_id``: the kept masks' name under ``storage = keep``, :mod:`protocols.mpc.mask_store`)."""
     if inferences < 1:
         raise SecureLinearError(f"inferences must be >= 1, got {inferences}")
-    return {"type": MSG_WS_PREPROCESS, "layers": [s.to_json() for s in specs], "start": start,
-            "inferences": inferences, "client_rank": client_rank}
+    msg = {"type": MSG_WS_PREPROCESS, "layers": [s.to_json() for s in specs], "start": start,
+           "inferences": inferences, "client_rank": client_rank}
+    return msg | ({"mask_id": mask_id} if mask_id is not None else {})
 
 
-def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str, Any]) -> Iterator[torch.Tensor]:
-    """Dealer side of :func:`preprocess_message`: C1 per inference, per layer, in that order."""
+def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str, Any],
+                       mask_seed: bytes | None = None) -> Iterator[torch.Tensor]:
+    """Dealer side of :func:`preprocess_message`: C1 per inference, per layer, in that order.
+
+    B comes from ``mask_seed`` when given (kept masks), else from the server's session seed; each
+    layer's B is expanded once per message, not once per inference."""
     client_rank = int(msg.get("client_rank", -1))
     if client_rank == server_rank or client_rank not in seeds or server_rank not in seeds:
         raise SecureLinearError(f"bad ranks for weight-stationary preprocessing: client {client_rank}, "
@@ -174,9 +186,12 @@ def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str,
     if start < 0 or count < 1 or not specs:
         raise SecureLinearError(f"malformed ws_preprocess message: start={start} inferences={count} "
                                 f"layers={len(specs)}")
+    mask_source = check_seed(mask_seed) if mask_seed is not None else seeds[server_rank]
+    masks = {s.name: weight_mask(mask_source, s.name, s.out_features, s.in_features) for s in specs} \
+        if count > 1 else {}
     for j in range(start, start + count):
         for spec in specs:
-            yield server_correction(seeds[client_rank], seeds[server_rank], spec, j)
+            yield server_correction(seeds[client_rank], mask_source, spec, j, masks.get(spec.name))
 
 
 def _local_share(x: Any, in_features: int) -> torch.Tensor:
@@ -214,6 +229,10 @@ class SecureLinearClient(nn.Module):
         f = _phase_call(self._ledger, lambda: self._channel.recv(f"{TAG_F}.{self.name}"))
         if not isinstance(f, torch.Tensor):
             f = torch.from_numpy(f)
+        self.use_weight_mask(f)
+
+    def use_weight_mask(self, f: torch.Tensor) -> None:
+        """Offline: hold ``F`` (received now, or kept from an earlier session of this model and epoch)."""
         if tuple(f.shape) != (self.out_features, self.in_features) or f.dtype != torch.int64:
             raise SecureLinearError(f"{self.name}: masked weight is {f.dtype} {list(f.shape)}, expected int64 "
                                     f"[{self.out_features}, {self.in_features}]")
@@ -221,6 +240,11 @@ class SecureLinearClient(nn.Module):
         if self._ledger is not None:
             with self._ledger.phase(Phase.OFFLINE):
                 self._ledger.record_storage("weight_masks", f.numel() * 8)
+
+    @property
+    def masked_weight(self) -> torch.Tensor | None:
+        """``F = W - B`` once received (what ``storage = keep`` stores)."""
+        return self._masked_weight
 
     def forward(self, x: MPCTensor) -> MPCTensor:
         if self._masked_weight is None:
@@ -275,9 +299,15 @@ class SecureLinearServer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}"
 
+    @property
+    def ring_weight(self) -> torch.Tensor:
+        """W as fixed-point ring elements (what F is computed from; hashed for kept masks)."""
+        return self._weight
+
     def send_weight_mask(self) -> None:
         """Offline, once per model load: send F = W - B to the client."""
-        masked = self._weight - weight_mask(self._seed, self.name, self.out_features, self.in_features)
+        masked = weight_mask(self._seed, self.name, self.out_features, self.in_features)
+        masked = torch.sub(self._weight, masked, out=masked)
         _phase_call(self._ledger, lambda: self._channel.send(f"{TAG_F}.{self.name}", masked))
 
     def spec(self, x_shape: tuple[int, ...]) -> LayerSpec:
@@ -323,7 +353,7 @@ class SecureLinearServer(nn.Module):
 
 
 def preprocess_server(layers: list[SecureLinearServer], x_shapes: list[tuple[int, ...]], inferences: int,
-                      dealer: Channel, client_rank: int) -> None:
+                      dealer: Channel, client_rank: int, mask_id: str | None = None) -> None:
     """Offline: fetch C1 for ``inferences`` runs of every layer from the dealer in one exchange."""
     if len(layers) != len(x_shapes) or not layers:
         raise SecureLinearError(f"need one input shape per layer, got {len(x_shapes)} for {len(layers)} layers")
@@ -336,7 +366,8 @@ def preprocess_server(layers: list[SecureLinearServer], x_shapes: list[tuple[int
         raise SecureLinearError(f"layer names must be unique (they key the weight masks): {names}")
     specs = [layer.spec(shape) for layer, shape in zip(layers, x_shapes)]
     ledger = layers[0]._ledger
-    _phase_call(ledger, lambda: dealer.send_json(TAG_MSG, preprocess_message(specs, start, inferences, client_rank)))
+    msg = preprocess_message(specs, start, inferences, client_rank, mask_id)
+    _phase_call(ledger, lambda: dealer.send_json(TAG_MSG, msg))
     received: list[list[torch.Tensor]] = [[] for _ in layers]
     for _ in range(inferences):
         for i in range(len(layers)):
