@@ -34,6 +34,8 @@ TAG_SEED = "dealer.seed"
 TAG_MSG = "dealer.msg"
 TAG_CORR = "dealer.corr"
 TAG_ROWS = "dealer.rows"
+TAG_EPOCH = "dealer.epoch"  # storage = keep: the epoch id to both parties (JSON) ...
+TAG_EPOCH_KEY = "dealer.epoch_key"  # ... and the epoch key to the server (16 raw bytes), offline
 
 MSG_TUPLE = "tuple"
 MSG_PREPROCESS = "preprocess"
