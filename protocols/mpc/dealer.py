@@ -15,6 +15,12 @@ can be recorded once (:class:`RequestSchedule`) and the dealer can generate the 
 ``N`` inferences ahead of time (preprocessed mode) instead of answering request by request
 (online mode). Both modes are served by :meth:`Dealer.serve` over one :class:`Channel` per party.
 
+With :class:`~protocols.mpc.dealer_pool.PoolLimits` the dealer answers ``preprocess`` from a
+background pool (:mod:`protocols.mpc.dealer_pool`): worker threads generate the material of the
+requested and of the predicted next inferences into a bounded store while the parties compute,
+so a party that asks finds it made (or waits, bounded, for the rest). Without limits it
+generates in the request loop, as asked. Both give the same corrections for the same seeds.
+
 The wire vocabulary (tags, message types, request layouts) is :mod:`protocols.mpc.vocabulary`.
 """
 
@@ -32,6 +38,7 @@ import torch
 from privinf.ledger.counting import Ledger, Phase
 from protocols.mpc import fss, secure_linear
 from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
+from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
 from protocols.mpc.vocabulary import (
     CORRECTED_RANK,
     GELU_MASKS,
@@ -184,6 +191,12 @@ def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
     return data
 
 
+def sign_halves(request: TupleRequest) -> tuple[np.ndarray, np.ndarray]:
+    """Both parties' halves of fresh FSS sign keys for ``request`` (randomness from ``os.urandom``)."""
+    shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
+    return fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
+
+
 class SignKeyStore:
     """FSS sign-gate keys generated once per request index, each half taken by its party.
 
@@ -203,8 +216,7 @@ class SignKeyStore:
         with self._lock:
             entry = self._pending.get(index)
             if entry is None:
-                shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
-                keys = fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
+                keys = sign_halves(request)
                 entry = (request, {0: keys[0], 1: keys[1]})
                 self._pending[index] = entry
             stored, halves = entry
@@ -218,18 +230,31 @@ class SignKeyStore:
                 del self._pending[index]
         return torch.from_numpy(half)
 
+    def pending_in(self, start: int, stop: int) -> bool:
+        """Whether a half of keys for an index in ``[start, stop)`` waits for its other party."""
+        with self._lock:
+            return any(start <= index < stop for index in self._pending)
+
 
 class Dealer:
     """Holds one seed per computing party and answers requests for corrections.
 
     ``serve(channel, rank)`` runs the request loop for one party's link until that party sends
-    ``end``; run one loop per party link (threads or tasks) when both talk to the dealer.
+    ``end``; run one loop per party link (threads or tasks) when both talk to the dealer. With
+    ``pool`` limits, ``preprocess`` is answered from a background pool (closed when the last
+    loop ends, when any loop fails, or by :meth:`close`).
     """
 
-    def __init__(self, ledger: Ledger | None = None, seeds: dict[int, bytes] | None = None) -> None:
+    def __init__(self, ledger: Ledger | None = None, seeds: dict[int, bytes] | None = None,
+                 pool: PoolLimits | None = None) -> None:
         self.ledger = ledger
         self._seeds = {r: check_seed(s) for r, s in (seeds or {0: new_seed(), 1: new_seed()}).items()}
         self._sign_keys = SignKeyStore()
+        self._pool_limits = pool
+        self._pool: MaterialPool | None = None
+        self._lock = threading.Lock()
+        self._serving: set[int] = set()
+        self._closed = False
         if sorted(self._seeds) != [0, 1]:
             raise DealerError(f"the dealer needs seeds for ranks 0 and 1, got ranks {sorted(self._seeds)}")
         if ledger is not None:
@@ -238,6 +263,11 @@ class Dealer:
 
     def __repr__(self) -> str:  # never shows the seeds
         return "Dealer(ranks=[0, 1])"
+
+    @property
+    def pool(self) -> MaterialPool | None:
+        """The background pool, once a ``preprocess`` started it (None without pool limits)."""
+        return self._pool
 
     def distribute_seeds(self, channels: dict[int, Channel]) -> None:
         """Send each party its seed (offline)."""
@@ -250,12 +280,21 @@ class Dealer:
             else:
                 send_seed(channel, self._seeds[rank])
 
+    def generate(self, index: int, request: TupleRequest) -> dict[int, torch.Tensor]:
+        """The material of request ``index`` by rank: party 0's correction, or both halves of sign keys."""
+        if request.kind == "sign":
+            keys = sign_halves(request)
+            return {0: torch.from_numpy(keys[0]), 1: torch.from_numpy(keys[1])}
+        return {CORRECTED_RANK: compute_correction(self._seeds, index, request)}
+
     def correction(self, index: int, request: TupleRequest, rank: int = CORRECTED_RANK) -> torch.Tensor:
-        """Party 0's correction for request ``index``, or ``rank``'s half of sign keys."""
+        """Party 0's correction for request ``index``, or ``rank``'s half of sign keys (online)."""
+        if rank != CORRECTED_RANK and request.kind != "sign":
+            raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
+        if self._pool is not None:
+            self._pool.online(index, rank)
         if request.kind == "sign":
             return self._sign_keys.take(index, request, rank)
-        if rank != CORRECTED_RANK:
-            raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
         return compute_correction(self._seeds, index, request)
 
     def preprocess(self, start: int, inferences: int, schedule: RequestSchedule,
@@ -266,6 +305,23 @@ class Dealer:
             raise DealerError(f"inferences must be >= 1, got {inferences}")
         if len(schedule) == 0:
             raise DealerError("cannot preprocess an empty request schedule")
+        if self._pool_limits is None:
+            yield from self._generate_in_place(start, inferences, schedule, rank)
+            return
+        stop = start + inferences * len(schedule)
+        if self._sign_keys.pending_in(start, stop):
+            raise DealerError(f"rank {rank} preprocesses requests {start}..{stop - 1}, which the other party "
+                              "asked for online: the parties disagree")
+        pool = self._material_pool()
+        pool.confirm(rank, start, schedule, inferences)
+        for index in range(start, stop):
+            request = schedule[(index - start) % len(schedule)]
+            if rank == CORRECTED_RANK or request.kind == "sign":
+                with self._charged(request):  # the consumer sends it inside: charged to its layer
+                    yield pool.take(rank, index, request)
+
+    def _generate_in_place(self, start: int, inferences: int, schedule: RequestSchedule,
+                           rank: int) -> Iterator[torch.Tensor]:
         index = start
         for _ in range(inferences):
             for request in schedule.requests:
@@ -274,11 +330,46 @@ class Dealer:
                         yield self.correction(index, request, rank)
                 index += 1
 
+    def _material_pool(self) -> MaterialPool:
+        with self._lock:
+            if self._closed:
+                raise DealerError("the dealer's session has ended")
+            if self._pool is None:
+                assert self._pool_limits is not None
+                self._pool = MaterialPool(self.generate, self._pool_limits, self.ledger)
+            return self._pool
+
+    def close(self, reason: str = "the session ended") -> None:
+        """Stop the background pool (its threads joined, its material freed); idempotent."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        if pool is not None:
+            pool.close(reason)
+
     def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
         """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
 
         A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
+        When the loop fails, or ends as the last one running, the pool is closed.
         """
+        with self._lock:
+            self._serving.add(rank)
+        ended = False
+        try:
+            sent = self._serve_loop(channel, rank, on_report)
+            ended = True
+            return sent
+        finally:
+            with self._lock:
+                self._serving.discard(rank)
+                last = not self._serving
+            if not ended:
+                self.close(f"rank {rank}'s dealer link failed")
+            elif last:
+                self.close()
+
+    def _serve_loop(self, channel: Channel, rank: int, on_report: Callable[[], None] | None) -> int:
         sent = 0
         expected_index = 0
         while True:
