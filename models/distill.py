@@ -44,7 +44,7 @@ from models import distill_parts as parts
 from models.config import ModelConfig
 from models.layers import calibrate
 from models.training import EncoderClassifier
-from models.variants import parse_variant
+from models.variants import VariantSpec, parse_variant
 
 DEFAULT_SEQ_LEN = 48
 
@@ -282,9 +282,10 @@ def save_checkpoint(out: Path, model: EncoderClassifier, *, name: str, base: str
     return Result(out, name, digest, ckpt.read_meta(out))
 
 
-def load_classifier(path: str | Path, variant: str | None = None,
+def load_classifier(path: str | Path, variant: VariantSpec | str | None = None,
                     overrides: str | Path | None = None) -> tuple[EncoderClassifier, dict[str, Any]]:
-    """The checkpoint's classifier running ``variant`` (default: the variant it was trained for)."""
+    """The checkpoint's classifier running ``variant`` (a spec, or a string with ``overrides``;
+    default: the variant it was trained for). The weights are checked against the digest."""
     path = Path(path)
     meta = ckpt.read_meta(path)
     if variant is None:
@@ -296,7 +297,8 @@ def load_classifier(path: str | Path, variant: str | None = None,
     if ckpt.weights_digest(state) != meta["digest"]:
         raise ckpt.CheckpointError(f"checkpoint {path}: the weights do not match the digest in {ckpt.META}")
     config = ModelConfig(**meta["config"])
-    model = parts.classifier(config, state, parse_variant(variant, overrides))
+    spec = variant if isinstance(variant, VariantSpec) else parse_variant(variant, overrides)
+    model = parts.classifier(config, state, spec)
     if any(k.endswith("inv_std") for k in state):
         for module in model.modules():
             if hasattr(module, "calibrated"):

@@ -8,6 +8,11 @@ Built in: ``minilm`` (real all-MiniLM-L6-v2), ``smollm2`` (real SmolLM2-135M-Ins
 ``models.training.HE_VARIANT``). Variants are applied on top of the same weights; every bundle's
 norms are calibrated on a fixed plaintext batch (affine norms need it; LayerNorm/RMSNorm get a
 public power-of-two variance scale for the inverse square root on shares).
+
+Checkpoints (fine-tuned or distilled classifiers, :mod:`models.distill`) load as ``NAME@PATH``
+(:func:`models.checkpoints.checkpoint_name` builds it from a directory; NAME is the checkpoint's
+own, PATH its directory on this machine), or under a plain name after :func:`register_checkpoint`.
+:func:`variant_warning` says when a variant runs on weights not trained or distilled for it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Any
 
 import torch
 
+from models import checkpoints
 from models.bundle import Factory, InputError, ModelBundle, UnknownModelError, decoder_decode, seeded, text_encoder
 from models.hf_import import from_hf
 from models.layers import calibrate
-from models.variants import VariantSpec, as_variant
+from models.training import HE_VARIANT
+from models.variants import VariantSpec, as_variant, parse_variant
 
 CALIBRATION_TEXTS = (
     "Private inference keeps both the prompt and the model secret.",
@@ -51,11 +58,24 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def knows(self, name: str) -> bool:
+        """A registered name, or a ``NAME@PATH`` checkpoint whose metadata names it NAME."""
+        public, path = checkpoints.split_name(name)
+        if path is None:
+            return name in self._factories
+        try:
+            return checkpoints.read_meta(path)["name"] == public
+        except checkpoints.CheckpointError:
+            return False
+
     def load(self, name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
-        if name not in self._factories:
-            raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(self.names())}")
+        public, path = checkpoints.split_name(name)
+        if path is None and name not in self._factories:
+            raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(self.names())} "
+                                    "(or NAME@PATH of a checkpoint)")
+        factory = self._factories[name] if path is None else _checkpoint_factory(path, public)
         with _BUILD_LOCK:  # builders draw from torch's process-wide RNG: one at a time
-            bundle = self._factories[name](as_variant(variant))
+            bundle = factory(as_variant(variant))
         bundle.model.eval()
         return bundle
 
@@ -137,6 +157,29 @@ def _classifier_decode(labels: list[str]) -> Callable[[torch.Tensor], Any]:
         return {"class": index, "label": labels[index], "logits": logits.tolist()}
 
     return decode
+
+
+def _checkpoint_factory(path: Path, expected: str | None = None) -> Factory:
+    """A factory for the checkpoint at ``path`` (a classifier over the base model's tokenizer)."""
+    meta = checkpoints.read_meta(path)
+    if expected is not None and meta["name"] != expected:
+        raise UnknownModelError(f"checkpoint {path} is named {meta['name']!r}, not {expected!r}")
+
+    def build(variant: VariantSpec) -> ModelBundle:
+        from models.distill import load_classifier
+        from models.distill_parts import tokenizer
+
+        model, _ = load_classifier(path, variant)
+        trained = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("inv_std")}
+        tok, seq_len = tokenizer(), int(meta["seq_len"])
+        encode = text_encoder(lambda t: tok(t, truncation=True, max_length=seq_len)["input_ids"], seq_len)
+        calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
+        if trained:  # affine-norm constants trained with the weights win over this calibration
+            model.load_state_dict(trained, strict=False)
+        return ModelBundle(meta["name"], model.config, model, "text", encode,
+                           _classifier_decode(list(meta["labels"])), variant)
+
+    return build
 
 
 def _spam_encoder(variant: VariantSpec) -> ModelBundle:
@@ -224,6 +267,49 @@ _DEFAULT = default_registry()
 def register_model(name: str, factory: Factory) -> None:
     """Add a model to the default registry (used by :func:`load_model`)."""
     _DEFAULT.register(name, factory)
+
+
+def register_checkpoint(path: str | Path, name: str | None = None) -> str:
+    """Register the checkpoint directory ``path`` under ``name`` (default: its own name) in this
+    process's default registry; returns the name. Other processes address it as ``NAME@PATH``."""
+    path = Path(path).resolve()
+    meta = checkpoints.read_meta(path)
+    name = name or meta["name"]
+    _DEFAULT.register(name, _checkpoint_factory(path))
+    MODEL_DESCRIPTIONS.setdefault(name, f"checkpoint {path} ({meta['task']}, variant {meta['variant']})")
+    return name
+
+
+def is_known_model(name: str) -> bool:
+    """Whether :func:`load_model` can build ``name`` (a registered name or a ``NAME@PATH`` checkpoint)."""
+    return _DEFAULT.knows(name)
+
+
+def model_digest(name: str) -> str:
+    """The weights digest the handshake carries for ``name`` ("" for the built-in models)."""
+    return checkpoints.model_digest(name)
+
+
+TRAINED_FOR = {"minilm": "exact", "smollm2": "exact", "spam-encoder": HE_VARIANT, "vit-digits": HE_VARIANT}
+
+
+def variant_warning(name: str, variant: VariantSpec | str) -> str | None:
+    """One line when ``variant`` runs on weights trained (or distilled) for another variant, else None.
+
+    Models with random weights (tests, benchmarks) were trained for nothing and never warn.
+    """
+    variant = as_variant(variant)
+    public, path = checkpoints.split_name(name)
+    if path is not None:
+        trained = parse_variant(*checkpoints.trained_variant(path))
+    elif public in TRAINED_FOR:
+        trained = parse_variant(TRAINED_FOR[public])
+    else:
+        return None
+    if (trained.default, trained.layers) == (variant.default, variant.layers):
+        return None
+    return (f"warning: variant {variant.name!r} runs on {public} weights trained for {trained.name!r}, not "
+            f"distilled for it: expect outputs far from the trained model's (see `privinf distill`)")
 
 
 def load_model(name: str, variant: VariantSpec | str = "exact") -> ModelBundle:
