@@ -121,8 +121,12 @@ class Report:
     rows: list[Row]
     profiles: tuple[NetworkProfile, ...] = (LAN, WAN)
     meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a variant on weights not distilled for it
 
     def __post_init__(self) -> None:
+        if not all(isinstance(w, str) for w in self.warnings):
+            raise ReportError("report warnings must be strings")
+        self.warnings = list(self.warnings)
         for key in ("model", "protocol", "variant"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ReportError(f"report {key} must be a non-empty string")
@@ -244,6 +248,7 @@ class Report:
             "variant": self.variant,
             "output": self.output,
             "meta": self.meta,
+            "warnings": self.warnings,
             "profiles": [p.to_dict() for p in self.profiles],
             "parties": self.parties,
             "layers": [r.to_dict() for r in self.rows],
@@ -279,7 +284,7 @@ class Report:
             rows = rows_from_dicts(data["layers"])
             profiles = tuple(NetworkProfile.from_dict(p) for p in data["profiles"])
             report = cls(data["model"], data["protocol"], data["variant"], data["output"], rows,
-                         profiles, dict(data.get("meta", {})))
+                         profiles, dict(data.get("meta", {})), list(data.get("warnings", [])))
         except KeyError as exc:
             raise ReportError(f"report is missing field {exc.args[0]!r}") from None
         except LedgerFormatError as exc:
@@ -364,7 +369,9 @@ class Report:
         if not layers:
             raise ReportError("report has no rows to chart")
         names = list(dict.fromkeys(s.name for s in layers))
-        ops = {s.name: s.op for s in layers}
+        ops: dict[str, set[str]] = {}
+        for s in layers:
+            ops.setdefault(s.name, set()).add(s.op)
         row_of = {name: i for i, name in enumerate(names)}
         mib: dict[str, dict[str, list[float]]] = {ph.value: {} for ph in Phase}
         for party in self.parties:
@@ -376,7 +383,8 @@ class Report:
                 series = latency[s.phase].setdefault(prof.spec(), [0.0] * len(names))
                 series[row_of[s.name]] += s.estimates[prof.name].latency_s * 1e3
         return ChartData(self._chart_title(depth, step), self._chart_totals(step),
-                         [_chart_label(n, ops[n]) for n in names], mib, latency)
+                         [_chart_label(n, ops[n].pop() if len(ops[n]) == 1 else "mixed") for n in names],
+                         mib, latency)
 
     def _chart_title(self, depth: int | None, step: str | None) -> str:
         return (f"{self.model} / {self.protocol} / {self.variant}"
