@@ -113,6 +113,7 @@ class MaterialPool:
         self._reserved = 0  # bytes of slots being generated or held
         self.peak_bytes = 0
         self._generated = 0  # requests generated (dropped speculation included)
+        self._predicted = 0  # requests asked for that the pool had planned on its own
         self._history: list[str] = []
         self._schedules: dict[str, RequestSchedule] = {}
         self._confirmed_end = 0  # first index after the last confirmed segment
@@ -133,11 +134,13 @@ class MaterialPool:
         return self._reserved
 
     def stats(self) -> dict[str, int]:
-        """Counts for reports and tests: slots held (confirmed / speculative), bytes, generated."""
+        """Counts for reports and tests: slots held (confirmed / speculative), bytes, requests
+        generated, and requests the parties asked for that the pool had predicted."""
         with self._cond:
             confirmed = sum(1 for s in self._slots.values() if s.confirmed)
             return {"confirmed": confirmed, "speculative": len(self._slots) - confirmed,
-                    "held_bytes": self._reserved, "peak_bytes": self.peak_bytes, "generated": self._generated}
+                    "held_bytes": self._reserved, "peak_bytes": self.peak_bytes, "generated": self._generated,
+                    "predicted": self._predicted}
 
     @property
     def alive_threads(self) -> int:
@@ -178,11 +181,14 @@ class MaterialPool:
             self._speculate = False
             self._cond.notify_all()
 
-    def take(self, rank: int, index: int, request: TupleRequest) -> torch.Tensor:
-        """``rank``'s material for request ``index``, waiting (bounded) until it is generated."""
+    def take(self, rank: int, index: int, request: TupleRequest, wait_s: float | None = None) -> torch.Tensor:
+        """``rank``'s material for request ``index``, waiting until it is generated, at most
+        ``wait_s`` (the limits' by default)."""
+        wait_s = self.limits.wait_s if wait_s is None else wait_s
         began = time.perf_counter()
-        deadline = began + self.limits.wait_s
+        deadline = began + wait_s
         with self._cond:
+            self._check_open()
             slot = self._slots.get(index)
             if slot is None or rank not in slot.confirmed:
                 raise DealerError(f"rank {rank} takes request {index}, which it did not ask to preprocess")
@@ -193,7 +199,7 @@ class MaterialPool:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     raise DealerError(f"material for request {index} was not ready within "
-                                      f"{self.limits.wait_s:g} s (the dealer is behind)")
+                                      f"{wait_s:g} s (the dealer is behind)")
                 self._cond.wait(left)
             self._check_open()
             if slot.state == FAILED:
@@ -242,6 +248,8 @@ class MaterialPool:
                 continue
             if slot is None:
                 slot = self._add(index, request)
+            elif not slot.confirmed:
+                self._predicted += 1
             if rank in slot.confirmed:
                 raise DealerError(f"rank {rank} asked twice for request {index}")
             slot.confirmed.add(rank)
