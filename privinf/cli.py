@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from privinf.cli_distill import add_distill_command
 from privinf.progress import terminal_progress
 from protocols.net.channels import TransportError
-from protocols.protocol_config import COMPARISON_METHODS, ProtocolConfig
+from protocols.protocol_config import COMPARISON_METHODS, STORAGE_POLICIES, ProtocolConfig
 
 PROTOCOLS = ("plain", "mpc", "he")
 DEFAULTS = ProtocolConfig()
@@ -25,10 +26,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError,
 
 
 def _add_common_run_args(p: argparse.ArgumentParser, protocols: Sequence[str]) -> None:
-    p.add_argument("--model", default="minilm", help="model id (see `privinf models`)")
-    p.add_argument("--variant", default="exact",
+    p.add_argument("--model", default=None, help="model id (see `privinf models`; default minilm)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a checkpoint directory written by `privinf distill` instead of --model; "
+                        "the variant it was trained for is the default --variant")
+    p.add_argument("--variant", default=None,
                    help="preset (exact, mpcformer, power, relu, scale, linear, ...) or a spec "
-                        "such as attn=power:p=4,act=quad,norm=layernorm (see `privinf variants`)")
+                        "such as attn=power:p=4,act=quad,norm=layernorm (see `privinf variants`; "
+                        "default exact)")
     p.add_argument("--overrides", type=Path, default=None,
                    help="JSON file with per-layer / per-head variant overrides")
     p.add_argument("--protocol", choices=protocols, default=protocols[0])
@@ -103,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--comparisons", choices=COMPARISON_METHODS, default=DEFAULTS.comparisons,
                         help="MPC comparisons (max, GeLU's sign, arg-max): fss = one opening per "
                              "element with dealer keys (default), circuit = CrypTen's A2B circuit")
+    launch.add_argument("--storage", choices=STORAGE_POLICIES, default=DEFAULTS.storage,
+                        help="weight masks: regenerate at every set-up, or keep them on disk (client: F = W - B, "
+                             "dealer: an epoch key) so a reconnecting client skips the set-up; stored under "
+                             "$PRIVINF_STORE (default ~/.local/share/privinf), see `privinf masks`")
     launch.add_argument("--device", choices=("cpu", "cuda"), default=DEFAULTS.device,
                         help="where shares live; only cpu is supported so far (cuda is refused)")
     launch.add_argument("--workdir", type=Path, default=None,
@@ -142,8 +151,56 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     _add_certs_command(sub)
+    add_distill_command(sub)
+    _add_masks_command(sub)
 
     return parser
+
+
+def _add_masks_command(sub: Any) -> None:
+    """``privinf masks list | delete``: what ``storage = keep`` stored on this host."""
+    masks = sub.add_parser("masks", help="list or delete stored weight masks and dealer epochs (storage = keep)",
+                           description="Weight masks a client kept (F = W - B per model and dealer epoch) and "
+                                       "the dealer's per-client epoch keys, under --store (default "
+                                       "$PRIVINF_STORE or ~/.local/share/privinf). Deleting a dealer epoch "
+                                       "starts a new one: masks stored under the old one are never used again.")
+    action = masks.add_subparsers(dest="masks_action", required=True, metavar="ACTION")
+    listing = action.add_parser("list", help="one line per stored entry: id, kind, size, created, what")
+    listing.add_argument("--json", action="store_true", help="print the entries as one JSON list")
+    delete = action.add_parser("delete", help="delete one entry by id (or dealer:NAME), or --all")
+    delete.add_argument("ident", nargs="?", default=None, metavar="ID")
+    delete.add_argument("--all", action="store_true", help="delete every stored entry")
+    for parser in (listing, delete):
+        parser.add_argument("--store", type=Path, default=None, help="store directory (default: see above)")
+    masks.set_defaults(func=_cmd_masks)
+
+
+def _cmd_masks(args: argparse.Namespace) -> int:
+    from protocols.mpc.mask_store import MaskStore, check_entry_id
+
+    store = MaskStore(args.store)
+    if args.masks_action == "list":
+        entries = store.entries()
+        if args.json:
+            print(json.dumps([{"id": e.ident, "kind": e.kind, "bytes": e.size, "created": e.created,
+                               "about": e.about} for e in entries]))
+            return 0
+        from privinf.ledger.tables import num_col, render, text_col
+
+        print(render([text_col("id"), text_col("kind"), num_col("MiB"), text_col("created"), text_col("what")],
+                     [[e.ident, e.kind, f"{e.size / 2**20:.2f}", e.created, e.about] for e in entries]))
+        print(f"{len(entries)} entries in {store.root}")
+        return 0
+    if args.all == (args.ident is not None):
+        raise _usage("masks delete needs exactly one of ID or --all")
+    if args.all:
+        gone = store.delete_all()
+    else:
+        if not args.ident.startswith("dealer:"):
+            check_entry_id(args.ident)
+        gone = [store.delete(args.ident)]
+    print(f"deleted {len(gone)} entries from {store.root}")
+    return 0
 
 
 def _read_input(bundle: Any, text: str | None) -> Any:
@@ -208,12 +265,34 @@ def _emit_report(report: Any, args: argparse.Namespace) -> None:
         print(f"chart: {args.png}")
 
 
+def _resolve_model(args: argparse.Namespace) -> list[str]:
+    """Fill in --model / --variant / --overrides (from --checkpoint when given); return the warnings
+    (one line each, also printed on stderr) for a variant running on weights not trained for it."""
+    from models.checkpoints import checkpoint_name, trained_variant
+    from models.registry import variant_warning
+    from models.variants import parse_variant
+
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise _usage("give --model or --checkpoint, not both")
+        args.model = checkpoint_name(args.checkpoint)
+        if args.variant is None:
+            args.variant, args.overrides = trained_variant(args.checkpoint.resolve())
+    args.model = args.model or "minilm"
+    args.variant = args.variant or "exact"
+    warning = variant_warning(args.model, parse_variant(args.variant, args.overrides))
+    if warning is not None:
+        print(f"privinf: {warning}", file=sys.stderr)
+    return [warning] if warning else []
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from models.registry import load_model
     from models.variants import parse_variant
     from privinf.ledger.reports import Report
     from protocols.routes.plain import run_plain
 
+    warnings = _resolve_model(args)
     variant = parse_variant(args.variant, args.overrides)
     bundle = load_model(args.model, variant)
     raw_input = _read_input(bundle, args.input_text)
@@ -222,6 +301,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result.ledger.rows(), model=args.model, protocol="plain", variant=args.variant,
         output=result.output,
     )
+    report.warnings = warnings
     print("output:", _short(result.output))
     _emit_report(report, args)
     return 0
@@ -255,7 +335,8 @@ def _check_input_given(text: str | None, missing: str) -> None:
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     _check_launch_args(args)
-    from models.registry import UnknownModelError, model_names
+    warnings = _resolve_model(args)
+    from models.registry import UnknownModelError, is_known_model, model_names
     from models.variants import parse_variant
     from mpc_parties.launch import local_deployment
     from mpc_parties.party_config import ModelChoice
@@ -270,8 +351,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             raise _usage(f"the HE route needs a polynomial variant ({problem}); "
                          f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
     protocol = ProtocolConfig(preprocess=max(args.preprocess, args.repeat), comparisons=args.comparisons,
-                              device=args.device)
-    if args.model not in model_names():
+                              device=args.device, storage=args.storage)
+    if not is_known_model(args.model):
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
     model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
     budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
@@ -290,6 +371,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                     result = session.generate(value, args.generate, args.policy, budget)
                 for _ in range(0 if args.generate else args.repeat):
                     result = session.infer(value)
+    result.report.warnings = warnings
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     if args.generate:

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 COMPARISON_METHODS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
-STORAGE_POLICIES = ("regenerate",)  # weight masks derived again at every session set-up
+STORAGE_POLICIES = ("regenerate", "keep")  # weight masks derived again at every set-up, or kept on disk
+# between sessions of the same model and dealer epoch (protocols/mpc/mask_store.py)
 DEVICES = ("cpu",)
 RING_BITS = 64  # CrypTen shares live in Z_2^64 (torch int64); not a choice
 FIXED_POINT_RANGE = (10, 20)  # precisions the range reductions and comparison widths are checked for
@@ -30,7 +31,10 @@ class ProtocolConfig:
     (exact for ``|x| < 2^(comparison_bits - fixed_point_bits - 1)``).
     ``comparisons``: ``"fss"`` (dealer keys, one opening) or ``"circuit"`` (CrypTen's own).
     ``device``: where shares are computed. ``preprocess``: inferences of dealer material made
-    ahead per input shape. ``storage``: what a party keeps between sessions.
+    ahead per input shape. ``storage``: what a party keeps between sessions: ``regenerate``
+    (nothing: the weight masks are derived and sent at every set-up) or ``keep`` (the client
+    keeps ``F = W - B`` on disk and the dealer a per-client epoch key, so a reconnecting client
+    of the same model and epoch skips sending them; docs/deployment.md).
     """
 
     fixed_point_bits: int = 16

@@ -33,6 +33,7 @@ import copy
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,11 @@ import torch
 
 from models.kv_pruning import POLICIES, PolicyError, make_policy
 from models.layers import Embedding
-from privinf.ledger.counting import Ledger, Row, rows_from_dicts, rows_to_dicts
+from privinf.ledger.counting import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from protocols.kv.stationary import DealerLink, StationaryDealer
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer
+from protocols.mpc.mask_store import Epoch, MaskKey, check_entry_id, dealer_epoch, mask_id, mask_seed, weights_digest
 from protocols.mpc.model_prep import (
     EmbeddingAsLinear,
     apply_calibration,
@@ -54,10 +56,29 @@ from protocols.mpc.model_prep import (
     secure_targets,
     strip_weights,
 )
-from protocols.mpc.secure_linear import MaskGroups, SecureLinearClient, SecureLinearServer, preprocess_server
-from protocols.mpc.vocabulary import CLIENT_RANK, MSG_REPORT, SERVER_RANK, TAG_MSG
+from protocols.mpc.secure_linear import (
+    TAG_HAVE,
+    TAG_OFFER,
+    MaskGroups,
+    SecureLinearClient,
+    SecureLinearServer,
+    dealer_corrections,
+    preprocess_server,
+)
+from protocols.mpc.vocabulary import (
+    CLIENT_RANK,
+    MSG_REPORT,
+    MSG_WS_PREPROCESS,
+    SERVER_RANK,
+    TAG_CORR,
+    TAG_EPOCH,
+    TAG_EPOCH_KEY,
+    TAG_MSG,
+    DealerError,
+)
 from protocols.mpc.vocabulary import TAG_ROWS as TAG_DEALER_ROWS
 from protocols.net.channels import Channel, IdleTimeout, ProtocolError
+from protocols.net.names import CLIENT
 from protocols.routes.mpc_party import (
     TAG_CALIB,
     TAG_INFER,
@@ -83,8 +104,10 @@ class MpcClient(MpcParty):
     rank = CLIENT_RANK
     role_name = "client"
 
-    def __init__(self, spec: Any, overrides: str | None, server: Channel, dealer: Channel, ledger: Ledger) -> None:
-        super().__init__(spec, overrides, server, dealer, ledger)
+    def __init__(self, spec: Any, overrides: str | None, server: Channel, dealer: Channel, ledger: Ledger,
+                 store: str | Path | None = None) -> None:
+        super().__init__(spec, overrides, server, dealer, ledger, store=store)
+        self.masks_kept = False  # whether this session's F came from the store (storage = keep)
 
     def start(self) -> None:
         try:
@@ -99,6 +122,7 @@ class MpcClient(MpcParty):
 
     def _install_secure_layers(self, seed: bytes) -> None:
         groups = MaskGroups()
+        layers: list[SecureLinearClient] = []
         for path, module in self.targets:
             if isinstance(module, Embedding):
                 layer = SecureLinearClient(path, module.num, module.dim, seed, self.peer, self.ledger)
@@ -107,7 +131,34 @@ class MpcClient(MpcParty):
                 layer = SecureLinearClient(path, module.in_features, module.out_features, seed, self.peer,
                                            self.ledger, mask_group(path), groups)
                 replace_module(self.model, path, layer)
+            layers.append(layer)
+        key = self._kept_key(layers) if self.spec.config.storage == "keep" else None
+        stored = self.store.load(key) if key is not None else None
+        if key is not None:
+            self.peer.send_json(TAG_HAVE, {"have": stored is not None})
+        if stored is not None:
+            for layer in layers:
+                layer.use_weight_mask(stored[layer.name])
+            self.masks_kept = True
+            self._record_kept(self.store.path_of(key).stat().st_size)
+            log.info("weight masks %s taken from the store: set-up transfer skipped", key.entry_id)
+            return
+        for layer in layers:
             layer.receive_weight_mask()
+        if key is not None:
+            self._record_kept(self.store.save(key, {layer.name: layer.masked_weight for layer in layers}))
+            log.info("weight masks stored as %s (model digest or dealer epoch not seen before)", key.entry_id)
+
+    def _kept_key(self, layers: list[SecureLinearClient]) -> MaskKey:
+        """What the kept masks of this session are stored under (the server names them)."""
+        offer = self.peer.recv_json(TAG_OFFER)
+        ident = check_entry_id(offer.get("mask_id") if isinstance(offer, dict) else None)
+        return MaskKey(ident, str(self.epoch), self.spec.model, self.spec.variant, self.spec.config.fixed_point_bits,
+                       tuple((layer.name, layer.out_features, layer.in_features) for layer in layers))
+
+    def _record_kept(self, nbytes: int) -> None:
+        with self.ledger.phase(Phase.OFFLINE):
+            self.ledger.record_storage("kept_masks", nbytes)
 
     def encode(self, value: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Model input as the tensor to share, and its public shape; checks it at the boundary."""
@@ -227,8 +278,30 @@ class MpcServer(MpcParty):
                 layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger,
                                                        mask_group(path), groups)
                 replace_module(self.model, path, layer)
-            layer.send_weight_mask()
             self.secure.append(layer)
+        self._mask_id: str | None = None
+        if self.spec.config.storage == "keep" and self._offer_kept_masks():
+            return
+        for layer in self.secure:
+            layer.send_weight_mask()
+
+    def _offer_kept_masks(self) -> bool:
+        """``storage = keep``: derive B from the dealer's epoch key and this model's weights, name
+        the masks to the client; True when the client holds them (then F is not sent)."""
+        key = self.dealer.recv(TAG_EPOCH_KEY)
+        if not isinstance(key, bytes) or len(key) != 16:
+            raise DealerError("malformed dealer epoch key")
+        digest = weights_digest(((layer.name, layer.ring_weight) for layer in self.secure),
+                                self.spec.config.fixed_point_bits)
+        self._mask_id = mask_id(key, digest)
+        seed = mask_seed(key, self._mask_id)
+        for layer in self.secure:
+            layer.use_mask_seed(seed)
+        self.peer.send_json(TAG_OFFER, {"mask_id": self._mask_id})
+        reply = self.peer.recv_json(TAG_HAVE)
+        if not isinstance(reply, dict) or not isinstance(reply.get("have"), bool):
+            raise ProtocolError("malformed answer to the kept-masks offer")
+        return reply["have"]
 
     def serve(self) -> None:
         """Answer inferences until the client says bye; on failure tell the peers and re-raise."""
@@ -270,7 +343,7 @@ class MpcServer(MpcParty):
             budget = self._budget(shape)
             shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
             with self.ledger.scope("preprocess", "offline"):
-                preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT_RANK)
+                preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT_RANK, self._mask_id)
             left = budget
         self._ws_left[shape] = left - 1
 
@@ -285,7 +358,7 @@ class MpcServer(MpcParty):
             for shape, count in plan:
                 if count:
                     shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
-                    preprocess_server(self.secure, shapes, count, self.dealer, CLIENT_RANK)
+                    preprocess_server(self.secure, shapes, count, self.dealer, CLIENT_RANK, self._mask_id)
 
 
 def _check_generation(data: Any, context: int) -> dict[str, Any]:
@@ -324,11 +397,22 @@ def serve_mpc_session(spec: Any, client: Channel, dealer: Channel, ledger: Ledge
 
 
 # ----- the dealer -----------------------------------------------------------------------------
-def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger) -> None:
-    """Dealer side: seeds, then one request loop per party link (threads), plus report rows."""
+def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger,
+                         store: str | Path | None = None) -> None:
+    """Dealer side: seeds (and, under ``storage = keep``, the client's epoch from ``store``), then
+    one request loop per party link (threads), plus report rows."""
     seeds = {CLIENT_RANK: new_seed(), SERVER_RANK: new_seed()}
     dealer = Dealer(ledger, seeds)
     dealer.distribute_seeds({CLIENT_RANK: client, SERVER_RANK: server})
+    epoch = None
+    if spec.config.storage == "keep":
+        epoch = dealer_epoch(store, getattr(client, "peer_name", None) or CLIENT)
+        with ledger.phase(Phase.OFFLINE):
+            for channel in (client, server):
+                channel.send_json(TAG_EPOCH, {"epoch": epoch.ident})
+            server.send(TAG_EPOCH_KEY, epoch.key)
+            ledger.record_storage("epoch_keys", len(epoch.key))
+    server = WeightMaskLink(server, seeds, epoch, ledger)
     client = DealerLink(client, StationaryDealer(seeds, ledger))  # KV-stationary corrections
     errors: list[BaseException] = []
 
@@ -348,6 +432,37 @@ def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Le
     thread.join(30)
     if errors:
         raise errors[0]
+
+
+class WeightMaskLink:
+    """The dealer's link to the server: weight-stationary requests are answered here (B from the
+    server's session seed, or from the client's epoch key for kept masks); every other message
+    passes through to :class:`protocols.mpc.dealer.Dealer` unchanged."""
+
+    def __init__(self, channel: Channel, seeds: dict[int, bytes], epoch: Epoch | None, ledger: Ledger) -> None:
+        self._channel = channel
+        self._seeds = seeds
+        self._epoch = epoch
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def recv_json(self, tag: str, timeout: float | None = None) -> Any:
+        while True:
+            msg = self._channel.recv_json(tag, timeout)
+            if tag != TAG_MSG or not isinstance(msg, dict) or msg.get("type") != MSG_WS_PREPROCESS:
+                return msg
+            self._answer(msg)
+
+    def _answer(self, msg: dict[str, Any]) -> None:
+        ident = msg.get("mask_id")
+        if (ident is None) != (self._epoch is None):
+            raise DealerError("weight-stationary request names kept masks if and only if storage = keep")
+        seed = None if self._epoch is None else mask_seed(self._epoch.key, check_entry_id(ident))
+        with self._ledger.phase(Phase.OFFLINE):
+            for correction in dealer_corrections(self._seeds, SERVER_RANK, msg, seed):
+                self._channel.send(TAG_CORR, correction)
 
 
 def _send_rows(channel: Channel, ledger: Ledger) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,9 @@ from protocols.mpc import fixed_point, fused_gelu, fused_norm, numerics
 from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session
 from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.dealer import ScheduleCache, receive_seed
+from protocols.mpc.mask_store import MaskStore, check_entry_id
 from protocols.mpc.model_prep import secure_targets, share_remaining_weights
-from protocols.mpc.vocabulary import CLIENT_RANK, RequestSchedule
+from protocols.mpc.vocabulary import CLIENT_RANK, TAG_EPOCH, DealerError, RequestSchedule
 from protocols.net.channels import Channel, ProtocolError
 
 TAG_CALIB = "mpc.calibration"
@@ -45,6 +47,15 @@ STEP_KEYS = ("prompt_len", "policy", "budget", "options")  # what a generation s
 def share_kernels() -> contextlib.AbstractContextManager[None]:
     """The share numerics for model code, with the fused kernels for ops that open an operand twice."""
     return numerics.share_kernels(scaled_rows=fused_norm.scaled_rows, gelu=fused_gelu.gelu)
+
+
+def receive_epoch(dealer: Channel) -> str:
+    """The dealer's epoch id for this client (``storage = keep``), checked."""
+    msg = dealer.recv_json(TAG_EPOCH)
+    try:
+        return check_entry_id(msg.get("epoch") if isinstance(msg, dict) else None)
+    except ValueError:
+        raise DealerError("malformed dealer epoch message") from None
 
 
 def is_decoder(model: nn.Module) -> bool:
@@ -64,8 +75,10 @@ class MpcParty:
     rank: int
 
     def __init__(self, spec: Any, overrides: str | None, peer: Channel, dealer: Channel, ledger: Ledger,
-                 bundle: ModelBundle | None = None) -> None:
+                 bundle: ModelBundle | None = None, store: str | Path | None = None) -> None:
         self.spec = spec
+        self.store = MaskStore(store)  # used under storage = keep (default root: mask_store.default_store_root)
+        self.epoch: str | None = None  # the dealer's epoch id under storage = keep
         self.overrides = overrides
         self.peer = peer
         self.dealer = dealer
@@ -87,6 +100,8 @@ class MpcParty:
     def _open(self) -> None:
         with self.ledger.scope("setup", "offline"), self.ledger.phase(Phase.OFFLINE):
             seed = receive_seed(self.dealer, self.ledger)
+            if self.spec.config.storage == "keep":
+                self.epoch = receive_epoch(self.dealer)
             self._stack.enter_context(fixed_point.session_precision(self.spec.config.fixed_point_bits))
             self._stack.enter_context(crypten_session(self.peer, self.rank, self.ledger))
             self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger, self.spec.config)

@@ -1,0 +1,156 @@
+"""Kept weight masks (``storage = keep``): a reconnecting client skips the set-up, a changed model or
+dealer epoch is never served stored masks, the files are private, and ``regenerate`` keeps nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from privinf.cli import main
+from privinf.ledger.counting import Phase
+from protocols.mpc import mask_store
+from protocols.mpc.mask_store import MaskKey, MaskStore, MaskStoreError, dealer_epoch
+from protocols.protocol_config import ProtocolConfig
+from protocols.routes.local_run import LocalSession, run_local_session
+from protocols.routes.mpc import MpcClient, MpcServer
+
+MODEL, VARIANT, TEXT = "gpt2-tiny", "mpcformer", "private text"
+
+
+def _session(config: ProtocolConfig) -> LocalSession:
+    return run_local_session(MODEL, VARIANT, lambda client: client.infer(TEXT), config, timeout_s=300)
+
+
+def _setup_rows(session: LocalSession) -> list[Any]:
+    """The client's rows of the session's set-up (reported with its first inference)."""
+    return [r for r in session.result[1][0] if r.name == "setup" and r.phase == Phase.OFFLINE]
+
+
+def _setup_bytes(session: LocalSession) -> int:
+    return sum(r.counters.bytes_sent + r.counters.bytes_recv for r in _setup_rows(session))
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "store"
+    monkeypatch.setenv(mask_store.STORE_ENV, str(root))
+    return root
+
+
+def test_keep_skips_the_setup_on_reconnect_with_equal_outputs(store: Path) -> None:
+    keep = ProtocolConfig(storage="keep")
+    first = _session(keep)
+    second = _session(keep)
+    assert not first.client.masks_kept and second.client.masks_kept
+    assert first.result[0] == second.result[0]  # the same answer (shares differ: raw values within noise)
+    assert torch.allclose(first.client.last_raw, second.client.last_raw, atol=2e-3)
+    assert 0 < _setup_bytes(second) < _setup_bytes(first) // 20
+    files = list((store / "masks").iterdir())
+    assert len(files) == 1 and _mode(files[0]) == 0o600
+    assert _mode(store) == _mode(store / "masks") == _mode(store / "dealer") == 0o700
+    assert [_mode(p) for p in (store / "dealer").iterdir()] == [0o600]
+    kept = [r.counters.storage.get("kept_masks", 0) for r in _setup_rows(first) + _setup_rows(second)]
+    assert sum(kept) == 2 * files[0].stat().st_size
+
+
+class ChangedWeightsServer(MpcServer):
+    """A server whose model differs from the first session's in one weight."""
+
+    def _calibrate(self) -> None:
+        with torch.no_grad():
+            next(self.model.parameters()).add_(0.01)
+        super()._calibrate()
+
+
+def test_changed_model_digest_is_not_served_stored_masks(store: Path) -> None:
+    keep = ProtocolConfig(storage="keep")
+    first = _session(keep)
+    changed = run_local_session(MODEL, VARIANT, lambda client: client.infer(TEXT), keep, timeout_s=300,
+                                parties=(MpcClient, ChangedWeightsServer))
+    assert not changed.client.masks_kept  # another digest: another mask id, a fresh B, a full set-up
+    assert not torch.equal(first.client.last_raw, changed.client.last_raw)
+    assert len(list((store / "masks").iterdir())) == 2
+    assert _session(keep).client.masks_kept  # the first model's entry is still served to it
+
+
+def test_changed_dealer_epoch_is_not_served_stored_masks(store: Path) -> None:
+    keep = ProtocolConfig(storage="keep")
+    _session(keep)
+    for path in (store / "dealer").iterdir():
+        path.unlink()  # the dealer starts a new epoch
+    assert not _session(keep).client.masks_kept
+
+
+def test_regenerate_stores_nothing(store: Path) -> None:
+    session = _session(ProtocolConfig())
+    assert not store.exists() and not session.client.masks_kept
+
+
+def _key(mask_id: str = "0" * 32) -> MaskKey:
+    return MaskKey(mask_id, "1" * 32, MODEL, VARIANT, 16, (("a", 2, 3),))
+
+
+def test_an_entry_whose_key_differs_from_its_name_is_refused(tmp_path: Path) -> None:
+    masks = MaskStore(tmp_path / "s")
+    masks.save(_key(), {"a": torch.arange(6).reshape(2, 3)})
+    assert torch.equal(masks.load(_key())["a"], torch.arange(6).reshape(2, 3))
+    other = _key("f" * 32)
+    os.rename(masks.path_of(_key()), masks.path_of(other))
+    with pytest.raises(MaskStoreError, match="refused"):
+        masks.load(other)
+    assert masks.load(_key()) is None
+
+
+def test_shared_store_directory_and_linked_files_are_refused(tmp_path: Path) -> None:
+    masks = MaskStore(tmp_path / "s")
+    masks.save(_key(), {"a": torch.zeros(2, 3, dtype=torch.int64)})
+    os.chmod(masks.path_of(_key()), 0o644)
+    with pytest.raises(MaskStoreError, match="private"):
+        masks.load(_key())
+    os.chmod(masks.path_of(_key()), 0o600)
+    os.chmod(tmp_path / "s" / "masks", 0o755)
+    with pytest.raises(MaskStoreError, match="not private"):
+        masks.load(_key())
+    os.chmod(tmp_path / "s" / "masks", 0o700)
+    target = masks.path_of(_key())
+    link = masks.path_of(_key("e" * 32))
+    link.symlink_to(target)
+    with pytest.raises(MaskStoreError):
+        masks.load(_key("e" * 32))
+
+
+def test_dealer_epoch_is_stable_and_private(tmp_path: Path) -> None:
+    first, again = dealer_epoch(tmp_path, "alice"), dealer_epoch(tmp_path, "alice")
+    assert first == again and dealer_epoch(tmp_path, "bob") != first
+    assert "key" not in repr(first).replace("Epoch(ident", "")
+    with pytest.raises(MaskStoreError):
+        dealer_epoch(tmp_path, "../evil")
+
+
+def test_cli_lists_and_deletes(tmp_path: Path, capsys: Any) -> None:
+    root = tmp_path / "s"
+    masks = MaskStore(root)
+    masks.save(_key(), {"a": torch.zeros(2, 3, dtype=torch.int64)})
+    masks.save(_key("a" * 32), {"a": torch.zeros(2, 3, dtype=torch.int64)})
+    dealer_epoch(root, "client")
+    assert main(["masks", "list", "--store", str(root)]) == 0
+    listed = capsys.readouterr().out
+    assert _key().entry_id in listed and "dealer:client" in listed
+    assert main(["masks", "delete", _key().entry_id, "--store", str(root)]) == 0
+    assert not masks.path_of(_key()).exists() and masks.path_of(_key("a" * 32)).exists()
+    assert main(["masks", "delete", "nope", "--store", str(root)]) == 2
+    assert "privinf: error:" in capsys.readouterr().err
+    assert main(["masks", "delete", "--store", str(root)]) == 2
+    assert main(["masks", "delete", "--all", "--store", str(root)]) == 0
+    assert main(["masks", "list", "--json", "--store", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == []
