@@ -136,10 +136,10 @@ def check_entry_id(entry_id: str) -> str:
 
 
 # ----- derivations -------------------------------------------------------------------------
-def weights_digest(layers: Iterable[tuple[str, torch.Tensor]]) -> bytes:
-    """SHA-256 of what ``F`` is a function of besides ``B``: each layer's name, shape and
-    fixed-point weight (int64 ring elements), in order."""
-    digest = hashlib.sha256(_DIGEST_CONTEXT)
+def weights_digest(layers: Iterable[tuple[str, torch.Tensor]], fixed_point_bits: int) -> bytes:
+    """SHA-256 of what ``F`` is a function of besides ``B``: the fixed-point bits and each
+    layer's name, shape and fixed-point weight (int64 ring elements), in order."""
+    digest = hashlib.sha256(_DIGEST_CONTEXT + f"|{int(fixed_point_bits)}|".encode())
     for name, weight in layers:
         ring = weight.detach().contiguous()
         digest.update(json.dumps([name, list(ring.shape), str(ring.dtype)]).encode())
