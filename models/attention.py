@@ -94,7 +94,7 @@ class SoftmaxAttention(_Quadratic):
 
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
         shifted = scores * dense + (dense - 1.0) * _BIG
-        return ops.exp(shifted - ops.row_max(shifted))
+        return ops.exp(shifted - ops.row_max(shifted, bound=2 * _BIG, slack=ops.STABILISING_SLACK))
 
 
 class PowerAttention(_Quadratic):
