@@ -85,8 +85,8 @@ def _setting(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
 
 _kernels: contextvars.ContextVar[Mapping[str, Callable[..., Any]] | None] = contextvars.ContextVar(
     "privinf_kernels", default=None)
-_compare_bound: contextvars.ContextVar[float | None] = contextvars.ContextVar("privinf_compare_bound",
-                                                                            default=None)
+_compare_bound: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "privinf_compare_bound", default=None)
 
 
 @contextlib.contextmanager
@@ -122,19 +122,30 @@ def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 @contextlib.contextmanager
-def compare_bound(limit: float) -> Iterator[None]:
+def compare_bound(limit: float, resolution: float = 0.0) -> Iterator[None]:
     """Promise that the values compared within the block (``x < y`` forms ``x - y``) stay below
-    ``limit`` in magnitude. A secure comparison may then use a narrower ring (smaller, faster
-    FSS keys, :mod:`protocols.mpc.compare`); values beyond the promise may compare wrongly."""
+    ``limit`` in magnitude, and accept that values closer than ``resolution`` to the threshold
+    may compare either way (``x < c`` is still 1 for every ``x < c`` and 0 for ``x >= c +
+    resolution``). A secure comparison may then use a narrower ring and drop low bits (smaller,
+    faster FSS keys, :mod:`protocols.mpc.compare`); values beyond the promise may compare wrongly."""
     if not limit > 0:
         raise ValueError(f"compare_bound needs a positive limit, got {limit!r}")
-    with _setting(_compare_bound, float(limit)):
+    if not resolution >= 0:
+        raise ValueError(f"compare_bound needs a resolution >= 0, got {resolution!r}")
+    with _setting(_compare_bound, (float(limit), float(resolution))):
         yield
 
 
 def comparison_bound() -> float | None:
     """The innermost :func:`compare_bound` promise, if any."""
-    return _compare_bound.get()
+    promise = _compare_bound.get()
+    return None if promise is None else promise[0]
+
+
+def comparison_resolution() -> float:
+    """The innermost :func:`compare_bound`'s resolution (0: comparisons exact)."""
+    promise = _compare_bound.get()
+    return 0.0 if promise is None else promise[1]
 
 
 def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = False) -> Tensor:
@@ -218,11 +229,24 @@ def silu(x: Tensor) -> Tensor:
     return F.silu(x) if is_plain(x) else x * x.sigmoid()
 
 
-def row_max(x: Tensor, dim: int = -1) -> Tensor:
-    """Max over ``dim`` with the dim kept (values only; on shares a comparison tree)."""
+STABILISING_SLACK = 2.0 ** -6  # per comparison of a max that only shifts an exponential (row_max)
+
+
+def row_max(x: Tensor, dim: int = -1, bound: float | None = None, slack: float = 0.0) -> Tensor:
+    """Max over ``dim`` with the dim kept (values only; on shares a comparison tree).
+
+    On shares, ``bound`` promises ``|x_i - x_j| < bound`` within a row and ``slack`` lets each
+    comparison confuse entries closer than ``slack`` (:func:`compare_bound`): the result is then
+    an entry at most ``ceil(log2 n) * slack`` below the max, enough to stabilise an exponential,
+    on smaller comparison keys."""
+    if bound is None and slack:
+        raise ValueError("row_max: a slack needs a bound")
     if is_plain(x):
         return x.amax(dim=dim, keepdim=True)
-    return _kernel("row_max")(x, dim)
+    if bound is None:
+        return _kernel("row_max")(x, dim)
+    with compare_bound(bound, slack):
+        return _kernel("row_max")(x, dim)
 
 
 def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,30 +6,54 @@ shares and a 64-bit adder circuit, about 230 bytes and 9 rounds per element and 
 :func:`less_than_zero` is the FSS replacement: each party adds its share of the dealer's mask
 ``r``, the parties open ``x + r`` (one exchange, one round) and each evaluates its key locally,
 giving arithmetic shares of ``[x < 0]`` at scale 1, exactly what ``_ltz`` returns. The opened
-values are sent in ``ceil(bits / 8)`` bytes each (5 at 40 bits, 4 for GeLU's 32-bit range
-tests; :func:`open_low_bits`). The dealer sends the keys offline (``--preprocess``) or on
-request.
+values are sent in ``ceil(bits / 8)`` bytes each (:func:`open_low_bits`). The dealer sends the
+keys offline (``--preprocess``) or on request.
 
-Comparison width: the gate looks at ``x mod 2^bits``, so it is exact for ring values
+**Several thresholds, one key** (:func:`below`): ``[x < c_j]`` for public ``c_j`` comes from one
+opening of ``x + r`` and one key, evaluated at the points ``y - c_j``
+(:meth:`~protocols.mpc.fss.SignKey.evaluate_points`): the piecewise first guesses of the
+reciprocal and inverse square root (191 and 103 thresholds per element) and GeLU's two range
+tests each take one key per element instead of one per threshold.
+
+**Width** (:func:`bits_for`): the gate looks at ``x mod 2^bits``, so it is exact for ring values
 ``|x| < 2^(bits - 1)``; with the default configuration (16 fractional bits, comparison_bits =
-40; :class:`~protocols.protocol_config.ProtocolConfig`) that is ``|value| < 2^23`` (8.4
-million). Larger values (CrypTen's own products overflow near ``|x * y| >= 2^31``) would compare
-wrongly (``models.ops.inv_sqrt_wide``'s energies stay below 2^21 through its calibrated shift).
-Code that knows its operands are smaller says so with ``models.ops.compare_bound(limit)``; the
-gate then runs on :func:`bits_for` bits (GeLU's range tests: 32 bits, 20% smaller and faster
-keys). ``comparisons = "circuit"`` in a session keeps CrypTen's circuit (no width limit).
+40; :class:`~protocols.protocol_config.ProtocolConfig`) that is ``|value| < 2^23``. Code that
+knows its operands are smaller says so with ``models.ops.compare_bound(limit)``.
+
+**Truncation** (:func:`shift_for`; SIGMA's comparisons on reduced bit widths): with a
+``resolution`` in ``compare_bound``, each party drops the low ``k`` bits of its share of ``x mod
+2^bits`` before masking, and the gate runs on ``bits - k`` bits. The truncated shares sum to
+``floor(x / 2^k) - carry`` (``carry`` in {0, 1}, from the dropped low bits; no wrap-around
+failure: the sum is taken mod ``2^(bits-k)`` as the gate's ring), so ``[x < c]`` against ``c``
+rounded up to ``c'`` on the 2^k grid is exact except for ``x`` in ``[c', c' + 2^k)``, where it
+may say 1. ``k`` is the largest with ``c' + 2^k <= c + resolution`` for every threshold: a
+result is 1 for every ``x < c`` and 0 for every ``x >= c + resolution``. Harmless where either
+answer is right near the threshold: a max that stabilises an exponential (the tree keeps an
+entry within ``resolution`` of the larger one per level), range tests between two pieces that
+both approximate the function there (GeLU's polynomial and ReLU just outside [-3.5, 3.5]). Not
+for exact predicates: ``argmax`` (a near-tie could pick the wrong token), ReLU of values that
+matter near 0, equality. Security is unchanged: the truncated shares are masked by a uniform
+``r`` mod ``2^(bits-k)`` before they are opened, so the opened value is uniform.
+
+Every gate records in the party's ledger row ``fss_keys_<bits>b_shift<k>`` (keys at that width
+and truncation; the dealer's key bytes follow from :func:`protocols.mpc.fss.sign_key_words` of
+``bits - k``) and ``fss_points`` (evaluations). ``comparisons = "circuit"`` in a session keeps
+CrypTen's circuit (no width limit, no truncation).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from models import ops
 from protocols.mpc.cryptenlib import MPCTensor, crypten
+from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import COMPARISON_METHODS
 
 
@@ -75,17 +99,71 @@ def open_low_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (values + torch.from_numpy(theirs.view(np.int64).reshape(values.shape))) & low
 
 
+def shift_for(points: Sequence[float], resolution: float, bits: int) -> int:
+    """Low bits a gate on ``bits`` may drop for thresholds ``points`` and a ``resolution`` (both
+    in ring units, ulps): the largest ``k <= bits - 3`` with ``ceil(c / 2^k) 2^k + 2^k <= c +
+    resolution`` for every ``c`` (0: no truncation, exact)."""
+    shift = 0
+    while shift + 1 <= bits - 3:
+        step = 2 ** (shift + 1)
+        if any(math.ceil(c / step) * step + step > c + resolution for c in points):
+            break
+        shift += 1
+    return shift
+
+
+def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> torch.Tensor:
+    """This party's shares of ``[x' < c_j]`` [*x.shape, J] for ``x' = floor((x mod 2^bits) / 2^shift)``
+    (the carry of the dropped bits aside) and integer ``points`` on that grid, from one key
+    of ``bits - shift`` bits and one opening."""
+    share = x._tensor.share
+    if share.device.type != "cpu":
+        raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
+    width = bits - shift
+    if np.any(np.abs(points) >= 2 ** (width - 2)):
+        raise ComparisonError(f"thresholds {points.tolist()} do not fit a {width}-bit gate")
+    key = provider.sign_key(share.shape, width)
+    low = share.reshape(-1).numpy().view(np.uint64) & np.uint64((1 << bits) - 1 if bits < 64 else 2 ** 64 - 1)
+    masked = torch.from_numpy(key.masked((low >> np.uint64(shift)).view(np.int64)))
+    opened = open_low_bits(masked, width)
+    bits_out = key.evaluate_points(opened.numpy(), points)
+    ledger = getattr(crypten.communicator.get(), "ledger", None)
+    if ledger is not None:
+        ledger.record_extra(f"fss_keys_{bits}b_shift{shift}", share.numel())
+        ledger.record_extra("fss_points", bits_out.size)
+    return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0])
+
+
+def _grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
+    """Thresholds in ulps rounded up to the 2^shift grid, in units of the grid."""
+    return np.array([math.ceil(c * scale / 2 ** shift) for c in points], dtype=np.int64)
+
+
 def less_than_zero(x: Any, provider: Any, bits: int) -> Any:
-    """``[x < 0]`` as an arithmetic MPCTensor at scale 1 (CrypTen's ``_ltz`` contract).
+    """``[x < 0]`` as an arithmetic MPCTensor at scale 1 (CrypTen's ``_ltz`` contract), with the
+    innermost ``models.ops.compare_bound``'s resolution (exact without one).
 
     ``provider`` is the party's :class:`~protocols.mpc.cryptenlib.provider.DealerProvider` (it fetches
     the keys); the opening goes through CrypTen's communicator, so it is counted like any other.
     """
-    share = x._tensor.share
-    if share.device.type != "cpu":
-        raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
-    key = provider.sign_key(share.shape, bits)
-    masked = torch.from_numpy(key.masked(share.reshape(-1).numpy()))
-    opened = open_low_bits(masked, bits)
-    bit = torch.from_numpy(key.evaluate(opened.numpy())).reshape(share.shape)
-    return MPCTensor.from_shares(bit, precision=0)
+    shift = shift_for([0.0], ops.comparison_resolution() * int(x.encoder.scale), bits)
+    bit = _gate(x, provider, bits, shift, np.zeros(1, dtype=np.int64))
+    return MPCTensor.from_shares(bit.reshape(x._tensor.share.shape), precision=0)
+
+
+def below(x: Any, points: Sequence[float]) -> Any:
+    """``[x < c_j]`` for public thresholds ``points`` as a tensor [*x.shape, J] at scale 1.
+
+    With the session's FSS comparisons: one key and one opening for all thresholds, as wide as
+    ``models.ops.compare_bound`` allows (its limit bounds ``|x - c_j|``) and truncated to its
+    resolution. Otherwise (CrypTen's circuit, or no privinf party bound to the thread) CrypTen's
+    ``x - c_j < 0``.
+    """
+    context = bound()
+    if context is None or not context.compares_with_keys(x):
+        return (x.unsqueeze(-1) - torch.tensor(list(points), dtype=torch.float64)) < 0
+    config = context.config
+    scale = int(x.encoder.scale)
+    bits = bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
+    shift = shift_for([c * scale for c in points], ops.comparison_resolution() * scale, bits)
+    return MPCTensor.from_shares(_gate(x, context.provider, bits, shift, _grid(points, scale, shift)), precision=0)

@@ -256,23 +256,31 @@ def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarr
     key.cw_t[:, lo // 64:lo // 64 + _bit_words(n)] = _pack_bits(cw_t)
 
 
-def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
-    """This party's int64 share of ``f(x)`` for uint64 inputs ``x`` (< 2^bits), one per key."""
+def dcf_eval(key: DcfKey, x: np.ndarray, repeat: int = 1) -> np.ndarray:
+    """This party's int64 share of ``f(x)`` for uint64 inputs ``x`` (< 2^bits): ``repeat`` inputs
+    per key, element-major (input ``e`` is evaluated on key ``e // repeat``).
+
+    Evaluating one key at several public points is as safe as at one: each key alone is
+    pseudorandom whatever the points (FSS security), and the points are public."""
     x = np.asarray(x, dtype=np.uint64).ravel()
     n = key.seed.shape[0]
-    if x.shape[0] != n:
-        raise FssError(f"{x.shape[0]} inputs for {n} DCF keys")
-    value = np.empty(n, dtype=np.int64)
-    for lo in range(0, n, EVAL_CHUNK):  # cache-sized chunks: about 1.5x faster than one pass
-        hi = min(n, lo + EVAL_CHUNK)
-        value[lo:hi] = _eval_levels(key, lo, hi, x[lo:hi])
+    if repeat < 1 or x.shape[0] != n * repeat:
+        raise FssError(f"{x.shape[0]} inputs for {n} DCF keys x {repeat} points")
+    value = np.empty(n * repeat, dtype=np.int64)
+    step = EVAL_CHUNK if repeat == 1 else max(64, EVAL_CHUNK // repeat // 64 * 64)
+    for lo in range(0, n, step):  # cache-sized chunks: about 1.5x faster than one pass
+        hi = min(n, lo + step)
+        value[lo * repeat:hi * repeat] = _eval_levels(key, lo, hi, x[lo * repeat:hi * repeat], repeat)
     return value
 
 
-def _eval_levels(key: DcfKey, lo: int, hi: int, x: np.ndarray) -> np.ndarray:
-    """Shares for the keys of elements [lo, hi)."""
-    n = hi - lo
-    s = key.seed[lo:hi].copy()
+def _eval_levels(key: DcfKey, lo: int, hi: int, x: np.ndarray, repeat: int) -> np.ndarray:
+    """Shares for the keys of elements [lo, hi), ``repeat`` inputs per key."""
+    def rows(a: np.ndarray) -> np.ndarray:  # one row per input
+        return a if repeat == 1 else np.repeat(a, repeat, axis=0)
+
+    n = (hi - lo) * repeat
+    s = rows(key.seed[lo:hi]).copy()
     t = np.full(n, key.party, dtype=np.uint64)
     value = np.zeros(n, dtype=np.int64)
     sign = 1 - 2 * key.party
@@ -289,13 +297,13 @@ def _eval_levels(key: DcfKey, lo: int, hi: int, x: np.ndarray) -> np.ndarray:
             values = block[1].view(np.int64)
             v = values[:, 0] ^ ((values[:, 0] ^ values[:, 1]) & take_right.view(np.int64))
             on = 0 - t  # all ones where the control bit is set
-            s_next ^= key.cw_seed[i, lo:hi] & on[:, None]
-            cw_t = key.control(i, False, lo, hi)
-            cw_t ^= (cw_t ^ key.control(i, True, lo, hi)) & right
+            s_next ^= rows(key.cw_seed[i, lo:hi]) & on[:, None]
+            cw_t = rows(key.control(i, False, lo, hi))
+            cw_t ^= (cw_t ^ rows(key.control(i, True, lo, hi))) & right
             t_next ^= t & cw_t
-            value += sign * (v + (key.cw_value[i, lo:hi] & on.view(np.int64)))
+            value += sign * (v + (rows(key.cw_value[i, lo:hi]) & on.view(np.int64)))
             s, t = s_next, t_next
-        value += sign * (s[:, 1].view(np.int64) + (key.cw_final[lo:hi] & (0 - t).view(np.int64)))
+        value += sign * (s[:, 1].view(np.int64) + (rows(key.cw_final[lo:hi]) & (0 - t).view(np.int64)))
     return value
 
 
@@ -366,12 +374,26 @@ class SignKey:
 
     def evaluate(self, opened: np.ndarray) -> np.ndarray:
         """This party's int64 share of ``msb_bits(x)`` (0/1) from the opened ``x + r``."""
-        y = np.asarray(opened, dtype=np.int64).ravel().view(np.uint64) & _low_mask(self.bits)
-        y_top = (y >> np.uint64(self.bits - 1)).astype(np.int64)
-        less = dcf_eval(self.dcf, y & _low_mask(self.bits - 1))
+        return self.evaluate_points(opened, np.zeros(1, dtype=np.int64)).ravel()
+
+    def evaluate_points(self, opened: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Shares of ``msb_bits(x - c_j)`` [N, J] for public offsets ``c_j`` [J] from one opened ``x + r``.
+
+        ``y - c_j = (x - c_j) + r``, so the gate's identity holds at every point with the same
+        mask and key: the opening and the key are those of one comparison, the evaluation is
+        the DCF's at J public points (no more revealing than at one: :func:`dcf_eval`). Each
+        result is exact while ``|x - c_j| < 2^(bits - 1)``.
+        """
+        low = _low_mask(self.bits)
+        y = np.asarray(opened, dtype=np.int64).ravel().view(np.uint64) & low
+        points = np.asarray(offsets, dtype=np.int64).ravel().view(np.uint64)
         with np.errstate(over="ignore"):
-            d = less + self.top_share  # shares of r_top xor [y_low < r_low]
-            out = (1 - 2 * y_top) * d
+            z = (y[:, None] - points[None, :]) & low
+        z_top = (z >> np.uint64(self.bits - 1)).astype(np.int64)
+        less = dcf_eval(self.dcf, (z & _low_mask(self.bits - 1)).ravel(), repeat=points.shape[0])
+        with np.errstate(over="ignore"):
+            d = less.reshape(z.shape) + self.top_share[:, None]  # shares of r_top xor [z_low < r_low]
+            out = (1 - 2 * z_top) * d
             if self.dcf.party == 0:
-                out += y_top
+                out += z_top
         return out

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from models import ops
+from protocols.mpc.compare import below
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
@@ -51,6 +52,7 @@ CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
+GELU_RESOLUTION = 2.0 ** -5  # the range tests may err within 1/32 outside [-T, T] (see gelu_range)
 GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.06349736554911566 * 3.5 ** 4,
                     0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
                     3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
@@ -75,14 +77,14 @@ def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
 
 def _power_factors(x: Tensor, base: float, first: int, last: int, exponents: Sequence[float]) -> list[Tensor]:
     """Secret ``base^(-k e)`` for each ``e`` in ``exponents``, where ``base^k <= x < base^(k+1)``
-    with k clamped to [first, last]. The comparison bits against the public thresholds are
+    with k clamped to [first, last]. The bits ``[x < base^p]`` (one key for all thresholds) are
     monotone, so each factor is linear in them (no products)."""
     powers = range(first + 1, last + 1)
-    bits = as_fixed_point((x.unsqueeze(-1) - torch.tensor([base ** p for p in powers])) > 0, x)
+    bits = as_fixed_point(below(x, [base ** p for p in powers]), x)
     factors = []
     for e in exponents:
         steps = torch.tensor([base ** (-p * e) - base ** (-(p - 1) * e) for p in powers])
-        factors.append((bits * steps).sum(-1) + base ** (-first * e))
+        factors.append(base ** (-last * e) - (bits * steps).sum(-1))
     return factors
 
 
@@ -113,14 +115,15 @@ def _first_guess_table(base: float, first: int, last: int, pieces: int, exponent
 
 
 def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[str]) -> list[Tensor]:
-    """Secret per-interval values of ``table`` for ``x`` from one batch of comparisons.
+    """Secret per-interval values of ``table`` for ``x`` from one comparison key.
 
-    The bits ``[x > t_j]`` are monotone (a thermometer code), so any function of the interval is
-    linear in them, ``v_0 + sum_j bit_j (v_j - v_(j-1))``: local once the bits are known. The
-    bits' shares (scale 1) are multiplied by the integer steps of the values rounded to ``x``'s
-    scale, so the sum is exact (no truncation per term: hundreds of thresholds would add up their
-    1-ulp errors) and each value is its rounding to the fixed-point grid."""
-    bits = (x.unsqueeze(-1) - table["thresholds"].float()) > 0
+    The bits ``[x < t_j]`` are monotone (a thermometer code; :func:`protocols.mpc.compare.below`
+    gets all of them from one key and one opening), so any function of the interval is linear in
+    them, ``v_J - sum_j bit_j (v_j - v_(j-1))``: local once the bits are known. The bits' shares
+    (scale 1) are multiplied by the integer steps of the values rounded to ``x``'s scale, so the
+    sum is exact (no truncation per term: hundreds of thresholds would add up their 1-ulp errors)
+    and each value is its rounding to the fixed-point grid."""
+    bits = below(x, table["thresholds"].tolist())
     scale = int(x.encoder.scale)
     if int(bits.encoder.scale) != 1:
         raise ValueError(f"comparison bits at scale {bits.encoder.scale}, expected 1")
@@ -128,9 +131,9 @@ def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[
     for name in names:
         ints = torch.round(table[name] * scale).long()
         value = bits.sum(-1)  # a share of the right shape; its share and encoder are replaced
-        value.share = (bits.share * (ints[1:] - ints[:-1])).sum(-1)
+        value.share = -(bits.share * (ints[1:] - ints[:-1])).sum(-1)
         value.encoder = x.encoder
-        out.append(value + float(ints[0]) / scale)
+        out.append(value + float(ints[-1]) / scale)
     return out
 
 
@@ -226,29 +229,42 @@ def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
     return (x * factor4).inv_sqrt() * factor2
 
 
+def gelu_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(inside, w)`` at ``x``'s scale: ``inside = [-T <= x < T]`` and ``w = [x >= T] - [x < -T]``.
+
+    One comparison key per element gives both range tests (``[x < -T - d]`` and ``[x < T]``,
+    :func:`protocols.mpc.compare.below`), on a ring of 32 bits (inputs are promised below 2^14,
+    where ``x^2`` still fits CrypTen's ring) less the 11 low bits that the resolution ``d`` =
+    :data:`GELU_RESOLUTION` = 1/32 lets the gate drop (21-bit keys). A test may err only for
+    ``x`` in ``[T, T + d)`` or ``[-T - d, -T)``, where it picks the polynomial instead of ReLU:
+    the polynomial's error there is at most 8.2e-4, no worse than ReLU's at ``|x| = T`` (8.1e-4),
+    so the kernel's error bound is unchanged (tests/unit/test_gelu_range.py checks both edges).
+    """
+    t, d = GELU_RANGE, GELU_RESOLUTION
+    with ops.compare_bound(GELU_COMPARE_BOUND, d):
+        bits = as_fixed_point(below(x, [-t - d, t]), x)
+    low, high = bits[..., 0], bits[..., 1]  # [x < -T - d], [x < T]
+    return high - low, 1.0 - high - low
+
+
 def gelu(x: Tensor, form: str = "erf") -> Tensor:
-    """GeLU on shares as a piecewise polynomial (max error 8.1e-4 against erf GeLU; the tanh
+    """GeLU on shares as a piecewise polynomial (max error 8.2e-4 against erf GeLU; the tanh
     ``form`` is within 1e-3 of erf, so both get the same polynomial).
 
-    Two comparisons in one batch, ``above = [x > T]`` and ``below = [x < -T]`` (on a 32-bit ring:
-    inputs are promised below 2^14, where ``x^2`` still fits CrypTen's ring), the even part ``g``
-    as a polynomial in ``v = x^2 / T^2`` (powers by squaring), then ``x / 2 + inside * g + (above
-    - below) * x / 2`` with ``inside = 1 - above - below`` in one product: about 104 bytes and 8
-    rounds per element with FSS comparisons (``protocols.mpc.fused_gelu`` opens each operand
-    once: 72 bytes). Outside [-T, T] the powers may overflow the ring; they are multiplied by an
-    exact 0 there.
+    The range tests :func:`gelu_range` (one comparison key per element), the even part ``g`` as a
+    polynomial in ``v = x^2 / T^2`` (powers by squaring), then ``x / 2 + inside * g + w * x /
+    2`` in one product: about 91 bytes and 8 rounds per element with FSS comparisons
+    (``protocols.mpc.fused_gelu`` opens each operand once: 67 bytes). Outside [-T, T] the powers
+    may overflow the ring; they are multiplied by an exact 0 there.
     """
     t = GELU_RANGE
-    with ops.compare_bound(GELU_COMPARE_BOUND):
-        outside = as_fixed_point(type(x).stack([t - x, x + t]) < 0, x)  # [x > T], [x < -T]
-    above, below = outside[0], outside[1]
+    inside, w = gelu_range(x)
     v = x.square() * (1.0 / (t * t))
     powers = [v, v.square()]
     powers += [powers[1] * v, powers[1].square()]
     powers += [powers[3] * v, powers[2].square()]
     even = sum((p * c for p, c in zip(powers, GELU_EVEN_COEFFS[1:])), start=GELU_EVEN_COEFFS[0])
-    inside = 1.0 - above - below
-    weights = type(x).stack([inside, above - below])
+    weights = type(x).stack([inside, w])
     terms = weights * type(x).stack([even, x * 0.5])
     return x * 0.5 + terms[0] + terms[1]
 
