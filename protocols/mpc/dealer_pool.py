@@ -44,7 +44,8 @@ from protocols.mpc.vocabulary import CORRECTED_RANK, DealerError, RequestSchedul
 
 MAX_HISTORY = 4096  # confirmed segments remembered for prediction (one short digest each)
 MAX_SCHEDULES = 1024  # distinct schedules remembered for prediction
-JOIN_S = 5.0  # how long close() waits for a worker to finish the request it is generating
+DEFAULT_POOL_BYTES = 2 << 30  # a dealer session's store bound unless its party file sets pool_mib
+JOIN_S = 2.0  # how long close() waits in all for workers to finish the requests they are generating
 
 
 class PoolClosed(DealerError):
@@ -62,7 +63,7 @@ class PoolLimits:
     """
 
     ahead: int = 1
-    max_bytes: int = 2 << 30
+    max_bytes: int = DEFAULT_POOL_BYTES
     workers: int = 2
     wait_s: float = 120.0
 
@@ -215,8 +216,9 @@ class MaterialPool:
         return half
 
     def close(self, reason: str = "the session ended", join_s: float = JOIN_S) -> None:
-        """Stop generating, wake every waiter with :class:`PoolClosed`, join the workers (each
-        at most ``join_s``: one may be inside a long generation), free the store."""
+        """Stop generating, wake every waiter with :class:`PoolClosed`, free the store and join the
+        workers, waiting ``join_s`` in all: a worker inside one long generation finishes it on
+        its own (a daemon thread), drops the result and exits."""
         with self._cond:
             if self._closed is None:
                 self._closed = reason
@@ -224,9 +226,10 @@ class MaterialPool:
                 self._drop(slot)
             self._planned.clear()
             self._cond.notify_all()
+        deadline = time.perf_counter() + join_s
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join(join_s)
+                thread.join(max(0.0, deadline - time.perf_counter()))
 
     # ----- planning ----------------------------------------------------------------------
     def _check_open(self) -> None:
