@@ -28,7 +28,9 @@ A client with its own certificate (``privinf certs --client alice``) sets ``name
 uses ``client-alice.pem`` / ``client-alice.key``. ``timeout_s`` (default 120) is how long a party
 waits for its peer's next message: also the idle limit of an open session. Servers and clients
 check ``[model]`` when the file is loaded (a known model name, a variant that parses), so a
-misconfigured server fails at start. Relative paths are relative to the config file.
+misconfigured server fails at start. ``[model] checkpoint = "DIR"`` (instead of ``name``) runs a
+checkpoint written by ``privinf distill``: its name becomes ``NAME@DIR`` and its trained variant
+the default. Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
@@ -137,11 +139,11 @@ def load_config(path: str | Path, role: str | None = None) -> PartyConfig:
 def check_model_choice(model: ModelChoice, source: str | Path = "config") -> None:
     """Refuse a model name the registry does not know, or a variant (and overrides file) that
     does not parse: a server fails at start with one line instead of at its first session."""
-    from models.registry import model_names
+    from models.registry import is_known_model, model_names
     from models.variants import VariantError, parse_variant
 
     known = model_names()
-    if model.name not in known:
+    if not is_known_model(model.name):
         raise ConfigError(f"{source}: unknown model {model.name!r} under [model]; known: {', '.join(known)}")
     try:
         parse_variant(model.variant, model.overrides)
@@ -167,13 +169,16 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     model = data.get("model", {})
     if not isinstance(model, dict):
         raise ConfigError("[model] must be a table")
-    extra = set(model) - {"name", "variant", "overrides", "device"}
+    extra = set(model) - {"name", "variant", "overrides", "device", "checkpoint"}
     if extra:
         raise ConfigError(f"unknown [model] keys: {', '.join(sorted(extra))}")
     protocol = _protocol_from(data, model)
     overrides = model.get("overrides")
     if overrides is not None and not Path(overrides).is_absolute():
         overrides = str(base / overrides)
+    if "checkpoint" in model:
+        model = {**model, **_checkpoint_choice(model, base)}
+        overrides = model.get("overrides")
     return PartyConfig(
         role=file_role,
         certs=certs if certs.is_absolute() else base / certs,
@@ -186,6 +191,24 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     )
 
 
+def _checkpoint_choice(model: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``[model] checkpoint``: the name ``NAME@DIR`` and, unless given, the variant it was trained for."""
+    from models.checkpoints import CheckpointError, checkpoint_name, trained_variant
+
+    if "name" in model:
+        raise ConfigError("[model]: give name or checkpoint, not both")
+    path = Path(model["checkpoint"])
+    path = path if path.is_absolute() else base / path
+    try:
+        choice: dict[str, Any] = {"name": checkpoint_name(path)}
+        if "variant" not in model:
+            variant, overrides = trained_variant(path)
+            choice.update(variant=variant, overrides=str(overrides) if overrides else None)
+    except CheckpointError as exc:
+        raise ConfigError(f"[model] checkpoint: {exc}") from None
+    return choice
+
+
 def _check_types(data: dict[str, Any]) -> None:
     """One line naming the key whose value has the wrong TOML type."""
     for key in ("role", "certs", "listen", "name"):
@@ -194,7 +217,7 @@ def _check_types(data: dict[str, Any]) -> None:
     model = data.get("model", {})
     if not isinstance(model, dict):
         raise ConfigError("[model] must be a table")
-    for key in ("name", "variant", "overrides"):
+    for key in ("name", "variant", "overrides", "checkpoint"):
         if key in model and not isinstance(model[key], str):
             raise ConfigError(f"[model] {key} must be a string, got {model[key]!r}")
     peers = data.get("peers", {})
