@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from privinf.cli_distill import add_distill_command
 from privinf.progress import terminal_progress
 from protocols.net.channels import TransportError
 from protocols.protocol_config import COMPARISON_METHODS, STORAGE_POLICIES, ProtocolConfig
@@ -25,10 +26,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError,
 
 
 def _add_common_run_args(p: argparse.ArgumentParser, protocols: Sequence[str]) -> None:
-    p.add_argument("--model", default="minilm", help="model id (see `privinf models`)")
-    p.add_argument("--variant", default="exact",
+    p.add_argument("--model", default=None, help="model id (see `privinf models`; default minilm)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a checkpoint directory written by `privinf distill` instead of --model; "
+                        "the variant it was trained for is the default --variant")
+    p.add_argument("--variant", default=None,
                    help="preset (exact, mpcformer, power, relu, scale, linear, ...) or a spec "
-                        "such as attn=power:p=4,act=quad,norm=layernorm (see `privinf variants`)")
+                        "such as attn=power:p=4,act=quad,norm=layernorm (see `privinf variants`; "
+                        "default exact)")
     p.add_argument("--overrides", type=Path, default=None,
                    help="JSON file with per-layer / per-head variant overrides")
     p.add_argument("--protocol", choices=protocols, default=protocols[0])
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     _add_certs_command(sub)
+    add_distill_command(sub)
     _add_masks_command(sub)
 
     return parser
@@ -259,12 +265,34 @@ def _emit_report(report: Any, args: argparse.Namespace) -> None:
         print(f"chart: {args.png}")
 
 
+def _resolve_model(args: argparse.Namespace) -> list[str]:
+    """Fill in --model / --variant / --overrides (from --checkpoint when given); return the warnings
+    (one line each, also printed on stderr) for a variant running on weights not trained for it."""
+    from models.checkpoints import checkpoint_name, trained_variant
+    from models.registry import variant_warning
+    from models.variants import parse_variant
+
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise _usage("give --model or --checkpoint, not both")
+        args.model = checkpoint_name(args.checkpoint)
+        if args.variant is None:
+            args.variant, args.overrides = trained_variant(args.checkpoint.resolve())
+    args.model = args.model or "minilm"
+    args.variant = args.variant or "exact"
+    warning = variant_warning(args.model, parse_variant(args.variant, args.overrides))
+    if warning is not None:
+        print(f"privinf: {warning}", file=sys.stderr)
+    return [warning] if warning else []
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from models.registry import load_model
     from models.variants import parse_variant
     from privinf.ledger.reports import Report
     from protocols.routes.plain import run_plain
 
+    warnings = _resolve_model(args)
     variant = parse_variant(args.variant, args.overrides)
     bundle = load_model(args.model, variant)
     raw_input = _read_input(bundle, args.input_text)
@@ -273,6 +301,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result.ledger.rows(), model=args.model, protocol="plain", variant=args.variant,
         output=result.output,
     )
+    report.warnings = warnings
     print("output:", _short(result.output))
     _emit_report(report, args)
     return 0
@@ -306,7 +335,8 @@ def _check_input_given(text: str | None, missing: str) -> None:
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     _check_launch_args(args)
-    from models.registry import UnknownModelError, model_names
+    warnings = _resolve_model(args)
+    from models.registry import UnknownModelError, is_known_model, model_names
     from models.variants import parse_variant
     from mpc_parties.launch import local_deployment
     from mpc_parties.party_config import ModelChoice
@@ -322,7 +352,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                          f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
     protocol = ProtocolConfig(preprocess=max(args.preprocess, args.repeat), comparisons=args.comparisons,
                               device=args.device, storage=args.storage)
-    if args.model not in model_names():
+    if not is_known_model(args.model):
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
     model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
     budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
@@ -341,6 +371,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                     result = session.generate(value, args.generate, args.policy, budget)
                 for _ in range(0 if args.generate else args.repeat):
                     result = session.infer(value)
+    result.report.warnings = warnings
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     if args.generate:
