@@ -177,8 +177,8 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
     if overrides is not None and not Path(overrides).is_absolute():
         overrides = str(base / overrides)
     if "checkpoint" in model:
-        model = {**model, **_checkpoint_choice(model, base)}
-        overrides = model.get("overrides")
+        choice = _checkpoint_choice(model, base)
+        model, overrides = {**model, **choice}, choice.get("overrides", overrides)
     return PartyConfig(
         role=file_role,
         certs=certs if certs.is_absolute() else base / certs,
