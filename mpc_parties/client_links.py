@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.checkpoints import model_digest
 from mpc_parties.dealer_party import INBOUND_CHUNK_BYTES
 from mpc_parties.handshake import SessionSpec, new_session_id, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
@@ -47,7 +48,8 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     ledger = ledger or Ledger("client")
     tls = config.tls()
     spec = SessionSpec(session=session or new_session_id(), protocol=protocol,
-                       model=config.model.name, variant=config.model.variant, config=config.protocol)
+                       model=config.model.name, variant=config.model.variant, config=config.protocol,
+                       digest=model_digest(config.model.name))
     server_address = config.peers["server"]
     dial_s = min(config.timeout_s, CONNECT_TIMEOUT_S)
     front = connect(server_address, tls, "server", spec.session, timeout=dial_s)

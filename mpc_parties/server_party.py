@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from models.checkpoints import model_digest
 from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
 from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.party_config import PartyConfig
@@ -73,7 +74,7 @@ class ServerParty:
 
     def _refusal(self, spec: SessionSpec, client: str) -> str | None:
         model = self.config.model
-        reason = spec.mismatch(model.name, model.variant, self.config.protocol)
+        reason = spec.mismatch(model.name, model.variant, self.config.protocol, model_digest(model.name))
         if reason is None and spec.protocol not in SESSION_ROUTES:
             reason = f"protocol {spec.protocol!r} is not served here"
         if reason is not None:
