@@ -16,6 +16,7 @@ One file per party and host. Example (the server's)::
     [protocol]                       # optional; client and server must hold the same values
     preprocess = 1                   # inferences of dealer material made ahead per input shape
     comparisons = "fss"              # FSS keys from the dealer, or "circuit" (CrypTen's)
+    storage = "regenerate"           # or "keep": weight masks kept between sessions (docs/deployment.md)
 
 The client's file names ``server`` and ``dealer`` under ``[peers]``; the dealer needs no peers and
 no model. On the EE route (``protocol="ee"``, docs/ee.md) the client is the model owner (it loads
@@ -30,7 +31,9 @@ waits for its peer's next message: also the idle limit of an open session. Serve
 check ``[model]`` when the file is loaded (a known model name, a variant that parses), so a
 misconfigured server fails at start. ``[model] checkpoint = "DIR"`` (instead of ``name``) runs a
 checkpoint written by ``privinf distill``: its name becomes ``NAME@DIR`` and its trained variant
-the default. Relative paths are relative to the config file.
+the default. ``store = "DIR"`` (client and dealer) is where ``storage = "keep"`` keeps the
+client's weight masks and the dealer's per-client epoch keys (default ``$PRIVINF_STORE`` or
+``~/.local/share/privinf``; a 0700 directory). Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class PartyConfig:
     protocol: ProtocolConfig = ProtocolConfig()
     timeout_s: float = 120.0
     name: str | None = None  # a client's own identity: its certificate is client-NAME.pem
+    store: Path | None = None  # storage = keep: the client's kept masks / the dealer's epoch keys (a 0700 dir)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -153,7 +157,8 @@ def check_model_choice(model: ModelChoice, source: str | Path = "config") -> Non
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
     """A party configuration from parsed TOML data; relative paths are taken from ``base``."""
-    known = {"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name"} | set(_LEGACY_PROTOCOL_KEYS)
+    known = ({"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name", "store"}
+             | set(_LEGACY_PROTOCOL_KEYS))
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
@@ -188,6 +193,7 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
         protocol=protocol,
         timeout_s=float(data.get("timeout_s", 120.0)),
         name=data.get("name"),
+        store=None if data.get("store") is None else base / data["store"],
     )
 
 
@@ -211,7 +217,7 @@ def _checkpoint_choice(model: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _check_types(data: dict[str, Any]) -> None:
     """One line naming the key whose value has the wrong TOML type."""
-    for key in ("role", "certs", "listen", "name"):
+    for key in ("role", "certs", "listen", "name", "store"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{key} must be a string, got {data[key]!r}")
     model = data.get("model", {})
@@ -253,7 +259,8 @@ def config_to_dict(config: PartyConfig) -> dict[str, Any]:
     return {"role": config.role, "certs": str(config.certs), "listen": config.listen,
             "peers": dict(config.peers), "timeout_s": config.timeout_s,
             "model": {key: value for key, value in config.model.to_json().items() if value is not None},
-            "protocol": config.protocol.to_json(), **({"name": config.name} if config.name else {})}
+            "protocol": config.protocol.to_json(), **({"name": config.name} if config.name else {}),
+            **({"store": str(config.store)} if config.store is not None else {})}
 
 
 def _toml_value(value: Any) -> str:
@@ -267,6 +274,8 @@ def dump_config(config: PartyConfig) -> str:
     lines += [f'{peer} = "{address}"' for peer, address in sorted(config.peers.items())]
     if config.name is not None:
         lines.insert(3, f'name = "{config.name}"')
+    if config.store is not None:
+        lines.insert(3, f"store = {json.dumps(str(config.store))}")
     lines += ["", "[model]", f'name = "{config.model.name}"', f'variant = "{config.model.variant}"']
     if config.model.overrides is not None:
         lines.append(f"overrides = {json.dumps(config.model.overrides)}")

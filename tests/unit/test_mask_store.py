@@ -154,3 +154,13 @@ def test_cli_lists_and_deletes(tmp_path: Path, capsys: Any) -> None:
     assert main(["masks", "delete", "--all", "--store", str(root)]) == 0
     assert main(["masks", "list", "--json", "--store", str(root)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == []
+
+
+def test_party_files_carry_the_policy_and_the_store(tmp_path: Path) -> None:
+    from mpc_parties.party_config import config_from_dict, config_to_dict, dump_config
+
+    data = {"role": "dealer", "certs": "certs", "store": "kept", "protocol": {"storage": "keep"}}
+    config = config_from_dict(data, base=tmp_path)
+    assert config.store == tmp_path / "kept" and config.protocol.storage == "keep"
+    assert config_from_dict(config_to_dict(config)) == config
+    assert 'store = "' in dump_config(config) and 'storage = "keep"' in dump_config(config)
