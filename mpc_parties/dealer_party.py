@@ -98,7 +98,7 @@ class DealerParty:
             fail_together(client, server)
             from protocols.routes.mpc import serve_dealer_session
 
-            serve_dealer_session(spec, client, server, ledger)
+            serve_dealer_session(spec, client, server, ledger, store=self.config.store)
             client.close()
             server.close()
             log.info("session %s done", spec.session)
