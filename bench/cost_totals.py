@@ -101,7 +101,8 @@ def priced(t: Totals, parties: NetworkProfile, dealer: NetworkProfile) -> tuple[
 
 
 # ----- privinf: totals from the ledger rows of a session ------------------------------------
-def _party_sum(rows: Iterable[Row], party: str, phase: Phase, field_name: str, skip: Sequence[str] = ()) -> float:
+def party_sum(rows: Iterable[Row], party: str, phase: Phase, field_name: str, skip: Sequence[str] = ()) -> float:
+    """Sum of one counter over ``party``'s rows of ``phase``, scopes in ``skip`` left out."""
     return sum(getattr(r.counters, field_name) for r in rows
                if r.party == party and r.phase == phase and r.name not in skip)
 
@@ -130,36 +131,40 @@ def privinf_totals(name: str, warm: Sequence[Row], measured: Sequence[Sequence[R
     everything = [list(warm)] + [list(rows) for rows in measured]
     n_all, n_pre = len(everything), len(measured)
     skip_root = (ROOT_SCOPE,)
-    sent = {p: statistics.median(_party_sum(r, p, Phase.ONLINE, "bytes_sent") for r in measured) for p in COMPUTING}
-    recv_online = {p: statistics.median(_party_sum(r, p, Phase.ONLINE, "bytes_recv") for r in measured)
+    sent = {p: statistics.median(party_sum(r, p, Phase.ONLINE, "bytes_sent") for r in measured) for p in COMPUTING}
+    recv_online = {p: statistics.median(party_sum(r, p, Phase.ONLINE, "bytes_recv") for r in measured)
                    for p in COMPUTING}
     material, off_wall, batches = {}, {}, {}
     for p in COMPUTING:
-        offline = sum(_party_sum(r, p, Phase.OFFLINE, "bytes_recv", (SETUP_SCOPE,)) for r in everything)
-        fetched_online = max(0.0, _party_sum(warm, p, Phase.ONLINE, "bytes_recv") - recv_online[p])
+        offline = sum(party_sum(r, p, Phase.OFFLINE, "bytes_recv", (SETUP_SCOPE,)) for r in everything)
+        fetched_online = max(0.0, party_sum(warm, p, Phase.ONLINE, "bytes_recv") - recv_online[p])
         material[p] = (offline + fetched_online) / n_all
-        off_wall[p] = sum(_party_sum(r, p, Phase.OFFLINE, "wall_s", (SETUP_SCOPE,)) for r in everything) / n_pre
-        batches[p] = sum(1 for r in everything if _party_sum(r, p, Phase.OFFLINE, "bytes_recv", (SETUP_SCOPE,)))
+        off_wall[p] = sum(party_sum(r, p, Phase.OFFLINE, "wall_s", (SETUP_SCOPE,)) for r in everything) / n_pre
+        batches[p] = sum(1 for r in everything if party_sum(r, p, Phase.OFFLINE, "bytes_recv", (SETUP_SCOPE,)))
     rounds = {online_rounds(r) for r in measured}
     if len(rounds) != 1:
         raise TotalsError(f"{name}: online rounds differ between inferences: {sorted(rounds)}")
-    online_s = statistics.median(max(_party_sum(r, p, Phase.ONLINE, "wall_s", skip_root) for p in COMPUTING)
+    online_s = statistics.median(max(party_sum(r, p, Phase.ONLINE, "wall_s", skip_root) for p in COMPUTING)
                                  for r in measured)
-    stored, kept = {}, {}
-    for p in COMPUTING:
-        kinds: dict[str, float] = {}
-        for rows in everything:
-            for r in rows:
-                if r.party == p:
-                    for kind, nbytes in r.counters.storage.items():
-                        kinds[kind] = kinds.get(kind, 0) + nbytes
-        kept[p] = sum(v for k, v in kinds.items() if k in SESSION_KINDS)
-        stored[p] = sum(v for k, v in kinds.items() if k not in SESSION_KINDS) / n_pre
+    stored, kept = storage_split([r for rows in everything for r in rows], n_pre)
     return Totals(
         name, sent, material, rounds.pop(), max(batches.values()) / n_pre, online_s, max(off_wall.values()),
         dealer_cpu_s, setup_bytes=sum(r.counters.bytes_sent for rows in everything for r in rows
                                       if r.name == SETUP_SCOPE and r.party in COMPUTING),
         setup_s=setup_s, stored=stored, kept=kept)
+
+
+def storage_split(rows: Iterable[Row], units: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per computing party: (storage per unit = kinds other than the session's / ``units``,
+    storage kept for the session: weight masks and seeds)."""
+    kinds: dict[str, dict[str, float]] = {p: {} for p in COMPUTING}
+    for r in rows:
+        if r.party in kinds:
+            for kind, nbytes in r.counters.storage.items():
+                kinds[r.party][kind] = kinds[r.party].get(kind, 0) + nbytes
+    stored = {p: sum(v for k, v in ks.items() if k not in SESSION_KINDS) / units for p, ks in kinds.items()}
+    kept = {p: sum(v for k, v in ks.items() if k in SESSION_KINDS) for p, ks in kinds.items()}
+    return stored, kept
 
 
 def setup_wall(rows: Iterable[Row]) -> float:
@@ -172,6 +177,59 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, all its threads (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----- tables ---------------------------------------------------------------------------------
+def mib(x: float) -> str:
+    """Bytes as MiB with two decimals."""
+    return f"{x / MIB:.2f}"
+
+
+def _per_party(values: dict[str, float]) -> str:
+    return f"{values.get('client', 0.0) / MIB:.2f} / {values.get('server', 0.0) / MIB:.2f}"
+
+
+def _ratio(theirs: float, ours: float) -> str:
+    return f"{theirs / ours:.2f}x" if ours > 0 else "-"
+
+
+def totals_rows(title: str, cols: list[Totals]) -> list[list[str]]:
+    """Table rows (label, one cell per column, first column / last column) of the whole cost:
+    bytes, rounds, walls, priced totals, set-up and storage."""
+    base, ours = cols[0], cols[-1]
+
+    def row(label: str, get: Any, fmt: Any = mib) -> list[str]:
+        return [label, *(fmt(get(t)) for t in cols), _ratio(get(base), get(ours))]
+
+    def plain(label: str, cells: list[str]) -> list[str]:
+        return [label, *cells, ""]
+
+    sec, two = "{:.3f}".format, "{:.2f}".format
+    rows = [
+        row(f"{title}: online rounds", lambda t: t.rounds, str),
+        row("  online MiB sent per party (max)", lambda t: t.online_bytes),
+        plain("    client / server", [_per_party(t.online_sent) for t in cols]),
+        row("  offline MiB per party (dealer/TTP material, max)", lambda t: t.offline_bytes),
+        plain("    client / server", [_per_party(t.offline_recv) for t in cols]),
+        row("  TOTAL MiB per party per inference", lambda t: t.total_bytes),
+        row("  dealer uplink MiB per inference (both parties)", lambda t: t.dealer_bytes),
+        row("  dealer round trips per inference", lambda t: t.offline_round_trips, "{:.0f}".format),
+        plain("  dealer/TTP CPU s per inference", [sec(t.dealer_cpu_s) if t.dealer_cpu_s is not None else "-"
+                                                    for t in cols]),
+        row("  online wall s (max over parties)", lambda t: t.online_s, sec),
+        row("  offline wall s (max over parties)", lambda t: t.offline_s, sec),
+        row("  TOTAL wall s per inference", lambda t: t.total_s, sec),
+    ]
+    for label, parties, dealer in PLACEMENTS:
+        rows.append(row(f"  est. total s, {label}", lambda t, p=parties, d=dealer: sum(priced(t, p, d)), two))
+        rows.append(plain("    online + offline", ["{:.2f} + {:.2f}".format(*priced(t, parties, dealer))
+                                                    for t in cols]))
+    rows += [
+        plain("  set-up per session: MiB / s", [f"{t.setup_bytes / MIB:.2f} / {t.setup_s:.2f}" for t in cols]),
+        plain("  stored per inference MiB, client / server", [_per_party(t.stored) for t in cols]),
+        plain("  kept per session MiB, client / server", [_per_party(t.kept) for t in cols]),
+    ]
+    return rows
 
 
 # ----- targets ---------------------------------------------------------------------------------

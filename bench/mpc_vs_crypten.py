@@ -46,14 +46,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cost_totals import (
     MIB,
-    PLACEMENTS,
     Totals,
     as_dict,
-    priced,
+    mib,
     privinf_totals,
     process_cpu_s,
     setup_wall,
     target_lines,
+    totals_rows,
     verdict,
 )
 from bench.crypten_baseline import PROVIDERS, party_main, run_crypten
@@ -141,55 +141,9 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return render([text_col(head[0])] + [num_col(h) for h in head[1:]], rows)
 
 
-def _mib(x: float) -> str:
-    return f"{x / MIB:.2f}"
-
-
-def _per_party(values: dict[str, float]) -> str:
-    return f"{values.get('client', 0.0) / MIB:.2f} / {values.get('server', 0.0) / MIB:.2f}"
-
-
-def _ratio(theirs: float, ours: float) -> str:
-    return f"{theirs / ours:.2f}x" if ours > 0 else "-"
-
-
 def summary_rows(variant: str, cols: list[Totals], errors: list[float]) -> list[list[str]]:
-    """Rows of one variant: bytes, rounds, walls, priced totals, set-up and storage."""
-    base, ours = cols[0], cols[-1]
-
-    def row(label: str, get: Any, fmt: Any = _mib) -> list[str]:
-        return [label, *(fmt(get(t)) for t in cols), _ratio(get(base), get(ours))]
-
-    def plain(label: str, cells: list[str]) -> list[str]:
-        return [label, *cells, ""]
-
-    sec, two = "{:.3f}".format, "{:.2f}".format
-    rows = [
-        row(f"{LABELS[variant]}: online rounds", lambda t: t.rounds, str),
-        row("  online MiB sent per party (max)", lambda t: t.online_bytes),
-        plain("    client / server", [_per_party(t.online_sent) for t in cols]),
-        row("  offline MiB per party (dealer/TTP material, max)", lambda t: t.offline_bytes),
-        plain("    client / server", [_per_party(t.offline_recv) for t in cols]),
-        row("  TOTAL MiB per party per inference", lambda t: t.total_bytes),
-        row("  dealer uplink MiB per inference (both parties)", lambda t: t.dealer_bytes),
-        row("  dealer round trips per inference", lambda t: t.offline_round_trips, "{:.0f}".format),
-        plain("  dealer/TTP CPU s per inference", [sec(t.dealer_cpu_s) if t.dealer_cpu_s is not None else "-"
-                                                    for t in cols]),
-        row("  online wall s (max over parties)", lambda t: t.online_s, sec),
-        row("  offline wall s (max over parties)", lambda t: t.offline_s, sec),
-        row("  TOTAL wall s per inference", lambda t: t.total_s, sec),
-    ]
-    for label, parties, dealer in PLACEMENTS:
-        rows.append(row(f"  est. total s, {label}", lambda t, p=parties, d=dealer: sum(priced(t, p, d)), two))
-        rows.append(plain("    online + offline", ["{:.2f} + {:.2f}".format(*priced(t, parties, dealer))
-                                                    for t in cols]))
-    rows += [
-        plain("  set-up per session: MiB / s", [f"{t.setup_bytes / MIB:.2f} / {t.setup_s:.2f}" for t in cols]),
-        plain("  stored per inference MiB, client / server", [_per_party(t.stored) for t in cols]),
-        plain("  kept per session MiB, client / server", [_per_party(t.kept) for t in cols]),
-        plain("  max abs error vs plaintext", [f"{e:.4f}" for e in errors]),
-    ]
-    return rows
+    """Rows of one variant: the whole-cost rows, then each column's error against the plaintext."""
+    return totals_rows(LABELS[variant], cols) + [["  max abs error vs plaintext", *(f"{e:.4f}" for e in errors), ""]]
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
@@ -210,7 +164,7 @@ def issue3_lines(results: dict[str, dict[str, Any]], full_size: bool) -> list[st
         c, p = results["mpcformer"]["columns"][0], results["mpcformer"]["columns"][-1]
         if full_size:
             out.append(verdict(p.online_bytes <= TARGET_2QUAD_MIB * MIB,
-                               f"2Quad layer <= {TARGET_2QUAD_MIB:g} MiB sent/party online: {_mib(p.online_bytes)}"))
+                               f"2Quad layer <= {TARGET_2QUAD_MIB:g} MiB sent/party online: {mib(p.online_bytes)}"))
         out.append(verdict(c.online_bytes >= TARGET_2QUAD_RATIO * p.online_bytes,
                            f"2Quad layer >= {TARGET_2QUAD_RATIO}x below {c.name} online: "
                            f"{c.online_bytes / p.online_bytes:.2f}x"))
@@ -227,7 +181,7 @@ def op_table(variant: str, crypten_ops: dict[str, Any], privinf_ops: dict[str, A
     rows = []
     for path, c in crypten_ops.items():
         p = privinf_ops.get(path, {"rounds": 0, "sent": 0.0, "wall_s": 0.0})
-        rows.append([path, str(c["rounds"]), str(p["rounds"]), _mib(c["sent"]), _mib(p["sent"]),
+        rows.append([path, str(c["rounds"]), str(p["rounds"]), mib(c["sent"]), mib(p["sent"]),
                      f"{c['wall_s'] * 1e3:.0f}", f"{p['wall_s'] * 1e3:.0f}"])
     head = [f"{variant}: op ({base} = C)", "rounds C", "rounds P", "MiB C", "MiB P", "ms C", "ms P"]
     return _table(head, rows)

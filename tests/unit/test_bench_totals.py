@@ -8,6 +8,7 @@ import pytest
 
 from bench.cost_totals import MIB, Totals, TotalsError, priced, privinf_totals, setup_wall, target_lines
 from bench.crypten_baseline import CrypTenError, combine
+from bench.whole_cost import first_totals, step_totals
 from privinf.ledger.pricing import LAN, WAN, NetworkProfile
 from privinf.ledger.records import ROOT_SCOPE, Counters, Phase, Row
 
@@ -110,3 +111,35 @@ def test_crypten_columns_take_the_max_of_the_ranks_per_run() -> None:
     assert combine([_rank(4, [1.0], [1.0]), _rank(4, [1.0], [1.0])], "TFP")["offline_round_trips"] == 0
     with pytest.raises(CrypTenError, match="rounds differ"):
         combine([_rank(4, [1.0], [1.0]), _rank(5, [1.0], [1.0])], "TTP")
+
+
+def stepped(party: str, phase: Phase, name: str, step: str, **kw: float) -> Row:
+    base = row(party, phase, name, **kw)  # type: ignore[arg-type]
+    return Row(base.name, base.op, base.party, base.phase, base.counters, step)
+
+
+def test_step_totals_are_means_over_the_measured_steps() -> None:
+    rows = []
+    for step, wall in (("prefill", 2.0), ("decode.0", 4.0)):
+        rows += [stepped("client", ON, "model", step, sent=100, rounds=7, wall=wall),
+                 stepped("server", ON, "model", step, sent=80, rounds=7, wall=wall / 2),
+                 stepped("client", OFF, "model", step, recv=1000, wall=0.5)]
+    rows += [stepped("server", OFF, "preprocess", "", recv=60, wall=0.2),  # corrections for both steps
+             stepped("server", OFF, "setup", "", sent=9999, wall=5.0)]
+    t = step_totals("g", rows, ("prefill", "decode.0"))
+    assert t.online_sent == {"client": 100, "server": 80} and t.rounds == 7
+    assert t.online_s == pytest.approx(3.0)  # client is the slower party in both steps
+    assert t.offline_recv == {"client": 1000, "server": 30}
+    assert t.offline_s == pytest.approx(0.5) and t.offline_round_trips == pytest.approx(1.0)
+
+
+def test_first_totals_price_the_extra_rounds_on_the_dealer_link() -> None:
+    steady = Totals("s", {"client": 100.0, "server": 80.0}, {"client": 1000.0, "server": 30.0}, 7, 1.0, 3.0, 0.5)
+    rows = [stepped("client", ON, "model", "", sent=100, recv=1100, rounds=19, wall=6.0),
+            stepped("server", ON, "model", "", sent=80, rounds=12, wall=5.0),
+            stepped("client", OFF, "setup", "", recv=5000, wall=9.0, storage={"weight_masks": 5000}),
+            stepped("server", OFF, "setup", "", sent=5000, wall=8.0)]
+    t = first_totals("f", rows, steady, 1, 0.7, 9.0)
+    assert t.rounds == 7 and t.offline_round_trips == pytest.approx(12.0)  # 19 on the critical path, 7 with the peer
+    assert t.offline_recv == steady.offline_recv and t.online_s == pytest.approx(6.0) and t.offline_s == 0.0
+    assert t.setup_bytes == 5000 and t.kept["client"] == 5000 and t.dealer_cpu_s == 0.7
