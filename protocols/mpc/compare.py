@@ -112,19 +112,26 @@ def shift_for(points: Sequence[float], resolution: float, bits: int) -> int:
     return shift
 
 
+def truncated(share: np.ndarray, bits: int, shift: int) -> np.ndarray:
+    """One party's local truncation ``floor((share mod 2^bits) / 2^shift)`` of int64 shares: both
+    parties' results sum to ``floor((x mod 2^bits) / 2^shift) - carry`` mod ``2^(bits - shift)``,
+    ``carry`` in {0, 1}."""
+    low = np.asarray(share, dtype=np.int64).view(np.uint64) & np.uint64(2 ** bits - 1)
+    return (low >> np.uint64(shift)).view(np.int64)
+
+
 def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> torch.Tensor:
     """This party's shares of ``[x' < c_j]`` [*x.shape, J] for ``x' = floor((x mod 2^bits) / 2^shift)``
     (the carry of the dropped bits aside) and integer ``points`` on that grid, from one key
     of ``bits - shift`` bits and one opening."""
-    share = x._tensor.share
-    if share.device.type != "cpu":
-        raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
     width = bits - shift
     if np.any(np.abs(points) >= 2 ** (width - 2)):
         raise ComparisonError(f"thresholds {points.tolist()} do not fit a {width}-bit gate")
+    share = x._tensor.share
+    if share.device.type != "cpu":
+        raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
     key = provider.sign_key(share.shape, width)
-    low = share.reshape(-1).numpy().view(np.uint64) & np.uint64((1 << bits) - 1 if bits < 64 else 2 ** 64 - 1)
-    masked = torch.from_numpy(key.masked((low >> np.uint64(shift)).view(np.int64)))
+    masked = torch.from_numpy(key.masked(truncated(share.reshape(-1).numpy(), bits, shift)))
     opened = open_low_bits(masked, width)
     bits_out = key.evaluate_points(opened.numpy(), points)
     ledger = getattr(crypten.communicator.get(), "ledger", None)
@@ -134,7 +141,7 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> t
     return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0])
 
 
-def _grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
+def grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
     """Thresholds in ulps rounded up to the 2^shift grid, in units of the grid."""
     return np.array([math.ceil(c * scale / 2 ** shift) for c in points], dtype=np.int64)
 
@@ -166,4 +173,4 @@ def below(x: Any, points: Sequence[float]) -> Any:
     scale = int(x.encoder.scale)
     bits = bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
     shift = shift_for([c * scale for c in points], ops.comparison_resolution() * scale, bits)
-    return MPCTensor.from_shares(_gate(x, context.provider, bits, shift, _grid(points, scale, shift)), precision=0)
+    return MPCTensor.from_shares(_gate(x, context.provider, bits, shift, grid(points, scale, shift)), precision=0)

@@ -3,17 +3,18 @@
 Models call :mod:`models.ops` (``reciprocal``, ``inv_sqrt``, ``inv_sqrt_wide``, ``gelu``,
 ``row_max``, ``argmax_last``, ``scaled_rows``); on torch tensors those compute in torch, on
 shares they call the implementation installed with ``models.ops.encrypted_kernels``. This module
-holds those implementations for CrypTen ``MPCTensor``s (duck-typed: it never imports crypten)
-and :func:`share_kernels`, the context manager that installs them, optionally with a protocol's
-fused kernels (``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in place of some.
+holds those implementations for CrypTen ``MPCTensor``s (duck-typed; comparisons against public
+thresholds go through :func:`protocols.mpc.compare.below`) and :func:`share_kernels`, the
+context manager that installs them, optionally with a protocol's fused kernels
+(``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in place of some.
 
-* **Positive reciprocal and inverse square root**: range-reduced Newton iterations. One batched
-  comparison of ``x`` against public powers of the base picks k with ``base^k <= x <
-  base^(k+1)``; ``x base^-k`` then lies in [1, base), where a linear first guess (relative error
-  1/17 and 0.086) and 3 Newton steps are accurate. Accurate for ``x / scale`` in [2^-14, 2^10)
-  and [4^-7, 4^6): 9 and 12 rounds, where CrypTen's exp-seeded versions take 28 and 17 and hold
-  only on about [0.002, 10] and [0.1, 100]. Callers pass a public ``scale`` that brings the
-  private value into range. The general (signed) reciprocal is CrypTen's own.
+* **Positive reciprocal and inverse square root**: range-reduced Newton. The bits ``[x < t_j]``
+  against public thresholds (8 per octave / power of four over the range: 191 and 103) pick the
+  power k and a piecewise-linear first guess at once, then one Newton step: 5 rounds each.
+  With FSS comparisons all thresholds of an element share one key and one opening
+  (:func:`protocols.mpc.compare.below`): ~1 KB of dealer keys per element, not 191 KB.
+  Accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6); callers pass a public ``scale``
+  that brings the private value into range. The general (signed) reciprocal is CrypTen's own.
 * **Wide inverse square root** (SmolLM2's massive activations): the same power-of-four
   reduction, then CrypTen's inverse square root where it is accurate.
 * **Fixed-point scale**: CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would
@@ -21,9 +22,12 @@ fused kernels (``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in pl
   local operation) to get the same bit at the usual 2^16 scale.
 * **GeLU**: ``x / 2 + g(x)`` on [-T, T] (T = 3.5), where ``g(x) = x (Phi(x) - 1/2)`` is even,
   fitted as a degree-6 polynomial in ``v = x^2 / T^2`` (near-minimax on [0, 1], max error
-  2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there).
+  2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there); both range
+  tests from one truncated 21-bit key per element (:func:`gelu_range`).
 * **Row max and arg-max**: comparison tournaments (n - 1 comparisons in ceil(log2 n) levels)
-  instead of CrypTen's ``max(dim)``, which also builds the arg-max one-hot.
+  instead of CrypTen's ``max(dim)``, which also builds the arg-max one-hot. A softmax's max
+  runs under the caller's ``compare_bound`` (``models.ops.row_max(bound=, slack=)``: 23-bit
+  keys); the arg-max stays exact.
 * ``share_kernels("crypten")`` runs CrypTen's own positive reciprocal (exp-seeded Newton, 10
   steps), inverse square root and the sigmoid-form GeLU: what the CrypTen baseline in
   ``bench/mpc_vs_crypten.py`` computes.
@@ -286,7 +290,10 @@ def row_max(x: Tensor, dim: int = -1) -> Tensor:
     Each level keeps ``b + relu(a - b)`` of the two halves: n - 1 comparisons per row in
     ceil(log2 n) levels. CrypTen's ``max(dim)`` computes the arg-max one-hot as well (about 2.4x
     the comparisons); measured on [12, 128, 128]: 43.2 MiB and 63 rounds per party instead of
-    125.6 MiB and 79.
+    125.6 MiB and 79. Under a ``compare_bound`` with a resolution (``models.ops.row_max``'s
+    ``slack``) a comparison may take ``a`` for ``a - b`` in (-slack, 0]: each level keeps an
+    entry within ``slack`` of the larger one, so the result is an entry at most ceil(log2 n) *
+    slack below the max (never above it).
     """
     while x.size(dim) > 1:
         n = x.size(dim)
