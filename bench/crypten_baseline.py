@@ -11,14 +11,16 @@ bench starts them with ``subprocess`` instead of ``run_multiprocess``'s fork so 
 can be timed out and killed; nothing else differs.
 
 CrypTen's own offline path: the warm-up forward runs under ``crypten.trace()`` (the provider
-records every tuple request); before each timed forward ``crypten.fill_cache()`` makes that
-inference's tuples (with TTP: a request to the TTP per tuple, its answer broadcast to rank 0;
-rank 1 expands its shares from the generator it shares with the TTP), and the forward takes
-them from the provider's cache. Each party checks that the forward used every cached tuple and
-no other (a cache miss would fetch online), else the run fails.
+records every tuple request); then ``crypten.fill_cache()``, once per timed inference, makes
+their tuples in one offline span (with TTP: a request to the TTP per tuple, its answer
+broadcast to rank 0; rank 1 expands its shares from the generator it shares with the TTP), as
+privinf preprocesses a batch of inferences; each timed forward takes its tuples from the
+provider's cache. Each party checks that the forwards used every cached tuple and no other (a
+cache miss would fetch online), else the run fails.
 
-Per run, each rank measures ``end - start`` of the offline span (``fill_cache``) and of the
-online span (the forward), after a barrier; the bench takes the max over the two ranks. CrypTen's
+Each rank measures ``end - start`` of the offline span and of each online span (a forward),
+after a barrier; the bench takes the max over the two ranks (per inference: the offline span
+divided by the inferences it prepared; online: the median over the runs). CrypTen's
 config reads go through privinf's read cache (``use_cached_reads``), as in privinf's parties.
 """
 
@@ -87,37 +89,36 @@ def _cpu_s(pid: int | None) -> float:
 
 def _timed_runs(crypten: Any, layer: torch.nn.Module, x: torch.Tensor, runs: int, ttp_pid: int | None,
                 kernels: Any) -> dict[str, Any]:
-    """Warm-up under trace, then ``runs`` x (fill_cache offline, forward online)."""
+    """Warm-up under trace; one offline span filling the cache for ``runs`` inferences (as
+    privinf preprocesses them in one batch); then ``runs`` timed forwards on the cached tuples."""
     comm, provider = crypten.communicator.get(), crypten.mpc.get_default_provider()
     crypten.trace(True)
     with torch.no_grad(), kernels():
         layer(crypten.cryptensor(x, src=0))
     crypten.trace(False)
-    requests = len(provider.request_cache)
-    runs_out: list[dict[str, float]] = []
+    comm.barrier()
+    comm.reset_communication_stats()
+    cpu0, started = _cpu_s(ttp_pid), time.perf_counter()
+    for _ in range(runs):
+        crypten.fill_cache()
+    offline = {"offline_s": time.perf_counter() - started, "ttp_cpu_s": _cpu_s(ttp_pid) - cpu0,
+               "stored": cached_tuple_bytes(provider), **{f"offline_{k}": v for k, v in
+                                                          comm.get_communication_stats().items() if k != "time"}}
+    online: list[dict[str, float]] = []
     out = None
     for _ in range(runs):
-        comm.barrier()
-        comm.reset_communication_stats()
-        cpu0, started = _cpu_s(ttp_pid), time.perf_counter()
-        crypten.fill_cache()
-        offline_s, ttp_cpu = time.perf_counter() - started, _cpu_s(ttp_pid) - cpu0
-        offline, stored = comm.get_communication_stats(), cached_tuple_bytes(provider)
         comm.barrier()
         comm.reset_communication_stats()
         started = time.perf_counter()
         with torch.no_grad(), kernels():
             out = layer(crypten.cryptensor(x, src=0))
-        online_s = time.perf_counter() - started
-        online = comm.get_communication_stats()
-        left = sum(len(v) for v in provider.tuple_cache.values())
-        if left:
-            raise CrypTenError(f"the forward left {left} cached tuples unused: its requests differ from the trace")
-        runs_out.append({"offline_s": offline_s, "online_s": online_s, "ttp_cpu_s": ttp_cpu,
-                         "online_rounds": online["rounds"], "online_bytes": online["bytes"],
-                         "offline_rounds": offline["rounds"], "offline_bytes": offline["bytes"],
-                         "stored": stored})
-    return {"runs": runs_out, "requests": requests, "out": out}
+        stats = comm.get_communication_stats()
+        online.append({"online_s": time.perf_counter() - started, "online_rounds": stats["rounds"],
+                       "online_bytes": stats["bytes"]})
+    left = sum(len(v) for v in provider.tuple_cache.values())
+    if left:
+        raise CrypTenError(f"the forwards left {left} cached tuples unused: their requests differ from the trace")
+    return {"runs": online, "offline": offline, "requests": len(provider.request_cache), "out": out}
 
 
 def crypten_party(rank: int, rendezvous: str, provider: str, variant: str, seq: int, runs: int,
@@ -189,10 +190,12 @@ def _collect(procs: list[subprocess.Popen], what: str) -> list[dict[str, Any]]:
 
 
 def combine(ranks: list[dict[str, Any]], provider: str) -> dict[str, Any]:
-    """Both ranks' figures as one column: walls max over the ranks per run (median over runs),
-    bytes per party, rounds (must agree online), offline material and storage per party."""
+    """Both ranks' figures as one column: online walls max over the ranks per run (median over
+    runs); the offline span max over the ranks, per inference; bytes per party, rounds (must
+    agree online), offline material and storage per party per inference."""
     r0, r1 = ranks
     per_run = list(zip(r0["runs"], r1["runs"]))
+    off0, off1, runs = r0["offline"], r1["offline"], len(per_run)
     online_rounds = {(a["online_rounds"], b["online_rounds"]) for a, b in per_run}
     if any(a != b for a, b in online_rounds) or len(online_rounds) != 1:
         raise CrypTenError(f"CrypTen {provider}: online rounds differ between ranks or runs: {sorted(online_rounds)}")
@@ -202,12 +205,12 @@ def combine(ranks: list[dict[str, Any]], provider: str) -> dict[str, Any]:
         "rounds": online_rounds.pop()[0],
         "sent_client": last0["online_bytes"] / 2, "sent_server": last1["online_bytes"] / 2,
         # rank 0 receives every TTP answer; CrypTen's stat counts the (small) requests too
-        "offline_client": last0["offline_bytes"], "offline_server": last1["offline_bytes"],
+        "offline_client": off0["offline_bytes"] / runs, "offline_server": off1["offline_bytes"] / runs,
         "offline_round_trips": r0["requests"] if provider == "TTP" else 0,
         "online_s": statistics.median(max(a["online_s"], b["online_s"]) for a, b in per_run),
-        "offline_s": statistics.median(max(a["offline_s"], b["offline_s"]) for a, b in per_run),
-        "dealer_cpu_s": statistics.median(a["ttp_cpu_s"] for a, _ in per_run) if provider == "TTP" else None,
-        "stored_client": last0["stored"], "stored_server": last1["stored"],
+        "offline_s": max(off0["offline_s"], off1["offline_s"]) / runs,
+        "dealer_cpu_s": off0["ttp_cpu_s"] / runs if provider == "TTP" else None,
+        "stored_client": off0["stored"] / runs, "stored_server": off1["stored"] / runs,
         "setup_s": max(r0["setup_s"], r1["setup_s"]), "setup_bytes": max(r0["setup_bytes"], r1["setup_bytes"]),
         "requests": r0["requests"],
         "ops": {path: {"rounds": op["rounds"], "sent": max(op["sent"], r1["ops"][path]["sent"]),

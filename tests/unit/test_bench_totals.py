@@ -96,21 +96,23 @@ def test_target_lines() -> None:
     assert len(target_lines(ours, None, False, 56.10, 68, 400)) == 1  # dealer generation only
 
 
-def _rank(rounds: int, online: list[float], offline: list[float]) -> dict:
-    runs = [{"online_s": a, "offline_s": b, "ttp_cpu_s": 0.25, "online_rounds": rounds, "online_bytes": 200,
-             "offline_rounds": 3, "offline_bytes": 64, "stored": 96} for a, b in zip(online, offline)]
-    return {"runs": runs, "requests": 7, "ops": {"attn.q": {"rounds": 1, "sent": 10.0, "wall_s": 0.1}},
-            "setup_s": 0.2, "setup_bytes": 8}
+def _rank(rounds: int, online: list[float], offline_s: float) -> dict:
+    runs = [{"online_s": a, "online_rounds": rounds, "online_bytes": 200} for a in online]
+    offline = {"offline_s": offline_s, "ttp_cpu_s": 0.75, "offline_rounds": 3, "offline_bytes": 96, "stored": 192}
+    return {"runs": runs, "offline": offline, "requests": 7, "setup_s": 0.2, "setup_bytes": 8,
+            "ops": {"attn.q": {"rounds": 1, "sent": 10.0, "wall_s": 0.1}}}
 
 
-def test_crypten_columns_take_the_max_of_the_ranks_per_run() -> None:
-    col = combine([_rank(4, [1.0, 3.0, 2.0], [0.5, 0.5, 0.5]), _rank(4, [2.0, 1.0, 1.0], [0.1, 0.9, 0.1])], "TTP")
-    assert col["online_s"] == pytest.approx(2.0)  # median of (2, 3, 2)
-    assert col["offline_s"] == pytest.approx(0.5)  # median of (0.5, 0.9, 0.5)
-    assert col["rounds"] == 4 and col["sent_client"] == 100 and col["offline_round_trips"] == 7
-    assert combine([_rank(4, [1.0], [1.0]), _rank(4, [1.0], [1.0])], "TFP")["offline_round_trips"] == 0
+def test_crypten_columns_take_the_max_of_the_ranks() -> None:
+    col = combine([_rank(4, [1.0, 3.0, 2.0], 1.5), _rank(4, [2.0, 1.0, 1.0], 0.9)], "TTP")
+    assert col["online_s"] == pytest.approx(2.0)  # median over runs of (2, 3, 2)
+    assert col["offline_s"] == pytest.approx(0.5)  # the slower rank's span over the 3 inferences it prepared
+    assert col["dealer_cpu_s"] == pytest.approx(0.25) and col["stored_client"] == pytest.approx(64)
+    assert col["offline_client"] == pytest.approx(32) and col["offline_round_trips"] == 7
+    assert col["rounds"] == 4 and col["sent_client"] == 100
+    assert combine([_rank(4, [1.0], 1.0), _rank(4, [1.0], 1.0)], "TFP")["offline_round_trips"] == 0
     with pytest.raises(CrypTenError, match="rounds differ"):
-        combine([_rank(4, [1.0], [1.0]), _rank(5, [1.0], [1.0])], "TTP")
+        combine([_rank(4, [1.0], 1.0), _rank(5, [1.0], 1.0)], "TTP")
 
 
 def stepped(party: str, phase: Phase, name: str, step: str, **kw: float) -> Row:
