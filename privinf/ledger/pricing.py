@@ -15,7 +15,10 @@ so a cell costs what its slowest party costs:
   full-duplex link at the profile's bandwidth, so what it sends is serialised on its uplink
   while the peer's sends travel the other way at the same time; received bytes are not priced
   again (they are the peer's sent bytes). A dealer that sends to two parties is priced on its
-  one uplink, which errs on the slow side.
+  one uplink, which errs on the slow side. Dealer material fetched online is charged to the
+  layer that consumes it, so it shares that layer's cell and is priced as if sent while the
+  computing parties exchange theirs; it arrives before they use it, which errs on the fast side
+  by at most the computing parties' own bytes in that cell.
 
 Cells are then summed: scopes run one after another (each layer waits for the previous
 layer's output), as do steps. Offline and online are priced separately (pass ``phase``):
