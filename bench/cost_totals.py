@@ -64,6 +64,7 @@ class Totals:
     setup_s: float = 0.0
     stored: dict[str, float] = field(default_factory=dict)
     kept: dict[str, float] = field(default_factory=dict)
+    dealer_sent: float | None = None  # the dealer's own count of what it sent, per inference (a cross-check)
 
     @property
     def online_bytes(self) -> float:
@@ -147,11 +148,12 @@ def privinf_totals(name: str, warm: Sequence[Row], measured: Sequence[Sequence[R
     online_s = statistics.median(max(party_sum(r, p, Phase.ONLINE, "wall_s", skip_root) for p in COMPUTING)
                                  for r in measured)
     stored, kept = storage_split([r for rows in everything for r in rows], n_pre)
+    dealer_sent = sum(r.counters.bytes_sent for rows in everything for r in rows if r.party == "dealer") / n_all
     return Totals(
         name, sent, material, rounds.pop(), max(batches.values()) / n_pre, online_s, max(off_wall.values()),
         dealer_cpu_s, setup_bytes=sum(r.counters.bytes_sent for rows in everything for r in rows
                                       if r.name == SETUP_SCOPE and r.party in COMPUTING),
-        setup_s=setup_s, stored=stored, kept=kept)
+        setup_s=setup_s, stored=stored, kept=kept, dealer_sent=dealer_sent)
 
 
 def storage_split(rows: Iterable[Row], units: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -213,6 +215,8 @@ def totals_rows(title: str, cols: list[Totals]) -> list[list[str]]:
         plain("    client / server", [_per_party(t.offline_recv) for t in cols]),
         row("  TOTAL MiB per party per inference", lambda t: t.total_bytes),
         row("  dealer uplink MiB per inference (both parties)", lambda t: t.dealer_bytes),
+        plain("    the dealer's own count of MiB sent", [mib(t.dealer_sent) if t.dealer_sent is not None else "-"
+                                                         for t in cols]),
         row("  dealer round trips per inference", lambda t: t.offline_round_trips, "{:.0f}".format),
         plain("  dealer/TTP CPU s per inference", [sec(t.dealer_cpu_s) if t.dealer_cpu_s is not None else "-"
                                                     for t in cols]),

@@ -97,11 +97,12 @@ def step_totals(name: str, rows: Sequence[Row], steps: Sequence[str]) -> Totals:
     offline = [r for r in rows if r.phase == Phase.OFFLINE and r.name != SETUP_SCOPE]
     batches = max(len({r.step for r in offline if r.party == p and r.counters.bytes_recv}) for p in COMPUTING)
     stored, kept = storage_split([r for r in rows if r.step in steps or r.phase == Phase.OFFLINE], n)
+    dealer_sent = sum(r.counters.bytes_sent for r in rows if r.party == "dealer" and r.name != SETUP_SCOPE) / n
     return Totals(name, {p: party_sum(online, p, Phase.ONLINE, "bytes_sent") / n for p in COMPUTING},
                   {p: party_sum(offline, p, Phase.OFFLINE, "bytes_recv") / n for p in COMPUTING},
                   round(online_rounds(online) / n), batches / n, wall / n,
                   max(party_sum(offline, p, Phase.OFFLINE, "wall_s") for p in COMPUTING) / n,
-                  stored=stored, kept=kept)
+                  stored=stored, kept=kept, dealer_sent=dealer_sent)
 
 
 # ----- MiniLM as make run runs it -----------------------------------------------------------------

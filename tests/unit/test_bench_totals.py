@@ -60,6 +60,7 @@ def test_privinf_totals_per_party_material_and_walls() -> None:
     assert t.kept == {"client": 5000, "server": 0}
     assert t.stored == pytest.approx({"client": 1000.0, "server": 600.0})
     assert t.total_bytes == pytest.approx(1300.0) and t.dealer_bytes == pytest.approx(1400.0)
+    assert t.dealer_sent == pytest.approx(1000 / 3)  # the dealer row of the warm-up: the online fetch
     assert setup_wall(warm) == pytest.approx(3.0)
 
 
