@@ -45,6 +45,7 @@ from privinf.ledger.counting import Ledger, Phase, Row, rows_from_dicts, rows_to
 from protocols.kv.stationary import DealerLink, StationaryDealer
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer
+from protocols.mpc.dealer_pool import DEFAULT_POOL_BYTES, PoolLimits
 from protocols.mpc.mask_store import Epoch, MaskKey, check_entry_id, dealer_epoch, mask_id, mask_seed, weights_digest
 from protocols.mpc.model_prep import (
     EmbeddingAsLinear,
@@ -398,11 +399,13 @@ def serve_mpc_session(spec: Any, client: Channel, dealer: Channel, ledger: Ledge
 
 # ----- the dealer -----------------------------------------------------------------------------
 def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger,
-                         store: str | Path | None = None) -> None:
+                         store: str | Path | None = None, pool_bytes: int = DEFAULT_POOL_BYTES) -> None:
     """Dealer side: seeds (and, under ``storage = keep``, the client's epoch from ``store``), then
-    one request loop per party link (threads), plus report rows."""
+    one request loop per party link (threads), plus report rows; material for the session's
+    ``preprocess`` inferences ahead is made in a pool of at most ``pool_bytes``."""
     seeds = {CLIENT_RANK: new_seed(), SERVER_RANK: new_seed()}
-    dealer = Dealer(ledger, seeds)
+    pool = PoolLimits(ahead=spec.config.preprocess, max_bytes=pool_bytes) if spec is not None else None
+    dealer = Dealer(ledger, seeds, pool)
     dealer.distribute_seeds({CLIENT_RANK: client, SERVER_RANK: server})
     epoch = None
     if spec.config.storage == "keep":
