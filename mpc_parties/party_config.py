@@ -33,7 +33,9 @@ misconfigured server fails at start. ``[model] checkpoint = "DIR"`` (instead of 
 checkpoint written by ``privinf distill``: its name becomes ``NAME@DIR`` and its trained variant
 the default. ``store = "DIR"`` (client and dealer) is where ``storage = "keep"`` keeps the
 client's weight masks and the dealer's per-client epoch keys (default ``$PRIVINF_STORE`` or
-``~/.local/share/privinf``; a 0700 directory). Relative paths are relative to the config file.
+``~/.local/share/privinf``; a 0700 directory). ``pool_mib`` (dealer only) bounds the material a
+dealer session makes ahead and holds (default 2048; docs/deployment.md). Relative paths are
+relative to the config file.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class PartyConfig:
     timeout_s: float = 120.0
     name: str | None = None  # a client's own identity: its certificate is client-NAME.pem
     store: Path | None = None  # storage = keep: the client's kept masks / the dealer's epoch keys (a 0700 dir)
+    pool_mib: int | None = None  # dealer: MiB of material one session holds ahead (None: the dealer's default)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -107,6 +110,9 @@ class PartyConfig:
             check_address(address, f"peers.{peer}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.pool_mib is not None and (self.role != "dealer" or isinstance(self.pool_mib, bool)
+                                          or not isinstance(self.pool_mib, int) or self.pool_mib < 1):
+            raise ConfigError(f"pool_mib must be a positive number of MiB in a dealer's file, got {self.pool_mib!r}")
         if self.name is not None:
             if self.role != CLIENT:
                 raise ConfigError(f"name = {self.name!r}: only a client has a name of its own")
@@ -157,7 +163,7 @@ def check_model_choice(model: ModelChoice, source: str | Path = "config") -> Non
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
     """A party configuration from parsed TOML data; relative paths are taken from ``base``."""
-    known = ({"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name", "store"}
+    known = ({"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name", "store", "pool_mib"}
              | set(_LEGACY_PROTOCOL_KEYS))
     unknown = set(data) - known
     if unknown:
@@ -194,6 +200,7 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
         timeout_s=float(data.get("timeout_s", 120.0)),
         name=data.get("name"),
         store=None if data.get("store") is None else base / data["store"],
+        pool_mib=data.get("pool_mib"),
     )
 
 
@@ -260,7 +267,8 @@ def config_to_dict(config: PartyConfig) -> dict[str, Any]:
             "peers": dict(config.peers), "timeout_s": config.timeout_s,
             "model": {key: value for key, value in config.model.to_json().items() if value is not None},
             "protocol": config.protocol.to_json(), **({"name": config.name} if config.name else {}),
-            **({"store": str(config.store)} if config.store is not None else {})}
+            **({"store": str(config.store)} if config.store is not None else {}),
+            **({"pool_mib": config.pool_mib} if config.pool_mib is not None else {})}
 
 
 def _toml_value(value: Any) -> str:
