@@ -96,9 +96,11 @@ class DealerParty:
             client.send_json(TAG_WELCOME, {"status": "ok"})
             server = self._join_server(front, spec, client, ledger)
             fail_together(client, server)
+            from protocols.mpc.dealer_pool import DEFAULT_POOL_BYTES
             from protocols.routes.mpc import serve_dealer_session
 
-            serve_dealer_session(spec, client, server, ledger, store=self.config.store)
+            pool_bytes = DEFAULT_POOL_BYTES if self.config.pool_mib is None else self.config.pool_mib << 20
+            serve_dealer_session(spec, client, server, ledger, store=self.config.store, pool_bytes=pool_bytes)
             client.close()
             server.close()
             log.info("session %s done", spec.session)
