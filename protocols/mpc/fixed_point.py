@@ -40,8 +40,12 @@ def bits_of(x: Any) -> int:
 
 
 def encode(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Public values as ring elements at scale ``2^bits`` (round to nearest)."""
-    return torch.round(values.detach().to(torch.float64) * (1 << bits)).to(torch.int64)
+    """Public values as ring elements at scale ``2^bits`` (round to nearest). float32 stays float32:
+    scaling by a power of two and rounding are exact in it, so widening first changes nothing."""
+    values = values.detach()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.to(torch.float64)
+    return torch.round(values * (1 << bits)).to(torch.int64)
 
 
 def arithmetic_share(x: Any, what: str, error: type[ValueError] = FixedPointError) -> torch.Tensor:
