@@ -120,7 +120,7 @@ def plain_outputs(bundle: ModelBundle, inputs: Sequence[torch.Tensor], batch: in
         return _gathered(inputs, batch, lambda x: bundle.model(x).float())
 
 
-class _EncodedInputClient(MpcClient):
+class EncodedInputClient(MpcClient):
     """An MPC client fed model inputs directly (token ids [1, T], images [1, C, H, W]) instead of
     user values; the route's own checks and one-hot encoding still apply."""
 
@@ -145,7 +145,7 @@ def mpc_outputs(model: str, variant: str, inputs: Sequence[torch.Tensor], config
         return torch.stack(outs)
 
     return run_local_session(model, variant, work, config, links=links,
-                             parties=(_EncodedInputClient, MpcServer)).result
+                             parties=(EncodedInputClient, MpcServer)).result
 
 
 def _predictions(outputs: torch.Tensor) -> torch.Tensor:
