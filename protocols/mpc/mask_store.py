@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -115,16 +115,22 @@ def write_private(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
         os.close(dir_fd)
 
 
-def read_private(path: Path) -> bytes:
-    """The bytes of ``path``, a regular 0600 file of ours (links and shared files are refused)."""
+def open_private(path: Path) -> int:
+    """A read-only descriptor of ``path``, a regular 0600 file of ours (links and shared files are refused)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise MaskStoreError(f"cannot open {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise MaskStoreError(f"{path} is not a private regular file (owner only, mode 0600): refused")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise MaskStoreError(f"{path} is not a private regular file (owner only, mode 0600): refused")
+    return fd
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of ``path``, checked as :func:`open_private` does."""
+    with os.fdopen(open_private(path), "rb") as handle:
         return handle.read()
 
 
@@ -213,10 +219,8 @@ class MaskStore:
         if not path.exists() and not path.is_symlink():
             return None
         private_dir(path.parent, create=False)
-        data = read_private(path)
-        tensors = load_tensors(data)
-        recorded = _header_metadata(data).get("key")
-        if recorded != json.dumps(key.to_json(), sort_keys=True):
+        metadata, tensors = _map_tensors(path)
+        if metadata.get("key") != json.dumps(key.to_json(), sort_keys=True):
             raise MaskStoreError(f"stored masks {key.entry_id} were made for another model, epoch or "
                                  f"configuration than their name says: refused (privinf masks delete {key.entry_id})")
         for name, out_features, in_features in key.layers:
@@ -261,10 +265,24 @@ class MaskStore:
         return gone
 
 
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (8-byte little-endian length, then JSON)."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + length]).get("__metadata__", {})
+def _map_tensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and tensors of a private safetensors file, memory-mapped (pages are
+    read when a layer first uses them, not at set-up). The file is opened once, checked through
+    its descriptor, and mapped through that same descriptor (no second lookup of the path)."""
+    fd = open_private(path)
+    try:
+        source = f"/proc/self/fd/{fd}"
+        if not os.path.exists(source):  # no /proc: read the checked descriptor instead
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
+            length = int.from_bytes(data[:8], "little")
+            return json.loads(data[8:8 + length]).get("__metadata__", {}), load_tensors(data)
+        with safe_open(source, "pt") as handle:
+            return handle.metadata() or {}, {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise MaskStoreError(f"stored masks {path.name} are not a readable safetensors file: {exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _mask_entry(path: Path) -> StoredEntry:

@@ -109,6 +109,17 @@ def test_an_entry_whose_key_differs_from_its_name_is_refused(tmp_path: Path) -> 
     with pytest.raises(MaskStoreError, match="refused"):
         masks.load(other)
     assert masks.load(_key()) is None
+    mask_store.write_private(masks.path_of(_key()), [b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"])
+    with pytest.raises(MaskStoreError, match="not a readable"):
+        masks.load(_key())
+
+
+def test_without_proc_the_checked_descriptor_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    masks = MaskStore(tmp_path / "s")
+    masks.save(_key(), {"a": torch.arange(6).reshape(2, 3)})
+    real = os.path.exists
+    monkeypatch.setattr(mask_store.os.path, "exists", lambda p: False if str(p).startswith("/proc") else real(p))
+    assert torch.equal(masks.load(_key())["a"], torch.arange(6).reshape(2, 3))
 
 
 def test_shared_store_directory_and_linked_files_are_refused(tmp_path: Path) -> None:
