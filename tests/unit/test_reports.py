@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from privinf.ledger.charts import ChartData
 from privinf.ledger.counting import Counters, Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from privinf.ledger.pricing import LAN, WAN, NetworkProfile
 from privinf.ledger.reports import SCHEMA, Report, ReportError, group_name, merge_rows
@@ -202,6 +203,26 @@ def test_png_chart_is_written(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert len(data) > 1000
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_rows_follow_depth_and_phases() -> None:
+    report = make_report(profiles=(SLOW,))
+    full, one = report.chart_data(), report.chart_data(depth=1)
+    assert full.labels == ["enc.0 [block]", "enc.0.attn.softmax", "enc.0.ffn [linear]", "triples"]
+    assert one.labels == ["enc", "triples"]  # grouped: its members' ops differ
+    assert one.mib_sent["online"] == {"client": [2.0, 0.0], "server": [3.0, 0.0]}
+    assert one.mib_sent["offline"] == {"client": [0.0, 0.0], "server": [0.0, 0.0]}  # received only
+    assert one.latency_ms["online"][SLOW.spec()][0] > 0
+    assert "depth 1" in one.title and "online: 5.00 MiB sent" in one.subtitle
+    with pytest.raises(ReportError, match="depth"):
+        report.chart_data(depth=0)
+
+
+def test_chart_data_refuses_series_of_the_wrong_length() -> None:
+    with pytest.raises(ValueError, match="1 values for 2 rows"):
+        ChartData("t", "s", ["a", "b"], {"online": {"client": [1.0]}}, {})
+    with pytest.raises(ValueError, match="phase"):
+        ChartData("t", "s", ["a"], {"later": {"client": [1.0]}}, {})
 
 
 def test_report_from_real_ledgers_with_steps() -> None:
