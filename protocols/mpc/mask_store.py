@@ -9,8 +9,8 @@ set-up. With ``storage = keep``:
   name): a public random epoch id and a secret 128-bit epoch key, in ``<root>/dealer/NAME.json``;
 * the dealer hands the epoch key to the server, the epoch id to both parties (offline, over the
   mutually authenticated links, like the seeds);
-* the server hashes what ``F`` is a function of (:func:`weights_digest`: the layers' names, shapes
-  and fixed-point weights) and derives ``mask_id = HMAC(epoch key, digest)`` and the mask seed
+* the server hashes what ``F`` is a function of (:func:`weights_digest`: the fixed-point bits and
+  the layers' names, shapes and weights) and derives ``mask_id = HMAC(epoch key, digest)`` and the mask seed
   ``HKDF(epoch key, mask_id)`` (:func:`mask_id`, :func:`mask_seed`); ``B`` comes from the mask
   seed, so a changed model gets a fresh ``B`` (reusing ``B`` for new weights would hand the
   client ``W - W'``). The server sends ``mask_id`` to the client, and to the dealer with its
@@ -144,7 +144,7 @@ def check_entry_id(entry_id: str) -> str:
 # ----- derivations -------------------------------------------------------------------------
 def weights_digest(layers: Iterable[tuple[str, torch.Tensor]], fixed_point_bits: int) -> bytes:
     """SHA-256 of what ``F`` is a function of besides ``B``: the fixed-point bits and each
-    layer's name, shape and fixed-point weight (int64 ring elements), in order."""
+    layer's name, shape, dtype and weight bytes, in order."""
     digest = hashlib.sha256(_DIGEST_CONTEXT + f"|{int(fixed_point_bits)}|".encode())
     for name, weight in layers:
         ring = weight.detach().contiguous()

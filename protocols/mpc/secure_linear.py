@@ -299,11 +299,6 @@ class SecureLinearServer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}"
 
-    @property
-    def ring_weight(self) -> torch.Tensor:
-        """W as fixed-point ring elements (what F is computed from; hashed for kept masks)."""
-        return self._weight
-
     def use_mask_seed(self, mask_seed: bytes) -> None:
         """Expand B from ``mask_seed`` (kept masks) instead of the session seed; before :meth:`send_weight_mask`."""
         self._seed = check_seed(mask_seed)

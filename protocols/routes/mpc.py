@@ -292,7 +292,8 @@ class MpcServer(MpcParty):
         key = self.dealer.recv(TAG_EPOCH_KEY)
         if not isinstance(key, bytes) or len(key) != 16:
             raise DealerError("malformed dealer epoch key")
-        digest = weights_digest(((layer.name, layer.ring_weight) for layer in self.secure),
+        # F is a function of the float weights (and the fixed-point bits), so their digest binds it
+        digest = weights_digest(((path, module.weight) for path, module in self.targets),
                                 self.spec.config.fixed_point_bits)
         self._mask_id = mask_id(key, digest)
         seed = mask_seed(key, self._mask_id)
