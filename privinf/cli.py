@@ -42,8 +42,15 @@ def _add_common_run_args(p: argparse.ArgumentParser, protocols: Sequence[str]) -
     p.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--csv", type=Path, default=None, help="also write the report as CSV")
     p.add_argument("--png", type=Path, default=None, help="also write a per-layer PNG chart")
-    p.add_argument("--depth", type=int, default=None,
-                   help="group the terminal table and the PNG chart to this module-path depth")
+    p.add_argument("--depth", type=_depth, default=None,
+                   help="group the terminal table and the PNG chart to this module-path depth (>= 1)")
+
+
+def _depth(text: str) -> int:
+    """--depth: a module-path depth of at least 1, refused before anything runs."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"depth must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_certs_command(sub: Any) -> None:
