@@ -85,7 +85,7 @@ def _checkpoint_examples(model: str) -> Examples:
     return Examples(inputs, test.labels, f"{meta['task']} test split (models.distill.prepare_task)")
 
 
-def _batches(inputs: Sequence[torch.Tensor], batch: int) -> list[tuple[list[int], torch.Tensor]]:
+def batches_by_shape(inputs: Sequence[torch.Tensor], batch: int) -> list[tuple[list[int], torch.Tensor]]:
     """Indices and stacked inputs, grouped by shape, at most ``batch`` per group."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
@@ -100,7 +100,7 @@ def _batches(inputs: Sequence[torch.Tensor], batch: int) -> list[tuple[list[int]
 
 def _gathered(inputs: Sequence[torch.Tensor], batch: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     results: dict[int, torch.Tensor] = {}
-    for members, stacked in _batches(inputs, batch):
+    for members, stacked in batches_by_shape(inputs, batch):
         out = run(stacked).reshape(len(members), -1)
         results.update(zip(members, out))
     return torch.stack([results[i] for i in range(len(inputs))])
