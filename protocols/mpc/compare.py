@@ -37,7 +37,7 @@ matter near 0, equality. Security is unchanged: the truncated shares are masked 
 
 Every gate records in the party's ledger row ``fss_keys_<bits>b_shift<k>`` (keys at that width
 and truncation; the dealer's key bytes follow from :func:`protocols.mpc.fss.sign_key_words` of
-``bits - k``) and ``fss_points`` (evaluations). ``comparisons = "circuit"`` in a session keeps
+``bits - k``) and ``fss_points_<bits>b_shift<k>`` (evaluations). ``comparisons = "circuit"`` in a session keeps
 CrypTen's circuit (no width limit, no truncation).
 """
 
@@ -137,7 +137,7 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> t
     ledger = getattr(crypten.communicator.get(), "ledger", None)
     if ledger is not None:
         ledger.record_extra(f"fss_keys_{bits}b_shift{shift}", share.numel())
-        ledger.record_extra("fss_points", bits_out.size)
+        ledger.record_extra(f"fss_points_{bits}b_shift{shift}", bits_out.size)
     return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0])
 
 

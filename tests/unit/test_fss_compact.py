@@ -148,8 +148,8 @@ def test_each_site_records_its_width_and_the_keys_have_it() -> None:
     assert r0["widths"] == [((GELU_X.numel(),), 21), ((3, 4, 8), 23), ((3, 4, 4), 23), ((3, 4, 2), 23),
                             ((3, 4, 1), 23)]
     extra = {r.name: r.counters.extra for r in ledger[0].rows()}
-    assert extra["gelu"] == {"fss_keys_32b_shift11": GELU_X.numel(), "fss_points": 2 * GELU_X.numel()}
-    assert extra["max"] == {"fss_keys_33b_shift10": 12 * 15, "fss_points": 12 * 15}
+    assert extra["gelu"] == {"fss_keys_32b_shift11": GELU_X.numel(), "fss_points_32b_shift11": 2 * GELU_X.numel()}
+    assert extra["max"] == {"fss_keys_33b_shift10": 12 * 15, "fss_points_33b_shift10": 12 * 15}
 
 
 def _normalisers(rank: int, context: cp.PartyContext, x: torch.Tensor) -> dict[str, object]:
