@@ -19,7 +19,9 @@ Sign gate (the MSB of ``x`` in Z_2^n, i.e. ``x < 0`` when ``|x| < 2^(n-1)``): wi
 ``y = (x + r) mod 2^n`` opened and ``r`` known to the dealer only,
 ``msb(x) = y_top xor r_top xor [y_low < r_low]``; the DCF gives shares of ``[y_low < r_low]``
 with ``beta = 1 - 2 r_top`` so that adding shares of ``r_top`` yields ``r_top xor [..]``, and
-the public ``y_top`` is folded in locally.
+the public ``y_top`` is folded in locally. The same key and opening also give ``msb(x - c)``
+for any public ``c`` (evaluate at ``y - c``: :meth:`SignKey.evaluate_points`), so comparisons of
+one secret against many thresholds cost one key.
 
 Keys travel as flat int64 arrays (nothing pickled), laid out level-major so that a party reads
 them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
