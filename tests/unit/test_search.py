@@ -1,0 +1,87 @@
+"""Per-head search priced by the ledger (protocols.routes.op_prices, protocols.routes.search) on a
+random tiny MiniLM-shaped encoder: the measured price table, the greedy search, its overrides
+file (parsed by models.variants and run by the real MPC server) and its priced cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.bundle import ModelBundle, seeded
+from models.hf_import import from_hf
+from models.layers import calibrate
+from models.registry import model_names, register_model
+from models.variants import VariantSpec, parse_variant
+from privinf.ledger.pricing import LAN, WAN
+from protocols.routes import op_prices, search
+
+TINY = "search-test-tiny-minilm"
+LAYERS, HEADS = 2, 2
+
+
+def _tiny(variant: VariantSpec) -> ModelBundle:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        intermediate_size=64, max_position_embeddings=16, hidden_act="gelu")
+    model = from_hf(seeded(2, lambda: BertModel(config)), variant)
+    calib = seeded(3, lambda: torch.randint(0, 64, (4, 8)))
+    calibrate(model, lambda: model(calib))
+    return ModelBundle(TINY, model.config, model, "ids", lambda x: x, lambda y: y, variant)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> tuple[op_prices.PriceTable, list[torch.Tensor], str]:
+    if TINY not in model_names():
+        register_model(TINY, _tiny)
+    inputs = [seeded(10 + i, lambda: torch.randint(0, 64, (1, 6))) for i in range(24)]
+    cache = str(tmp_path_factory.mktemp("prices"))
+    return op_prices.measure_prices(TINY, inputs[0], cache_dir=cache), inputs, cache
+
+
+def test_price_table_covers_every_candidate_and_is_cached(measured):
+    table, inputs, cache = measured
+    assert set(table.attention) == set(op_prices.ATTENTION_KINDS)
+    assert set(table.act) == {"native", "quad", "relu"} and set(table.norm) == {"native", "affine"}
+    assert table.layers == LAYERS and table.heads == HEADS
+    for layer in range(LAYERS):  # counts, not timings: softmax's max and exp against scaling attention
+        assert table.attention["softmax"][layer].rounds > table.attention["scale"][layer].rounds
+        assert table.act["quad"][layer].critical_bytes < table.act["native"][layer].critical_bytes
+    again = op_prices.measure_prices(TINY, inputs[0], cache_dir=cache)
+    assert again == table  # read back from the JSON cache
+    exact = op_prices.Assignment.exact(LAYERS, HEADS)
+    half = exact.with_head(0, 0, "scale")  # a lone head keeps its layer's softmax rounds and adds scale's
+    assert table.cost(half).rounds == table.cost(exact).rounds + table.attention["scale"][0].rounds
+
+
+def test_search_output_is_accepted_by_the_server_and_cheaper(measured, tmp_path):
+    table, inputs, _ = measured
+    builder = search.VariantBuilder(_tiny(parse_variant("exact")).model, torch.cat(inputs[:8]))
+    result = search.search(table, LAN, search.Scorer(builder, inputs), target_speedup=2.0, model=TINY)
+    assert result.latency_s < result.exact_latency_s and result.moves
+    path = search.write_overrides(result, tmp_path / "overrides.json")
+    spec = parse_variant("exact", path)
+    assert any(layer.heads or layer.act for _, layer in spec.layers)
+    exact = search.priced_runs(TINY, inputs[0], None, [LAN, WAN])
+    searched = search.priced_runs(TINY, inputs[0], path, [LAN, WAN])  # the MPC server loads the overrides
+    assert searched["rounds"] < exact["rounds"] and searched["mib_sent"] < exact["mib_sent"]
+
+
+def test_search_within_an_agreement_budget(measured):
+    table, inputs, _ = measured
+    builder = search.VariantBuilder(_tiny(parse_variant("exact")).model, torch.cat(inputs[:8]))
+    result = search.search(table, WAN, search.Scorer(builder, inputs), target_speedup=50.0, max_drop=0.0)
+    assert result.agreement == 1.0  # every accepted move kept the teacher's predictions
+    assert result.speedup >= 1.0
+
+
+def test_overrides_of_an_assignment():
+    assignment = op_prices.Assignment.exact(2, 3).with_head(1, 2, "relu").with_act(0, "quad").with_norm(0, "affine")
+    data = search.overrides_json(assignment)
+    assert data == {"layers": {"0": "act=quad,norm=affine"}, "heads": {"1": ["softmax", "softmax", "relu"]}}
+    assert json.loads(json.dumps(data)) == data
+    assert search.layer_variant(assignment, 1).heads[2].kind == "relu"
+    with pytest.raises(search.SearchError):
+        search.search(op_prices.PriceTable({}, 3, {}, {}, {}, op_prices.Cost()), LAN, None, target_speedup=0.5)
