@@ -80,10 +80,11 @@ def first_totals(name: str, rows: Sequence[Row], steady: Totals, units: int, dea
     off_wall = max(party_sum(rows, p, Phase.OFFLINE, "wall_s", (SETUP_SCOPE,)) for p in COMPUTING)
     stored, kept = storage_split(rows, units)
     setup_bytes = sum(r.counters.bytes_sent for r in rows if r.name == SETUP_SCOPE and r.party in COMPUTING)
+    dealer_sent = sum(r.counters.bytes_sent for r in rows if r.party == "dealer" and r.name != SETUP_SCOPE) / units
     return Totals(name, {p: party_sum(online, p, Phase.ONLINE, "bytes_sent") / units for p in COMPUTING},
                   dict(steady.offline_recv), steady.rounds, max(0.0, online_rounds(online) / units - steady.rounds),
-                  wall / units,
-                  off_wall / units, dealer_cpu_s, setup_bytes=setup_bytes, setup_s=setup_s, stored=stored, kept=kept)
+                  wall / units, off_wall / units, dealer_cpu_s, setup_bytes=setup_bytes, setup_s=setup_s,
+                  stored=stored, kept=kept, dealer_sent=dealer_sent)
 
 
 def step_totals(name: str, rows: Sequence[Row], steps: Sequence[str]) -> Totals:
