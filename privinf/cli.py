@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from privinf.cli_accuracy import add_accuracy_commands
 from privinf.cli_distill import add_distill_command
 from privinf.progress import terminal_progress
 from protocols.net.channels import TransportError
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one inference with the plaintext reference protocol "
                                      "(or a protocol simulated in-process) and print the output "
                                      "and the per-layer cost table.")
-    _add_common_run_args(run, ("plain",))
+    _add_common_run_args(run, ("plain", "simulate"))
     run.set_defaults(func=_cmd_run)
 
     variants = sub.add_parser("variants", help="list model variants with a one-line description")
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_certs_command(sub)
     add_distill_command(sub)
+    add_accuracy_commands(sub)
     _add_masks_command(sub)
 
     return parser
@@ -298,14 +300,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from models.variants import parse_variant
     from privinf.ledger.reports import Report
     from protocols.routes.plain import run_plain
+    from protocols.routes.simulate import run_simulated
 
     warnings = _resolve_model(args)
     variant = parse_variant(args.variant, args.overrides)
     bundle = load_model(args.model, variant)
     raw_input = _read_input(bundle, args.input_text)
-    result = run_plain(bundle, raw_input)
+    result = (run_simulated if args.protocol == "simulate" else run_plain)(bundle, raw_input)
     report = Report.from_rows(
-        result.ledger.rows(), model=args.model, protocol="plain", variant=args.variant,
+        result.ledger.rows(), model=args.model, protocol=args.protocol, variant=args.variant,
         output=result.output,
     )
     report.warnings = warnings

@@ -45,7 +45,7 @@ from protocols.protocol_config import ProtocolConfig
 from protocols.routes.local_run import run_local_session
 from protocols.routes.mpc import MpcClient, MpcServer
 from protocols.routes.op_prices import ATTENTION_KINDS, Assignment, PriceTable, measure_prices
-from protocols.routes.simulate import EncodedInputClient, batches_by_shape
+from protocols.routes.simulate import EncodedInputClient, batches_by_shape, with_overrides
 
 KL_FLOOR = 1e-6  # KL below this counts as no change when ranking moves
 
@@ -281,14 +281,6 @@ def write_overrides(result: SearchResult, path: str | Path) -> Path:
     return path
 
 
-def _with_overrides(cls: type[Any], overrides: str | None) -> type[Any]:
-    class WithOverrides(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, spec: Any, _overrides: str | None, *args: Any, **kwargs: Any) -> None:
-            super().__init__(spec, overrides, *args, **kwargs)
-
-    return WithOverrides
-
-
 def priced_runs(model: str, example: torch.Tensor, overrides: str | Path | None, profiles: Sequence[NetworkProfile],
                 config: ProtocolConfig | None = None) -> dict[str, Any]:
     """Real in-process MPC runs of ``model`` (exact variant plus ``overrides``) on ``example``: the warm
@@ -299,7 +291,7 @@ def priced_runs(model: str, example: torch.Tensor, overrides: str | Path | None,
         client.infer(example)
         return [row for party in client.infer(example)[1] for row in party]
 
-    parties = (_with_overrides(EncodedInputClient, path), _with_overrides(MpcServer, path))
+    parties = (with_overrides(EncodedInputClient, path), with_overrides(MpcServer, path))
     rows = run_local_session(model, "exact", work, config, parties=parties).result
     online = [r for r in rows if r.phase == Phase.ONLINE]
     first = estimate(online, profiles[0])

@@ -133,8 +133,17 @@ class EncodedInputClient(MpcClient):
             self.bundle.encode = user_encode
 
 
+def with_overrides(cls: type[Any], overrides: str | None) -> type[Any]:
+    """``cls`` (an MPC party class) that loads the per-layer / per-head ``overrides`` file."""
+    class WithOverrides(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, spec: Any, _overrides: str | None, *args: Any, **kwargs: Any) -> None:
+            super().__init__(spec, overrides, *args, **kwargs)
+
+    return WithOverrides
+
+
 def mpc_outputs(model: str, variant: str, inputs: Sequence[torch.Tensor], config: ProtocolConfig | None = None,
-                links: str = "memory") -> torch.Tensor:
+                links: str = "memory", overrides: str | None = None) -> torch.Tensor:
     """Raw outputs of the real two-party run (client, server, dealer as threads of this process)."""
 
     def work(client: MpcClient) -> torch.Tensor:
@@ -144,8 +153,8 @@ def mpc_outputs(model: str, variant: str, inputs: Sequence[torch.Tensor], config
             outs.append(client.last_raw.reshape(-1))
         return torch.stack(outs)
 
-    return run_local_session(model, variant, work, config, links=links,
-                             parties=(EncodedInputClient, MpcServer)).result
+    parties = (with_overrides(EncodedInputClient, overrides), with_overrides(MpcServer, overrides))
+    return run_local_session(model, variant, work, config, links=links, parties=parties).result
 
 
 def _predictions(outputs: torch.Tensor) -> torch.Tensor:
@@ -211,7 +220,7 @@ class AgreementReport:
 
 
 def agreement(model: str, variant: str = "exact", config: ProtocolConfig | None = None, sample: int = 20,
-              links: str = "memory", examples: Examples | None = None) -> AgreementReport:
+              links: str = "memory", examples: Examples | None = None, overrides: str | None = None) -> AgreementReport:
     """Run the first ``sample`` test examples of ``model`` through the real protocol (``links``:
     in-memory or gRPC + mutual TLS) and through the simulation; compare."""
     if links not in LINKS:
@@ -220,9 +229,9 @@ def agreement(model: str, variant: str = "exact", config: ProtocolConfig | None 
         raise SimulateError(f"sample must be >= 1, got {sample}")
     config = config or ProtocolConfig()
     examples = (examples or test_examples(model)).head(sample)
-    simulated = simulate_outputs(load_model(model, variant), examples.inputs, config)
+    simulated = simulate_outputs(load_model(model, parse_variant(variant, overrides)), examples.inputs, config)
     started = time.perf_counter()
-    real = mpc_outputs(model, variant, examples.inputs, config, links)
+    real = mpc_outputs(model, variant, examples.inputs, config, links, overrides)
     seconds = time.perf_counter() - started
     difference = float((real - simulated).abs().max())
     labels = examples.labels
@@ -230,7 +239,8 @@ def agreement(model: str, variant: str = "exact", config: ProtocolConfig | None 
     def acc(outputs: torch.Tensor) -> float | None:
         return None if labels is None else float((_predictions(outputs) == labels).float().mean())
 
-    return AgreementReport(model, variant, links, len(examples),
+    name = variant if overrides is None else f"{variant}+{overrides}"
+    return AgreementReport(model, name, links, len(examples),
                            float((_predictions(real) == _predictions(simulated)).float().mean()),
                            difference, difference * config.scale, acc(real), acc(simulated), seconds)
 
