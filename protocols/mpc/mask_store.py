@@ -24,13 +24,13 @@ Files: the store directory is created 0700 (an existing one that others can read
 each file 0600, created with ``O_EXCL | O_NOFOLLOW`` under a temporary name, fsynced and renamed
 into place (atomic). Masks are safetensors files (raw arrays + a JSON header), nothing pickled.
 
-Security: a stored ``F`` is as sensitive as a share. ``F`` together with the dealer's epoch key
-(or the server's state) gives the weights ``W``; together with a session's client seed, the
-server's view gives the client's input. Whoever can read the store directory holds what the
-party holds during a session. The dealer's epoch key lets the dealer (which knows ``B``) confirm a
-guess of the server's weights against ``mask_id``; the client sees only ``mask_id``, a PRF output
-under a key it does not hold. Deleting the dealer's epoch file starts a new epoch (fresh ``B``);
-entries stored under the old one are then never used and can be deleted.
+Security: a stored ``F`` is as sensitive as a share, the dealer's epoch file as a seed. Either
+alone looks random to its reader (``B`` is a PRF output under the epoch key); together they give
+the weights (``W = F + B``), what a client colluding with the dealer could do. The client's input
+stays protected by the per-session seeds, never stored. The dealer, which holds the epoch key,
+could confirm a guess of the server's weights against ``mask_id``; the client sees only
+``mask_id``, a PRF output under a key it does not hold. Deleting the dealer's epoch file starts a
+new epoch (fresh ``B``); entries stored under the old one are then never used and can be deleted.
 """
 
 from __future__ import annotations

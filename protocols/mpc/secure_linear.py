@@ -299,10 +299,6 @@ class SecureLinearServer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}"
 
-    def use_mask_seed(self, mask_seed: bytes) -> None:
-        """Expand B from ``mask_seed`` (kept masks) instead of the session seed; before :meth:`send_weight_mask`."""
-        self._seed = check_seed(mask_seed)
-
     def send_weight_mask(self) -> None:
         """Offline, once per model load: send F = W - B to the client."""
         masked = weight_mask(self._seed, self.name, self.out_features, self.in_features)

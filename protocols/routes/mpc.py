@@ -30,6 +30,7 @@ Per generation (decoders, :meth:`MpcClient.generate`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -41,6 +42,8 @@ import torch
 
 from models.kv_pruning import POLICIES, PolicyError, make_policy
 from models.layers import Embedding
+from models.registry import ModelBundle, load_model
+from models.variants import VariantSpec, parse_variant
 from privinf.ledger.counting import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from protocols.kv.stationary import DealerLink, StationaryDealer
 from protocols.mpc.csprng import new_seed
@@ -99,6 +102,23 @@ class MpcInputError(ValueError):
     """The client's input cannot be computed on privately (shape, NaN/inf, range)."""
 
 
+_ARCHITECTURES: dict[tuple[str, str], ModelBundle] = {}
+_ARCHITECTURES_LOCK = threading.Lock()
+
+
+def public_architecture(model: str, variant: VariantSpec) -> ModelBundle:
+    """The client's model: the public architecture with every weight zeroed, loaded once per process
+    and copied for each session (a reconnecting client does not load the weights it discards again)."""
+    key = (model, repr(variant))
+    with _ARCHITECTURES_LOCK:
+        template = _ARCHITECTURES.get(key)
+        if template is None:
+            template = load_model(model, variant)
+            strip_weights(template.model)
+            _ARCHITECTURES[key] = template
+        return dataclasses.replace(template, model=copy.deepcopy(template.model))
+
+
 class MpcClient(MpcParty):
     """Client (rank 0): holds the input, learns the output, never holds weights."""
 
@@ -116,6 +136,9 @@ class MpcClient(MpcParty):
         except BaseException as exc:
             self.fail(exc)
             raise
+
+    def _load_bundle(self) -> ModelBundle:
+        return public_architecture(self.spec.model, parse_variant(self.spec.variant, self.overrides))
 
     def _calibrate(self) -> None:
         strip_weights(self.model)
@@ -260,6 +283,8 @@ class MpcServer(MpcParty):
 
     rank = SERVER_RANK
     role_name = "server"
+    _mask_id: str | None = None  # storage = keep: the name of this model's masks under the client's epoch
+    _mask_seed: bytes | None = None  # ... and the seed B is expanded from (never logged)
 
     def _calibrate(self) -> None:
         self.peer.send_json(TAG_CALIB, calibration_of(self.model))
@@ -271,24 +296,27 @@ class MpcServer(MpcParty):
         self._plain = copy.deepcopy(self.model, memo)
         self.secure: list[SecureLinearServer] = []
         groups = MaskGroups()
+        # offered before the weights are encoded: the client looks its store up meanwhile
+        kept = self.spec.config.storage == "keep" and self._offer_kept_masks()
+        mask_source = self._mask_seed or seed  # B from the kept masks' seed, else from the session's
         for path, module in self.targets:
             if isinstance(module, Embedding):
-                layer = SecureLinearServer(path, module.weight.detach().t(), None, seed, self.peer, self.ledger)
+                layer = SecureLinearServer(path, module.weight.detach().t(), None, mask_source, self.peer,
+                                           self.ledger)
                 replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:
-                layer = SecureLinearServer.from_linear(path, module, seed, self.peer, self.ledger,
+                layer = SecureLinearServer.from_linear(path, module, mask_source, self.peer, self.ledger,
                                                        mask_group(path), groups)
                 replace_module(self.model, path, layer)
             self.secure.append(layer)
-        self._mask_id: str | None = None
-        if self.spec.config.storage == "keep" and self._offer_kept_masks():
+        if kept and self._client_has_masks():
             return
         for layer in self.secure:
             layer.send_weight_mask()
 
     def _offer_kept_masks(self) -> bool:
-        """``storage = keep``: derive B from the dealer's epoch key and this model's weights, name
-        the masks to the client; True when the client holds them (then F is not sent)."""
+        """``storage = keep``: derive B's seed from the dealer's epoch key and this model's weights
+        and name the masks to the client (its answer, whether it holds them, is read later)."""
         key = self.dealer.recv(TAG_EPOCH_KEY)
         if not isinstance(key, bytes) or len(key) != 16:
             raise DealerError("malformed dealer epoch key")
@@ -296,10 +324,11 @@ class MpcServer(MpcParty):
         digest = weights_digest(((path, module.weight) for path, module in self.targets),
                                 self.spec.config.fixed_point_bits)
         self._mask_id = mask_id(key, digest)
-        seed = mask_seed(key, self._mask_id)
-        for layer in self.secure:
-            layer.use_mask_seed(seed)
+        self._mask_seed = mask_seed(key, self._mask_id)
         self.peer.send_json(TAG_OFFER, {"mask_id": self._mask_id})
+        return True
+
+    def _client_has_masks(self) -> bool:
         reply = self.peer.recv_json(TAG_HAVE)
         if not isinstance(reply, dict) or not isinstance(reply.get("have"), bool):
             raise ProtocolError("malformed answer to the kept-masks offer")

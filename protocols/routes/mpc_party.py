@@ -107,7 +107,7 @@ class MpcParty:
             self.context = crypten_provider.PartyContext.create(seed, self.dealer, self.ledger, self.spec.config)
             self._stack.enter_context(crypten_provider.bind(self.context))
             if self.bundle is None:
-                self.bundle = load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides))
+                self.bundle = self._load_bundle()
             self.model = self.bundle.model.eval()
             self.vocab = self._vocab()
             self._calibrate()
@@ -118,6 +118,10 @@ class MpcParty:
                 install_kernels(self.model)
         self._hooks = self.ledger.attach(self.model, prefix=self.bundle.name)
         self._stack.callback(self._hooks.remove)
+
+    def _load_bundle(self) -> ModelBundle:
+        """The session's model (the client's override loads the public architecture only)."""
+        return load_model(self.spec.model, parse_variant(self.spec.variant, self.overrides))
 
     def _vocab(self) -> int | None:
         embed = getattr(self.model, "embed", None)
