@@ -11,11 +11,14 @@ fixed-point encoder. Its primitives follow CrypTen's ``ArithmeticSharedTensor`` 
   divided by the scale (``div`` rounding toward zero); a product with a scale-1 factor (a
   comparison bit) or a Python int is not truncated; ``div`` by an integer divides, by a float
   multiplies by its float32 reciprocal; ``mean`` is ``sum`` then integer division;
-* comparisons (:meth:`SimTensor._ltz`) compute what the session's comparison computes: with FSS
-  keys the most significant bit of ``x mod 2^bits``, ``bits`` chosen by the same function the
-  party uses (:func:`protocols.mpc.compare.bits_for` on the innermost
-  ``models.ops.compare_bound`` and the session's :class:`~protocols.protocol_config.ProtocolConfig`),
-  wrap-around included; with CrypTen's circuit the sign of the 64-bit value.
+* comparisons (:meth:`SimTensor._ltz`, and :meth:`SimTensor.compare_below` where
+  :func:`protocols.mpc.compare.below` compares against many thresholds) compute what the
+  session's gate computes: with FSS keys the most significant bit of ``x' - c`` on ``bits - k``
+  bits, ``x'`` the value mod ``2^bits`` with ``k`` low bits dropped, where ``bits``, ``k`` and
+  the threshold grid come from the functions the parties use (:func:`compare.bits_for`,
+  :func:`compare.shift_for`, :func:`compare.grid`) on the innermost ``models.ops.compare_bound``
+  and the session's :class:`~protocols.protocol_config.ProtocolConfig`, wrap-around included;
+  with CrypTen's circuit the sign of the 64-bit value (:func:`_gate`).
 
 Everything above the primitives is the real code: CrypTen's own ``exp``, ``reciprocal``,
 ``inv_sqrt``, ``sigmoid``, ``tanh``, ``softmax``, ``relu``, ``where``, ... (bound from
@@ -97,6 +100,34 @@ def _trunc(values: torch.Tensor, divisor: int | torch.Tensor) -> torch.Tensor:
     divisor`` rounded down or up with probabilities that make it unbiased; a deterministic
     truncation toward zero would be biased by half a unit and drift through sums)."""
     return (values + divisor // 2).div(divisor, rounding_mode="floor")
+
+
+def _gate(x: SimTensor, points: Sequence[float]) -> SimTensor:
+    """``[x < c_j]`` at scale 1 as the session's comparison gives it (:mod:`protocols.mpc.compare`).
+
+    CrypTen's circuit (``comparisons = "circuit"``): the sign of ``x - c_j`` in the 64-bit ring,
+    ``c_j`` encoded as CrypTen encodes a public operand. FSS keys: the width ``bits`` and the
+    dropped low bits ``k`` are what :func:`compare.bits_for` and :func:`compare.shift_for` pick for
+    the innermost ``models.ops.compare_bound`` (limit and resolution), the thresholds are rounded
+    up to the 2^k grid (:func:`compare.grid`) and the result is the most significant bit of
+    ``x' - c_j`` on ``bits - k`` bits, where ``x' = floor((x mod 2^bits) / 2^k) - carry``. The
+    real carry (of the two shares' dropped bits) is 1 with probability ``1 - (x mod 2^k + 1) /
+    2^k``; the simulation takes the likelier value, ``x' = floor((x mod 2^bits - 2^(k-1)) / 2^k)``,
+    so it may differ from a real run only where ``x`` lies within ``2^k`` ulps above a threshold
+    (inside the resolution the caller allowed).
+    """
+    config = session_config()
+    if config.comparisons != "fss":
+        return SimTensor((x.unsqueeze(-1).share - x.encoder.encode(torch.tensor(list(points), dtype=torch.float64)))
+                         .lt(0).long(), _Encoder(0))
+    scale = int(x.encoder.scale)
+    bits = compare.bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
+    shift = compare.shift_for([c * scale for c in points], ops.comparison_resolution() * scale, bits)
+    value = x.share if bits == RING_BITS else x.share & ((1 << bits) - 1)
+    if shift:
+        value = (value - (1 << (shift - 1))).div(1 << shift, rounding_mode="floor")
+    grid = torch.from_numpy(compare.grid(points, scale, shift))
+    return SimTensor(((value.unsqueeze(-1) - grid) >> (bits - shift - 1)) & 1, _Encoder(0))
 
 
 class SimTensor:
@@ -270,11 +301,11 @@ class SimTensor:
     # comparison ---------------------------------------------------------------------------------
     def _ltz(self) -> SimTensor:
         """``[self < 0]`` at scale 1, as the session's comparison computes it (see the module doc)."""
-        config = session_config()
-        bits = RING_BITS
-        if config.comparisons == "fss":
-            bits = compare.bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
-        return SimTensor((self.share >> (bits - 1)) & 1, _Encoder(0))
+        return _gate(self, [0.0]).squeeze(-1)
+
+    def compare_below(self, points: Sequence[float]) -> SimTensor:
+        """``[self < c_j]`` [*shape, J] at scale 1, as :func:`protocols.mpc.compare.below` computes it."""
+        return _gate(self, points)
 
     # reductions and shapes ------------------------------------------------------------------------
     def sum(self, *args: Any, **kwargs: Any) -> SimTensor:
@@ -373,19 +404,17 @@ _bind_crypten_functions()
 
 
 def fused_gelu_equivalent(x: SimTensor, form: str = "erf") -> SimTensor:
-    """What :func:`protocols.mpc.fused_gelu.gelu`'s shares sum to: ``numerics.gelu``'s polynomial with
-    the fused kernel's products (each of two opened operands, truncated once) in its order."""
+    """What :func:`protocols.mpc.fused_gelu.gelu`'s shares sum to: its range tests
+    (``numerics.gelu_range``, run as is) and ``numerics.gelu``'s polynomial with the fused kernel's
+    products (each of two opened operands, truncated once) in its order."""
     t = numerics.GELU_RANGE
-    with ops.compare_bound(numerics.GELU_COMPARE_BOUND):
-        outside = numerics.as_fixed_point(SimTensor.stack([t - x, x + t]) < 0, x)
-    above, below = outside[0], outside[1]
+    inside, w = numerics.gelu_range(x)
     v = x.square() * (1.0 / (t * t))
     v2 = v.square()
     v3, v4 = v * v2, v2.square()
     powers = [v, v2, v3, v4, v * v4, v3.square()]
     coeffs = numerics.GELU_EVEN_COEFFS
     even = sum((p * c for p, c in zip(powers, coeffs[1:])), start=coeffs[0])
-    inside, w = 1.0 - above - below, above - below
     return x * 0.5 + inside * even + (w * x) * 0.5
 
 

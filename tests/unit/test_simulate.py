@@ -19,6 +19,7 @@ from models.layers import calibrate
 from models.registry import model_names, register_model
 from models.training import load_trained
 from models.variants import VariantSpec
+from protocols.mpc import compare
 from protocols.mpc.simulate import SimTensor, SimulationError, simulation
 from protocols.protocol_config import ProtocolConfig
 from protocols.routes import simulate as route
@@ -90,6 +91,9 @@ def test_comparisons_wrap_at_the_session_width():
         assert (SimTensor.new(value) < 0).share.tolist() == [1, 1, 0]
         with ops.compare_bound(2.0 ** 10):  # 10 + 16 + 2 = 28 bits: 2^11 sets bit 27
             assert (SimTensor.new(torch.tensor([2.0 ** 10, 2.0 ** 11])) < 0).share.tolist() == [0, 1]
+        with ops.compare_bound(2.0 ** 10, 2.0 ** -5):  # may err only within 1/32 above a threshold
+            x = SimTensor.new(torch.tensor([-1.0, 0.5 - 2.0 ** -16, 0.5 + 2.0 ** -5, 3.0]))
+            assert compare.below(x, [0.5, 2.0]).share.tolist() == [[1, 1], [1, 1], [0, 1], [0, 0]]
     with simulation(ProtocolConfig(comparisons="circuit")):
         assert (SimTensor.new(value) < 0).share.tolist() == [0, 1, 0]
 
