@@ -8,8 +8,10 @@ from models.checkpoints import model_digest
 from mpc_parties.dealer_party import INBOUND_CHUNK_BYTES
 from mpc_parties.handshake import SessionSpec, new_session_id, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
+from mpc_parties.session_limits import limits_from_welcome
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel
+from protocols.net.framing import HELLO_LIMITS
 from protocols.net.grpc_channel import fail_together
 from protocols.net.grpc_link import connect
 
@@ -40,7 +42,9 @@ class ClientLinks:
 
 def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
                session: str | None = None) -> ClientLinks:
-    """Handshake with the server (and dealer for MPC); return the session's channels."""
+    """Handshake with the server (and dealer for MPC); return the session's channels, held to the
+    frame limit the server's welcome names for the agreed session (the front door's link, which
+    carries only the welcome, to the hello phase's few KiB)."""
     if config.role != "client":
         raise ValueError(f"open_links needs a client config, got role {config.role!r}")
     if protocol == "mpc" and "dealer" not in config.peers:
@@ -52,9 +56,10 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
                        digest=model_digest(config.model.name))
     server_address = config.peers["server"]
     dial_s = min(config.timeout_s, CONNECT_TIMEOUT_S)
-    front = connect(server_address, tls, "server", spec.session, timeout=dial_s)
+    front = connect(server_address, tls, "server", spec.session, timeout=dial_s, limits=HELLO_LIMITS)
     try:
         welcome = send_hello(front, spec)
+        limit = limits_from_welcome(welcome).max_message_bytes
     except BaseException:
         front.abort("client gave up during the handshake")
         raise
@@ -63,7 +68,8 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
     dealer: Channel | None = None
     if protocol == "mpc":
         dealer = connect(config.peers["dealer"], tls, "dealer", spec.session, ledger,
-                         timeout=dial_s, timeout_s=config.timeout_s, chunk_bytes=INBOUND_CHUNK_BYTES)
+                         timeout=dial_s, timeout_s=config.timeout_s, chunk_bytes=INBOUND_CHUNK_BYTES,
+                         max_message_bytes=limit)
         try:
             send_hello(dealer, spec)
         except BaseException:
@@ -71,7 +77,7 @@ def open_links(config: PartyConfig, protocol: str, ledger: Ledger | None = None,
             raise
     try:
         server = connect(worker_address, tls, "server", spec.session, ledger, timeout=dial_s,
-                         timeout_s=config.timeout_s)
+                         timeout_s=config.timeout_s, max_message_bytes=limit)
     except BaseException:
         if dealer is not None:
             dealer.abort("client could not reach its session worker")

@@ -10,7 +10,9 @@ What an unauthenticated session costs it is bounded: each link stays under the h
 server ``JOIN_TIMEOUT_S`` to join, a stream no session takes is cut by the transport, and each
 client identity holds at most ``max_sessions_per_client`` links. After each session the memory
 it used is returned to the system. gRPC refuses messages above ``INBOUND_CHUNK_BYTES`` (what
-the parties send here is JSON requests, cut that small). SIGTERM: new links are refused, live sessions get
+the parties send here is JSON requests, cut that small), and an accepted link is held to
+:data:`~mpc_parties.session_limits.DEALER_REQUEST_LIMITS` (frames and unread bytes of requests).
+SIGTERM: new links are refused, live sessions get
 ``drain_s`` seconds, then hear "dealer is shutting down".
 """
 
@@ -25,9 +27,10 @@ from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front
 from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.memory import release_memory
 from mpc_parties.party_config import PartyConfig
+from mpc_parties.session_limits import DEALER_REQUEST_LIMITS
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, PeerLost, TransportError
-from protocols.net.framing import HELLO_LIMITS, SESSION_LIMITS
+from protocols.net.framing import HELLO_LIMITS
 from protocols.net.grpc_channel import GrpcChannel, fail_together
 from protocols.net.grpc_link import PartyServer
 
@@ -82,7 +85,7 @@ class DealerParty:
             refuse(server, "client and server disagree on the session terms")
             server.close()
             raise TransportError("dealer: client and server disagree on the session terms")
-        server.set_limits(SESSION_LIMITS)
+        server.set_limits(DEALER_REQUEST_LIMITS)
         server.send_json(TAG_WELCOME, {"status": "ok"})
         return server
 
@@ -92,7 +95,7 @@ class DealerParty:
         server: Channel | None = None
         try:
             spec = SessionSpec.from_json(client.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
-            client.set_limits(SESSION_LIMITS)
+            client.set_limits(DEALER_REQUEST_LIMITS)
             client.send_json(TAG_WELCOME, {"status": "ok"})
             server = self._join_server(front, spec, client, ledger)
             fail_together(client, server)

@@ -130,18 +130,23 @@ def _ask_to_stop(party: PartyProcess) -> None:
 
 
 def stop_parties(parties: list[PartyProcess]) -> None:
-    """Ask every party to stop at once, then wait for each (killing it after STOP_TIMEOUT_S)."""
+    """Ask every party to stop at once (one SIGTERM each), then wait for each (killing it after
+    STOP_TIMEOUT_S)."""
     for party in parties:
         _ask_to_stop(party)
     for party in parties:
-        stop_party(party)
+        _wait_or_kill(party)
 
 
 def stop_party(party: PartyProcess) -> int | None:
     """Ask a party to stop (SIGTERM, and SIGCONT so a frozen one acts on it), kill it if it does
     not within STOP_TIMEOUT_S."""
+    _ask_to_stop(party)
+    return _wait_or_kill(party)
+
+
+def _wait_or_kill(party: PartyProcess) -> int | None:
     if party.process.poll() is None:
-        _ask_to_stop(party)
         try:
             party.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

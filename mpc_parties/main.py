@@ -14,13 +14,13 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mpc_parties.party_config import load_config
+from mpc_parties.signals import stop_on_signals
 
 READY_PREFIX = "privinf-ready"
 
@@ -73,11 +73,7 @@ def run_party(role: str, config_path: str, exit_with_parent: bool = False, remov
     try:
         party = _make_party(role, config_path, max_sessions, max_sessions_per_client, drain_s)
 
-        def stop(*_args: object) -> None:
-            party.stop()
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, stop)
+        stop = stop_on_signals(party.stop)  # SIGTERM, SIGINT, SIGHUP; a second one while stopping is a no-op
         if exit_with_parent:
             _watch_stdin(stop, parent_gone)
         party.serve(ready=_announce(role))

@@ -25,6 +25,7 @@ from models.checkpoints import model_digest
 from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
 from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.party_config import PartyConfig
+from mpc_parties.session_limits import WELCOME_LIMIT_KEY
 from mpc_parties.worker import SESSION_ROUTES
 from mpc_parties.worker_pool import PoolError, WorkerPool
 from protocols.net.channels import TransportError
@@ -99,7 +100,7 @@ class ServerParty:
                 refuse(channel, reason)
                 channel.close()
                 return
-            channel.send_json(TAG_WELCOME, {"status": "ok", "port": worker.port})
+            channel.send_json(TAG_WELCOME, {"status": "ok", "port": worker.port, WELCOME_LIMIT_KEY: worker.frame_limit})
             channel.close()
             log.info("session %s (%s, %s, %s) from %s runs on port %d (pid %d)", spec.session, spec.protocol,
                      spec.model, spec.variant, client, worker.port, worker.pid)

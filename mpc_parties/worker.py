@@ -20,9 +20,11 @@ from typing import Any
 from mpc_parties.dealer_party import INBOUND_CHUNK_BYTES
 from mpc_parties.handshake import SessionSpec, send_hello
 from mpc_parties.party_config import ConfigError, PartyConfig
+from mpc_parties.session_limits import WELCOME_LIMIT_KEY, session_limits
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, TransportError
-from protocols.net.grpc_channel import fail_together
+from protocols.net.framing import LinkLimits
+from protocols.net.grpc_channel import GrpcChannel, fail_together
 from protocols.net.grpc_link import PartyServer, connect
 
 log = logging.getLogger("privinf.server.session")
@@ -69,6 +71,8 @@ def _serve_mpc(config: PartyConfig, spec: SessionSpec, client: Channel, ledger: 
     dealer = connect(config.peers["dealer"], config.tls(), "dealer", spec.session, ledger,
                      timeout=min(config.timeout_s, CONNECT_TIMEOUT_S), timeout_s=config.timeout_s,
                      chunk_bytes=INBOUND_CHUNK_BYTES)
+    if isinstance(client, GrpcChannel):
+        dealer.set_limits(client.limits)  # the dealer's corrections are held to the session's limit too
     fail_together(client, dealer)
     try:
         send_hello(dealer, spec)
@@ -104,21 +108,23 @@ def _first_line(exc: BaseException) -> str:
 def run_server_session(config: PartyConfig, spec: SessionSpec, announce: Callable[[dict[str, Any]], None],
                        bundle: Any = None) -> int:
     """Bind a port for this session, ``announce`` it to the front door, serve the client, return
-    an exit code. ``bundle`` is the preloaded model (None: the route loads it)."""
+    an exit code. ``bundle`` is the preloaded model (None: the route loads it, and the links keep
+    the 2 GiB ceiling). The client's link is held to :func:`~mpc_parties.session_limits.session_limits`."""
     ledger = Ledger("server")
     route = SESSION_ROUTES.get(spec.protocol)
     try:
         if route is None:
             raise ConfigError(f"protocol {spec.protocol!r} is not served here")
+        limits = session_limits(spec, bundle) if bundle is not None else LinkLimits()
         server = PartyServer(config.tls(), config.listen.rsplit(":", 1)[0], 0, peers={"client"},
                              max_sessions=1, sessions={spec.session}).start()
     except (TransportError, ValueError, OSError) as exc:
         announce({"error": str(exc)})
         return 1
-    announce({"port": server.port})
+    announce({"port": server.port, WELCOME_LIMIT_KEY: limits.max_message_bytes})
     try:
         client = server.accept(spec.session, "client", timeout=JOIN_TIMEOUT_S, ledger=ledger,
-                               timeout_s=config.timeout_s)
+                               timeout_s=config.timeout_s, limits=limits)
         try:
             route(config, spec, client, ledger, bundle)
         except BaseException as exc:

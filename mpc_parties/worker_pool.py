@@ -35,6 +35,8 @@ from typing import Any
 
 from mpc_parties.memory import limit_arenas, release_memory
 from mpc_parties.party_config import PartyConfig
+from mpc_parties.session_limits import WELCOME_LIMIT_KEY
+from mpc_parties.signals import stop_on_signals
 from protocols.session_spec import SessionSpec
 
 log = logging.getLogger("privinf.server.pool")
@@ -62,6 +64,7 @@ class WorkerInfo:
     session: str
     client: str  # the identity that opened it (certificate role/name)
     started: float
+    frame_limit: int  # the session's link limit the worker derived from the agreed terms (the welcome names it)
 
 
 class PoolError(RuntimeError):
@@ -156,7 +159,8 @@ class WorkerPool:
                 raise PoolError(f"no worker for session {spec.session} within {WORKER_START_TIMEOUT_S:.0f} s") from None
         if "error" in reply:
             raise PoolError(f"session worker for {spec.session} failed to start: {reply['error']}")
-        info = WorkerInfo(int(reply["pid"]), int(reply["port"]), spec.session, client, time.monotonic())
+        info = WorkerInfo(int(reply["pid"]), int(reply["port"]), spec.session, client, time.monotonic(),
+                          int(reply[WELCOME_LIMIT_KEY]))
         with self._changed:
             self._workers[info.pid] = info
         return info
@@ -201,8 +205,7 @@ def _template_main(config: PartyConfig, conn: Connection, server_end: Connection
     server_end.close()  # inherited by the fork: holding it, we would never see the server go
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stopping = stop_on_signals(lambda: None, (signal.SIGTERM,))  # sets stopping.requested, takes no lock
     limit_arenas()  # inherited by every worker
     try:
         shared = preload(config)
@@ -216,7 +219,7 @@ def _template_main(config: PartyConfig, conn: Connection, server_end: Connection
     conn.send({"ready": True})
     children: set[int] = set()
     try:
-        while not stopping.is_set():
+        while not stopping.requested:
             if conn.poll(_REAP_PERIOD_S):
                 request = conn.recv()
                 if request.get("op") != "spawn":
@@ -245,13 +248,13 @@ def _reap(children: set[int], conn: Connection | None) -> None:
 
 
 def _stop_children(children: set[int]) -> None:
+    """SIGTERM (+ SIGCONT) every worker's group, wait until they exit, SIGKILL those still there
+    after KILL_AFTER_S, and reap them all."""
     for pid in children:
         signal_group(pid, signal.SIGTERM)
         signal_group(pid, signal.SIGCONT)
-    deadline = time.monotonic() + KILL_AFTER_S
-    while children and time.monotonic() < deadline:
-        _reap(children, None)
-        time.sleep(_REAP_PERIOD_S)
+    _wait_exits(children, KILL_AFTER_S)
+    _reap(children, None)
     for pid in children:
         signal_group(pid, signal.SIGKILL)
     for pid in list(children):
@@ -259,6 +262,27 @@ def _stop_children(children: set[int]) -> None:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+
+
+def _wait_exits(children: set[int], timeout: float) -> None:
+    """Wait until every child in ``children`` has exited, or ``timeout`` seconds: woken by each
+    child's pidfd (readable once it exits), no polling. The children are not reaped here."""
+    fds: dict[int, int] = {}
+    for pid in children:
+        try:
+            fds[os.pidfd_open(pid)] = pid  # a not yet reaped child: its pid cannot have been reused
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _fork_worker(config: PartyConfig, spec_data: dict[str, Any], shared: Any, conn: Connection,
@@ -283,6 +307,10 @@ def _fork_worker(config: PartyConfig, spec_data: dict[str, Any], shared: Any, co
             sys.stderr.flush()
             os._exit(code)
     os.close(write_fd)
+    try:
+        os.setpgid(pid, pid)  # here too, so the group exists before the server can signal it
+    except OSError:
+        pass  # the worker did it first, or is gone already
     children.add(pid)
     try:
         ready, _, _ = select.select([read_fd], [], [], WORKER_START_TIMEOUT_S)

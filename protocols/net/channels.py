@@ -97,6 +97,7 @@ class LinkStats:
     payload_recv: int = 0
     wire_sent: int = 0
     wire_recv: int = 0
+    largest_recv: int = 0  # payload bytes of the largest frame received (what the link's limit must admit)
 
 
 def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
@@ -227,6 +228,7 @@ class Channel(ABC):
             raise self._peer_error
         self.stats.frames_recv += 1
         self.stats.payload_recv += len(frame.payload)
+        self.stats.largest_recv = max(self.stats.largest_recv, len(frame.payload))
         self.stats.wire_recv += frame.wire_bytes
         if self.ledger is not None:
             self.ledger.record_recv(frame.wire_bytes)

@@ -3,8 +3,9 @@ put back together under limits that depend on the phase of the link.
 
 A link starts in the *hello* phase: until the receiving party has accepted the session, a peer
 may send only small frames (:data:`HELLO_LIMITS`) and only a little of them may wait unread. The
-party then lifts the limits to what the session needs (:data:`SESSION_LIMITS`, or tighter limits
-derived from the session's shapes). The announced size of a frame is checked against the limit
+party then lifts the limits to what the session needs: limits derived from the agreed session's
+shapes (``mpc_parties.session_limits``), under the :data:`SESSION_LIMITS` ceiling of 2 GiB.
+The announced size of a frame is checked against the limit
 in force when its first chunk arrives, before any payload is kept, so an unauthenticated peer
 never makes a party assemble a large frame.
 """

@@ -85,13 +85,14 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
             timeout: float = 30.0, *, timeout_s: float = DEFAULT_TIMEOUT_S,
             keepalive: Keepalive = DEFAULT_KEEPALIVE, chunk_bytes: int = CHUNK_BYTES,
             max_message_bytes: int = MAX_MESSAGE_BYTES, close_timeout_s: float = 10.0,
-            session_deadline_s: float | None = None) -> GrpcChannel:
+            session_deadline_s: float | None = None, limits: LinkLimits | None = None) -> GrpcChannel:
     """Open session ``session`` to the ``peer_role`` party serving at ``address`` ("host:port").
 
     Checks both certificates first (a unary ``Ready`` call bounded by ``timeout``); raises
     :class:`PeerRefused` when TLS or a role check fails, :class:`PeerBusy` when the peer has no
     room now, and :class:`PeerLost` when the peer cannot be reached. ``session_deadline_s``
-    bounds the whole stream (None: no bound).
+    bounds the whole stream (None: no bound). The peer's frames are held to ``limits`` (None:
+    ``max_message_bytes``, no bound on unread bytes).
     """
     check_role(peer_role)
     check_session(session)
@@ -110,7 +111,7 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
         grpc_channel.close()
         raise PeerRefused(f"{tls.role}: server at {address} is {reply.role!r}, expected {peer_role!r}")
 
-    channel = GrpcChannel(tls.role, peer_role, session, ledger, timeout_s, chunk_bytes, max_message_bytes)
+    channel = GrpcChannel(tls.role, peer_role, session, ledger, timeout_s, chunk_bytes, max_message_bytes, limits)
     call = stub.Link(channel.outgoing(), metadata=((META_SESSION, session), (META_ROLE, tls.role)),
                      timeout=session_deadline_s)
 
