@@ -4,12 +4,17 @@ and the input shapes a plaintext dry run gives (for preprocessing)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.layers import Calibrated, Embedding, Linear
+from models.registry import ModelBundle, load_model
+from models.variants import VariantSpec
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.vocabulary import SERVER_RANK
 from protocols.net.channels import ProtocolError
@@ -122,3 +127,20 @@ def dummy_input(shape: tuple[int, ...], vocab: int | None) -> torch.Tensor:
     if vocab is not None:
         return torch.zeros(*shape, vocab)
     return torch.zeros(*shape)
+
+
+_ARCHITECTURES: dict[tuple[str, str], ModelBundle] = {}
+_ARCHITECTURES_LOCK = threading.Lock()
+
+
+def public_architecture(model: str, variant: VariantSpec) -> ModelBundle:
+    """The client's model: the public architecture with every weight zeroed, loaded once per process
+    and copied for each session (a reconnecting client does not load the weights it discards again)."""
+    key = (model, repr(variant))
+    with _ARCHITECTURES_LOCK:
+        template = _ARCHITECTURES.get(key)
+        if template is None:
+            template = load_model(model, variant)
+            strip_weights(template.model)
+            _ARCHITECTURES[key] = template
+        return dataclasses.replace(template, model=copy.deepcopy(template.model))

@@ -39,7 +39,8 @@ from protocols.mpc import fixed_point
 from protocols.mpc.cryptenlib import MPCTensor
 from protocols.mpc.csprng import Stream, check_seed
 from protocols.mpc.fixed_point import encode
-from protocols.mpc.vocabulary import MSG_WS_PREPROCESS, TAG_CORR, TAG_MSG
+from protocols.mpc.mask_store import Epoch, check_entry_id, mask_seed
+from protocols.mpc.vocabulary import MSG_WS_PREPROCESS, SERVER_RANK, TAG_CORR, TAG_MSG, DealerError
 from protocols.net.channels import Channel
 
 TAG_F = "ws.F"
@@ -192,6 +193,37 @@ def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str,
     for j in range(start, start + count):
         for spec in specs:
             yield server_correction(seeds[client_rank], mask_source, spec, j, masks.get(spec.name))
+
+
+class WeightMaskLink:
+    """The dealer's link to the server: weight-stationary requests are answered here (B from the
+    server's session seed, or from the client's epoch key for kept masks); every other message
+    passes through to :class:`protocols.mpc.dealer.Dealer` unchanged."""
+
+    def __init__(self, channel: Channel, seeds: dict[int, bytes], epoch: Epoch | None, ledger: Ledger) -> None:
+        self._channel = channel
+        self._seeds = seeds
+        self._epoch = epoch
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def recv_json(self, tag: str, timeout: float | None = None) -> Any:
+        while True:
+            msg = self._channel.recv_json(tag, timeout)
+            if tag != TAG_MSG or not isinstance(msg, dict) or msg.get("type") != MSG_WS_PREPROCESS:
+                return msg
+            self._answer(msg)
+
+    def _answer(self, msg: dict[str, Any]) -> None:
+        ident = msg.get("mask_id")
+        if (ident is None) != (self._epoch is None):
+            raise DealerError("weight-stationary request names kept masks if and only if storage = keep")
+        seed = None if self._epoch is None else mask_seed(self._epoch.key, check_entry_id(ident))
+        with self._ledger.phase(Phase.OFFLINE):
+            for correction in dealer_corrections(self._seeds, SERVER_RANK, msg, seed):
+                self._channel.send(TAG_CORR, correction)
 
 
 def _local_share(x: Any, in_features: int) -> torch.Tensor:

@@ -30,7 +30,6 @@ Per generation (decoders, :meth:`MpcClient.generate`):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 import time
@@ -42,20 +41,21 @@ import torch
 
 from models.kv_pruning import POLICIES, PolicyError, make_policy
 from models.layers import Embedding
-from models.registry import ModelBundle, load_model
-from models.variants import VariantSpec, parse_variant
+from models.registry import ModelBundle
+from models.variants import parse_variant
 from privinf.ledger.counting import Ledger, Phase, Row, rows_from_dicts, rows_to_dicts
 from protocols.kv.stationary import DealerLink, StationaryDealer
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.dealer_pool import DEFAULT_POOL_BYTES, PoolLimits
-from protocols.mpc.mask_store import Epoch, MaskKey, check_entry_id, dealer_epoch, mask_id, mask_seed, weights_digest
+from protocols.mpc.mask_store import MaskKey, check_entry_id, dealer_epoch, mask_id, mask_seed, weights_digest
 from protocols.mpc.model_prep import (
     EmbeddingAsLinear,
     apply_calibration,
     calibration_of,
     hidden_shapes,
     mask_group,
+    public_architecture,
     replace_module,
     secure_targets,
     strip_weights,
@@ -66,15 +66,13 @@ from protocols.mpc.secure_linear import (
     MaskGroups,
     SecureLinearClient,
     SecureLinearServer,
-    dealer_corrections,
+    WeightMaskLink,
     preprocess_server,
 )
 from protocols.mpc.vocabulary import (
     CLIENT_RANK,
     MSG_REPORT,
-    MSG_WS_PREPROCESS,
     SERVER_RANK,
-    TAG_CORR,
     TAG_EPOCH,
     TAG_EPOCH_KEY,
     TAG_MSG,
@@ -100,23 +98,6 @@ MAX_ABS_INPUT = float(2 ** 15)  # |input| the fixed-point ring holds with room f
 
 class MpcInputError(ValueError):
     """The client's input cannot be computed on privately (shape, NaN/inf, range)."""
-
-
-_ARCHITECTURES: dict[tuple[str, str], ModelBundle] = {}
-_ARCHITECTURES_LOCK = threading.Lock()
-
-
-def public_architecture(model: str, variant: VariantSpec) -> ModelBundle:
-    """The client's model: the public architecture with every weight zeroed, loaded once per process
-    and copied for each session (a reconnecting client does not load the weights it discards again)."""
-    key = (model, repr(variant))
-    with _ARCHITECTURES_LOCK:
-        template = _ARCHITECTURES.get(key)
-        if template is None:
-            template = load_model(model, variant)
-            strip_weights(template.model)
-            _ARCHITECTURES[key] = template
-        return dataclasses.replace(template, model=copy.deepcopy(template.model))
 
 
 class MpcClient(MpcParty):
@@ -465,37 +446,6 @@ def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Le
     thread.join(30)
     if errors:
         raise errors[0]
-
-
-class WeightMaskLink:
-    """The dealer's link to the server: weight-stationary requests are answered here (B from the
-    server's session seed, or from the client's epoch key for kept masks); every other message
-    passes through to :class:`protocols.mpc.dealer.Dealer` unchanged."""
-
-    def __init__(self, channel: Channel, seeds: dict[int, bytes], epoch: Epoch | None, ledger: Ledger) -> None:
-        self._channel = channel
-        self._seeds = seeds
-        self._epoch = epoch
-        self._ledger = ledger
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._channel, name)
-
-    def recv_json(self, tag: str, timeout: float | None = None) -> Any:
-        while True:
-            msg = self._channel.recv_json(tag, timeout)
-            if tag != TAG_MSG or not isinstance(msg, dict) or msg.get("type") != MSG_WS_PREPROCESS:
-                return msg
-            self._answer(msg)
-
-    def _answer(self, msg: dict[str, Any]) -> None:
-        ident = msg.get("mask_id")
-        if (ident is None) != (self._epoch is None):
-            raise DealerError("weight-stationary request names kept masks if and only if storage = keep")
-        seed = None if self._epoch is None else mask_seed(self._epoch.key, check_entry_id(ident))
-        with self._ledger.phase(Phase.OFFLINE):
-            for correction in dealer_corrections(self._seeds, SERVER_RANK, msg, seed):
-                self._channel.send(TAG_CORR, correction)
 
 
 def _send_rows(channel: Channel, ledger: Ledger) -> None:
