@@ -27,16 +27,16 @@ The wire vocabulary (tags, message types, request layouts) is :mod:`protocols.mp
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc import dealer_keys, secure_linear
+from protocols.mpc import fss, secure_linear
 from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
 from protocols.mpc.vocabulary import (
@@ -193,7 +193,8 @@ def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
 
 def sign_halves(request: TupleRequest) -> tuple[np.ndarray, np.ndarray]:
     """Both parties' halves of fresh FSS sign keys for ``request`` (randomness from ``os.urandom``)."""
-    return dealer_keys.generate(_numel(request.size0), request.bits)
+    shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
+    return fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
 
 
 class SignKeyStore:
@@ -251,7 +252,6 @@ class Dealer:
         self._sign_keys = SignKeyStore()
         self._pool_limits = pool
         self._pool: MaterialPool | None = None
-        self._helpers: ThreadPoolExecutor | None = None  # with the pool: ranges of large sign requests
         self._lock = threading.Lock()
         self._serving: set[int] = set()
         self._closed = False
@@ -283,8 +283,7 @@ class Dealer:
     def generate(self, index: int, request: TupleRequest) -> dict[int, torch.Tensor]:
         """The material of request ``index`` by rank: party 0's correction, or both halves of sign keys."""
         if request.kind == "sign":
-            helpers = self._pool_limits.workers - 1 if self._pool_limits is not None else 0
-            keys = dealer_keys.generate_split(_numel(request.size0), request.bits, self._helpers, helpers)
+            keys = sign_halves(request)
             return {0: torch.from_numpy(keys[0]), 1: torch.from_numpy(keys[1])}
         return {CORRECTED_RANK: compute_correction(self._seeds, index, request)}
 
@@ -337,8 +336,6 @@ class Dealer:
                 raise DealerError("the dealer's session has ended")
             if self._pool is None:
                 assert self._pool_limits is not None
-                workers = self._pool_limits.workers
-                self._helpers = ThreadPoolExecutor(workers - 1, "dealer-keys") if workers > 1 else None
                 self._pool = MaterialPool(self.generate, self._pool_limits, self.ledger)
             return self._pool
 
@@ -346,11 +343,9 @@ class Dealer:
         """Stop the background pool (its threads joined, its material freed); idempotent."""
         with self._lock:
             self._closed = True
-            pool, helpers = self._pool, self._helpers
+            pool = self._pool
         if pool is not None:
             pool.close(reason)
-        if helpers is not None:
-            helpers.shutdown(wait=False, cancel_futures=True)
 
     def serve(self, channel: Channel, rank: int, on_report: Callable[[], None] | None = None) -> int:
         """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.

@@ -6,10 +6,10 @@ what they will ask for: the next inferences of the same schedule, or, for a gene
 next steps in the order a previous generation asked for them. It *confirms* what a party
 asks for, *speculates* up to ``ahead`` more segments (one segment = one inference or one
 generation step of a schedule) past the last confirmed one, and generates both in index order
-on ``workers`` threads (numpy, torch and the AES of ``cryptography`` release the GIL, so two
-workers use two cores). Per request index it makes the material once: party 0's correction and,
-for a sign request, both parties' halves of the FSS keys; each party takes its own half, in
-order, and the store forgets a request as soon as nobody needs it any more.
+on ``workers`` background threads while the parties compute. Per request index it makes the
+material once: party 0's correction and, for a sign request, both parties' halves of the FSS
+keys; each party takes its own half, in order, and the store forgets a request as soon as
+nobody needs it any more.
 
 Prediction (:meth:`MaterialPool.confirm`): the schedules the parties confirmed, in order, form a
 history; after the last one the pool expects what followed the same schedule the previous time
@@ -59,12 +59,15 @@ class PoolLimits:
     ``ahead``: segments (inferences, or steps of a generation) generated beyond what the parties
     asked for, and the most one ``preprocess`` message may ask for (the session's agreed
     ``preprocess``). ``max_bytes``: generated material held at once (both halves of FSS keys
-    count). ``workers``: generator threads. ``wait_s``: the longest a party waits for one request.
+    count). ``workers``: generator threads; one by default, because FSS key generation
+    (:func:`protocols.mpc.fss.sign_gen`, numpy on 16k-element chunks) holds the GIL for most of
+    its time: a second thread cost 60% more CPU for no gain in wall time on a 2-core machine
+    (bench/dealer_pool.py). ``wait_s``: the longest a party waits for one request.
     """
 
     ahead: int = 1
     max_bytes: int = DEFAULT_POOL_BYTES
-    workers: int = 2
+    workers: int = 1
     wait_s: float = 120.0
 
     def __post_init__(self) -> None:

@@ -218,23 +218,3 @@ def test_pooled_sessions_give_valid_material_equal_to_the_plain_dealer_and_end_c
         assert torch.equal(run[1][2].share, plain[1][2].share), index
         assert torch.equal(run[1][2].share, compute_correction(seeds, 3 * index + 1, SCHEDULE[1])), index
 
-
-@pytest.mark.parametrize("count, bits", [(1000, 21), (130, 40), (64, 8)])
-def test_sign_keys_made_in_ranges_on_helper_threads_work_as_one_call(count: int, bits: int) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from protocols.mpc import dealer_keys, fss
-
-    assert dealer_keys.ranges(1000, 256) == [256, 256, 256, 232] and dealer_keys.ranges(10, 100) == [10]
-    with ThreadPoolExecutor(2) as helpers:
-        k0, k1 = dealer_keys.generate_split(count, bits, helpers, helpers=2, part=64)
-    assert k0.shape == k1.shape == (fss.sign_key_words(bits, count),)
-    limit = 1 << (bits - 1)
-    rng = np.random.default_rng(5)
-    edges = np.array([0, 1, -1, limit - 1, -limit, -limit + 1], dtype=np.int64)
-    x = np.concatenate([edges, rng.integers(-limit, limit, count - len(edges), dtype=np.int64)])
-    x1 = rng.integers(-(2 ** 62), 2 ** 62, count, dtype=np.int64)
-    g0, g1 = (SignKey.from_array(p, bits, count, k) for p, k in ((0, k0), (1, k1)))
-    with np.errstate(over="ignore"):
-        opened = g0.masked(x - x1) + g1.masked(x1)
-    assert np.array_equal(g0.evaluate(opened) + g1.evaluate(opened), (x < 0).astype(np.int64))
