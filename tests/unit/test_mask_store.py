@@ -175,3 +175,25 @@ def test_party_files_carry_the_policy_and_the_store(tmp_path: Path) -> None:
     assert config.store == tmp_path / "kept" and config.protocol.storage == "keep"
     assert config_from_dict(config_to_dict(config)) == config
     assert 'store = "' in dump_config(config) and 'storage = "keep"' in dump_config(config)
+
+
+def test_the_dealer_answers_kept_masks_with_the_epoch_seed_only_under_keep() -> None:
+    from privinf.ledger.counting import Ledger
+    from protocols.mpc.csprng import new_seed
+    from protocols.mpc.secure_linear import LayerSpec, WeightMaskLink, preprocess_message, server_correction
+    from protocols.mpc.vocabulary import TAG_CORR, TAG_MSG, DealerError
+    from protocols.net.channels import memory_pair
+
+    seeds, epoch = {0: new_seed(), 1: new_seed()}, mask_store.Epoch("2" * 32, new_seed())
+    spec = LayerSpec("l", 3, 2, (1, 3))
+    server, dealer = memory_pair("server", "dealer")
+    ident = "3" * 32
+    server.send_json(TAG_MSG, preprocess_message([spec], 0, 1, 0, ident))
+    server.send_json(TAG_MSG, {"type": "end"})
+    assert WeightMaskLink(dealer, seeds, epoch, Ledger("dealer")).recv_json(TAG_MSG) == {"type": "end"}
+    want = server_correction(seeds[0], mask_store.mask_seed(epoch.key, ident), spec, 0)
+    assert torch.equal(torch.from_numpy(server.recv(TAG_CORR)), want)
+    for link_epoch, msg_id in ((None, ident), (epoch, None)):
+        server.send_json(TAG_MSG, preprocess_message([spec], 1, 1, 0, msg_id))
+        with pytest.raises(DealerError, match="if and only if"):
+            WeightMaskLink(dealer, seeds, link_epoch, Ledger("dealer")).recv_json(TAG_MSG)
