@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from privinf.ledger.counting import Ledger, Phase
+from privinf.ledger.counting import Ledger
 from protocols.mpc.vocabulary import CORRECTED_RANK, DealerError, RequestSchedule, TupleRequest, _numel
 
 MAX_HISTORY = 4096  # confirmed segments remembered for prediction (one short digest each)
@@ -364,6 +364,6 @@ class MaterialPool:
             self._cond.notify_all()
 
     def _record(self, key: str, seconds: float) -> None:
+        """Add ``seconds`` to the dealer ledger's ``key`` (in whatever row is current: the sum counts)."""
         if self._ledger is not None:
-            with self._ledger.phase(Phase.OFFLINE):
-                self._ledger.record_extra(key, seconds)
+            self._ledger.record_extra(key, seconds)
