@@ -174,6 +174,7 @@ class AccuracyReport:
     agreement_with_float: float      # fraction of equal predictions
     max_abs_difference: float        # largest |simulated - float| output
     simulated_s_per_1000: float      # wall seconds per 1,000 examples simulated
+    simulated_cpu_s_per_1000: float  # CPU seconds of this process per 1,000 (less sensitive to load)
     config: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -188,16 +189,17 @@ def accuracy(model: str, variant: str = "exact", config: ProtocolConfig | None =
     examples = test_examples(model).head(limit)
     bundle = load_model(model, parse_variant(variant, overrides))
     plain = plain_outputs(bundle, examples.inputs, batch)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     simulated = simulate_outputs(bundle, examples.inputs, config, batch)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     labels = examples.labels
+    per_1000 = 1000.0 / max(1, len(examples))
     return AccuracyReport(
         model, variant if overrides is None else f"{variant}+{overrides}", len(examples), examples.source,
         float((_predictions(plain) == labels).float().mean()),
         float((_predictions(simulated) == labels).float().mean()),
         float((_predictions(plain) == _predictions(simulated)).float().mean()),
-        float((plain - simulated).abs().max()), 1000.0 * seconds / max(1, len(examples)), config.to_json())
+        float((plain - simulated).abs().max()), seconds * per_1000, cpu * per_1000, config.to_json())
 
 
 @dataclass(frozen=True)
