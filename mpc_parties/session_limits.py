@@ -37,48 +37,58 @@ WELCOME_LIMIT_KEY = "frame_limit"
 _FSS_WORDS_SAMPLE = 64  # elements over which the DCF keys' per-element words are averaged (one bit word)
 
 
+COMPARING_ATTENTION = ("softmax", "relu")  # kinds that compare every attention score (max, ReLU)
+NORMALISED_ATTENTION = ("softmax", "power", "2quad", "relu", "linear")  # a reciprocal per score row
+COMPARING_ACTIVATIONS = (None, "gelu", "relu", "silu")  # None: the model's native GeLU / SiLU
+COMPARING_NORMS = (None, "layernorm", "rmsnorm")  # an inverse square root per row
+ROW_COMPARISONS = 16  # elements compared per row by a reciprocal's or inverse square root's first guess (bound)
+
+
 @dataclass(frozen=True)
 class SessionShapes:
     """The public sizes a session's messages are made of (elements, not bytes)."""
 
     tokens: int  # longest input the model takes: its positions, or patches + class token
-    width: int  # widest activation row: hidden or feed-forward width
-    vocab: int  # vocabulary or classes (logits, one-hot rows)
-    heads: int
-    largest_weight: int  # elements of the largest parameter tensor
+    tensor: int  # most elements of one tensor: a weight, an activation block, the scores, the logits
+    compared: int  # most elements one non-linear step of the variant compares at once
+    one_hot: int  # elements of the token one-hot rows (text input), else 0
 
     @classmethod
     def of(cls, bundle: ModelBundle) -> SessionShapes:
-        """Shapes of a loaded model bundle."""
+        """Shapes of a loaded model bundle, running its variant."""
         config = bundle.config
-        if config.family == "vit":
-            tokens = (config.image_size // config.patch_size) ** 2 + 1
-        else:
-            tokens = config.max_positions
+        tokens = (config.image_size // config.patch_size) ** 2 + 1 if config.family == "vit" else config.max_positions
+        width = max(config.hidden, config.ffn * (2 if config.mlp == "gated" else 1))
+        logits = tokens * config.vocab_size if config.family == "decoder" else config.num_classes
+        scores = config.heads * tokens * tokens
         largest = max((p.numel() for p in bundle.model.parameters()), default=0)
-        return cls(tokens, max(config.hidden, config.ffn), max(config.vocab_size, config.num_classes, 1),
-                   config.heads, largest)
+        tensor = max(largest, tokens * width, scores, logits)
+        compared = max(_compared(bundle, layer, tokens) for layer in range(config.layers))
+        one_hot = tokens * (1 << max(1, (config.vocab_size - 1).bit_length())) if bundle.input_kind == "text" else 0
+        return cls(tokens, tensor, max(compared, config.vocab_size), one_hot)  # + the argmax of a decoding step
 
-    @property
-    def compared(self) -> int:
-        """Most elements one non-linear step can take at once: attention scores or a feed-forward row block."""
-        return max(self.heads * self.tokens * self.tokens, self.tokens * self.width)
 
-    @property
-    def tensor(self) -> int:
-        """Most elements of any one tensor: a weight, an activation, the attention scores or the logits."""
-        return max(self.largest_weight, self.compared, self.tokens * self.vocab)
+def _compared(bundle: ModelBundle, layer: int, tokens: int) -> int:
+    """Elements layer ``layer`` of the bundle's variant compares in one step."""
+    config, spec = bundle.config, bundle.variant.layer(layer)
+    kinds = [head.kind for head in spec.head_kinds(config.heads)]
+    act = None if spec.act is None else spec.act.kind
+    norm = None if spec.norm is None else spec.norm.kind
+    scores = sum(kind in COMPARING_ATTENTION for kind in kinds) * tokens * tokens
+    features = tokens * config.hidden if "linear" in kinds else 0  # phi = ReLU on Q and K
+    ffn = tokens * config.ffn if act in COMPARING_ACTIVATIONS else 0
+    rows = (sum(kind in NORMALISED_ATTENTION for kind in kinds) + (norm in COMPARING_NORMS)) * tokens
+    return max(scores, features, ffn, ROW_COMPARISONS * rows)
 
 
 def _mpc_words(shapes: SessionShapes, spec: SessionSpec) -> int:
     """int64 words of the largest MPC message: an opening of two operands, a dealer reply for a
-    non-linear step (FSS sign keys or the fused GeLU's mask products), or a one-hot row block."""
+    non-linear step (FSS sign keys or the fused GeLU's mask products), or the one-hot rows."""
     per_element = len(GELU_PRODUCTS)
     if spec.config.comparisons == "fss":
         bits = spec.config.comparison_bits
         per_element = max(per_element, math.ceil(fss.sign_key_words(bits, _FSS_WORDS_SAMPLE) / _FSS_WORDS_SAMPLE))
-    one_hot = shapes.tokens * (1 << max(1, (shapes.vocab - 1).bit_length()))
-    return max(2 * shapes.tensor, per_element * shapes.compared, one_hot)
+    return max(2 * shapes.tensor, per_element * shapes.compared, shapes.one_hot)
 
 
 def _he_bytes(bundle: ModelBundle, shapes: SessionShapes) -> int:
@@ -92,8 +102,9 @@ def _he_bytes(bundle: ModelBundle, shapes: SessionShapes) -> int:
     ciphertext = 2 * PARAMS.poly_modulus_degree * moduli * WORD_BYTES
     switching_key = (moduli - 1) * ciphertext
     context = (steps + 2) * switching_key
-    per_tensor = math.ceil(shapes.tokens * shapes.width / PARAMS.slots)
-    ciphertexts = (shapes.heads * shapes.tokens + per_tensor + 1) * ciphertext
+    config = bundle.config
+    per_tensor = math.ceil(shapes.tensor / PARAMS.slots)
+    ciphertexts = (config.heads * shapes.tokens + per_tensor + 1) * ciphertext
     return max(context, ciphertexts)
 
 

@@ -69,6 +69,9 @@ def test_limit_follows_the_agreed_terms(bundles: dict) -> None:
     assert limit(gpt2, "gpt2-tiny", comparison_bits=24) < limit(gpt2, "gpt2-tiny", comparison_bits=48)
     assert limit(gpt2, "gpt2-tiny", "ee") < limit(gpt2, "gpt2-tiny")  # plain arrays, no dealer material
     assert limit(vit, "vit-tiny") < limit(gpt2, "gpt2-tiny")  # 17 patches vs 64 positions
+    friendly = load_model("gpt2-tiny", "mpcformer")  # 2Quad + quad GeLU: no scores or FFN rows compared
+    assert session_limits(SessionSpec("s-limits", "mpc", "gpt2-tiny", "mpcformer"), friendly).max_message_bytes \
+        < limit(gpt2, "gpt2-tiny")
     longer = replace(gpt2, config=replace(gpt2.config, max_positions=4 * gpt2.config.max_positions))
     assert largest_message_bytes(_spec("gpt2-tiny"), longer) > largest_message_bytes(_spec("gpt2-tiny"), gpt2)
 
