@@ -233,10 +233,10 @@ def distill(teacher: str | Path, variant: str, out: str | Path, overrides: str |
 
 
 def _stage_one(student: EncoderClassifier, teacher: EncoderClassifier, train: parts.Tokenized, steps: int,
-               cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> float:
+               cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> float | None:
     record = parts.read_state(out) if resume else None
     if record is not None and record["stage"] == "stage2" or steps == 0:
-        return float("nan")  # already past stage 1 (stage 2 resumes from its own state)
+        return None  # already past stage 1 (stage 2 resumes from its own state)
     with parts.capturing(student) as s_cap, parts.capturing(teacher) as t_cap:
         def loss_of(idx: torch.Tensor) -> torch.Tensor:
             ids, mask, _ = train.batch(idx)

@@ -29,7 +29,7 @@ from models.data import TextSplit
 from models.training import EncoderClassifier
 from models.variants import VariantSpec
 
-BASES = ("minilm", "tiny-bert")
+BASES = ("minilm", "minilm-2l", "tiny-bert")
 STATE_DIR = "train_state"
 
 
@@ -75,20 +75,23 @@ def _tiny_config(num_labels: int) -> ModelConfig:
 
 
 def base_classifier(base: str, num_labels: int, seed: int) -> EncoderClassifier:
-    """The exact classifier to fine-tune: ``minilm`` (pretrained weights) or ``tiny-bert`` (2 layers,
-    hidden 32, random weights for tests); the head is drawn from ``seed``."""
+    """The exact classifier to fine-tune: ``minilm`` (pretrained weights), ``minilm-2l`` (its first two
+    layers: small and pretrained, for tests) or ``tiny-bert`` (2 layers, hidden 32, random weights);
+    the head is drawn from ``seed``."""
     from models.hf_import import config_from_hf, from_hf
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if base == "minilm":
+        if base in ("minilm", "minilm-2l"):
             from transformers import AutoModel
 
             hf = AutoModel.from_pretrained(str(minilm_path()))
-            encoder = from_hf(hf, "exact")
-            config = config_from_hf(hf.config).with_changes(num_classes=num_labels)
+            layers = 2 if base == "minilm-2l" else hf.config.num_hidden_layers
+            config = config_from_hf(hf.config).with_changes(num_classes=num_labels, layers=layers)
+            state = {k: v for k, v in from_hf(hf, "exact").state_dict().items()
+                     if not k.startswith("layer.") or int(k.split(".")[1]) < layers}
             model = EncoderClassifier(config, "exact")
-            missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or set(missing) != {"head.weight", "head.bias"}:
                 raise ValueError(f"MiniLM weights do not fit the classifier: {missing + unexpected}")
         elif base == "tiny-bert":

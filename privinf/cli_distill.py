@@ -12,6 +12,7 @@ from typing import Any
 def add_distill_command(sub: Any) -> None:
     """``privinf distill``: fine-tune the exact teacher on a task, distil it into a variant."""
     from models.data import TEXT_TASKS
+    from models.distill_parts import BASES
 
     p = sub.add_parser(
         "distill", help="fine-tune the exact MiniLM on a task and distil it into a variant (a checkpoint)",
@@ -24,7 +25,7 @@ def add_distill_command(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     p.add_argument("--task", choices=TEXT_TASKS, default=None, help="the task (needed without --teacher)")
     p.add_argument("--teacher", type=Path, default=None, help="a fine-tuned teacher checkpoint to distil")
-    p.add_argument("--base", choices=("minilm", "tiny-bert"), default="minilm", help="base model to fine-tune")
+    p.add_argument("--base", choices=BASES, default="minilm", help="base model to fine-tune")
     p.add_argument("--variant", default="mpcformer", help="student variant (preset or spec; exact = fine-tune)")
     p.add_argument("--overrides", type=Path, default=None, help="per-layer / per-head overrides JSON")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps, or stage-2 steps when distilling")
