@@ -4,18 +4,20 @@
 (model ``bert-layer``, seq 128; recorded by a local session the first time and kept in
 ``--schedule``) is generated for ``--inferences`` inferences (a) in the request loop, one
 request after the other, as the dealer did before, and (b) by the background pool
-(:mod:`protocols.mpc.dealer_pool`) with ``--workers`` threads, both parties taking their
-material in order as it is made. Prints seconds per layer-inference and the speed-up, then the
+(:mod:`protocols.mpc.dealer_pool`) with 1 and ``--workers`` threads, both parties taking their
+material in order as it is made. Prints wall and CPU seconds per layer-inference, then the
 target (generation <= the layer's online wall, ``--online-wall`` seconds measured by
-bench/mpc_vs_crypten.py on this machine) as PASS/MISS.
+bench/mpc_vs_crypten.py on this machine) as PASS/MISS for the faster pool.
 
 ``--part session``: one in-process session (client, server and dealer as threads over memory
 links) of ``--model`` running ``--inferences`` inferences back to back with preprocess =
 ``--preprocess``, without the pool (the dealer generating in its request loop, as before) and
-with it. Per inference: the client's wall, the time the parties spent in ``preprocess`` (asking
-for and receiving dealer material, both parties summed) and the time the dealer's request
-loops waited for generation (``pool_wait_s`` in the dealer's ledger). Inference 1 records the
-schedule online in both runs.
+with it. Per inference: the client's wall, its online part, the time the parties spent in
+``preprocess`` (asking for and receiving dealer material; the longer of the two) and the time
+the dealer's request loops waited for generation (``pool_wait_s`` in the dealer's ledger).
+Inference 1 records the schedule online in both runs. In one process the dealer's generation
+thread shares the GIL and the cores with both parties, so the online part here is slower with
+the pool than it is with the dealer on its own host.
 
 Timings on a shared 2-core machine are noisy; counts of requests are not.
 Run: ``.venv/bin/python bench/dealer_pool.py --part gen`` /
@@ -110,20 +112,22 @@ def part_gen(args: argparse.Namespace) -> None:
     plain = generate_in_loop(schedule, n)
     loop = plain["wall"] / n
     print(f"request loop: {loop:.2f} s per layer-inference ({plain['cpu'] / n:.2f} s CPU)", flush=True)
+    best = float("inf")
     for workers in sorted({1, args.workers}):
         pooled = generate_in_pool(schedule, n, workers, args.pool_mib << 20)
         per = pooled["wall"] / n
+        best = min(best, per)
         print(f"pool, {workers} worker(s): {per:.2f} s per layer-inference ({pooled['cpu'] / n:.2f} s CPU), "
               f"x{loop / per:.2f} the loop's speed, peak store {pooled['peak_mib']:.0f} MiB of {args.pool_mib} MiB",
               flush=True)
-    verdict = "PASS" if per <= args.online_wall else "MISS"
-    print(f"{verdict}: dealer generation per layer-inference {per:.2f} s <= online wall {args.online_wall:.2f} s")
+    verdict = "PASS" if best <= args.online_wall else "MISS"
+    print(f"{verdict}: dealer generation per layer-inference {best:.2f} s <= online wall {args.online_wall:.2f} s")
 
 
 @contextmanager
-def timed_preprocess() -> Iterator[list[float]]:
-    """Seconds every party spends in DealerProvider.preprocess (both parties, all calls)."""
-    spent: list[float] = []
+def timed_preprocess() -> Iterator[dict[int, float]]:
+    """Seconds each party (by rank) spends in DealerProvider.preprocess."""
+    spent = {0: 0.0, 1: 0.0}
     original = cp.DealerProvider.preprocess
 
     def wrapper(self: cp.DealerProvider, schedule: RequestSchedule, inferences: int) -> int:
@@ -131,7 +135,7 @@ def timed_preprocess() -> Iterator[list[float]]:
         try:
             return original(self, schedule, inferences)
         finally:
-            spent.append(time.perf_counter() - began)
+            spent[self.rank] += time.perf_counter() - began
 
     cp.DealerProvider.preprocess = wrapper  # type: ignore[method-assign]
     try:
@@ -162,7 +166,8 @@ def run_session(args: argparse.Namespace) -> list[dict[str, float]]:
                 _, rows = client.infer(SENTENCE)
                 wall = time.perf_counter() - began
             waited = sum(r.counters.extra.get("pool_wait_s", 0.0) for r in rows[2])
-            out.append({"wall": wall, "preprocess": sum(spent), "dealer_wait": waited})
+            out.append({"wall": wall, "online": wall - spent[0], "preprocess": max(spent.values()),
+                        "dealer_wait": waited})
 
     run_local_session(args.model, args.variant, work, ProtocolConfig(preprocess=args.preprocess), timeout_s=1800)
     return out
@@ -174,16 +179,20 @@ def part_session(args: argparse.Namespace) -> None:
         before = run_session(args)
     after = run_session(args)
     print(f"{args.model} ({args.variant}), {args.inferences} inferences, preprocess = {args.preprocess}; seconds")
-    print(f"{'inference':>9} | {'wall, no pool':>13} {'preprocess':>10} | {'wall, pool':>10} {'preprocess':>10} "
-          f"{'dealer waited':>13}")
+    print("preprocess = the longer of the two parties' time asking for and receiving dealer material; "
+          "online = the client's wall minus its preprocess")
+    print(f"{'inference':>9} | {'no pool: wall':>13} {'online':>7} {'preprocess':>10} | {'pool: wall':>10} "
+          f"{'online':>7} {'preprocess':>10} {'dealer waited':>13}")
     for i, (b, a) in enumerate(zip(before, after), 1):
-        print(f"{i:>9} | {b['wall']:>13.2f} {b['preprocess']:>10.2f} | {a['wall']:>10.2f} {a['preprocess']:>10.2f} "
-              f"{a['dealer_wait']:>13.2f}")
-    steady = after[args.preprocess:]
+        print(f"{i:>9} | {b['wall']:>13.2f} {b['online']:>7.2f} {b['preprocess']:>10.2f} | {a['wall']:>10.2f} "
+              f"{a['online']:>7.2f} {a['preprocess']:>10.2f} {a['dealer_wait']:>13.2f}")
+    first = 3  # the pool predicts once a schedule has followed itself: from the third inference's request on
+    steady = after[first:]
     if steady:
         waited = max(s["dealer_wait"] for s in steady)
-        print(f"steady state (inferences {args.preprocess + 1}..): the dealer's loops waited at most "
-              f"{waited:.3f} s per inference for generation")
+        verdict = "PASS" if waited < 0.05 else "MISS"
+        print(f"{verdict}: steady state (inferences {first + 1}..): the dealer's loops waited at most {waited:.3f} s "
+              "per inference for generation (target: the online path never waits for generation)")
 
 
 def main() -> None:
