@@ -21,6 +21,7 @@ from protocols.session_spec import SessionSpec
 
 TEACHER = distill.TrainConfig(steps=30, batch=16, lr=1e-3, seq_len=16, save_every=10)
 CONFIG = distill.TrainConfig(steps=30, batch=16, lr=2e-4, seq_len=16, save_every=10)
+SHORT = distill.TrainConfig(steps=6, batch=8, lr=2e-4, seq_len=16, save_every=3)  # saves at 3, 6 of each stage
 
 
 def _head(split: parts.Tokenized, n: int) -> parts.Tokenized:
@@ -38,6 +39,12 @@ def prepared() -> distill.Prepared:
 def teacher(tmp_path_factory, prepared) -> distill.Result:
     out = tmp_path_factory.mktemp("teacher")
     return distill.finetune("sms", out, base="minilm-2l", config=TEACHER, progress=False, prepared=prepared)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prepared, teacher) -> distill.Result:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return distill.distill(teacher.path, "mpcformer", out, config=SHORT, progress=False, prepared=prepared)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +78,8 @@ def test_a_tiny_model_distils_and_improves(teacher, student, prepared):
     assert after_meta["variant"] == "mpcformer" and after_meta["seq_len"] == 16
 
 
-@pytest.mark.parametrize("stage_saves", [1, 4])  # saves every 10 of 30 steps: stop in stage 1 / in stage 2
-def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, teacher, student, prepared,
+@pytest.mark.parametrize("stage_saves", [1, 3])  # stop in stage 1 / in stage 2, at their step 3
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, teacher, uninterrupted, prepared,
                                                          stage_saves):
     out = tmp_path / "resumed"
     real = parts.save_state
@@ -86,14 +93,14 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch,
 
     monkeypatch.setattr(parts, "save_state", counting)
     with pytest.raises(KeyboardInterrupt):
-        distill.distill(teacher.path, "mpcformer", out, config=CONFIG, progress=False, prepared=prepared)
+        distill.distill(teacher.path, "mpcformer", out, config=SHORT, progress=False, prepared=prepared)
     monkeypatch.setattr(parts, "save_state", real)
     assert not (out / checkpoints.META).exists()
     state = json.loads((out / parts.STATE_DIR / "state.json").read_text())
-    assert state["stage"] == ("stage1" if stage_saves == 1 else "stage2") and state["step"] == 10
-    resumed = distill.distill(teacher.path, "mpcformer", out, config=CONFIG, progress=False, prepared=prepared,
+    assert state["stage"] == ("stage1" if stage_saves == 1 else "stage2") and state["step"] == 3
+    resumed = distill.distill(teacher.path, "mpcformer", out, config=SHORT, progress=False, prepared=prepared,
                               resume=True)
-    assert resumed.digest == student.digest
+    assert resumed.digest == uninterrupted.digest
 
 
 def test_checkpoint_loads_through_the_registry_and_its_digest_goes_into_the_handshake(student, tmp_path):
