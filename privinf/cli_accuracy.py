@@ -76,7 +76,9 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def _emit(data: dict[str, Any], path: Path | None) -> None:
     for key, value in data.items():
-        if not isinstance(value, (dict, list)):
+        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            _emit({f"{key}.{k}": v for k, v in value.items()}, None)
+        elif not isinstance(value, (dict, list)):
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     if path is not None:
         path.write_text(json.dumps(data, indent=1) + "\n")

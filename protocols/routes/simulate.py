@@ -20,7 +20,8 @@ import torch
 
 from models.registry import ModelBundle, load_model
 from models.variants import parse_variant
-from privinf.ledger.counting import Ledger
+from privinf.ledger.counting import Ledger, Phase, Row
+from privinf.ledger.pricing import LAN, WAN, estimate
 from protocols.mpc import simulate
 from protocols.net.names import CLIENT
 from protocols.protocol_config import ProtocolConfig
@@ -145,16 +146,30 @@ def with_overrides(cls: type[Any], overrides: str | None) -> type[Any]:
 def mpc_outputs(model: str, variant: str, inputs: Sequence[torch.Tensor], config: ProtocolConfig | None = None,
                 links: str = "memory", overrides: str | None = None) -> torch.Tensor:
     """Raw outputs of the real two-party run (client, server, dealer as threads of this process)."""
+    return mpc_run(model, variant, inputs, config, links, overrides)[0]
 
-    def work(client: MpcClient) -> torch.Tensor:
-        outs = []
+
+def mpc_run(model: str, variant: str, inputs: Sequence[torch.Tensor], config: ProtocolConfig | None = None,
+            links: str = "memory", overrides: str | None = None) -> tuple[torch.Tensor, list[Row]]:
+    """Raw outputs of the real two-party run and every party's ledger rows of its last inference."""
+
+    def work(client: MpcClient) -> tuple[torch.Tensor, list[Row]]:
+        outs, rows = [], []
         for x in inputs:
-            client.infer(x)
+            rows = [row for party in client.infer(x)[1] for row in party]
             outs.append(client.last_raw.reshape(-1))
-        return torch.stack(outs)
+        return torch.stack(outs), rows
 
     parties = (with_overrides(EncodedInputClient, overrides), with_overrides(MpcServer, overrides))
     return run_local_session(model, variant, work, config, links=links, parties=parties).result
+
+
+def online_cost(rows: Sequence[Row]) -> dict[str, Any]:
+    """One inference's online rounds, MiB sent (the larger party's) and estimated LAN / WAN seconds."""
+    online = [row for row in rows if row.phase == Phase.ONLINE]
+    lan = estimate(online, LAN)
+    return {"rounds": lan.rounds, "mib_sent": lan.critical_bytes / 2 ** 20, "lan_s": lan.latency_s,
+            "wan_s": estimate(online, WAN).latency_s}
 
 
 def _predictions(outputs: torch.Tensor) -> torch.Tensor:
@@ -216,6 +231,7 @@ class AgreementReport:
     mpc_accuracy: float | None
     simulated_accuracy: float | None
     mpc_seconds: float
+    online: dict[str, Any]           # the last inference's online cost (:func:`online_cost`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,7 +249,7 @@ def agreement(model: str, variant: str = "exact", config: ProtocolConfig | None 
     examples = (examples or test_examples(model)).head(sample)
     simulated = simulate_outputs(load_model(model, parse_variant(variant, overrides)), examples.inputs, config)
     started = time.perf_counter()
-    real = mpc_outputs(model, variant, examples.inputs, config, links, overrides)
+    real, rows = mpc_run(model, variant, examples.inputs, config, links, overrides)
     seconds = time.perf_counter() - started
     difference = float((real - simulated).abs().max())
     labels = examples.labels
@@ -244,7 +260,8 @@ def agreement(model: str, variant: str = "exact", config: ProtocolConfig | None 
     name = variant if overrides is None else f"{variant}+{overrides}"
     return AgreementReport(model, name, links, len(examples),
                            float((_predictions(real) == _predictions(simulated)).float().mean()),
-                           difference, difference * config.scale, acc(real), acc(simulated), seconds)
+                           difference, difference * config.scale, acc(real), acc(simulated), seconds,
+                           online_cost(rows))
 
 
 def run_simulated(bundle: ModelBundle, raw_input: Any, config: ProtocolConfig | None = None,
