@@ -195,9 +195,9 @@ def _ratio(theirs: float, ours: float) -> str:
     return f"{theirs / ours:.2f}x" if ours > 0 else "-"
 
 
-def totals_rows(title: str, cols: list[Totals]) -> list[list[str]]:
+def totals_rows(title: str, cols: list[Totals], unit: str = "inference") -> list[list[str]]:
     """Table rows (label, one cell per column, first column / last column) of the whole cost:
-    bytes, rounds, walls, priced totals, set-up and storage."""
+    bytes, rounds, walls, priced totals, set-up and storage; figures per ``unit`` (inference or step)."""
     base, ours = cols[0], cols[-1]
 
     def row(label: str, get: Any, fmt: Any = mib) -> list[str]:
@@ -213,16 +213,16 @@ def totals_rows(title: str, cols: list[Totals]) -> list[list[str]]:
         plain("    client / server", [_per_party(t.online_sent) for t in cols]),
         row("  offline MiB per party (dealer/TTP material, max)", lambda t: t.offline_bytes),
         plain("    client / server", [_per_party(t.offline_recv) for t in cols]),
-        row("  TOTAL MiB per party per inference", lambda t: t.total_bytes),
-        row("  dealer uplink MiB per inference (both parties)", lambda t: t.dealer_bytes),
+        row(f"  TOTAL MiB per party per {unit}", lambda t: t.total_bytes),
+        row(f"  dealer uplink MiB per {unit} (both parties)", lambda t: t.dealer_bytes),
         plain("    the dealer's own count of MiB sent", [mib(t.dealer_sent) if t.dealer_sent is not None else "-"
                                                          for t in cols]),
-        row("  dealer round trips per inference", lambda t: t.offline_round_trips, "{:.0f}".format),
-        plain("  dealer/TTP CPU s per inference", [sec(t.dealer_cpu_s) if t.dealer_cpu_s is not None else "-"
+        row(f"  dealer round trips per {unit}", lambda t: t.offline_round_trips, "{:.0f}".format),
+        plain(f"  dealer/TTP CPU s per {unit}", [sec(t.dealer_cpu_s) if t.dealer_cpu_s is not None else "-"
                                                     for t in cols]),
         row("  online wall s (max over parties)", lambda t: t.online_s, sec),
         row("  offline wall s (max over parties)", lambda t: t.offline_s, sec),
-        row("  TOTAL wall s per inference", lambda t: t.total_s, sec),
+        row(f"  TOTAL wall s per {unit}", lambda t: t.total_s, sec),
     ]
     for label, parties, dealer in PLACEMENTS:
         rows.append(row(f"  est. total s, {label}", lambda t, p=parties, d=dealer: sum(priced(t, p, d)), two))
@@ -230,7 +230,7 @@ def totals_rows(title: str, cols: list[Totals]) -> list[list[str]]:
                                                     for t in cols]))
     rows += [
         plain("  set-up per session: MiB / s", [f"{t.setup_bytes / MIB:.2f} / {t.setup_s:.2f}" for t in cols]),
-        plain("  stored per inference MiB, client / server", [_per_party(t.stored) for t in cols]),
+        plain(f"  stored per {unit} MiB, client / server", [_per_party(t.stored) for t in cols]),
         plain("  kept per session MiB, client / server", [_per_party(t.kept) for t in cols]),
     ]
     return rows

@@ -165,10 +165,10 @@ def measure_gpt2(context: int, transport: str) -> dict[str, Any]:
                       f"policy none, links {transport}; both generations and the set-up took {wall:.0f} s"]}
 
 
-def print_table(title: str, cols: list[Totals]) -> None:
+def print_table(title: str, cols: list[Totals], unit: str) -> None:
     """One whole-cost table: a column per measurement, first / last as the ratio."""
-    head = [title, *(t.name for t in cols), f"{cols[0].name} / {cols[-1].name}"]
-    print(render([text_col(head[0])] + [num_col(h) for h in head[1:]], totals_rows(title, cols)))
+    head = [f"{title} (per {unit} unless noted)", *(t.name for t in cols), f"{cols[0].name} / {cols[-1].name}"]
+    print(render([text_col(head[0])] + [num_col(h) for h in head[1:]], totals_rows(title, cols, unit)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         out["gpt2"] = measure_gpt2(args.context, args.transport)
     for name, res in out.items():
         print()
-        print_table(name, res["columns"])
+        print_table(name, res["columns"], "decode step" if name == "gpt2" else "inference")
         for note in res["notes"]:
             print(note)
     print(f"(MiB = {MIB:.0f} bytes; priced with privinf.ledger.pricing's LAN and WAN profiles)")
