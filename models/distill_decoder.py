@@ -6,12 +6,15 @@ layer) train, everything else stays frozen. Two stages, as :mod:`models.distill`
 * stage 1, layer-wise and local: every layer's student attention gets the *teacher's* input to that
   attention (the normed hidden state) and must reproduce the teacher's attention output (after the
   output projection); the loss is the per-layer MSE divided by the teacher output's mean square,
-  averaged over layers. The inputs and targets come from one teacher pass over the training
-  sequences (cached, see :func:`teacher_pass`), so a step costs the attention layers' forward and
-  backward only: no MLP, no 49k-word head. The layers train independently (no error compounding
-  through the stack is seen in this stage);
+  averaged over layers. The teacher runs on each batch (no grad) and its per-layer inputs and
+  outputs are taken by hooks, so the student step costs the attention layers' forward and backward
+  only: no MLP, no 49k-word head. The layers train independently (no error compounding through
+  the stack is seen in this stage);
 * stage 2, end to end: KL(teacher || student) of the next-token distributions at temperature
-  ``temperature`` (times T^2) over every position, the teacher's log-probabilities cached.
+  ``temperature`` (times T^2) over every position, the teacher's logits computed per batch.
+
+Nothing is cached across steps (a cache of every layer's attention input and output takes 8.8 MB
+per 128-token window), so every step may draw fresh windows from a large corpus.
 
 Training state (attention weights, AdamW moments, batch generator) is resumable through
 :mod:`models.distill_parts`; checkpoints are ``model.safetensors`` + ``meta.json``
@@ -20,6 +23,7 @@ Training state (attention weights, AdamW moments, batch generator) is resumable 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -58,16 +62,6 @@ class DecoderDistillConfig:
     save_every: int = 10
 
 
-@dataclass
-class TeacherTargets:
-    """What stage 1 and 2 need from the teacher, per training sequence: the attention inputs and
-    outputs of every layer ([N, L, T, hidden], stored as fp16) and next-token log-probs [N, T, V]."""
-
-    attn_in: torch.Tensor
-    attn_out: torch.Tensor
-    logprobs: torch.Tensor
-
-
 def student_from(teacher: Decoder, variant: VariantSpec | str) -> Decoder:
     """A decoder running ``variant`` with a copy of the teacher's weights; only attention projections train."""
     student = Decoder(teacher.config, as_variant(variant))
@@ -99,20 +93,18 @@ def tapping_attention(model: Decoder) -> Iterator[dict[int, tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def teacher_pass(teacher: Decoder, ids: torch.Tensor, keep_layers: bool = True) -> TeacherTargets:
-    """Run the teacher over ``ids`` [N, T] one sequence at a time and keep what distillation needs."""
-    ins, outs, logps = [], [], []
-    layers = len(teacher.layer)
-    for row in ids:
-        with tapping_attention(teacher) as taps:
-            logits = teacher(row[None])
-        logps.append(torch.log_softmax(logits[0].float(), -1).half())
-        if keep_layers:
-            ins.append(torch.stack([taps[i][0][0] for i in range(layers)]).half())
-            outs.append(torch.stack([taps[i][1][0] for i in range(layers)]).half())
-    empty = torch.empty(0)
-    return TeacherTargets(torch.stack(ins) if ins else empty, torch.stack(outs) if outs else empty,
-                          torch.stack(logps))
+def teacher_attention(teacher: Decoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's attention inputs and outputs of every layer on ``ids`` [B, T]: two [B, L, T, hidden]."""
+    with tapping_attention(teacher) as taps:
+        teacher(ids)
+    layers = range(len(teacher.layer))
+    return torch.stack([taps[i][0] for i in layers], 1), torch.stack([taps[i][1] for i in layers], 1)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token logits [B, T, V] (no grad)."""
+    return teacher(ids)
 
 
 def causal_mask(length: int) -> AttnMask:
@@ -133,11 +125,11 @@ def local_attention_loss(student: Decoder, attn_in: torch.Tensor, attn_out: torc
     return total / len(student.layer)
 
 
-def kl_loss(student: Decoder, ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl_loss(student: Decoder, ids: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Stage 2: KL(teacher || student) of next-token distributions, mean over positions, times T^2."""
     logits = student(ids).float()
     student_logp = torch.log_softmax(logits / temperature, -1)
-    teacher_logp = torch.log_softmax(teacher_logprobs.float() / temperature, -1)
+    teacher_logp = torch.log_softmax(teacher_logits.float() / temperature, -1)
     kl = nn.functional.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True,
                               reduction="batchmean")
     return kl * temperature * temperature
@@ -178,21 +170,23 @@ def run_stage(student: Decoder, stage: str, steps: int, lr: float, cfg: DecoderD
             "last_loss": losses[-1] if losses else None, "losses": losses}
 
 
-def distill_decoder(teacher: Decoder, student: Decoder, train_ids: torch.Tensor, targets: TeacherTargets,
-                    cfg: DecoderDistillConfig, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def distill_decoder(teacher: Decoder, student: Decoder, train_ids: torch.Tensor, cfg: DecoderDistillConfig,
+                    out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Stage 1 (local attention MSE) then stage 2 (KL); resumes from ``out``'s training state."""
     out.mkdir(parents=True, exist_ok=True)
     record = parts.read_state(out)
     report: dict[str, Any] = {"config": asdict(cfg), "train_sequences": len(train_ids),
                               "seq_len": int(train_ids.shape[1])}
+    stage1_file = out / "stage1_report.json"
     if record is None or record["stage"] == "stage1":
-        report["stage1"] = run_stage(
-            student, "stage1", cfg.stage1_steps, cfg.lr1, cfg, out,
-            lambda idx: local_attention_loss(student, targets.attn_in[idx], targets.attn_out[idx]),
-            len(train_ids), log)
+        first = run_stage(student, "stage1", cfg.stage1_steps, cfg.lr1, cfg, out,
+                          lambda idx: local_attention_loss(student, *teacher_attention(teacher, train_ids[idx])),
+                          len(train_ids), log)
+        stage1_file.write_text(json.dumps(first))
+    report["stage1"] = json.loads(stage1_file.read_text())
     report["stage2"] = run_stage(
         student, "stage2", cfg.stage2_steps, cfg.lr2, cfg, out,
-        lambda idx: kl_loss(student, train_ids[idx], targets.logprobs[idx], cfg.temperature),
+        lambda idx: kl_loss(student, train_ids[idx], teacher_logits(teacher, train_ids[idx]), cfg.temperature),
         len(train_ids), log)
     tokens = int(train_ids.shape[1]) * cfg.batch
     report["tokens_seen"] = {"stage1": tokens * cfg.stage1_steps, "stage2": tokens * cfg.stage2_steps}
@@ -200,24 +194,21 @@ def distill_decoder(teacher: Decoder, student: Decoder, train_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_lm(model: Decoder, ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> dict[str, float]:
-    """Perplexity on ``ids`` [N, T] (next-token, teacher-forced) and the fraction of positions whose
-    argmax equals the teacher's; one sequence at a time."""
+def evaluate_lm(model: Decoder, ids: torch.Tensor, reference_argmax: torch.Tensor | None = None) -> dict[str, Any]:
+    """Perplexity on ``ids`` [N, T] (next-token, teacher-forced), the per-position argmax [N, T] and,
+    given the teacher's, the fraction of positions where they agree; one sequence at a time."""
     model.eval()
-    nll, agree, count = 0.0, 0, 0
-    for row, t_logp in zip(ids, teacher_logprobs):
+    nll, argmax = 0.0, []
+    for row in ids:
         logp = torch.log_softmax(model(row[None])[0].float(), -1)
         nll += float(-logp[:-1].gather(-1, row[1:, None]).sum())
-        agree += int((logp.argmax(-1) == t_logp.float().argmax(-1)).sum())
-        count += len(row)
-    return {"perplexity": math.exp(nll / (count - len(ids))), "argmax_agreement": agree / count,
-            "tokens": count}
-
-
-def perplexity_of_logprobs(ids: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """Perplexity of cached next-token log-probs [N, T, V] on ``ids`` [N, T]."""
-    nll = -logprobs[:, :-1].float().gather(-1, ids[:, 1:, None]).sum()
-    return math.exp(float(nll) / (ids.shape[0] * (ids.shape[1] - 1)))
+        argmax.append(logp.argmax(-1))
+    picks = torch.stack(argmax)
+    result: dict[str, Any] = {"perplexity": math.exp(nll / (ids.numel() - len(ids))), "tokens": ids.numel(),
+                              "argmax": picks}
+    if reference_argmax is not None:
+        result["argmax_agreement"] = float((picks == reference_argmax).float().mean())
+    return result
 
 
 def greedy_agreement(reference: list[list[int]], generated: list[list[int]]) -> dict[str, float]:
