@@ -117,7 +117,7 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> 
     protocol = ProtocolConfig(preprocess=1 + runs, comparisons=comparisons)
     with local_deployment(ModelChoice(NAME, variant), protocol, timeout_s=PARTY_TIMEOUT_S) as deployment:
         dealer_pid = next(p.process.pid for p in deployment.parties if p.role == "dealer")
-        cpu0, started = process_cpu_s(dealer_pid), time.perf_counter()
+        started = time.perf_counter()
         with connect(deployment.client) as session:
             connect_s = time.perf_counter() - started
             cpu1 = process_cpu_s(dealer_pid)
@@ -131,8 +131,7 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> 
     if any(row.counters.bytes_sent for r in reports for row in r.rows
            if row.party == "dealer" and row.phase == Phase.ONLINE):
         raise BenchError("privinf: the dealer sent material online after the warm-up (preprocessing missed)")
-    return {"totals": totals, "outputs": [output_tensor(r.output) for r in results], "ops": privinf_ops(reports[-1]),
-            "set-up dealer cpu": cpu1 - cpu0}
+    return {"totals": totals, "outputs": [output_tensor(r.output) for r in results], "ops": privinf_ops(reports[-1])}
 
 
 # ----- reporting ---------------------------------------------------------------------------------
