@@ -39,9 +39,12 @@ from torch import nn
 from models import checkpoints as ckpt
 from models import distill_parts as parts
 from models.attention import AttnMask
+from models.bundle import ModelBundle, decoder_decode, text_encoder
 from models.config import ModelConfig
 from models.decoder import Decoder
 from models.distill import _lr_at
+from models.layers import calibrate
+from models.smollm2 import cache_path
 from models.variants import VariantSpec, as_variant
 
 ARCHITECTURE = "decoder-lm"
@@ -255,3 +258,17 @@ def load_decoder_checkpoint(path: str | Path, variant: VariantSpec | str | None 
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ckpt.CheckpointError(f"checkpoint {path}: weights do not fit the decoder: {missing + unexpected}")
     return model.eval(), meta
+
+
+def checkpoint_bundle(path: str | Path, variant: VariantSpec, calibration_texts: tuple[str, ...]) -> ModelBundle:
+    """The registry's bundle for a ``decoder-lm`` checkpoint (SmolLM2 tokenizer), norms calibrated."""
+    from transformers import AutoTokenizer
+
+    model, meta = load_decoder_checkpoint(path, variant)
+    if meta["base"] != "smollm2":
+        raise ckpt.CheckpointError(f"checkpoint {path}: no tokenizer known for base {meta['base']!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(cache_path() / "tokenizer"))
+    encode = text_encoder(lambda t: tokenizer(t)["input_ids"], model.config.max_positions)
+    calibrate(model, lambda: [model(encode(t)) for t in calibration_texts])
+    return ModelBundle(meta["name"], model.config, model, "text", encode,
+                       decoder_decode(lambda ids: tokenizer.decode(ids)), variant)

@@ -164,6 +164,10 @@ def _checkpoint_factory(path: Path, expected: str | None = None) -> Factory:
     meta = checkpoints.read_meta(path)
     if expected is not None and meta["name"] != expected:
         raise UnknownModelError(f"checkpoint {path} is named {meta['name']!r}, not {expected!r}")
+    if meta.get("architecture") == "decoder-lm":  # a distilled decoder (models.distill_decoder)
+        from models.distill_decoder import checkpoint_bundle
+
+        return lambda variant: checkpoint_bundle(path, variant, CALIBRATION_TEXTS)
 
     def build(variant: VariantSpec) -> ModelBundle:
         from models.distill import load_classifier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models import distill_decoder as dd
@@ -78,3 +79,21 @@ def test_evaluation_and_greedy_prefix():
     assert abs(scores["perplexity"] - float(nll.exp())) < 1e-3 * scores["perplexity"]
     agreement = dd.greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]])
     assert agreement["prefixes"] == [2, 2] and agreement["positionwise"] == 5 / 6
+
+
+def test_registry_loads_a_decoder_checkpoint(tmp_path):
+    from models.registry import load_model
+    from models.smollm2 import cache_root
+
+    if not (cache_root() / "smollm2" / "config.json").is_file():
+        pytest.skip("the SmolLM2 tokenizer cache is not built on this machine")
+    _, student, ids = _setup(tmp_path)
+    config = student.config.with_changes(vocab_size=49152)
+    model = Decoder(config, "power")
+    dd.save_decoder_checkpoint(tmp_path / "ck", model, name="tiny-lm", variant="power", seq_len=16,
+                               training={"kind": "distill"})
+    bundle = load_model(f"tiny-lm@{tmp_path / 'ck'}", "power")
+    assert bundle.name == "tiny-lm" and bundle.config.layers == 2
+    with torch.no_grad():
+        logits = bundle.model(bundle.encode("Hello there"))
+    assert logits.shape[-1] == 49152 and "next_token" in bundle.decode(logits)
