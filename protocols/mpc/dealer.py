@@ -339,6 +339,14 @@ class Dealer:
                 self._pool = MaterialPool(self.generate, self._pool_limits, self.ledger)
             return self._pool
 
+    def _stop_pool(self, reason: str) -> None:
+        """Wake everyone waiting on the pool with ``reason`` (from a link's reader thread: no joining)."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        if pool is not None:
+            pool.close(reason, join_s=0)
+
     def close(self, reason: str = "the session ended") -> None:
         """Stop the background pool (its threads joined, its material freed); idempotent."""
         with self._lock:
@@ -351,10 +359,15 @@ class Dealer:
         """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
 
         A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
-        When the loop fails, or ends as the last one running, the pool is closed.
+        When the loop fails, or ends as the last one running, the pool is closed; so it is when
+        the link breaks (links with ``on_failure``, e.g. gRPC), which wakes a loop waiting for
+        material at once instead of after ``wait_s``.
         """
         with self._lock:
             self._serving.add(rank)
+        on_failure = getattr(channel, "on_failure", None)
+        if callable(on_failure):
+            on_failure(lambda error: self._stop_pool(f"rank {rank}'s dealer link failed: {error}"))
         ended = False
         try:
             sent = self._serve_loop(channel, rank, on_report)

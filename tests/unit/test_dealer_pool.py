@@ -15,8 +15,8 @@ from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer, compute_correction, receive_seed
 from protocols.mpc.dealer_pool import MaterialPool, PoolClosed, PoolLimits, material_bytes
 from protocols.mpc.fss import SignKey
-from protocols.mpc.vocabulary import DealerError, RequestSchedule, TupleRequest
-from protocols.net.channels import memory_pair, run_parties
+from protocols.mpc.vocabulary import TAG_MSG, DealerError, RequestSchedule, TupleRequest
+from protocols.net.channels import Channel, PeerLost, memory_pair, run_parties
 
 torch.set_num_threads(1)
 SQUARE = TupleRequest("square", (4, 4))  # 128 bytes of correction
@@ -218,3 +218,53 @@ def test_pooled_sessions_give_valid_material_equal_to_the_plain_dealer_and_end_c
         assert torch.equal(run[1][2].share, plain[1][2].share), index
         assert torch.equal(run[1][2].share, compute_correction(seeds, 3 * index + 1, SCHEDULE[1])), index
 
+
+
+class BreakableLink:
+    """A memory link with a gRPC link's failure hook (``on_failure``), broken on demand."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._hooks: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def on_failure(self, hook: Any) -> None:
+        self._hooks.append(hook)
+
+    def fail(self, error: PeerLost) -> None:
+        for hook in self._hooks:
+            hook(error)
+
+
+def test_a_broken_link_wakes_the_loop_waiting_for_material_and_the_pool_stops() -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    class SlowDealer(Dealer):
+        def generate(self, index: int, request: TupleRequest) -> dict[int, torch.Tensor]:
+            started.set()
+            assert gate.wait(30)
+            return super().generate(index, request)
+
+    dealer = SlowDealer(pool=PoolLimits(ahead=2))
+    dealer_end, party_end = memory_pair("dealer", "p0")
+    link = BreakableLink(dealer_end)
+    party_end.send_json(TAG_MSG, {"type": "preprocess", "start": 0, "inferences": 1,
+                                  "schedule": RequestSchedule([SQUARE]).to_json()})
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            dealer.serve(link, 0)  # type: ignore[arg-type]
+        except DealerError as exc:
+            errors.append(exc)
+
+    loop = threading.Thread(target=serve)
+    loop.start()
+    assert started.wait(30)  # the loop waits for material being made
+    link.fail(PeerLost("p0 went away"))
+    gate.set()
+    loop.join(30)
+    assert not loop.is_alive() and isinstance(errors[0], PoolClosed) and "p0 went away" in str(errors[0])
+    assert dealer.pool is not None and dealer.pool.alive_threads == 0 and dealer.pool.held_bytes == 0
