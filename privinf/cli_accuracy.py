@@ -53,6 +53,8 @@ def add_accuracy_commands(sub: Any) -> None:
     search.add_argument("--max-drop", type=float, default=None,
                         help="refuse moves that drop validation agreement with the teacher below 1 - this")
     search.add_argument("--validation", type=int, default=128, help="validation examples")
+    search.add_argument("--teacher-variant", default="exact",
+                        help="the reference outputs: exact, or the variant the weights were trained for (he)")
     search.add_argument("--kinds", default="power,2quad,relu,scale,linear", help="attention kinds to consider")
     search.add_argument("--verify", action="store_true",
                         help="run exact and the result through real in-process MPC and price both")
@@ -114,7 +116,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     model, config = _model_name(args), _config(args)
     inputs = search.validation_examples(model, args.validation)
-    result = search.search_model(model, profile, inputs, args.target_speedup, args.max_drop, config, kinds=kinds)
+    result = search.search_model(model, profile, inputs, args.target_speedup, args.max_drop, config, kinds=kinds,
+                                 teacher_variant=args.teacher_variant)
     search.write_overrides(result, args.out)
     report = result.to_json()
     if args.verify:

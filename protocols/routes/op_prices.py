@@ -3,11 +3,13 @@ per-head search (:mod:`protocols.routes.search`).
 
 :func:`measure_prices` runs the model under the real MPC protocol in-process (client, server and
 dealer as threads, :func:`protocols.routes.local_run.run_local_session`) once per uniform variant
-of :data:`MEASURED_VARIANTS`, two inferences of one input each, and keeps the second (warm) one's
-online ledger rows. Each swappable scope is one row per party: a layer's attention kernel
-(``layer.i.attn.<kind>``, all heads), its activation (``layer.i.mlp.act``) and its norms
-(``layer.i.attn_norm`` + ``layer.i.mlp_norm``); everything else (linears, embeddings, the
-embedding norm, the head, local reshapes) is the ``rest`` of the exact run. A scope's cost is its
+of :data:`MEASURED_VARIANTS` on one input: a cold inference, then :data:`WARM_RUNS` warm ones whose
+online ledger rows give each scope's rounds and bytes (equal every run) and its compute (the least
+of the warm runs: load from other processes only adds to it). Each swappable scope is one row per
+party: a layer's attention kernel (``layer.i.attn.<kind>``, all heads), its activation
+(``layer.i.mlp.act``) and its norms (``layer.i.attn_norm`` + ``layer.i.mlp_norm``); everything
+else (linears, embeddings, the embedding norm, the head, local reshapes) is the ``rest`` of the
+exact run. A scope's cost is its
 ledger critical path (:func:`privinf.ledger.pricing.combine_parties`: max compute, max rounds, max
 bytes sent by one party); since the latency model prices a sum of cells as the sum of its parts,
 a configuration's online latency on any profile is :meth:`PriceTable.latency_s` of its parts.
@@ -54,6 +56,7 @@ _ATTN = re.compile(r"(?:^|\.)layer\.(\d+)\.attn\.([a-z0-9_]+)$")
 _ACT = re.compile(r"(?:^|\.)layer\.(\d+)\.mlp\.act$")
 _NORM = re.compile(r"(?:^|\.)layer\.(\d+)\.(?:attn_norm|mlp_norm)$")
 FORMAT = "privinf.op-prices/1"
+WARM_RUNS = 3  # warm inferences per measured variant; each scope's compute is their least
 
 
 class PriceError(ValueError):
@@ -190,13 +193,18 @@ def _classify(costs: dict[str, Cost], layers: int) -> tuple[dict[str, list[Cost]
     return attention, act, norm, rest
 
 
-def _warm_rows(model: str, variant: str, example: torch.Tensor, config: ProtocolConfig) -> list[Row]:
-    """All parties' rows of the second of two inferences of ``example`` in one MPC session."""
-    def work(client: MpcClient) -> list[Row]:
+def _warm_costs(model: str, variant: str, example: torch.Tensor, config: ProtocolConfig,
+                warm: int = WARM_RUNS) -> dict[str, Cost]:
+    """Online cost per scope of ``model``/``variant`` on ``example``: one session, a first (cold)
+    inference discarded, then ``warm`` more; rounds and bytes of the last (the same every run),
+    compute the least over the warm runs (load on a shared machine only ever adds to it)."""
+    def work(client: MpcClient) -> list[dict[str, Cost]]:
         client.infer(example)
-        return [row for party in client.infer(example)[1] for row in party]
+        return [_scope_costs(row for party in client.infer(example)[1] for row in party) for _ in range(warm)]
 
-    return run_local_session(model, variant, work, config, parties=(EncodedInputClient, MpcServer)).result
+    runs = run_local_session(model, variant, work, config, parties=(EncodedInputClient, MpcServer)).result
+    return {name: Cost(min(run[name].compute_s for run in runs if name in run), cost.rounds, cost.critical_bytes)
+            for name, cost in runs[-1].items()}
 
 
 def table_key(model: str, example: torch.Tensor, config: ProtocolConfig) -> dict[str, Any]:
@@ -204,7 +212,8 @@ def table_key(model: str, example: torch.Tensor, config: ProtocolConfig) -> dict
     bundle = load_model(model)
     shape = {k: getattr(bundle.config, k, None) for k in ("family", "hidden", "layers", "heads", "ffn", "vocab_size")}
     return {"model": bundle.name.split("@")[0], "shape": shape, "input": list(example.shape),
-            "protocol": config.to_json(), "variants": list(MEASURED_VARIANTS), "code": _code_digest()}
+            "protocol": config.to_json(), "variants": list(MEASURED_VARIANTS), "warm_runs": WARM_RUNS,
+            "code": _code_digest()}
 
 
 def _code_digest() -> str:
@@ -240,7 +249,7 @@ def measure_prices(model: str, example: torch.Tensor, config: ProtocolConfig | N
     norm: dict[str, list[Cost]] = {}
     rest = None
     for variant in MEASURED_VARIANTS:
-        measured, acts, norms, leftover = _classify(_scope_costs(_warm_rows(model, variant, example, config)), layers)
+        measured, acts, norms, leftover = _classify(_warm_costs(model, variant, example, config), layers)
         attention.update(measured)
         act_kind = {"exact": "native", "attn=power,act=quad,norm=affine": "quad", "attn=2quad,act=relu": "relu"}
         if variant in act_kind:

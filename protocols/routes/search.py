@@ -134,12 +134,14 @@ class VariantBuilder:
 
 
 class Scorer:
-    """Agreement with the teacher and mean KL(teacher || candidate) on a validation set."""
+    """Agreement with the teacher and mean KL(teacher || candidate) on a validation set. The teacher
+    is the exact model, or ``teacher`` (e.g. the variant the weights were trained for)."""
 
-    def __init__(self, builder: VariantBuilder, inputs: Sequence[torch.Tensor], batch: int = 128) -> None:
+    def __init__(self, builder: VariantBuilder, inputs: Sequence[torch.Tensor], batch: int = 128,
+                 teacher: nn.Module | None = None) -> None:
         self.builder = builder
         self.groups = batches_by_shape(inputs, batch)
-        self.teacher = self._outputs(builder.model)
+        self.teacher = self._outputs(builder.model if teacher is None else teacher.eval())
 
     def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -264,12 +266,15 @@ def representative(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def search_model(model: str, profile: NetworkProfile, inputs: Sequence[torch.Tensor], target_speedup: float = 3.0,
                  max_drop: float | None = None, config: ProtocolConfig | None = None,
-                 cache_dir: str | Path | None = None, kinds: Sequence[str] = ATTENTION_KINDS[1:]) -> SearchResult:
-    """Measure (or read) ``model``'s price table and search on ``inputs`` (validation)."""
+                 cache_dir: str | Path | None = None, kinds: Sequence[str] = ATTENTION_KINDS[1:],
+                 teacher_variant: str = "exact") -> SearchResult:
+    """Measure (or read) ``model``'s price table and search on ``inputs`` (validation); the
+    teacher runs ``teacher_variant`` (exact, or the variant the weights were trained for)."""
     table = measure_prices(model, representative(inputs), config, cache_dir)
-    teacher = load_model(model, "exact").model.eval()
+    exact = load_model(model, "exact").model.eval()
+    teacher = None if teacher_variant == "exact" else load_model(model, teacher_variant).model
     calibration = batches_by_shape(inputs, 128)[0][1]
-    scorer = Scorer(VariantBuilder(teacher, calibration), inputs)
+    scorer = Scorer(VariantBuilder(exact, calibration), inputs, teacher=teacher)
     return search(table, profile, scorer, target_speedup, max_drop, kinds, model=model)
 
 
