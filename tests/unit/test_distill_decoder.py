@@ -97,3 +97,22 @@ def test_registry_loads_a_decoder_checkpoint(tmp_path):
     with torch.no_grad():
         logits = bundle.model(bundle.encode("Hello there"))
     assert logits.shape[-1] == 49152 and "next_token" in bundle.decode(logits)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    teacher, _, ids = _setup(tmp_path)
+    cfg = dd.DecoderDistillConfig(stage1_steps=4, stage2_steps=2, batch=2, lr1=1e-3, lr2=1e-3, save_every=2)
+    whole = dd.student_from(teacher, "power")
+    dd.distill_decoder(teacher, whole, ids, cfg, tmp_path / "whole", log=lambda _line: None)
+
+    def stop_at_step_three(line: str) -> None:
+        if line.startswith("stage1 step 3/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dd.distill_decoder(teacher, dd.student_from(teacher, "power"), ids, cfg, tmp_path / "cut", stop_at_step_three)
+    resumed = dd.student_from(teacher, "power")
+    report = dd.distill_decoder(teacher, resumed, ids, cfg, tmp_path / "cut", log=lambda _line: None)
+    assert len(report["stage1"]["losses"]) == 4
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
