@@ -13,13 +13,16 @@ the UTF-8 name, its dtype and shape as text, then its raw little-endian bytes (c
 does not depend on the file's layout, so the same weights always give the same digest; the
 session handshake compares it (the public part of a checkpoint: architecture name, variant,
 digest). Registry entries name a checkpoint as ``NAME@PATH`` (:func:`split_name`): the part
-before ``@`` is public, the path is local to each party.
+before ``@`` is public, the path is local to each party. A client needs only the public part
+(:func:`export_public`: the metadata and overrides, no weights): the MPC client builds the
+architecture, zeroes its weights and takes the calibration from the server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +105,19 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     tmp = path / (META + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=1, sort_keys=True), encoding="utf-8")
     tmp.replace(path / META)
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether the checkpoint directory holds its weights (a client's public copy does not)."""
+    return (Path(path) / WEIGHTS).is_file()
+
+
+def export_public(path: str | Path, out: str | Path) -> Path:
+    """Copy the public part of a checkpoint (metadata, overrides; no weights) to ``out`` for a client."""
+    path, out = Path(path), Path(out)
+    meta = read_meta(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (META, meta.get("overrides")):
+        if name:
+            shutil.copyfile(path / name, out / name)
+    return out

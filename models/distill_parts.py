@@ -112,6 +112,15 @@ def classifier(config: ModelConfig, state: dict[str, torch.Tensor], variant: Var
     return model
 
 
+def public_classifier(config: ModelConfig, variant: VariantSpec) -> EncoderClassifier:
+    """The architecture alone, every weight zero (what a client without the weights can build)."""
+    model = EncoderClassifier(config, variant)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    return model
+
+
 # ---- stage 1: what each layer and head produced --------------------------------------------------
 class Capture:
     """Forward hooks recording every layer's output and every head group's context and map."""

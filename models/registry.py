@@ -170,10 +170,14 @@ def _checkpoint_factory(path: Path, expected: str | None = None) -> Factory:
         return lambda variant: checkpoint_bundle(path, variant, CALIBRATION_TEXTS)
 
     def build(variant: VariantSpec) -> ModelBundle:
+        from models.config import ModelConfig
         from models.distill import load_classifier
-        from models.distill_parts import tokenizer
+        from models.distill_parts import public_classifier, tokenizer
 
-        model, _ = load_classifier(path, variant)
+        if checkpoints.has_weights(path):
+            model, _ = load_classifier(path, variant)
+        else:  # a client's public copy: the architecture only, with zero weights
+            model = public_classifier(ModelConfig(**meta["config"]), variant)
         trained = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("inv_std")}
         tok, seq_len = tokenizer(), int(meta["seq_len"])
         encode = text_encoder(lambda t: tok(t, truncation=True, max_length=seq_len)["input_ids"], seq_len)

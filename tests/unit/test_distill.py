@@ -117,6 +117,13 @@ def test_checkpoint_loads_through_the_registry_and_its_digest_goes_into_the_hand
     assert spec.mismatch(elsewhere, "mpcformer", ProtocolConfig(), student.digest) is None
     config = config_from_dict({"role": "server", "certs": "c", "model": {"checkpoint": str(student.path)}})
     assert config.model.name == name and config.model.variant == "mpcformer"
+    public = checkpoints.export_public(student.path, tmp_path / "client-copy")  # what a client holds
+    assert not checkpoints.has_weights(public)
+    client_name = checkpoints.checkpoint_name(public)
+    client = load_model(client_name, "mpcformer")
+    assert all(not p.any() for p in client.model.parameters()) and client.encode("hi").tolist() == \
+        bundle.encode("hi").tolist()
+    assert spec.mismatch(client_name, "mpcformer", ProtocolConfig(), model_digest(client_name)) is None
 
 
 def test_a_digest_mismatch_is_refused(student, teacher, tmp_path):
