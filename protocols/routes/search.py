@@ -13,14 +13,14 @@ a norm (native, affine). Its two terms:
 
 The search is greedy. Every single move from the exact model (one head to one kind, one layer's
 activation or norm) is evaluated once; moves are ranked by cost saving per unit of KL (a head's
-saving is ``1/H`` of switching its whole layer: the rounds of a kind are paid once per layer, so
-a lone head's swap saves little until its layer's last softmax head goes). Moves are then taken
-in that order (a slot already moved only to a cheaper kind), skipping any that would take the validation agreement
-below ``1 - max_drop`` (when given), until the configuration's estimated latency is at most the
-exact model's divided by ``target_speedup``. The result is an overrides file in
-:mod:`models.variants`' format (``--overrides``; ``privinf distill`` trains it), and the cost of
-the searched model against exact can be checked with real in-process MPC runs priced by the
-ledger (:func:`priced_runs`).
+saving is ``1/H`` of switching its whole layer: the rounds of a kind are paid once per layer, so a
+lone head's swap saves little until its layer's last softmax head goes). Moves are then taken in
+that order (a slot already moved only to a cheaper kind), skipping any that would take the
+validation agreement more than ``max_drop`` below the exact model's (when given), until the
+configuration's estimated latency is at most the exact model's divided by ``target_speedup``. The
+result is an overrides file in :mod:`models.variants`' format (``--overrides``; ``privinf distill``
+trains it), and the cost of the searched model against exact can be checked with real in-process
+MPC runs priced by the ledger (:func:`priced_runs`).
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
     exact_s = table.latency_s(exact, profile)
     moves = sorted(_single_moves(table, profile, scorer, kinds, acts, norms),
                    key=lambda m: m.saving_s / max(m.kl, KL_FLOOR), reverse=True)
+    floor = None if max_drop is None else scorer.score(exact)[1] - max_drop  # exact agrees fully with an exact teacher
     current, taken, accepted = exact, set(), []
     for move in moves:
         if table.latency_s(current, profile) <= exact_s / target_speedup:
@@ -225,7 +226,7 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
         candidate = move.apply(current)
         if move.slot in taken and table.latency_s(candidate, profile) >= table.latency_s(current, profile):
             continue  # a slot moves again only to a cheaper kind
-        if max_drop is not None and scorer.score(candidate)[1] < 1.0 - max_drop:
+        if floor is not None and scorer.score(candidate)[1] < floor:
             continue
         current = candidate
         taken.add(move.slot)
