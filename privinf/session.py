@@ -64,7 +64,7 @@ class Session:
                 from protocols.routes.mpc import MpcClient
 
                 self._runner = MpcClient(links.spec, self.config.model.overrides, links.server,
-                                         links.dealer, links.ledger, store=self.config.store)
+                                         links.dealer, links.ledger, self.config.store)
             elif self.protocol == "ee":
                 from protocols.routes.ee import EeOwner
 
