@@ -160,7 +160,8 @@ class MaterialPool:
         digest = schedule.digest()
         with self._cond:
             self._check_open()
-            self._drop_speculation(lambda slot: slot.index < start)
+            if rank == CORRECTED_RANK:  # it takes every request: what it skipped nobody will ask for
+                self._drop_speculation(lambda slot: slot.index < start)
             for k in range(inferences):
                 first = start + k * len(schedule)
                 self._confirm_segment(rank, first, schedule)
@@ -172,15 +173,15 @@ class MaterialPool:
             self._cond.notify_all()
 
     def online(self, index: int, rank: int) -> None:
-        """``rank`` asks for request ``index`` online: drop any speculation from there on."""
+        """``rank`` asks for request ``index`` online: beyond the confirmed segments the parties
+        record something new, so speculation from there on is dropped and paused."""
         with self._cond:
-            if not self._slots:
-                self._speculate = False
-                return
             slot = self._slots.get(index)
             if slot is not None and slot.confirmed:
                 raise DealerError(f"rank {rank} asks online for request {index}, which rank(s) "
                                   f"{sorted(slot.confirmed)} asked to preprocess: the parties disagree")
+            if index < self._confirmed_end:
+                return  # a slower party's request from before the segments the other one confirmed
             self._drop_speculation(lambda s: s.index >= index)
             self._speculate = False
             self._cond.notify_all()
