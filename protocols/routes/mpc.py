@@ -419,7 +419,7 @@ def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Le
     dealer = Dealer(ledger, seeds, pool)
     dealer.distribute_seeds({CLIENT_RANK: client, SERVER_RANK: server})
     epoch = None
-    if spec.config.storage == "keep":
+    if spec is not None and spec.config.storage == "keep":
         epoch = dealer_epoch(store, getattr(client, "peer_name", None) or CLIENT)
         with ledger.phase(Phase.OFFLINE):
             for channel in (client, server):
