@@ -17,7 +17,8 @@ saving is ``1/H`` of switching its whole layer: the rounds of a kind are paid on
 lone head's swap saves little until its layer's last softmax head goes). Moves are then taken in
 that order (a slot already moved only to a cheaper kind), skipping any that would take the
 validation agreement more than ``max_drop`` below the exact model's (when given), until the
-configuration's estimated latency is at most the exact model's divided by ``target_speedup``. The
+configuration's estimated latency is at most the exact model's divided by ``target_speedup``
+(then, if it is not, whole layers move to one kind: :func:`_layer_pass`). The
 result is an overrides file in :mod:`models.variants`' format (``--overrides``; ``privinf distill``
 trains it), and the cost of the searched model against exact can be checked with real in-process
 MPC runs priced by the ledger (:func:`priced_runs`).
@@ -204,6 +205,30 @@ def _single_moves(table: PriceTable, profile: NetworkProfile, scorer: Scorer, ki
     return [m for m in moves if m.saving_s > 0]
 
 
+def _layer_pass(current: Assignment, table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_s: float,
+                floor: float | None, kinds: Sequence[str], accepted: list[dict[str, Any]]) -> Assignment:
+    """While above ``target_s``: move all heads of one layer to one kind at once, cheapest per KL
+    first. Single head moves stall where a layer's heads must all leave a kind before its rounds
+    go (relu, relu -> scale, scale: either head alone adds scale's rounds to relu's)."""
+    while table.latency_s(current, profile) > target_s:
+        options = []
+        for layer in range(table.layers):
+            for kind in kinds:
+                candidate = current
+                for head in range(table.heads):
+                    candidate = candidate.with_head(layer, head, kind)
+                saving = table.latency_s(current, profile) - table.latency_s(candidate, profile)
+                if saving > 0:
+                    kl, agree = scorer.score(candidate)
+                    if floor is None or agree >= floor:
+                        options.append((saving / max(kl, KL_FLOOR), layer, kind, saving, kl, candidate))
+        if not options:
+            return current
+        _, layer, kind, saving, kl, current = max(options, key=lambda option: option[0])
+        accepted.append({"slot": ["layer", layer], "kind": kind, "saving_s": saving, "kl": kl})
+    return current
+
+
 def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_speedup: float = 3.0,
            max_drop: float | None = None, kinds: Sequence[str] = ATTENTION_KINDS[1:],
            acts: Sequence[str] = ("quad", "relu"), norms: Sequence[str] = ("affine",),
@@ -231,6 +256,7 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
         current = candidate
         taken.add(move.slot)
         accepted.append({"slot": list(move.slot), "kind": move.kind, "saving_s": move.saving_s, "kl": move.kl})
+    current = _layer_pass(current, table, profile, scorer, exact_s / target_speedup, floor, kinds, accepted)
     kl, agree = scorer.score(current)
     latency = table.latency_s(current, profile)
     return SearchResult(model, profile.spec(), overrides_json(current), exact_s, latency, exact_s / latency, agree,
