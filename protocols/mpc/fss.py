@@ -86,6 +86,10 @@ class _Prg:
         result ^= source
         return result
 
+    def cipher_into(self, source: np.ndarray, out: np.ndarray) -> None:
+        """``AES(source)`` into ``out`` (uint64, contiguous, two words longer than ``source``)."""
+        self._cipher.encryptor().update_into(source.view(np.uint8).ravel(), out.view(np.uint8))
+
     @staticmethod
     def split(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A seed block -> (seed with the control bit cleared, control bit as uint64 0/1)."""
@@ -217,45 +221,84 @@ def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: 
     views[0].seed[:], views[1].seed[:] = seeds[0], seeds[1]
     for lo in range(0, n, GEN_CHUNK):  # chunks that stay in cache: about 2x faster than one pass
         hi = min(n, lo + GEN_CHUNK)
-        _gen_levels(views[0], lo, hi, alpha[lo:hi], beta[lo:hi], seeds[0, lo:hi], seeds[1, lo:hi])
+        _gen_levels(views[0], lo, hi, alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi])
     shared = slice(2 * n, words)  # everything after the seeds is common to both keys
     out[1][shared] = out[0][shared]
     return out
 
 
-def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarray,
-                s0: np.ndarray, s1: np.ndarray) -> None:
-    """Correction words of elements [lo, hi) written into ``key`` (party 0's view)."""
+def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:
+    """Correction words of elements [lo, hi) written into ``key`` (party 0's view), from both
+    parties' initial seeds ``seeds`` [2, hi - lo, 2] (control bits cleared)."""
     bits, n = key.bits, hi - lo
-    t0 = np.zeros(n, dtype=np.uint64)
-    t1 = np.ones(n, dtype=np.uint64)
-    v_alpha = np.zeros(n, dtype=np.int64)
     cw_seed, cw_value = key.cw_seed[:, lo:hi], key.cw_value[:, lo:hi]
-    cw_t = np.empty((2 * bits, n), dtype=np.uint8)
+    cw_t = np.empty((2 * bits, n), dtype=np.uint64)
+    state = _GenState(seeds)
     with np.errstate(over="ignore"):
         for i in range(bits):
-            a = _bit(alpha, bits, i)
-            keep_right = a.astype(bool)
-            take_right = (0 - a)[:, None]  # all ones where alpha_i = 1 (keep right, lose left)
-            sl0, sr0, tl0, tr0, vl0, vr0 = _PRG.expand(s0)
-            sl1, sr1, tl1, tr1, vl1, vr1 = _PRG.expand(s1)
-            diff_left, diff_right = sl0 ^ sl1, sr0 ^ sr1
-            lose_s = diff_right ^ ((diff_left ^ diff_right) & take_right)
-            lose_v0, keep_v0 = np.where(keep_right, vl0, vr0), np.where(keep_right, vr0, vl0)
-            lose_v1, keep_v1 = np.where(keep_right, vl1, vr1), np.where(keep_right, vr1, vl1)
-            sign1 = _sign(t1)
-            v_cw = sign1 * (lose_v1 - lose_v0 - v_alpha) + (sign1 * beta) * a.astype(np.int64)
-            v_alpha = v_alpha - keep_v1 + keep_v0 + sign1 * v_cw
-            t_cw_left = tl0 ^ tl1 ^ a ^ _ONE
-            t_cw_right = tr0 ^ tr1 ^ a
-            cw_seed[i], cw_value[i], cw_t[2 * i], cw_t[2 * i + 1] = lose_s, v_cw, t_cw_left, t_cw_right
-            t_cw_keep = np.where(keep_right, t_cw_right, t_cw_left)
-            s0 = (sl0 ^ ((sl0 ^ sr0) & take_right)) ^ (lose_s & (0 - t0)[:, None])
-            s1 = (sl1 ^ ((sl1 ^ sr1) & take_right)) ^ (lose_s & (0 - t1)[:, None])
-            t0 = np.where(keep_right, tr0, tl0) ^ (t0 & t_cw_keep)
-            t1 = np.where(keep_right, tr1, tl1) ^ (t1 & t_cw_keep)
-        key.cw_final[lo:hi] = _sign(t1) * (s1[:, 1].view(np.int64) - s0[:, 1].view(np.int64) - v_alpha)
-    key.cw_t[:, lo // 64:lo // 64 + _bit_words(n)] = _pack_bits(cw_t)
+            state.level(_bit(alpha, bits, i), beta, cw_seed[i], cw_value[i], cw_t[2 * i:2 * i + 2])
+        s1, s0 = state.seeds[1, :, 1].view(np.int64), state.seeds[0, :, 1].view(np.int64)
+        key.cw_final[lo:hi] = _sign(state.t[1]) * (s1 - s0 - state.v_alpha)
+    key.cw_t[:, lo // 64:lo // 64 + _bit_words(n)] = _pack_bits(cw_t.astype(np.uint8))
+
+
+class _GenState:
+    """Both parties' walk down the path of ``alpha`` for a chunk of elements, in preallocated
+    buffers: one AES call per level expands both parties' seeds into all three outputs."""
+
+    def __init__(self, seeds: np.ndarray) -> None:
+        n = seeds.shape[1]
+        self.seeds = seeds                                   # uint64 [2 parties, n, 2]
+        self.t = np.zeros((2, n), dtype=np.uint64)
+        self.t[1] = 1
+        self.v_alpha = np.zeros(n, dtype=np.int64)
+        self._tweaked = np.empty((2, 3, n, 2), dtype=np.uint64)  # party, output (left, right, values)
+        self._aes = np.empty(self._tweaked.size + 2, dtype=np.uint64)  # update_into wants a block of slack
+        self._diff = np.empty((2, n, 2), dtype=np.uint64)
+        self._tmp = np.empty((2, n), dtype=np.uint64)
+
+    def expand(self) -> np.ndarray:
+        """``G_j(s)`` for both parties and the three outputs j: uint64 [2, 3, n, 2]."""
+        np.bitwise_xor(self.seeds[:, None], _TWEAKS[None, :, None, :], out=self._tweaked)
+        _PRG.cipher_into(self._tweaked, self._aes)
+        out = self._aes[:self._tweaked.size].reshape(self._tweaked.shape)
+        out ^= self._tweaked
+        return out
+
+    def level(self, a: np.ndarray, beta: np.ndarray, cw_seed: np.ndarray, cw_value: np.ndarray,
+              cw_t: np.ndarray) -> None:
+        """One level: write its corrections (seed, value, both control bits) and step to the kept child."""
+        take_right = 0 - a  # all ones where alpha_i = 1 (keep right, lose left)
+        out = self.expand()
+        left, right, values = out[:, 0], out[:, 1], out[:, 2]
+        t_left, t_right = left[:, :, 0] & _ONE, right[:, :, 0] & _ONE  # [2, n]
+        left[:, :, 0] &= ~_ONE
+        right[:, :, 0] &= ~_ONE
+        diff = np.bitwise_xor(left, right, out=self._diff)
+        diff &= take_right[None, :, None]
+        keep, lose = left, right  # in place: keep = left ^ diff, lose = right ^ diff
+        keep ^= diff
+        lose ^= diff
+        np.bitwise_xor(lose[0], lose[1], out=cw_seed)
+        v_left, v_right = values[:, :, 0].view(np.int64), values[:, :, 1].view(np.int64)
+        v_diff = (v_left ^ v_right) & take_right.view(np.int64)
+        keep_v, lose_v = v_left ^ v_diff, v_right ^ v_diff
+        sign1 = _sign(self.t[1])
+        np.multiply(sign1, lose_v[1] - lose_v[0] - self.v_alpha + (beta & take_right.view(np.int64)), out=cw_value)
+        self.v_alpha += keep_v[0] - keep_v[1] + sign1 * cw_value
+        np.bitwise_xor(t_left[0], t_left[1], out=cw_t[0])
+        cw_t[0] ^= a
+        cw_t[0] ^= _ONE
+        np.bitwise_xor(t_right[0], t_right[1], out=cw_t[1])
+        cw_t[1] ^= a
+        t_diff = np.bitwise_xor(t_left, t_right, out=self._tmp)
+        t_diff &= take_right
+        t_keep = t_left ^ t_diff                       # [2, n]: each party's kept control bit
+        t_cw_keep = t_keep[0] ^ t_keep[1] ^ _ONE
+        on = 0 - self.t                                # all ones where a party's control bit is set
+        keep ^= cw_seed[None] & on[:, :, None]
+        self.seeds = keep  # a view of the AES buffer: the next expand() reads it before overwriting
+        self.t = t_keep ^ (self.t & t_cw_keep)
 
 
 def dcf_eval(key: DcfKey, x: np.ndarray, repeat: int = 1) -> np.ndarray:
