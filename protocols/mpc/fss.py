@@ -30,7 +30,9 @@ them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +54,30 @@ _TWEAKS = np.stack([_BASE, _BASE ^ np.array([0, _RIGHT_DELTA], dtype=np.uint64),
                     _BASE ^ np.array([_VALUE_DELTA, 0], dtype=np.uint64)])
 _ONE = np.uint64(1)
 _SEED_LEFT, _SEED_RIGHT, _VALUES = range(3)
-GEN_CHUNK = 16384   # elements per pass (multiples of 64: the control bits are packed by 64)
+GEN_CHUNK = 8192   # elements per pass (multiples of 64: the control bits are packed by 64)
+PARALLEL_MIN = 8192  # elements of a part handed to one key-generation worker, at least
 EVAL_CHUNK = 65536
 
 
 class FssError(ValueError):
     """Malformed FSS keys or arguments (bit width, shapes)."""
+
+
+# Key generation in this context may split a request into up to ``parts`` ranges handed to
+# ``runner(bits, [(alpha, beta, seeds), ...]) -> [corrections, ...]`` (worker processes:
+# protocols/mpc/keygen_workers.py); the randomness is always drawn here, by the caller.
+CorrectionRunner = Callable[[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], list[np.ndarray]]
+_RUNNER: ContextVar[tuple[CorrectionRunner, int] | None] = ContextVar("fss_correction_runner", default=None)
+
+
+@contextmanager
+def generating_with(runner: CorrectionRunner, parts: int) -> Iterator[None]:
+    """Key generation in this thread's context splits large requests into ``parts`` ranges run by ``runner``."""
+    token = _RUNNER.set((runner, parts))
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
 
 
 class _Prg:
@@ -219,12 +239,53 @@ def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: 
     seeds = np.frombuffer(random_bytes(32 * n), dtype=np.uint64).reshape(2, n, 2).copy()
     seeds[:, :, 0] &= ~_ONE
     views[0].seed[:], views[1].seed[:] = seeds[0], seeds[1]
-    for lo in range(0, n, GEN_CHUNK):  # chunks that stay in cache: about 2x faster than one pass
-        hi = min(n, lo + GEN_CHUNK)
-        _gen_levels(views[0], lo, hi, alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi])
+    parallel = _RUNNER.get()
+    if parallel is not None and n >= PARALLEL_MIN:  # worker processes: their words go straight into both keys
+        bounds = _part_bounds(n, parallel[1])
+        results = parallel[0](bits, [(alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi]) for lo, hi in bounds])
+        for (lo, hi), corrections in zip(bounds, results):
+            for view in views:
+                _place(view, lo, hi, corrections)
+        return out
+    _gen_chunks(views[0], alpha, beta, seeds)
     shared = slice(2 * n, words)  # everything after the seeds is common to both keys
     out[1][shared] = out[0][shared]
     return out
+
+
+def _gen_chunks(key: DcfKey, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:
+    """All correction words of ``key`` (party 0's view), chunk by chunk, in this thread."""
+    for lo in range(0, alpha.shape[0], GEN_CHUNK):  # chunks that stay in cache: about 2x faster than one pass
+        hi = min(alpha.shape[0], lo + GEN_CHUNK)
+        _gen_levels(key, lo, hi, alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi])
+
+
+def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` ranges of at least PARALLEL_MIN elements (starts multiples of 64) covering n."""
+    parts = max(1, min(parts, n // PARALLEL_MIN))
+    size = -(-n // parts // 64) * 64 if parts > 1 else n
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def dcf_corrections(alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, bits: int) -> np.ndarray:
+    """The correction words (both keys' words after their seeds) of ``m`` elements from both
+    parties' initial seeds ``seeds`` uint64 [2, m, 2] (control bits cleared): int64
+    ``[key_words(bits, m) - 2 m]``. Deterministic in its inputs: what a key-generation worker runs."""
+    _check_bits(bits)
+    m = alpha.shape[0]
+    if beta.shape[0] != m or seeds.shape != (2, m, 2):
+        raise FssError(f"alpha has {m} elements, beta {beta.shape[0]}, seeds shape {list(seeds.shape)}")
+    out = np.empty(key_words(bits, m), dtype=np.int64)
+    _gen_chunks(DcfKey.from_array(0, bits, m, out), alpha, beta, seeds)
+    return out[2 * m:]
+
+
+def _place(key: DcfKey, lo: int, hi: int, corrections: np.ndarray) -> None:
+    """Copy the correction words of elements [lo, hi) (``lo`` a multiple of 64) into ``key``."""
+    m = hi - lo
+    part = DcfKey.from_array(key.party, key.bits, m, np.concatenate([np.zeros(2 * m, np.int64), corrections]))
+    key.cw_seed[:, lo:hi], key.cw_value[:, lo:hi], key.cw_final[lo:hi] = part.cw_seed, part.cw_value, part.cw_final
+    key.cw_t[:, lo // 64:lo // 64 + _bit_words(m)] = part.cw_t
 
 
 def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:
