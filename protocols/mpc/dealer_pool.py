@@ -6,7 +6,8 @@ what they will ask for: the next inferences of the same schedule, or, for a gene
 next steps in the order a previous generation asked for them. It *confirms* what a party
 asks for, *speculates* up to ``ahead`` more segments (one segment = one inference or one
 generation step of a schedule) past the last confirmed one, and generates both in index order
-on ``workers`` background threads while the parties compute. Per request index it makes the
+on ``workers`` background threads while the parties compute, each large request's FSS keys
+split across ``keygen_processes`` worker processes. Per request index it makes the
 material once: party 0's correction and, for a sign request, both parties' halves of the FSS
 keys; each party takes its own half, in order, and the store forgets a request as soon as
 nobody needs it any more.
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 from privinf.ledger.counting import Ledger
+from protocols.mpc import fss
+from protocols.mpc.keygen_workers import KeygenWorkers, default_processes
 from protocols.mpc.vocabulary import CORRECTED_RANK, DealerError, RequestSchedule, TupleRequest, _numel
 
 MAX_HISTORY = 4096  # confirmed segments remembered for prediction (one short digest each)
@@ -62,17 +65,28 @@ class PoolLimits:
     count). ``workers``: generator threads; one by default, because FSS key generation
     (:func:`protocols.mpc.fss.sign_gen`, numpy on 16k-element chunks) holds the GIL for most of
     its time: a second thread cost 60% more CPU for no gain in wall time on a 2-core machine
-    (bench/dealer_pool.py). ``wait_s``: the longest a party waits for one request.
+    (bench/dealer_pool.py). ``keygen_processes``: worker processes that share each large
+    request's FSS key generation (:mod:`protocols.mpc.keygen_workers`, started on first use and
+    stopped by :meth:`MaterialPool.close`); ``None``: the host's cores minus one, at least one;
+    0: generate in the worker thread. ``wait_s``: the longest a party waits for one request.
     """
 
     ahead: int = 1
     max_bytes: int = DEFAULT_POOL_BYTES
     workers: int = 1
     wait_s: float = 120.0
+    keygen_processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.ahead < 1 or self.max_bytes < 1 or self.workers < 1 or self.wait_s <= 0:
             raise DealerError(f"pool limits must be positive: {self}")
+        if self.keygen_processes is not None and self.keygen_processes < 0:
+            raise DealerError(f"keygen_processes must be >= 0, got {self.keygen_processes}")
+
+    @property
+    def processes(self) -> int:
+        """Key-generation worker processes this pool uses (0: none)."""
+        return default_processes() if self.keygen_processes is None else self.keygen_processes
 
 
 PLANNED, GENERATING, READY, FAILED = "planned", "generating", "ready", "failed"
@@ -123,6 +137,7 @@ class MaterialPool:
         self._confirmed_end = 0  # first index after the last confirmed segment
         self._speculate = True
         self._closed: str | None = None
+        self._keygen = KeygenWorkers(limits.processes) if limits.processes else None  # started on first use
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"dealer-pool-{i}")
                          for i in range(limits.workers)]
         for thread in self._threads:
@@ -145,6 +160,11 @@ class MaterialPool:
             return {"confirmed": confirmed, "speculative": len(self._slots) - confirmed,
                     "held_bytes": self._reserved, "peak_bytes": self.peak_bytes, "generated": self._generated,
                     "predicted": self._predicted}
+
+    @property
+    def keygen_pids(self) -> list[int]:
+        """Process ids of the running key-generation workers (none before first use and after close)."""
+        return self._keygen.pids if self._keygen is not None else []
 
     @property
     def alive_threads(self) -> int:
@@ -231,6 +251,8 @@ class MaterialPool:
             self._planned.clear()
             self._cond.notify_all()
         deadline = time.perf_counter() + join_s
+        if self._keygen is not None:
+            self._keygen.close()  # a generation in progress fails, and its result is dropped
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.perf_counter()))
@@ -345,11 +367,18 @@ class MaterialPool:
                     return
             began = time.perf_counter()
             try:
-                halves, error = self._generate(slot.index, slot.request), ""
+                halves, error = self._generate_one(slot), ""
             except Exception as exc:  # handed to the party that takes it, as a DealerError
                 halves, error = {}, f"{type(exc).__name__}: {exc}"
             self._record("pool_generate_s", time.perf_counter() - began)
             self._finish(slot, halves, error)
+
+    def _generate_one(self, slot: _Slot) -> dict[int, torch.Tensor]:
+        """One request's material, its large FSS key generation on the worker processes if any."""
+        if self._keygen is None:
+            return self._generate(slot.index, slot.request)
+        with fss.generating_with(self._keygen.corrections, self._keygen.processes):
+            return self._generate(slot.index, slot.request)
 
     def _finish(self, slot: _Slot, halves: dict[int, torch.Tensor], error: str) -> None:
         with self._cond:
