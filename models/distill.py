@@ -25,6 +25,7 @@ gives.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -156,6 +157,23 @@ def _run_stage(model: nn.Module, stage: str, steps: int, cfg: TrainConfig, out: 
     return float(loss.detach())
 
 
+def _begin(out: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Start a run in ``out``: a fresh one clears old training state; a resumed one must have the
+    same settings (task or teacher, variant, budget) as the run that saved the state."""
+    folder = out / parts.STATE_DIR
+    record = folder / "run.json"
+    identity = json.loads(json.dumps(identity, default=str))
+    if resume and record.is_file():
+        if json.loads(record.read_text()) != identity:
+            raise ValueError(f"cannot resume: {folder} was saved by a run with other settings "
+                             "(start without --resume, or write to another --out)")
+        return
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity, sort_keys=True))
+
+
 def _with_threads(cfg: TrainConfig, run: Callable[[], Result]) -> Result:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -172,6 +190,7 @@ def finetune(task: str, out: str | Path, base: str = "minilm", config: TrainConf
     """Fine-tune the exact ``base`` classifier on ``task``; write the teacher checkpoint to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _begin(out, {"kind": "finetune", "task": task, "base": base, "config": asdict(config)}, resume)
 
     def run() -> Result:
         started = time.perf_counter()
@@ -205,6 +224,8 @@ def distill(teacher: str | Path, variant: str, out: str | Path, overrides: str |
     out.mkdir(parents=True, exist_ok=True)
     spec = parse_variant(variant, overrides)
     meta = ckpt.read_meta(teacher)
+    _begin(out, {"kind": "distill", "teacher": meta["digest"], "variant": variant, "overrides": overrides,
+                 "config": asdict(config)}, resume)
 
     def run() -> Result:
         started = time.perf_counter()

@@ -101,6 +101,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch,
     resumed = distill.distill(teacher.path, "mpcformer", out, config=SHORT, progress=False, prepared=prepared,
                               resume=True)
     assert resumed.digest == uninterrupted.digest
+    with pytest.raises(ValueError, match="other settings"):
+        distill.distill(teacher.path, "relu", out, config=SHORT, progress=False, prepared=prepared, resume=True)
 
 
 def test_checkpoint_loads_through_the_registry_and_its_digest_goes_into_the_handshake(student, tmp_path):
