@@ -4,9 +4,23 @@ PASS/MISS lines."""
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+
 import pytest
 
-from bench.cost_totals import MIB, Totals, TotalsError, priced, privinf_totals, setup_wall, target_lines
+from bench.cost_totals import (
+    MIB,
+    Totals,
+    TotalsError,
+    priced,
+    privinf_totals,
+    process_cpu_s,
+    setup_wall,
+    target_lines,
+)
 from bench.crypten_baseline import CrypTenError, combine
 from bench.whole_cost import first_totals, step_totals
 from privinf.ledger.pricing import LAN, WAN, NetworkProfile
@@ -146,3 +160,25 @@ def test_first_totals_price_the_extra_rounds_on_the_dealer_link() -> None:
     assert t.rounds == 7 and t.offline_round_trips == pytest.approx(12.0)  # 19 on the critical path, 7 with the peer
     assert t.offline_recv == steady.offline_recv and t.online_s == pytest.approx(6.0) and t.offline_s == 0.0
     assert t.setup_bytes == 5000 and t.kept["client"] == 5000 and t.dealer_cpu_s == 0.7
+
+
+def test_pool_generation_seconds_come_from_the_dealer_extras_and_drive_the_target() -> None:
+    warm, measured = session()
+    dealer = Row(ROOT_SCOPE, "op", "dealer", OFF, Counters(extra={"pool_generate_s": 0.9}))
+    t = privinf_totals("p", warm + [dealer], measured, dealer_cpu_s=5.0)
+    assert t.dealer_gen_s == pytest.approx(0.3)  # 0.9 s over the 3 inferences of the session
+    assert target_lines(t, None, False, 56.10, 68, 400) == ["PASS  dealer generation (pool generation s) <= online "
+                                                             "wall: 0.30 s vs 1.50 s"]
+    assert privinf_totals("p", warm, measured).dealer_gen_s is None
+
+
+def test_process_cpu_counts_reaped_children() -> None:
+    def children_s() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    before, kids = process_cpu_s(os.getpid()), children_s()
+    subprocess.run([sys.executable, "-c", "sum(range(2 * 10**7))"], check=True)
+    spent = children_s() - kids
+    assert spent > 0.05
+    assert process_cpu_s(os.getpid()) - before >= spent - 0.03  # clock ticks of 10 ms, two readings
