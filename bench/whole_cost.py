@@ -85,8 +85,7 @@ def first_totals(name: str, rows: Sequence[Row], steady: Totals, units: int, dea
     return Totals(name, {p: party_sum(online, p, Phase.ONLINE, "bytes_sent") / units for p in COMPUTING},
                   dict(steady.offline_recv), steady.rounds, max(0.0, online_rounds(online) / units - steady.rounds),
                   wall / units, off_wall / units, dealer_cpu_s, setup_bytes=setup_bytes, setup_s=setup_s,
-                  stored=stored, kept=kept, dealer_sent=dealer_sent,
-                  dealer_gen_s=sum(generated) / n if generated else None)
+                  stored=stored, kept=kept, dealer_sent=dealer_sent)
 
 
 def step_totals(name: str, rows: Sequence[Row], steps: Sequence[str]) -> Totals:
@@ -101,7 +100,8 @@ def step_totals(name: str, rows: Sequence[Row], steps: Sequence[str]) -> Totals:
     batches = max(len({r.step for r in offline if r.party == p and r.counters.bytes_recv}) for p in COMPUTING)
     stored, kept = storage_split([r for r in rows if r.step in steps or r.phase == Phase.OFFLINE], n)
     dealer_sent = sum(r.counters.bytes_sent for r in rows if r.party == "dealer" and r.name != SETUP_SCOPE) / n
-    generated = [r.counters.extra[GENERATE_KEY] for r in rows if r.party == "dealer" and GENERATE_KEY in r.counters.extra]
+    generated = [r.counters.extra[GENERATE_KEY] for r in rows
+                 if r.party == "dealer" and GENERATE_KEY in r.counters.extra]
     return Totals(name, {p: party_sum(online, p, Phase.ONLINE, "bytes_sent") / n for p in COMPUTING},
                   {p: party_sum(offline, p, Phase.OFFLINE, "bytes_recv") / n for p in COMPUTING},
                   round(online_rounds(online) / n), batches / n, wall / n,
