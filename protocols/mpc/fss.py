@@ -282,10 +282,15 @@ def dcf_corrections(alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, bits
 
 def _place(key: DcfKey, lo: int, hi: int, corrections: np.ndarray) -> None:
     """Copy the correction words of elements [lo, hi) (``lo`` a multiple of 64) into ``key``."""
-    m = hi - lo
-    part = DcfKey.from_array(key.party, key.bits, m, np.concatenate([np.zeros(2 * m, np.int64), corrections]))
-    key.cw_seed[:, lo:hi], key.cw_value[:, lo:hi], key.cw_final[lo:hi] = part.cw_seed, part.cw_value, part.cw_final
-    key.cw_t[:, lo // 64:lo // 64 + _bit_words(m)] = part.cw_t
+    m, bits = hi - lo, key.bits
+    if corrections.shape != (key_words(bits, m) - 2 * m,):
+        raise FssError(f"{m} elements' correction words take {key_words(bits, m) - 2 * m} words, "
+                       f"got shape {list(corrections.shape)}")
+    ends = np.cumsum([2 * bits * m, bits * m, m])
+    key.cw_seed[:, lo:hi] = corrections[:ends[0]].view(np.uint64).reshape(bits, m, 2)
+    key.cw_value[:, lo:hi] = corrections[ends[0]:ends[1]].reshape(bits, m)
+    key.cw_final[lo:hi] = corrections[ends[1]:ends[2]]
+    key.cw_t[:, lo // 64:lo // 64 + _bit_words(m)] = corrections[ends[2]:].view(np.uint64).reshape(2 * bits, -1)
 
 
 def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:
