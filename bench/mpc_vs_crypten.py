@@ -106,15 +106,17 @@ def privinf_ops(report: Any) -> dict[str, dict[str, float]]:
     return ops
 
 
-def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss") -> dict[str, Any]:
-    """Dealer + server processes, this process as the client: warm-up, then ``runs`` inferences."""
+def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss", preprocess: int | None = None
+                ) -> dict[str, Any]:
+    """Dealer + server processes, this process as the client: warm-up, then ``runs`` inferences,
+    with ``preprocess`` inferences of material made ahead (default 1 + runs: one batch)."""
     from mpc_parties.launch import local_deployment
     from mpc_parties.party_config import ModelChoice
     from privinf.session import connect
     from protocols.protocol_config import ProtocolConfig
 
     x = sample_input(INPUT_SEED, seq)
-    protocol = ProtocolConfig(preprocess=1 + runs, comparisons=comparisons)
+    protocol = ProtocolConfig(preprocess=preprocess or 1 + runs, comparisons=comparisons)
     with local_deployment(ModelChoice(NAME, variant), protocol, timeout_s=PARTY_TIMEOUT_S) as deployment:
         dealer_pid = next(p.process.pid for p in deployment.parties if p.role == "dealer")
         started = time.perf_counter()
@@ -193,7 +195,8 @@ def device_line() -> str:
     return f"device: CPU, {os.cpu_count()} cores, 1 torch thread per party; {gpu}; torch {torch.__version__}"
 
 
-def run_variant(variant: str, seq: int, runs: int, providers: list[str], circuit: bool, work: Path) -> dict[str, Any]:
+def run_variant(variant: str, seq: int, runs: int, providers: list[str], circuit: bool, work: Path,
+                preprocess: int | None = None) -> dict[str, Any]:
     """Every CrypTen provider, then privinf (and its circuit ablation), on one variant."""
     want = reference(variant, sample_input(INPUT_SEED, seq))
     columns, errors, ops = [], [], {}
@@ -204,10 +207,10 @@ def run_variant(variant: str, seq: int, runs: int, providers: list[str], circuit
         errors.append(float((col["output"] - want).abs().max()))
         ops.setdefault("crypten", col["ops"])
     print(f"[{variant}] privinf ...", flush=True)
-    ours = run_privinf(variant, seq, runs)
+    ours = run_privinf(variant, seq, runs, preprocess=preprocess)
     if circuit and variant == "exact":
         print(f"[{variant}] privinf with CrypTen's comparison circuit ...", flush=True)
-        ablation = run_privinf(variant, seq, runs, comparisons="circuit")
+        ablation = run_privinf(variant, seq, runs, comparisons="circuit", preprocess=preprocess)
         columns.append(ablation["totals"])
         errors.append(max(float((out - want).abs().max()) for out in ablation["outputs"]))
     columns.append(ours["totals"])
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="exact,mpcformer", help="comma-separated: exact, mpcformer")
     parser.add_argument("--providers", default="TTP,TFP", help="CrypTen providers, the first is the main baseline")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--preprocess", type=int, help="privinf's protocol preprocess (default 1 + runs: one batch)")
     parser.add_argument("--circuit", action="store_true",
                         help="also run the exact layer through privinf with CrypTen's comparison circuit")
     args = parser.parse_args(argv)
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"--providers: choose from {', '.join(PROVIDERS)}, got {args.providers!r}\n")
     if args.runs < 1:
         parser.exit(2, f"--runs must be >= 1, got {args.runs}\n")
+    if args.preprocess is not None and args.preprocess < 1:
+        parser.exit(2, f"--preprocess must be >= 1, got {args.preprocess}\n")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the party processes
     torch.set_num_threads(1)
     seq = QUICK_SEQ if args.quick else SEQ
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     print(device_line())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privinf-bench-") as tmp:
-        results = {v: run_variant(v, seq, args.runs, providers, args.circuit, Path(tmp)) for v in variants}
+        results = {v: run_variant(v, seq, args.runs, providers, args.circuit, Path(tmp), args.preprocess)
+                   for v in variants}
     report(results, seq)
     print(f"bench wall {time.perf_counter() - started:.0f} s")
     if args.json:
