@@ -64,9 +64,12 @@ class FssError(ValueError):
 
 
 # Key generation in this context may split a request into up to ``parts`` ranges handed to
-# ``runner(bits, [(alpha, beta, seeds), ...]) -> [corrections, ...]`` (worker processes:
-# protocols/mpc/keygen_workers.py); the randomness is always drawn here, by the caller.
-CorrectionRunner = Callable[[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], list[np.ndarray]]
+# ``runner(bits, [(alpha, beta, seeds, destinations), ...])``, which fills each range's
+# destinations (contiguous views of party 0's key, in the order of :func:`dcf_corrections`'
+# words) (worker processes: protocols/mpc/keygen_workers.py); the randomness is always drawn
+# here, by the caller.
+Part = tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]
+CorrectionRunner = Callable[[int, list[Part]], None]
 _RUNNER: ContextVar[tuple[CorrectionRunner, int] | None] = ContextVar("fss_correction_runner", default=None)
 
 
@@ -240,14 +243,11 @@ def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: 
     seeds[:, :, 0] &= ~_ONE
     views[0].seed[:], views[1].seed[:] = seeds[0], seeds[1]
     parallel = _RUNNER.get()
-    if parallel is not None and n >= PARALLEL_MIN:  # worker processes: their words go straight into both keys
-        bounds = _part_bounds(n, parallel[1])
-        results = parallel[0](bits, [(alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi]) for lo, hi in bounds])
-        for (lo, hi), corrections in zip(bounds, results):
-            for view in views:
-                _place(view, lo, hi, corrections)
-        return out
-    _gen_chunks(views[0], alpha, beta, seeds)
+    if parallel is not None and n >= PARALLEL_MIN:  # worker processes write straight into party 0's key
+        parallel[0](bits, [(alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi], correction_slices(views[0], lo, hi))
+                           for lo, hi in _part_bounds(n, parallel[1])])
+    else:
+        _gen_chunks(views[0], alpha, beta, seeds)
     shared = slice(2 * n, words)  # everything after the seeds is common to both keys
     out[1][shared] = out[0][shared]
     return out
@@ -280,17 +280,13 @@ def dcf_corrections(alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, bits
     return out[2 * m:]
 
 
-def _place(key: DcfKey, lo: int, hi: int, corrections: np.ndarray) -> None:
-    """Copy the correction words of elements [lo, hi) (``lo`` a multiple of 64) into ``key``."""
-    m, bits = hi - lo, key.bits
-    if corrections.shape != (key_words(bits, m) - 2 * m,):
-        raise FssError(f"{m} elements' correction words take {key_words(bits, m) - 2 * m} words, "
-                       f"got shape {list(corrections.shape)}")
-    ends = np.cumsum([2 * bits * m, bits * m, m])
-    key.cw_seed[:, lo:hi] = corrections[:ends[0]].view(np.uint64).reshape(bits, m, 2)
-    key.cw_value[:, lo:hi] = corrections[ends[0]:ends[1]].reshape(bits, m)
-    key.cw_final[lo:hi] = corrections[ends[1]:ends[2]]
-    key.cw_t[:, lo // 64:lo // 64 + _bit_words(m)] = corrections[ends[2]:].view(np.uint64).reshape(2 * bits, -1)
+def correction_slices(key: DcfKey, lo: int, hi: int) -> list[np.ndarray]:
+    """Contiguous int64 views of ``key``'s correction words of elements [lo, hi) (``lo`` a
+    multiple of 64), in the order of :func:`dcf_corrections`' words: filled in turn, they hold them."""
+    words = _bit_words(hi - lo)
+    return ([key.cw_seed[i, lo:hi].view(np.int64).reshape(-1) for i in range(key.bits)]
+            + [key.cw_value[i, lo:hi] for i in range(key.bits)] + [key.cw_final[lo:hi]]
+            + [key.cw_t[r, lo // 64:lo // 64 + words].view(np.int64) for r in range(2 * key.bits)])
 
 
 def _gen_levels(key: DcfKey, lo: int, hi: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:

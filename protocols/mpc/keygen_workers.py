@@ -53,6 +53,15 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
+def _read_into(stream: BinaryIO, target: memoryview) -> None:
+    done = 0
+    while done < target.nbytes:
+        got = stream.readinto(target[done:])
+        if not got:
+            raise EOFError(f"pipe closed after {done} of {target.nbytes} bytes")
+        done += got
+
+
 class KeygenWorkers:
     """``processes`` child processes that generate DCF correction words for ranges of elements."""
 
@@ -84,17 +93,19 @@ class KeygenWorkers:
                     stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT), close_fds=True))
             return list(self._children)
 
-    def corrections(self, bits: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Correction words of each part ``(alpha [m], beta [m], seeds [2, m, 2])``, at most
-        ``processes`` parts, each on its own worker."""
+    def corrections(self, bits: int, parts: list[fss.Part]) -> None:
+        """Fill each part's destinations with the correction words of ``(alpha [m], beta [m],
+        seeds [2, m, 2])``, at most ``processes`` parts, each on its own worker (read from the
+        pipe straight into the destinations)."""
         if len(parts) > self.processes:
             raise KeygenError(f"{len(parts)} parts for {self.processes} worker processes")
         with self._lock:
             children = self._start()
             try:
-                for child, (alpha, beta, seeds) in zip(children, parts):
+                for child, (alpha, beta, seeds, _) in zip(children, parts):
                     self._send(child, bits, alpha, beta, seeds)
-                return [self._receive(child) for child in children[:len(parts)]]
+                for child, part in zip(children, parts):
+                    self._receive(child, part[3])
             except (OSError, EOFError, ValueError) as exc:
                 self._stop()  # a worker is gone or out of step: start afresh next time
                 raise KeygenError(f"a key-generation worker failed: {type(exc).__name__}: {exc}") from exc
@@ -110,14 +121,17 @@ class KeygenWorkers:
         stdin.flush()
 
     @staticmethod
-    def _receive(child: subprocess.Popen[bytes]) -> np.ndarray:
+    def _receive(child: subprocess.Popen[bytes], destinations: list[np.ndarray]) -> None:
         stdout = child.stdout
         assert stdout is not None
         status, size = HEADER.unpack(_read_exact(stdout, HEADER.size))
-        payload = _read_exact(stdout, size)
         if status != OK:
-            raise ValueError(payload.decode(errors="replace"))
-        return np.frombuffer(payload, dtype=np.int64)
+            raise ValueError(_read_exact(stdout, size).decode(errors="replace"))
+        expected = sum(d.nbytes for d in destinations)
+        if size != expected:
+            raise ValueError(f"a worker answered {size} bytes for {expected}")
+        for destination in destinations:
+            _read_into(stdout, memoryview(destination).cast("B"))
 
     def _stop(self) -> None:
         with self._children_lock:
