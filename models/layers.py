@@ -148,17 +148,19 @@ class _Norm(Calibrated):
         wide = data.get("wide")
         self.wide = None if wide is None else {k: float(wide[k]) for k in ("shift", "lo", "hi")}
 
-    def _normalize(self, x: Any) -> Any:
-        """``x / sqrt(mean(x^2, -1) + eps)``; in narrow mode through :func:`models.ops.scaled_rows`
-        (both products on ``x``, which a protocol may fuse)."""
+    def _normalize(self, x: Any, weight: Any) -> Any:
+        """``x / sqrt(mean(x^2, -1) + eps) * weight``; in narrow mode through
+        :func:`models.ops.scaled_rows` (the products on ``x``, which a protocol may fuse or batch:
+        ``x * weight`` in the same round as ``x^2``)."""
         if self.wide is not None or self._energy is not None:
-            return x * self._inv_rms(x)
-        return ops.scaled_rows(x, self._inv_from_squares)
+            return x * self._inv_rms(x) * weight
+        return ops.scaled_rows(x, self._inv_from_squares, weight)
 
-    def _inv_from_squares(self, squares: Any) -> Any:
+    def _inv_from_squares(self, squares: Any, times: Any = None) -> Any:
+        """``1 / sqrt(mean(squares) + eps)`` per row (times ``times`` when given)."""
         ms = squares.mean(-1, keepdim=True) + self.eps
         self._observe(ms)
-        return ops.inv_sqrt(ms, self.mpc_scale)
+        return ops.inv_sqrt(ms, self.mpc_scale, times)
 
     def _inv_rms(self, x: Any) -> Any:
         """``1 / sqrt(mean(x^2, -1) + eps)`` with the dim kept."""
@@ -182,7 +184,7 @@ class LayerNorm(_Norm):
 
     def forward(self, x: Any) -> Any:
         centred = x - x.mean(-1, keepdim=True)
-        out = self._normalize(centred) * self.weight
+        out = self._normalize(centred, self.weight)
         return out if self.bias is None else out + self.bias
 
 
@@ -194,7 +196,7 @@ class RMSNorm(_Norm):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Any) -> Any:
-        return self._normalize(x) * self.weight
+        return self._normalize(x, self.weight)
 
 
 class AffineNorm(_Norm):

@@ -113,12 +113,17 @@ def _kernel(name: str) -> Callable[..., Any]:
     return impl
 
 
-def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
-    """``x * finish(x * x)``: a norm's input times a row factor computed from its squares. On
-    shares the two products share the operand ``x``; a fused kernel opens it once."""
+def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Tensor | None = None) -> Tensor:
+    """``x * finish(x * x) * weight``: a norm's input times a row factor computed from its
+    squares, times a per-column gain (``None``: none). ``finish(squares)`` returns the row
+    factor; ``finish(squares, times)`` must return ``times`` times it (an encrypted kernel with a
+    secret gain passes ``x * weight`` so the factor's last product includes it). On shares the
+    products share the operand ``x``; a fused kernel opens it once, or forms ``x * weight`` with
+    the squares (two rounds fewer than multiplying by the factor, then a secret gain)."""
     if is_plain(x):
-        return x * finish(square(x))
-    return _kernel("scaled_rows")(x, finish)
+        out = x * finish(square(x))
+        return out if weight is None else out * weight
+    return _kernel("scaled_rows")(x, finish, weight)
 
 
 @contextlib.contextmanager
@@ -157,11 +162,12 @@ def reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: bool = Fa
     return _kernel("reciprocal")(x, scale, positive)
 
 
-def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``1 / sqrt(x)`` for positive x; ``scale`` as in :func:`reciprocal`."""
+def inv_sqrt(x: Tensor, scale: float = 1.0, times: Tensor | None = None) -> Tensor:
+    """``times / sqrt(x)`` (``times`` None: ``1 / sqrt(x)``) for positive x; ``scale`` as in
+    :func:`reciprocal`. On shares a secret ``times`` may share the approximation's last product."""
     if is_plain(x):
-        return torch.rsqrt(x)
-    return _kernel("inv_sqrt")(x, scale)
+        return torch.rsqrt(x) if times is None else times * torch.rsqrt(x)
+    return _kernel("inv_sqrt")(x, scale, times)
 
 
 def rowdot(x: Tensor, y: Tensor) -> Tensor:

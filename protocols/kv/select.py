@@ -239,14 +239,42 @@ class OpCount:
 
 
 # Online per-element costs per party of privinf's protocol (2 parties, dealer, FSS comparisons):
-# an open is one 8-byte ring element in one round; an FSS comparison opens one masked element
-# in 5 bytes at the default 40 bits (tests/unit/test_fss.py); exp is CrypTen's 8 squarings;
-# the range-reduced reciprocal (protocols.mpc.numerics) is 191 comparisons against public thresholds
-# (8 per octave) plus 10 opens in 5 rounds.
-# Offline material is not priced here: an FSS key is ~1 KB per comparison and party, a one-hot
+# an open is one 8-byte ring element in one round; an FSS comparison opens one masked element in
+# ceil(bits / 8) bytes: 5 at the default 40 bits and at the softmax max's exact 33 bits
+# (``compare``), 3 at up to 24 bits (``compare_narrow``: the max's truncated binary levels, the
+# win counts of its groups); exp is CrypTen's 8 squarings; the range-reduced reciprocal
+# (protocols.mpc.numerics) is one comparison at 40 bits (all 383 public thresholds on one key and
+# one opening) plus 8 opens in 4 rounds. Offline material is not priced here: an FSS key is
+# ~0.5-1 KB per comparison and party (573 B at 23 bits, 816 B at 33, 986 B at 40), a one-hot
 # D ring elements per value, a Beaver correction one ring element per product element.
-BYTES_PER = {"open": 8, "compare": 5, "exp": 64, "reciprocal": 191 * 5 + 10 * 8}
-ROUNDS_PER = {"open": 1, "compare": 1, "exp": 8, "reciprocal": 5}
+BYTES_PER = {"open": 8, "compare": 5, "compare_narrow": 3, "exp": 64, "reciprocal": 5 + 8 * 8}
+ROUNDS_PER = {"open": 1, "compare": 1, "compare_narrow": 1, "exp": 8, "reciprocal": 4}
+
+
+def _max_ops(rows: int, n: int) -> list[OpCount]:
+    """The softmax max's tournament over ``rows`` rows of ``n`` entries as
+    :func:`protocols.mpc.numerics._tournament` runs it: binary levels (a truncated comparison and
+    a product per pair) while the row is longer than ``ALL_PAIRS_LIMIT``, then groups compared
+    all-pairs (exact), their win counts tested, and one product keeping each group's winner."""
+    out: list[OpCount] = []
+    while n > 1:
+        if n > numerics.ALL_PAIRS_LIMIT:
+            pairs = n // 2
+            out += [OpCount("softmax.max", "compare_narrow", rows * pairs, 1),
+                    OpCount("softmax.max.select", "open", 2 * rows * pairs, 1)]
+            n -= pairs
+            continue
+        g = min(n, numerics.SINGLE_GROUP)
+        groups = -(-n // g)
+        out += [OpCount("softmax.max", "compare", rows * groups * g * (g - 1) // 2, 1),
+                OpCount("softmax.max.wins", "compare_narrow", rows * groups * g, 1),
+                OpCount("softmax.max.select", "open", 2 * rows * groups * g, 1)]
+        n = groups
+    merged: dict[tuple[str, str], tuple[int, int]] = {}
+    for o in out:
+        elements, rounds = merged.get((o.what, o.kind), (0, 0))
+        merged[(o.what, o.kind)] = (elements + o.elements, rounds + o.rounds)
+    return [OpCount(what, kind, elements, rounds) for (what, kind), (elements, rounds) in merged.items()]
 
 
 def _attention_ops(config: ModelConfig, attended: int, stored: int) -> list[OpCount]:
@@ -254,11 +282,9 @@ def _attention_ops(config: ModelConfig, attended: int, stored: int) -> list[OpCo
     entries of which ``attended`` are read: ``q K^T`` opens ``q - A`` only, ``w V`` ``w - A``
     only (over the whole cache when a selection scatters the weights back)."""
     h, d = config.heads, config.head_dim
-    levels = math.ceil(math.log2(max(attended, 2)))
     return [
         OpCount("qk", "open", h * d, 1),
-        OpCount("softmax.max", "compare", h * max(attended - 1, 0), levels),
-        OpCount("softmax.max.select", "open", 2 * h * max(attended - 1, 0), levels),
+        *_max_ops(h, attended),
         OpCount("softmax.exp", "exp", h * attended, 1),
         OpCount("softmax.recip", "reciprocal", h, 1),
         OpCount("softmax.norm", "open", h * attended + h, 1),
@@ -326,8 +352,7 @@ def eviction_cost(policy: KVPolicy, config: ModelConfig, prompt: int,
                OpCount("evict.fill", "compare", kvh * 3 * n * layers, 2 * layers)]
     return [
         OpCount("evict.scores", "open", (voters * d + config.heads * prompt * d) * layers, layers),
-        OpCount("evict.softmax.max", "compare", voters * prompt * layers,
-                math.ceil(math.log2(prompt)) * layers),
+        *[OpCount(f"evict.{o.what}", o.kind, o.elements * layers, o.rounds * layers) for o in _max_ops(voters, prompt)],
         OpCount("evict.softmax.exp", "exp", voters * prompt * layers, layers),
         *top,
         OpCount("evict.compact", "open", kvh * n * layers, layers),

@@ -81,22 +81,35 @@ def open_low_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """``(mine + theirs) mod 2^bits`` for int64 ``values`` already in ``[0, 2^bits)``, sending
     ``ceil(bits / 8)`` bytes per element (packed into int64 words, so CrypTen's own counters
     stay in bytes) instead of 8: one exchange through CrypTen's communicator, one round."""
+    return open_with(values, bits, None)[0]
+
+
+def open_with(values: torch.Tensor, bits: int, extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`open_low_bits` of ``values`` and, in the same exchange (one round), the sum of both
+    parties' int64 shares ``extra`` (e.g. a Beaver opening that does not depend on the result)."""
     comm = crypten.communicator.get()
     low = (1 << bits) - 1 if bits < 64 else -1
     width = (bits + 7) // 8
+    tail = torch.zeros(0, dtype=torch.int64) if extra is None else extra.reshape(-1)
     if width >= 8 or sys.byteorder != "little":
-        return comm.all_reduce(values) & low
+        total = comm.all_reduce(torch.cat([values.reshape(-1), tail]))
+        return (total[:values.numel()].reshape(values.shape) & low,
+                None if extra is None else total[values.numel():].reshape(extra.shape))
     n = values.numel()
     raw = values.reshape(-1).numpy().view(np.uint8).reshape(n, 8)[:, :width]
     packed = np.zeros(-(-n * width // 8) * 8, dtype=np.uint8)
     packed[:n * width] = raw.ravel()
-    gathered = comm.all_gather(torch.from_numpy(packed.view(np.int64)))
+    mine = torch.cat([torch.from_numpy(packed.view(np.int64)), tail])
+    gathered = comm.all_gather(mine)
     words = gathered[1 - comm.get_rank()].numpy()
-    if words.shape != (packed.size // 8,):
-        raise ComparisonError(f"peer opened {words.shape} words, expected {packed.size // 8}")
+    if words.shape != tuple(mine.shape):
+        raise ComparisonError(f"peer opened {words.shape} words, expected {tuple(mine.shape)}")
     theirs = np.zeros((n, 8), dtype=np.uint8)
-    theirs[:, :width] = words.view(np.uint8)[:n * width].reshape(n, width)
-    return (values + torch.from_numpy(theirs.view(np.int64).reshape(values.shape))) & low
+    theirs[:, :width] = words[:packed.size // 8].view(np.uint8)[:n * width].reshape(n, width)
+    opened = (values + torch.from_numpy(theirs.view(np.int64).reshape(values.shape))) & low
+    if extra is None:
+        return opened, None
+    return opened, (tail + torch.from_numpy(words[packed.size // 8:].copy())).reshape(extra.shape)
 
 
 def shift_for(points: Sequence[float], resolution: float, bits: int) -> int:
@@ -120,10 +133,12 @@ def truncated(share: np.ndarray, bits: int, shift: int) -> np.ndarray:
     return (low >> np.uint64(shift)).view(np.int64)
 
 
-def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> torch.Tensor:
+def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray,
+          extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This party's shares of ``[x' < c_j]`` [*x.shape, J] for ``x' = floor((x mod 2^bits) / 2^shift)``
     (the carry of the dropped bits aside) and integer ``points`` on that grid, from one key
-    of ``bits - shift`` bits and one opening."""
+    of ``bits - shift`` bits and one opening (with the shares ``extra`` opened in the same
+    exchange, :func:`open_with`)."""
     width = bits - shift
     if np.any(np.abs(points) >= 2 ** (width - 2)):
         raise ComparisonError(f"thresholds {points.tolist()} do not fit a {width}-bit gate")
@@ -132,13 +147,13 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray) -> t
         raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
     key = provider.sign_key(share.shape, width)
     masked = torch.from_numpy(key.masked(truncated(share.reshape(-1).numpy(), bits, shift)))
-    opened = open_low_bits(masked, width)
+    opened, extra_opened = open_with(masked, width, extra)
     bits_out = key.evaluate_points(opened.numpy(), points)
     ledger = getattr(crypten.communicator.get(), "ledger", None)
     if ledger is not None:
         ledger.record_extra(f"fss_keys_{bits}b_shift{shift}", share.numel())
         ledger.record_extra(f"fss_points_{bits}b_shift{shift}", bits_out.size)
-    return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0])
+    return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0]), extra_opened
 
 
 def grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
@@ -154,7 +169,7 @@ def less_than_zero(x: Any, provider: Any, bits: int) -> Any:
     the keys); the opening goes through CrypTen's communicator, so it is counted like any other.
     """
     shift = shift_for([0.0], ops.comparison_resolution() * int(x.encoder.scale), bits)
-    bit = _gate(x, provider, bits, shift, np.zeros(1, dtype=np.int64))
+    bit, _ = _gate(x, provider, bits, shift, np.zeros(1, dtype=np.int64))
     return MPCTensor.from_shares(bit.reshape(x._tensor.share.shape), precision=0)
 
 
@@ -166,14 +181,22 @@ def below(x: Any, points: Sequence[float]) -> Any:
     resolution. Otherwise (CrypTen's circuit, or no privinf party bound to the thread) CrypTen's
     ``x - c_j < 0``.
     """
+    return below_opening(x, points, None)[0]
+
+
+def below_opening(x: Any, points: Sequence[float], extra: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+    """:func:`below`, and the sum of both parties' int64 shares ``extra`` opened in the same round
+    (without FSS comparisons: in an exchange of its own through CrypTen's communicator)."""
     simulated = getattr(x, "compare_below", None)  # a protocols.mpc.simulate value computes the gate's result
     if simulated is not None:
-        return simulated(points)
+        return simulated(points), extra
     context = bound()
     if context is None or not context.compares_with_keys(x):
-        return (x.unsqueeze(-1) - torch.tensor(list(points), dtype=torch.float64)) < 0
+        bits = (x.unsqueeze(-1) - torch.tensor(list(points), dtype=torch.float64)) < 0
+        return bits, (None if extra is None else crypten.communicator.get().all_reduce(extra))
     config = context.config
     scale = int(x.encoder.scale)
     bits = bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
     shift = shift_for([c * scale for c in points], ops.comparison_resolution() * scale, bits)
-    return MPCTensor.from_shares(_gate(x, context.provider, bits, shift, grid(points, scale, shift)), precision=0)
+    result, opened = _gate(x, context.provider, bits, shift, grid(points, scale, shift), extra)
+    return MPCTensor.from_shares(result, precision=0), opened

@@ -6,9 +6,10 @@ T^2``, ``g`` an even degree-6 polynomial in ``v``, ``w = [x > T] - [x < -T]`` an
 ``v^2`` twice: 7 openings for the powers and the last products, plus 4 for those products'
 other operands. Here the dealer's ``gelu`` tuple gives one mask per operand (``x, v, v^2, v^3,
 v^4, inside, even, w``) and the products of the pairs that meet (``dealer.GELU_PRODUCTS``), so
-each operand is opened once: ``x``, ``v``, ``v^2``, ``(v^3, v^4)``, ``(inside, g, w)`` in five
-rounds, 8 ring elements per element instead of 12, plus the range tests (one 21-bit key, 3
-bytes opened: :func:`protocols.mpc.numerics.gelu_range`): about 67 bytes per element instead of 91.
+each operand is opened once: ``x`` (in the same exchange as the range tests' masked input: one
+21-bit key, 3 bytes, :func:`protocols.mpc.numerics.gelu_range_opening`), ``v``, ``v^2``,
+``(v^3, v^4)``, ``(inside, g, w)``: five rounds (six with ``x`` opened on its own), 8 ring
+elements per element instead of 12 plus the range tests: about 67 bytes per element instead of 91.
 
 Products of two opened operands ``(e1 + a1)(e2 + a2) = e1 e2 + e1 a2 + a1 e2 + a1 a2`` (party 0
 adds ``e1 e2``; ``a1 a2`` comes shared from the dealer); every product has two fixed-point
@@ -62,8 +63,8 @@ def gelu(x: MPCTensor, form: str = "erf") -> MPCTensor:
     """``numerics.gelu`` (same polynomial and range, for either ``form``), each operand opened once."""
     t = numerics.GELU_RANGE
     party = _Party(x)
-    inside, w = numerics.gelu_range(x)
-    party.open(x=x)
+    inside, w, opened = numerics.gelu_range_opening(x, x.share - party.mask["x"])
+    party.opened["x"] = opened  # x's Beaver opening rides in the range tests' exchange
     v = party.times("x", "x") * (1.0 / (t * t))
     party.open(v=v)
     v2 = party.times("v", "v")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from protocols.mpc import fixed_point
+from protocols.mpc import fixed_point, numerics
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib import provider as crypten_provider
 
@@ -49,9 +49,20 @@ def opened_product(e1: torch.Tensor, a1: torch.Tensor, e2: torch.Tensor, a2: tor
     return fixed_point.truncated(z, fixed_point.precision_bits())
 
 
-def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:
-    """``x * finish(x * x)`` with ``x`` [..., n, d] opened once; ``finish`` maps the squares to a
-    row factor [..., n, 1] (e.g. the inverse root mean square)."""
+def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor], weight: Any = None) -> MPCTensor:
+    """``x * finish(x * x) * weight`` with ``x`` [..., n, d] opened once; ``finish`` maps the
+    squares to a row factor [..., n, 1] (e.g. the inverse root mean square). A secret ``weight``
+    (a norm's gain) goes to :func:`protocols.mpc.numerics.scaled_rows`, which forms ``x * weight``
+    with the squares in one round (the rowscale tuple has no mask for it)."""
+    if weight is None:
+        return _fused(x, finish)
+    if torch.is_tensor(weight):
+        return _fused(x, finish) * weight
+    return numerics.scaled_rows(x, finish, weight)
+
+
+def _fused(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:
+    """``x * finish(x * x)`` from one opening of ``x`` and one of the row factor."""
     share = _share(x, "the normalised operand")
     context = crypten_provider.current()
     comm = crypten.communicator.get()

@@ -44,15 +44,17 @@ from typing import Any
 import torch
 
 from models import ops
-from protocols.mpc.compare import below
+from protocols.mpc.compare import below, below_opening
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
 RECIPROCAL_POWERS = (-14, 9)  # k range of x / scale for reciprocals: [2^-14, 2^10)
 INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [4^-7, 4^6)
-RECIPROCAL_PIECES = 8  # first-guess pieces per octave of the reciprocal (one Newton step after)
-INV_SQRT_PIECES = 8    # first-guess pieces per power of four of the inverse square root
+RECIPROCAL_PIECES = 16  # quadratic pieces per octave of the reciprocal
+INV_SQRT_PIECES = 128  # linear pieces per power of four of the inverse square root
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
+ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups once the row is this short
+SINGLE_GROUP = 16      # ... in groups of up to 16 entries
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
@@ -93,29 +95,62 @@ def _power_factors(x: Tensor, base: float, first: int, last: int, exponents: Seq
 
 
 @functools.lru_cache(maxsize=8)
-def _first_guess_table(base: float, first: int, last: int, pieces: int, exponent: float) -> dict[str, torch.Tensor]:
-    """Thresholds and per-interval values of the piecewise first guess of ``x^exponent``.
+def _piece_table(base: float, first: int, last: int, pieces: int, exponent: float,
+                 degree: int) -> dict[str, torch.Tensor]:
+    """Thresholds and per-interval values of a piecewise polynomial for ``x^exponent``.
 
     The thresholds are ``base^p g_j`` for powers p in [first, last] and ``g_j = base^(j /
-    pieces)``; an x in interval (p, j) has ``m = x base^-p`` in [g_j, g_(j+1)), where the line
-    ``alpha + beta m`` is the minimax linear approximation of ``m^exponent``. Interval 0 also
-    takes every x below the first threshold, the last every x above the last one (a clamped k).
-    Returns ``thresholds`` [J] and, per interval [J + 1], ``f`` (``base^-p``), ``out``
-    (``base^(p exponent)``), ``alpha`` and ``beta``.
+    pieces)``; an x in interval (p, j) has ``m = x base^-p`` in [g_j, g_(j+1)), where ``x^exponent
+    = base^(p exponent) sum_i c_i u^i`` with ``u = m - g_j`` (``c_i`` fitted for the least
+    relative error at Chebyshev nodes: near-minimax). Interval 0 also takes every x below the
+    first threshold, the last every x above the last one (a clamped k). Returns ``thresholds``
+    [J] and, per interval [J + 1], ``f`` (``base^-p``), ``left`` (``g_j``) and ``d0``..``d<degree>``
+    (``base^(p exponent) c_i``).
     """
     grid = [base ** (j / pieces) for j in range(pieces + 1)]
+    nodes = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, 4 * degree + 9, dtype=torch.float64))
     rows = []
     for p in range(first, last + 1):
         for j in range(pieces):
             a, b = grid[j], grid[j + 1]
-            m = torch.linspace(a, b, 257, dtype=torch.float64)
-            beta = (b ** exponent - a ** exponent) / (b - a)
-            gap = m ** exponent - (a ** exponent + beta * (m - a))  # one-signed: the power is convex
-            alpha = a ** exponent - beta * a + 0.5 * (float(gap.max()) + float(gap.min()))
-            rows.append((base ** p * a, base ** -p, base ** (p * exponent), alpha, beta))
+            u = nodes * (b - a)
+            target = (a + u) ** exponent
+            design = torch.stack([u ** i for i in range(degree + 1)], dim=-1) / target[:, None]
+            coeffs = torch.linalg.lstsq(design, torch.ones_like(u)[:, None]).solution[:, 0]
+            rows.append([base ** p * a, base ** -p, a] + (base ** (p * exponent) * coeffs).tolist())
     table = torch.tensor(rows, dtype=torch.float64)
-    return {"thresholds": table[1:, 0], "f": table[:, 1], "out": table[:, 2], "alpha": table[:, 3],
-            "beta": table[:, 4]}
+    out = {"thresholds": table[1:, 0], "f": table[:, 1], "left": table[:, 2]}
+    out.update({f"d{i}": table[:, 3 + i] for i in range(degree + 1)})
+    return out
+
+
+def _piecewise_power(x: Tensor, base: float, powers: tuple[int, int], pieces: int, exponent: float,
+                     degree: int, times: Tensor | None = None) -> Tensor:
+    """``x^exponent`` for positive ``x`` in [base^first, base^(last+1)) from one comparison key:
+    the interval's factor ``base^-p``, left end and coefficients are local sums of the bits
+    (:func:`_interval_values`), ``u = x base^-p - g_j`` one product, then ``sum_i d_i u^i``: one
+    product more for degree 1, two for degree 2 (``d_1 u`` with ``d_2 u``, then ``(d_2 u) u``).
+
+    With secret ``times`` [..., d] (degree 1; ``x`` [..., 1], e.g. a norm's rows): ``times *
+    x^exponent = times d_0 + (times d_1) u``, the two products on ``times`` batched with the one
+    forming ``u`` (one exchange), then one more: the same three rounds as ``x^exponent`` alone."""
+    if degree not in (1, 2) or (times is not None and degree != 1):
+        raise ValueError(f"piecewise degree must be 1 or 2 (1 with a factor), got {degree}")
+    table = _piece_table(base, *powers, pieces, exponent, degree)
+    factor, left, *coeffs = _interval_values(x, table, ("f", "left") + tuple(f"d{i}" for i in range(degree + 1)))
+    if times is not None:
+        shape, rows = tuple(times.shape), x.nelement()
+        flat = [v.expand(shape).reshape(-1) for v in coeffs]
+        both = ops.cat([x.reshape(-1), times.reshape(-1), times.reshape(-1)]) * ops.cat([factor.reshape(-1), *flat])
+        u = both[:rows].reshape(x.shape) - left
+        scaled = both[rows:rows + times.nelement()].reshape(shape)
+        return scaled + both[rows + times.nelement():].reshape(shape) * u
+    u = x * factor - left
+    if degree == 1:
+        return coeffs[1] * u + coeffs[0]
+    width = u.shape[-1]
+    linear = ops.cat([coeffs[1], coeffs[2]], dim=-1) * ops.cat([u, u], dim=-1)
+    return coeffs[0] + linear[..., :width] + linear[..., width:] * u
 
 
 def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[str]) -> list[Tensor]:
@@ -142,19 +177,11 @@ def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[
 
 
 def _reciprocal_reduced(x: Tensor) -> Tensor:
-    """Positive ``x`` in [2^first, 2^(last+1)): ``m = x 2^-k`` in [1, 2), a piecewise-linear first
-    guess ``y`` of ``1 / m`` chosen by the same comparisons that find k (relative error < 1e-3),
-    then one Newton step with the factor ``2^-k`` folded in: ``2^-k y (2 - m y) = 2 (2^-k y) -
-    (m y)(2^-k y)``. Five rounds: the comparisons, ``m``, ``y``, ``m y`` with ``2^-k y``, their
-    product (the Newton steps from one linear guess took nine)."""
-    table = _first_guess_table(2.0, *RECIPROCAL_POWERS, RECIPROCAL_PIECES, -1.0)
-    factor, alpha, beta = _interval_values(x, table, ("f", "alpha", "beta"))
-    m = x * factor
-    y = m * beta + alpha
-    width = y.shape[-1]
-    both = ops.cat([m, factor], dim=-1) * ops.cat([y, y], dim=-1)
-    my, fy = both[..., :width], both[..., width:]
-    return fy * 2.0 - my * fy
+    """Positive ``x`` in [2^first, 2^(last+1)): ``1 / x = 2^-k / m`` with ``m = x 2^-k`` in [1, 2),
+    a quadratic in ``m`` per sixteenth of an octave chosen by the same comparisons that find k
+    (relative error < 3e-6): four rounds (the comparisons, ``m``, two products; the linear
+    guess and one Newton step took five, three Newton steps nine)."""
+    return _piecewise_power(x, 2.0, RECIPROCAL_POWERS, RECIPROCAL_PIECES, -1.0, 2)
 
 
 def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
@@ -165,21 +192,12 @@ def _reciprocal_exp_seeded(x: Tensor) -> Tensor:
     return guess
 
 
-def _inv_sqrt_reduced(x: Tensor) -> Tensor:
-    """Positive ``x``: ``m = x 4^-k`` in [1, 4), a piecewise-linear first guess ``y`` of
-    ``m^-1/2`` chosen by the comparisons that find k (relative error < 1.5e-3), then one Newton
-    step with the factor ``2^-k`` folded in: ``2^-k y (3 - m y^2) / 2 = 1.5 (2^-k y) - 0.5
-    ((2^-k m) y) y^2``. Five rounds: the comparisons, ``m``, ``y`` with ``2^-k m``, ``y^2`` with
-    ``(2^-k m) y`` and ``2^-k y``, the last product (three Newton steps took nine)."""
-    table = _first_guess_table(4.0, *INV_SQRT_POWERS, INV_SQRT_PIECES, -0.5)
-    factor4, factor2, alpha, beta = _interval_values(x, table, ("f", "out", "alpha", "beta"))
-    m = x * factor4
-    width = m.shape[-1]
-    guess = ops.cat([beta, factor2], dim=-1) * ops.cat([m, m], dim=-1)
-    y, sm = guess[..., :width] + alpha, guess[..., width:]
-    three = ops.cat([y, sm, factor2], dim=-1) * ops.cat([y, y, y], dim=-1)
-    square, smy, sy = three[..., :width], three[..., width:2 * width], three[..., 2 * width:]
-    return sy * 1.5 - smy * square * 0.5
+def _inv_sqrt_reduced(x: Tensor, times: Tensor | None = None) -> Tensor:
+    """Positive ``x``: ``x^-1/2 = 2^-k m^-1/2`` with ``m = x 4^-k`` in [1, 4), a line in ``m`` per
+    1/128 of a power of four chosen by the same comparisons that find k (relative error < 6e-6;
+    the norms compare one element per row, so 1,663 thresholds on one key cost little): three
+    rounds (the comparisons, ``m``, one product; a linear guess and one Newton step took five)."""
+    return _piecewise_power(x, 4.0, INV_SQRT_POWERS, INV_SQRT_PIECES, -0.5, 1, times)
 
 
 def _reciprocal(x: Tensor, scale: float | torch.Tensor, positive: bool,
@@ -202,19 +220,22 @@ def crypten_reciprocal(x: Tensor, scale: float | torch.Tensor = 1.0, positive: b
     return _reciprocal(x, scale, positive, _reciprocal_exp_seeded)
 
 
-def inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``1 / sqrt(x)`` for positive shares: range-reduced Newton on ``x / scale`` (exact for
-    ``x / scale`` in [4^-7, 4^6))."""
+def inv_sqrt(x: Tensor, scale: float = 1.0, times: Any = None) -> Tensor:
+    """``times / sqrt(x)`` (``times`` None: 1) for positive shares: range-reduced on ``x / scale``
+    (exact for ``x / scale`` in [4^-7, 4^6)); a secret ``times`` costs one round, not two
+    (:func:`_piecewise_power`)."""
     if scale != 1.0:
-        return inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
-    return _inv_sqrt_reduced(x)
+        return inv_sqrt(x * (1.0 / scale), times=times) * (1.0 / math.sqrt(scale))
+    if times is not None and ops.is_plain(times):
+        return _inv_sqrt_reduced(x) * times
+    return _inv_sqrt_reduced(x, times)
 
 
-def crypten_inv_sqrt(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``1 / sqrt(x)`` for positive shares with CrypTen's own inverse square root on ``x / scale``."""
+def crypten_inv_sqrt(x: Tensor, scale: float = 1.0, times: Any = None) -> Tensor:
+    """``times / sqrt(x)`` for positive shares with CrypTen's own inverse square root on ``x / scale``."""
     if scale != 1.0:
-        return crypten_inv_sqrt(x * (1.0 / scale)) * (1.0 / math.sqrt(scale))
-    return x.inv_sqrt()
+        return crypten_inv_sqrt(x * (1.0 / scale), times=times) * (1.0 / math.sqrt(scale))
+    return x.inv_sqrt() if times is None else times * x.inv_sqrt()
 
 
 def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -244,11 +265,19 @@ def gelu_range(x: Tensor) -> tuple[Tensor, Tensor]:
     the polynomial's error there is at most 8.2e-4, no worse than ReLU's at ``|x| = T`` (8.1e-4),
     so the kernel's error bound is unchanged (tests/unit/test_gelu_range.py checks both edges).
     """
+    inside, w, _ = gelu_range_opening(x, None)
+    return inside, w
+
+
+def gelu_range_opening(x: Tensor, extra: torch.Tensor | None) -> tuple[Tensor, Tensor, torch.Tensor | None]:
+    """:func:`gelu_range` and the int64 shares ``extra`` opened in the same round
+    (:func:`protocols.mpc.compare.below_opening`; the fused GeLU opens its masked input there)."""
     t, d = GELU_RANGE, GELU_RESOLUTION
     with ops.compare_bound(GELU_COMPARE_BOUND, d):
-        bits = as_fixed_point(below(x, [-t - d, t]), x)
+        raw, opened = below_opening(x, [-t - d, t], extra)
+    bits = as_fixed_point(raw, x)
     low, high = bits[..., 0], bits[..., 1]  # [x < -T - d], [x < T]
-    return high - low, 1.0 - high - low
+    return high - low, 1.0 - high - low, opened
 
 
 def gelu(x: Tensor, form: str = "erf") -> Tensor:
@@ -279,58 +308,128 @@ def crypten_gelu(x: Tensor, form: str = "erf") -> Tensor:
     return x * (x * GELU_SIGMOID_SLOPE).sigmoid()
 
 
-def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor]) -> Tensor:
-    """``x * finish(x * x)`` with two Beaver products (``protocols.mpc.fused_norm`` opens ``x`` once)."""
-    return x * finish(x.square())
+def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Any = None) -> Tensor:
+    """``x * finish(x * x) * weight`` with Beaver products: a secret ``weight`` (a norm's gain,
+    the server's) is multiplied into ``x`` in the same product as the squares, and ``finish(x *
+    x, x * weight)`` multiplies its row factor into it (:func:`inv_sqrt`'s ``times``), so neither
+    the gain nor the final product costs a round of its own (``protocols.mpc.fused_norm`` opens
+    ``x`` once without a gain)."""
+    if weight is None:
+        return x * finish(x.square())
+    if ops.is_plain(weight):
+        return (x * weight) * finish(x.square())
+    width = x.shape[-1]
+    both = ops.cat([x, x], dim=-1) * ops.cat([x, weight.expand(x.shape)], dim=-1)
+    return finish(both[..., :width], both[..., width:])
+
+
+def _group_winners(head: Tensor) -> Tensor:
+    """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest
+    of equal ones), at ``head``'s scale, in two rounds of comparisons: all g (g - 1) / 2 pairs at
+    once (exact, under the caller's magnitude bound), then ``[wins == g - 1]`` of each entry's
+    win count (a linear sum of the pair bits; the exact pairs order the group totally, so one
+    entry wins all)."""
+    g = head.size(-1)
+    last = head.dim() - 1
+    first, second = torch.triu_indices(g, g, 1)
+    diff = ops.index(head, last, first) - ops.index(head, last, second)
+    bound = ops.comparison_bound()
+    with ops.compare_bound(bound, 0.0) if bound is not None else contextlib.nullcontext():
+        later = diff < 0  # [x_j > x_i] for each pair i < j: the later entry wins
+    if g == 2:
+        return as_fixed_point(ops.cat([1 - later, later], dim=-1), head)
+    moves = torch.zeros(len(first), g)
+    moves[torch.arange(len(first)), first] = -1.0
+    moves[torch.arange(len(first)), second] = 1.0
+    wins = later.matmul(moves) + torch.arange(g - 1, -1, -1, dtype=torch.float32)  # scale 1, exact
+    with ops.compare_bound(2.0 * g):
+        return as_fixed_point(1 - (wins < g - 1), head)
+
+
+def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
+    """One binary level: neighbours compared (ties keep the earlier), the winner (value and
+    position stacked) kept by one product; an odd entry out waits for the next level."""
+    last = x.dim() - 1
+    m = x.size(-1)
+    even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
+    a, b = ops.index(x, last, even), ops.index(x, last, odd)
+    take_a = as_fixed_point(a >= b, a)
+    where = None
+    if position is None:
+        top = take_a * (a - b) + b
+    else:
+        ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
+        if ops.is_plain(ia):
+            top, where = take_a * (a - b) + b, take_a * (ia - ib) + ib
+        else:
+            both = type(a).stack([a - b, ia - ib]) * take_a
+            top, where = both[0] + b, both[1] + ib
+    if m % 2:
+        final = torch.tensor([m - 1])
+        top = ops.cat([top, ops.index(x, last, final)], dim=-1)
+        if position is not None:
+            where = ops.cat([where, ops.index(position, last, final)], dim=-1)
+    return top, where
+
+
+def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
+    """One level of groups of up to :data:`SINGLE_GROUP` (the row padded with copies of its first
+    entry, which change neither the max nor the first max's position): each group's winner by
+    :func:`_group_winners` and one product (value and position stacked)."""
+    last = x.dim() - 1
+    n = x.size(-1)
+    g = min(n, SINGLE_GROUP)
+    groups = -(-n // g)
+    order = torch.cat([torch.arange(n), torch.zeros(groups * g - n, dtype=torch.long)])
+    lead = tuple(x.shape[:-1])
+    head = ops.index(x, last, order).reshape(*lead, groups, g)
+    onehot = _group_winners(head)
+    if position is None:
+        return (onehot * head).sum(-1), None
+    spots = ops.index(position, last, order).reshape(*lead, groups, g)
+    if ops.is_plain(spots):
+        return (onehot * head).sum(-1), (onehot * spots).sum(-1)
+    both = (type(head).stack([head, spots]) * onehot).sum(-1)
+    return both[0], both[1]
+
+
+def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
+    """(max, position of the first max or None) over the last dim of shares ``x`` [..., n].
+
+    While the row is longer than :data:`ALL_PAIRS_LIMIT`, binary levels (a comparison and a
+    product: two rounds per halving, one comparison per pair, under the caller's
+    ``compare_bound`` and resolution); then levels of groups of up to :data:`SINGLE_GROUP` compared
+    all-pairs (:func:`_groups_level`: three rounds per level, a level dividing the row by up
+    to 16, exact comparisons). At 1024 entries: 3 binary levels and 2 group levels, 12 rounds
+    instead of 20, for 2.4x the comparisons (most of them in the short top levels)."""
+    while x.size(-1) > 1:
+        level = _pairs_level if x.size(-1) > ALL_PAIRS_LIMIT else _groups_level
+        x, position = level(x, position)
+    return x.squeeze(-1), (None if position is None else position.squeeze(-1))
 
 
 def row_max(x: Tensor, dim: int = -1) -> Tensor:
-    """Max over ``dim`` with the dim kept, by a pairwise tree on shares.
+    """Max over ``dim`` with the dim kept, by a tournament on shares (:func:`_tournament`).
 
-    Each level keeps ``b + relu(a - b)`` of the two halves: n - 1 comparisons per row in
-    ceil(log2 n) levels. CrypTen's ``max(dim)`` computes the arg-max one-hot as well (about 2.4x
-    the comparisons); measured on [12, 128, 128]: 43.2 MiB and 63 rounds per party instead of
-    125.6 MiB and 79. Under a ``compare_bound`` with a resolution (``models.ops.row_max``'s
-    ``slack``) a comparison may take ``a`` for ``a - b`` in (-slack, 0]: each level keeps an
-    entry within ``slack`` of the larger one, so the result is an entry at most ceil(log2 n) *
-    slack below the max (never above it).
+    CrypTen's ``max(dim)`` computes the arg-max one-hot as well (about 2.4x the comparisons of a
+    binary tree). Under a ``compare_bound`` with a resolution (``models.ops.row_max``'s
+    ``slack``) a binary level may keep an entry within ``slack`` below the larger one; the
+    all-pairs levels compare exactly (near-equal entries compared inexactly could leave a group
+    without a winner). The result is an entry at most (binary levels) x slack below the max.
     """
-    while x.size(dim) > 1:
-        n = x.size(dim)
-        a, b, rest = x.split([n // 2, n // 2, n % 2], dim=dim)
-        gap = a - b
-        top = b + gap * (gap > 0)
-        x = type(top).cat([top, rest], dim=dim) if n % 2 else top
-    return x
+    moved = x.transpose(dim, -1) if dim not in (-1, x.dim() - 1) else x
+    top, _ = _tournament(moved)
+    top = top.unsqueeze(-1)
+    return top.transpose(dim, -1) if moved is not x else top
 
 
 def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, index of the first max) over the last dim of shares ``x`` [..., n] by a tournament.
-
-    Each level compares neighbours once (``a >= b`` with ``a`` the earlier, so ties keep the
-    earlier entry, as ``torch.argmax`` does) and moves value and index with one product of the
-    comparison bit and the stacked differences: n - 1 comparisons in ceil(log2 n) rounds of them,
-    instead of CrypTen's one-hot arg-max (a max tree plus an equality test of every entry against
-    the max). The index is a secret integer at the fixed-point scale.
-    """
-    last = x.dim() - 1
-    position: Tensor = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
-    while x.size(-1) > 1:
-        m = x.size(-1)
-        even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)  # neighbours: a precedes b
-        a, b = ops.index(x, last, even), ops.index(x, last, odd)
-        ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
-        final = torch.tensor([m - 1])
-        rest = [(ops.index(x, last, final), ops.index(position, last, final))] if m % 2 else []
-        take_a = as_fixed_point(a >= b, a)
-        if ops.is_plain(ia):
-            x, position = take_a * (a - b) + b, take_a * (ia - ib) + ib
-        else:
-            both = type(a).stack([a - b, ia - ib]) * take_a
-            x, position = both[0] + b, both[1] + ib
-        for value, where in rest:  # an odd entry out waits for the next level
-            x, position = ops.cat([x, value], dim=-1), ops.cat([position, where], dim=-1)
-    return x.squeeze(-1), position.squeeze(-1)
+    """(max, index of the first max) over the last dim of shares ``x`` [..., n] by a tournament of
+    groups (:func:`_tournament`; exact comparisons, ties keep the earlier entry as ``torch.argmax``
+    does), instead of CrypTen's one-hot arg-max (a max tree plus an equality test of every entry
+    against the max). The index is a secret integer at the fixed-point scale."""
+    position = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
+    return _tournament(x, position)
 
 
 def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:

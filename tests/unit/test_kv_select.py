@@ -160,8 +160,9 @@ def test_cost_model_gpt2_small_shapes() -> None:
         # mpcache attends as many entries as static; its choice (ranks, one-hot, S once per
         # selection, gather and scatter) adds less than the attention itself
         assert cost["static"]["bytes"] < cost["mpcache"]["bytes"] < 2 * cost["static"]["bytes"]
-    # a static budget of 25% cuts attention traffic ~4x at 1024 (the per-row costs stay)
-    assert ratios[1024] > 3.6 and ratios[256] > 3.0
+    # a static budget of 25% cuts attention traffic ~3.3x at 1024 (the per-row costs stay: the
+    # max tournament's all-pairs groups at the top of the tree cost every row the same)
+    assert ratios[1024] > 3.2 and ratios[256] > 2.7
     mp = {o.what: o for o in decode_step_cost(make_policy("mpcache", 0.25), gpt2, 1016, 1024)}
     assert {"select.rank", "select.onehot", "select.open_s", "select.gather", "select.scatter"} <= set(mp)
     plan = make_policy("mpcache", 0.25).plan(1016, 1024, 12)

@@ -1,0 +1,104 @@
+"""Issue 14's round cuts on two CrypTen parties with the dealer's FSS keys: the max / arg-max
+tournament (binary levels, then all-pairs groups), the piecewise reciprocal and inverse square
+root, and the range tests sharing their exchange with the fused GeLU's first opening."""
+
+from __future__ import annotations
+
+import torch
+
+from models import ops
+from privinf.ledger.counting import Ledger
+from protocols.mpc import fused_gelu, numerics
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.numerics import share_kernels
+from tests.unit.test_dealer import run_crypten_parties
+
+LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
+
+
+def _rows() -> torch.Tensor:
+    x = torch.randn(2, LONG, generator=torch.Generator().manual_seed(14)) * 3
+    x[0, 7], x[0, 200] = 20.0, 20.0  # a tie for the arg-max: the earlier entry wins
+    x[1, 40], x[1, 41] = 20.0, 20.0 + 2.0 ** -9  # a near-tie within the max's slack
+    return x
+
+
+def _rounds(ledger: Ledger, run: object) -> tuple[object, int]:
+    before = ledger.totals().rounds
+    out = run()  # type: ignore[operator]
+    return out, ledger.totals().rounds - before
+
+
+def _party(rank: int, context: cp.PartyContext, ledger: Ledger) -> dict[str, object]:
+    x = crypten.cryptensor(_rows(), src=0)
+    positive = crypten.cryptensor(torch.tensor([[2.0 ** -13, 0.01, 0.7, 1.0, 3.3, 40.0, 900.0]]), src=0)
+    gelu_in = crypten.cryptensor(torch.linspace(-6.0, 6.0, 97), src=0)
+    out: dict[str, object] = {}
+    with share_kernels(gelu=fused_gelu.gelu):
+        top, out["max_rounds"] = _rounds(ledger, lambda: ops.row_max(x, bound=2.0e4, slack=ops.STABILISING_SLACK))
+        out["max"] = top.get_plain_text()
+        (value, index), out["argmax_rounds"] = _rounds(ledger, lambda: ops.argmax_last(x))
+        out["argmax"] = (value.get_plain_text(), index.get_plain_text())
+        recip, out["recip_rounds"] = _rounds(ledger, lambda: ops.reciprocal(positive, positive=True))
+        root, out["root_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt(positive))
+        gelu, out["gelu_rounds"] = _rounds(ledger, lambda: ops.gelu(gelu_in))
+        out.update(recip=recip.get_plain_text(), root=root.get_plain_text(), gelu=gelu.get_plain_text())
+    return out
+
+
+def _run() -> dict[str, object]:
+    ledger = {0: Ledger("p0"), 1: Ledger("p1")}
+    (r0, _), _ = run_crypten_parties(lambda rank, ctx: _party(rank, ctx, ledger[rank]), mpc_ledgers=ledger)
+    return r0
+
+
+RESULT: dict[str, object] = {}
+
+
+def _result() -> dict[str, object]:
+    if not RESULT:
+        RESULT.update(_run())
+    return RESULT
+
+
+def test_tournament_max_and_argmax_over_a_long_row() -> None:
+    r = _result()
+    x = _rows()
+    true_max = x.amax(-1, keepdim=True)
+    got = r["max"]
+    assert (got <= true_max + 1e-3).all()  # type: ignore[operator]
+    assert (got >= true_max - 2 * ops.STABILISING_SLACK - 1e-3).all()  # type: ignore[operator]
+    value, index = r["argmax"]  # type: ignore[misc]
+    assert torch.equal(index, torch.tensor([7.0, 41.0]))  # ties keep the earlier entry; exact comparisons
+    assert torch.allclose(value, x.amax(-1), atol=1e-3)
+    # two binary levels (2 rounds each), two all-pairs group levels (3 each)
+    assert r["max_rounds"] == r["argmax_rounds"] == 2 * 2 + 2 * 3
+
+
+def test_piecewise_reciprocal_and_inverse_square_root_rounds_and_accuracy() -> None:
+    r = _result()
+    x = torch.tensor([[2.0 ** -13, 0.01, 0.7, 1.0, 3.3, 40.0, 900.0]])
+    assert ((r["recip"] - 1 / x).abs() * x).max() < 0.02  # type: ignore[operator]
+    assert ((r["recip"] - 1 / x).abs() * x)[:, 1:5].max() < 1e-3  # type: ignore[operator]
+    assert ((r["root"] - x.rsqrt()).abs() / x.rsqrt()).max() < 2e-3  # type: ignore[operator]
+    assert r["recip_rounds"] == 4 and r["root_rounds"] == 3
+
+
+def test_fused_gelu_opens_its_input_with_the_range_tests() -> None:
+    r = _result()
+    x = torch.linspace(-6.0, 6.0, 97)
+    assert (r["gelu"] - torch.nn.functional.gelu(x)).abs().max() < 1e-3  # type: ignore[operator]
+    assert r["gelu_rounds"] == 5
+
+
+def test_piece_tables_meet_their_relative_error() -> None:
+    for base, powers, pieces, exponent, degree, bound in (
+            (2.0, numerics.RECIPROCAL_POWERS, numerics.RECIPROCAL_PIECES, -1.0, 2, 3e-6),
+            (4.0, numerics.INV_SQRT_POWERS, numerics.INV_SQRT_PIECES, -0.5, 1, 6e-6)):
+        table = numerics._piece_table(base, *powers, pieces, exponent, degree)
+        x = torch.logspace(powers[0] + 0.01, powers[1] + 0.99, 20001, base=base, dtype=torch.float64)
+        j = torch.bucketize(x, table["thresholds"], right=True)
+        u = x * table["f"][j] - table["left"][j]
+        y = sum(table[f"d{i}"][j] * u ** i for i in range(degree + 1))
+        assert (y / x ** exponent - 1).abs().max() < bound
