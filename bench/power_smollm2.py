@@ -7,11 +7,12 @@ sorted by name, are split by document with a seeded permutation: ``--held-out`` 
 tokens, taken round-robin over documents (first windows of every document first).
 
 Phases, each written to ``OUT/results.json`` as it completes (a rerun skips finished phases and
-resumes training from ``OUT/train_state``): the teacher (exact SmolLM2) on the held-out windows
-(perplexity, log-probs cached, greedy generations from ``--prompts`` held-out prompts), the
-undistilled student (same weights, ``--variant``), the teacher pass over the training windows
-(attention inputs/outputs and log-probs cached), distillation (:mod:`models.distill_decoder`),
-the distilled student; its checkpoint goes to ``OUT/checkpoint`` (load as ``NAME@PATH``).
+resumes training from ``OUT/train_state``): the exact model's pre-softmax score ranges and the
+distance of power-p maps from its softmax maps on the first 8 training windows (the choice of p);
+the teacher (exact SmolLM2) on the held-out windows (perplexity, per-position argmax, greedy
+generations from ``--prompts`` held-out prompts); the undistilled student (same weights,
+``--variant``); distillation (:mod:`models.distill_decoder`, the teacher run per batch); the
+distilled student. Its checkpoint goes to ``OUT/checkpoint`` (load as ``NAME@PATH``).
 
     nohup .venv/bin/python bench/power_smollm2.py --out /work/ckpt/power-smollm2 > power.log 2>&1 &
 """
@@ -83,6 +84,49 @@ def score(model: torch.nn.Module, held: torch.Tensor, reference_argmax: torch.Te
     return result, argmax
 
 
+@torch.no_grad()
+def score_ranges(model: torch.nn.Module, ids: torch.Tensor, powers: tuple[int, ...] = (2, 4, 8),
+                 eps: float = 0.01) -> dict[str, Any]:
+    """Per layer: pre-softmax score range (visible keys), the 99th percentile of |s|, the range of the
+    row means of s^p (the power kernel's normaliser at tau 1) and the total-variation distance of
+    the power-p maps from the exact softmax maps, averaged over rows."""
+    stats: dict[int, dict[str, list[float]]] = {}
+
+    def hook_for(index: int) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            q, k, _v, mask = args
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+            dense = mask.dense()
+            visible = scores[dense.expand_as(scores) > 0]
+            soft = torch.softmax(scores + (dense - 1.0) * 1e4, -1)
+            entry = stats.setdefault(index, {"min": [], "max": [], "abs_p99": []})
+            entry["min"].append(float(visible.min()))
+            entry["max"].append(float(visible.max()))
+            entry["abs_p99"].append(float(torch.quantile(visible.abs()[:100000], 0.99)))
+            count = dense.sum(-1, keepdim=True)
+            for p in powers:
+                num = scores.pow(p) * dense
+                means = num.sum(-1, keepdim=True) / count
+                probs = num / count / (means + eps)
+                entry.setdefault(f"tv_p{p}", []).append(float(0.5 * (probs - soft).abs().sum(-1).mean()))
+                entry.setdefault(f"mean_s{p}_max", []).append(float(means.max()))
+                entry.setdefault(f"mean_s{p}_min", []).append(float(means.min()))
+        return hook
+
+    kernels = [getattr(block.attn, block.attn.groups[0][0]) for block in model.layer]
+    handles = [kernel.register_forward_hook(hook_for(i)) for i, kernel in enumerate(kernels)]
+    try:
+        for row in ids:
+            model(row[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = {i: {key: (min(v) if key.endswith("min") else max(v) if key.endswith("max") else sum(v) / len(v))
+                  for key, v in entry.items()} for i, entry in sorted(stats.items())}
+    return {"windows": len(ids), "layers": layers,
+            "mean_tv": {p: sum(layer[f"tv_p{p}"] for layer in layers.values()) / len(layers) for p in powers}}
+
+
 class Results:
     """``OUT/results.json``: phase name -> measurements, written after every phase."""
 
@@ -139,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     train, train_src = windows(tokenizer, train_docs, args.seq_len, args.train_seqs)
     results.put("windows", {"train": len(train), "held_out": len(held), "seq_len": args.seq_len})
     log(f"{len(train)} training windows, {len(held)} held-out windows of {args.seq_len} tokens")
+    if "score_ranges" not in results.data:
+        results.put("score_ranges", score_ranges(teacher, train[:8]))
+    log(f"mean TV distance of power-p maps from softmax: {results.data['score_ranges']['mean_tv']}")
     if "teacher" not in results.data:
         measured, argmax = score(teacher, held, None, prompts, None, args.gen_tokens)
         save_file({"argmax": argmax}, str(out / "teacher_argmax.safetensors"))
