@@ -252,7 +252,7 @@ class MaterialPool:
             self._cond.notify_all()
         deadline = time.perf_counter() + join_s
         if self._keygen is not None:
-            self._keygen.close()  # a generation in progress fails, and its result is dropped
+            self._keygen.close(min(join_s, JOIN_S))  # a generation in progress fails; its result is dropped
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.perf_counter()))

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -133,7 +134,7 @@ class KeygenWorkers:
         for destination in destinations:
             _read_into(stdout, memoryview(destination).cast("B"))
 
-    def _stop(self) -> None:
+    def _stop(self, wait_s: float = CLOSE_S) -> None:
         with self._children_lock:
             children, self._children = self._children, []
         for child in children:
@@ -143,19 +144,21 @@ class KeygenWorkers:
                         stream.close()
                     except OSError:
                         pass  # a broken pipe to a dead worker: nothing left to flush
+        deadline = time.perf_counter() + wait_s
         for child in children:
             try:
-                child.wait(CLOSE_S)
-            except subprocess.TimeoutExpired:
+                child.wait(max(0.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:  # still inside a generation: nothing of it is wanted any more
                 child.kill()
                 child.wait()
 
-    def close(self) -> None:
-        """Stop every worker (they exit on the end of their input) and refuse further work; a
-        generation in progress fails with :class:`KeygenError`."""
+    def close(self, wait_s: float = CLOSE_S) -> None:
+        """Stop every worker (they exit on the end of their input; one still busy after ``wait_s``
+        in all is killed), reap them and refuse further work; a generation in progress fails
+        with :class:`KeygenError`."""
         with self._children_lock:
             self._closed = True
-        self._stop()
+        self._stop(wait_s)
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
