@@ -103,7 +103,8 @@ class DealerParty:
             from protocols.routes.mpc import serve_dealer_session
 
             pool_bytes = DEFAULT_POOL_BYTES if self.config.pool_mib is None else self.config.pool_mib << 20
-            serve_dealer_session(spec, client, server, ledger, store=self.config.store, pool_bytes=pool_bytes)
+            serve_dealer_session(spec, client, server, ledger, store=self.config.store, pool_bytes=pool_bytes,
+                                 keygen_processes=self.config.keygen_processes)
             client.close()
             server.close()
             log.info("session %s done", spec.session)

@@ -34,8 +34,9 @@ checkpoint written by ``privinf distill``: its name becomes ``NAME@DIR`` and its
 the default. ``store = "DIR"`` (client and dealer) is where ``storage = "keep"`` keeps the
 client's weight masks and the dealer's per-client epoch keys (default ``$PRIVINF_STORE`` or
 ``~/.local/share/privinf``; a 0700 directory). ``pool_mib`` (dealer only) bounds the material a
-dealer session makes ahead and holds (default 2048; docs/deployment.md). Relative paths are
-relative to the config file.
+dealer session makes ahead and holds (default 2048; docs/deployment.md); ``keygen_processes``
+(dealer only) is how many worker processes share its FSS key generation (default: the host's
+cores minus one; 0: none). Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class PartyConfig:
     name: str | None = None  # a client's own identity: its certificate is client-NAME.pem
     store: Path | None = None  # storage = keep: the client's kept masks / the dealer's epoch keys (a 0700 dir)
     pool_mib: int | None = None  # dealer: MiB of material one session holds ahead (None: the dealer's default)
+    keygen_processes: int | None = None  # dealer: FSS key-generation worker processes (None: cores - 1)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -113,6 +115,10 @@ class PartyConfig:
         if self.pool_mib is not None and (self.role != "dealer" or isinstance(self.pool_mib, bool)
                                           or not isinstance(self.pool_mib, int) or self.pool_mib < 1):
             raise ConfigError(f"pool_mib must be a positive number of MiB in a dealer's file, got {self.pool_mib!r}")
+        if self.keygen_processes is not None and (self.role != "dealer" or isinstance(self.keygen_processes, bool)
+                                                  or not isinstance(self.keygen_processes, int)
+                                                  or self.keygen_processes < 0):
+            raise ConfigError(f"keygen_processes must be an integer >= 0 (dealer only), got {self.keygen_processes!r}")
         if self.name is not None:
             if self.role != CLIENT:
                 raise ConfigError(f"name = {self.name!r}: only a client has a name of its own")
@@ -163,7 +169,8 @@ def check_model_choice(model: ModelChoice, source: str | Path = "config") -> Non
 
 def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | None = None) -> PartyConfig:
     """A party configuration from parsed TOML data; relative paths are taken from ``base``."""
-    known = ({"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name", "store", "pool_mib"}
+    known = ({"role", "certs", "listen", "peers", "model", "protocol", "timeout_s", "name", "store", "pool_mib",
+              "keygen_processes"}
              | set(_LEGACY_PROTOCOL_KEYS))
     unknown = set(data) - known
     if unknown:
@@ -201,6 +208,7 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), role: str | N
         name=data.get("name"),
         store=None if data.get("store") is None else base / data["store"],
         pool_mib=data.get("pool_mib"),
+        keygen_processes=data.get("keygen_processes"),
     )
 
 
@@ -268,7 +276,8 @@ def config_to_dict(config: PartyConfig) -> dict[str, Any]:
             "model": {key: value for key, value in config.model.to_json().items() if value is not None},
             "protocol": config.protocol.to_json(), **({"name": config.name} if config.name else {}),
             **({"store": str(config.store)} if config.store is not None else {}),
-            **({"pool_mib": config.pool_mib} if config.pool_mib is not None else {})}
+            **({"pool_mib": config.pool_mib} if config.pool_mib is not None else {}),
+            **({"keygen_processes": config.keygen_processes} if config.keygen_processes is not None else {})}
 
 
 def _toml_value(value: Any) -> str:

@@ -410,12 +410,15 @@ def serve_mpc_session(spec: Any, client: Channel, dealer: Channel, ledger: Ledge
 
 # ----- the dealer -----------------------------------------------------------------------------
 def serve_dealer_session(spec: Any, client: Channel, server: Channel, ledger: Ledger,
-                         store: str | Path | None = None, pool_bytes: int = DEFAULT_POOL_BYTES) -> None:
+                         store: str | Path | None = None, pool_bytes: int = DEFAULT_POOL_BYTES,
+                         keygen_processes: int | None = None) -> None:
     """Dealer side: seeds (and, under ``storage = keep``, the client's epoch from ``store``), then
     one request loop per party link (threads), plus report rows; material for the session's
-    ``preprocess`` inferences ahead is made in a pool of at most ``pool_bytes``."""
+    ``preprocess`` inferences ahead is made in a pool of at most ``pool_bytes``, its FSS keys on
+    ``keygen_processes`` worker processes (None: cores - 1)."""
     seeds = {CLIENT_RANK: new_seed(), SERVER_RANK: new_seed()}
-    pool = PoolLimits(ahead=spec.config.preprocess, max_bytes=pool_bytes) if spec is not None else None
+    pool = PoolLimits(ahead=spec.config.preprocess, max_bytes=pool_bytes,
+                      keygen_processes=keygen_processes) if spec is not None else None
     dealer = Dealer(ledger, seeds, pool)
     dealer.distribute_seeds({CLIENT_RANK: client, SERVER_RANK: server})
     epoch = None

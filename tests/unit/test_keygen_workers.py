@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from mpc_parties.party_config import ConfigError, config_from_dict, config_to_dict
 from protocols.mpc import fss
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
@@ -115,3 +116,14 @@ def test_keygen_processes_zero_generates_in_the_thread_and_negative_is_refused()
     assert PoolLimits().processes >= 1
     with pytest.raises(ValueError, match="keygen_processes"):
         PoolLimits(keygen_processes=-1)
+
+
+def test_a_dealer_file_sets_keygen_processes_and_other_roles_or_negatives_are_refused() -> None:
+    dealer = config_from_dict({"role": "dealer", "certs": "c", "keygen_processes": 3})
+    assert dealer.keygen_processes == 3 and config_to_dict(dealer)["keygen_processes"] == 3
+    assert config_from_dict({"role": "dealer", "certs": "c"}).keygen_processes is None
+    for data in ({"role": "dealer", "certs": "c", "keygen_processes": -1},
+                 {"role": "dealer", "certs": "c", "keygen_processes": True},
+                 {"role": "server", "certs": "c", "peers": {"dealer": "h:2"}, "keygen_processes": 2}):
+        with pytest.raises(ConfigError, match="keygen_processes"):
+            config_from_dict(data)
