@@ -68,27 +68,22 @@ class ChangedWeightsServer(MpcServer):
 
     def _calibrate(self) -> None:
         with torch.no_grad():
-            next(self.model.parameters()).add_(0.01)
+            next(self.model.parameters()).add_(1.0)
         super()._calibrate()
 
 
-def test_changed_model_digest_is_not_served_stored_masks(store: Path) -> None:
+def test_changed_model_digest_or_dealer_epoch_is_not_served_stored_masks(store: Path) -> None:
     keep = ProtocolConfig(storage="keep")
     first = _session(keep)
     changed = run_local_session(MODEL, VARIANT, lambda client: client.infer(TEXT), keep, timeout_s=300,
                                 parties=(MpcClient, ChangedWeightsServer))
     assert not changed.client.masks_kept  # another digest: another mask id, a fresh B, a full set-up
-    assert not torch.equal(first.client.last_raw, changed.client.last_raw)
+    assert not torch.allclose(first.client.last_raw, changed.client.last_raw, atol=2e-3)
     assert len(list((store / "masks").iterdir())) == 2
-    assert _session(keep).client.masks_kept  # the first model's entry is still served to it
-
-
-def test_changed_dealer_epoch_is_not_served_stored_masks(store: Path) -> None:
-    keep = ProtocolConfig(storage="keep")
-    _session(keep)
     for path in (store / "dealer").iterdir():
         path.unlink()  # the dealer starts a new epoch
     assert not _session(keep).client.masks_kept
+    assert len(list((store / "masks").iterdir())) == 3
 
 
 def test_regenerate_stores_nothing(store: Path) -> None:
