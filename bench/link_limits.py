@@ -3,7 +3,8 @@
 frame an in-memory MPC session of that model really received on each link (short input), so the
 two can be compared. Counts only: the numbers do not depend on the machine's load.
 
-Run: ``python bench/link_limits.py`` (derived limits) or ``--measure gpt2-tiny`` (also one session).
+Run: ``python bench/link_limits.py`` (derived limits), ``--measure gpt2-tiny [--variant mpcformer]
+--no-table`` (one session's largest frames beside its limit).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def derived() -> None:
         print(f"{model:14} {variant:10} {protocol:8} {largest:20.1f} {limit:10.1f}", flush=True)
 
 
-def measure(model: str) -> None:
-    """Run one in-memory MPC session of ``model`` and print the largest frame per link."""
+def measure(model: str, variant: str) -> None:
+    """Run one in-memory MPC session of ``model`` / ``variant`` and print the largest frame per link."""
     import protocols.routes.local_run as local_run
 
     made = []
@@ -53,9 +54,9 @@ def measure(model: str) -> None:
         return pair
 
     local_run.memory_pair = recording_pair
-    local_run.run_local_session(model, "exact", lambda client: client.infer(INPUTS[model]))
-    limit = session_limits(SessionSpec("bench", "mpc", model, "exact"), load_model(model, "exact"))
-    print(f"{model} mpc exact, input {INPUTS[model]!r}: derived limit {limit.max_message_bytes / MIB:.1f} MiB")
+    local_run.run_local_session(model, variant, lambda client: client.infer(INPUTS[model]))
+    limit = session_limits(SessionSpec("bench", "mpc", model, variant), load_model(model, variant))
+    print(f"{model} mpc {variant}, input {INPUTS[model]!r}: derived limit {limit.max_message_bytes / MIB:.1f} MiB")
     for channel in made:
         print(f"  {channel.peer:>6} -> {channel.local:6} largest frame {channel.stats.largest_recv / MIB:8.3f} MiB")
 
@@ -64,11 +65,14 @@ def main() -> None:
     """Parse arguments and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", choices=sorted(INPUTS), help="also run one in-memory MPC session")
+    parser.add_argument("--variant", default="exact", help="the measured session's variant")
+    parser.add_argument("--no-table", action="store_true", help="skip the table of derived limits")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    derived()
+    if not args.no_table:
+        derived()
     if args.measure:
-        measure(args.measure)
+        measure(args.measure, args.variant)
 
 
 if __name__ == "__main__":
