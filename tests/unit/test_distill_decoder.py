@@ -10,6 +10,15 @@ from models.config import ModelConfig
 from models.decoder import Decoder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids contention on the shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny_llama() -> Decoder:
     config = ModelConfig(family="decoder", hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, vocab_size=97,
                          max_positions=64, norm_eps=1e-5, position="rope", mlp="gated", norm="rmsnorm",
@@ -38,7 +47,7 @@ def test_only_attention_projections_train(tmp_path):
 
 def test_distillation_lowers_both_losses(tmp_path):
     teacher, student, ids = _setup(tmp_path)
-    cfg = dd.DecoderDistillConfig(stage1_steps=30, stage2_steps=30, batch=3, lr1=3e-3, lr2=3e-3, save_every=100)
+    cfg = dd.DecoderDistillConfig(stage1_steps=12, stage2_steps=12, batch=3, lr1=3e-3, lr2=3e-3, save_every=100)
     attn_in, attn_out = dd.teacher_attention(teacher, ids)
     logits = dd.teacher_logits(teacher, ids)
     with torch.no_grad():
@@ -51,7 +60,7 @@ def test_distillation_lowers_both_losses(tmp_path):
         kl_after = float(dd.kl_loss(student, ids, logits, 1.0))
     assert local_after < 0.7 * local_before
     assert kl_after < 0.7 * kl_before
-    assert report["tokens_seen"] == {"stage1": 30 * 3 * 16, "stage2": 30 * 3 * 16}
+    assert report["tokens_seen"] == {"stage1": 12 * 3 * 16, "stage2": 12 * 3 * 16}
     frozen = {k: v for k, v in teacher.state_dict().items() if ".attn." not in k}
     assert all(torch.equal(student.state_dict()[k], v) for k, v in frozen.items())
 
