@@ -8,11 +8,13 @@ thresholds go through :func:`protocols.mpc.compare.below`) and :func:`share_kern
 context manager that installs them, optionally with a protocol's fused kernels
 (``protocols.mpc.fused_norm``, ``protocols.mpc.fused_gelu``) in place of some.
 
-* **Positive reciprocal and inverse square root**: range-reduced Newton. The bits ``[x < t_j]``
-  against public thresholds (8 per octave / power of four over the range: 191 and 103) pick the
-  power k and a piecewise-linear first guess at once, then one Newton step: 5 rounds each.
+* **Positive reciprocal and inverse square root**: range-reduced piecewise polynomials. The
+  bits ``[x < t_j]`` against public thresholds (16 per octave for the reciprocal, 128 per power
+  of four for the root: 383 and 1,663) pick the power k and the piece at once; a quadratic
+  (reciprocal) or a line (root) in the reduced value follows: 4 and 3 rounds
+  (:func:`_piecewise_power`; the root may multiply a secret factor in without a round more).
   With FSS comparisons all thresholds of an element share one key and one opening
-  (:func:`protocols.mpc.compare.below`): ~1 KB of dealer keys per element, not 191 KB.
+  (:func:`protocols.mpc.compare.below`): ~1 KB of dealer keys per element, whatever the count.
   Accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6); callers pass a public ``scale``
   that brings the private value into range. The general (signed) reciprocal is CrypTen's own.
 * **Wide inverse square root** (SmolLM2's massive activations): the same power-of-four
@@ -24,10 +26,11 @@ context manager that installs them, optionally with a protocol's fused kernels
   fitted as a degree-6 polynomial in ``v = x^2 / T^2`` (near-minimax on [0, 1], max error
   2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there); both range
   tests from one truncated 21-bit key per element (:func:`gelu_range`).
-* **Row max and arg-max**: comparison tournaments (n - 1 comparisons in ceil(log2 n) levels)
-  instead of CrypTen's ``max(dim)``, which also builds the arg-max one-hot. A softmax's max
-  runs under the caller's ``compare_bound`` (``models.ops.row_max(bound=, slack=)``: 23-bit
-  keys); the arg-max stays exact.
+* **Row max and arg-max**: comparison tournaments (:func:`_tournament`: binary levels on long
+  rows, then all-pairs groups of up to 16, three rounds per level) instead of CrypTen's
+  ``max(dim)``, which also builds the arg-max one-hot. A softmax's max runs its binary levels
+  under the caller's ``compare_bound`` (``models.ops.row_max(bound=, slack=)``: 23-bit keys);
+  the groups' pairs and the arg-max compare exactly.
 * ``share_kernels("crypten")`` runs CrypTen's own positive reciprocal (exp-seeded Newton, 10
   steps), inverse square root and the sigmoid-form GeLU: what the CrypTen baseline in
   ``bench/mpc_vs_crypten.py`` computes.
