@@ -267,15 +267,18 @@ def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
-def dcf_corrections(alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, bits: int) -> np.ndarray:
+def dcf_corrections(alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, bits: int,
+                    scratch: np.ndarray | None = None) -> np.ndarray:
     """The correction words (both keys' words after their seeds) of ``m`` elements from both
     parties' initial seeds ``seeds`` uint64 [2, m, 2] (control bits cleared): int64
-    ``[key_words(bits, m) - 2 m]``. Deterministic in its inputs: what a key-generation worker runs."""
+    ``[key_words(bits, m) - 2 m]``, in ``scratch`` (int64, reused by a worker) if it is long
+    enough. Deterministic in its inputs: what a key-generation worker runs."""
     _check_bits(bits)
     m = alpha.shape[0]
     if beta.shape[0] != m or seeds.shape != (2, m, 2):
         raise FssError(f"alpha has {m} elements, beta {beta.shape[0]}, seeds shape {list(seeds.shape)}")
-    out = np.empty(key_words(bits, m), dtype=np.int64)
+    words = key_words(bits, m)
+    out = scratch[:words] if scratch is not None and scratch.shape[0] >= words else np.empty(words, dtype=np.int64)
     _gen_chunks(DcfKey.from_array(0, bits, m, out), alpha, beta, seeds)
     return out[2 * m:]
 

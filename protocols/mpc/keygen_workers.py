@@ -163,6 +163,7 @@ class KeygenWorkers:
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     """A worker's loop: answer requests from ``stdin`` on ``stdout`` until ``stdin`` closes."""
+    scratch = np.empty(0, dtype=np.int64)  # the answer's buffer, kept: no fresh pages per request
     while True:
         header = stdin.read(HEADER.size)
         if not header:
@@ -172,7 +173,11 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
         bits, m = HEADER.unpack(header)
         body = np.frombuffer(_read_exact(stdin, 48 * m), dtype=np.uint64)
         try:
-            words = fss.dcf_corrections(body[:m], body[m:2 * m].view(np.int64), body[2 * m:].reshape(2, m, 2), bits)
+            needed = fss.key_words(bits, m)
+            if scratch.shape[0] < needed:
+                scratch = np.empty(needed, dtype=np.int64)
+            words = fss.dcf_corrections(body[:m], body[m:2 * m].view(np.int64), body[2 * m:].reshape(2, m, 2), bits,
+                                        scratch)
             status, payload = OK, memoryview(words.view(np.uint8))
         except Exception as exc:  # the dealer sees it as a KeygenError naming it
             status, payload = FAILED, memoryview(f"{type(exc).__name__}: {exc}".encode())
