@@ -1,0 +1,326 @@
+"""Accuracy and online cost per model x variant (issue 12 item 6), with PASS/MISS lines and a Pareto plot.
+
+Two steps, so models can run in parallel background processes:
+
+``run``: one model x variant (a checkpoint directory of ``privinf distill``, or a repo model with a
+variant) writes one JSON file, rewritten after every phase so an interrupted run still says what was
+done: the real two-party run (client, server and dealer as threads of this process, in-memory
+links) on the first ``--sample`` test examples next to the simulation (agreement, largest output
+difference, the last inference's online cost priced by the ledger on the LAN and WAN profiles), then
+plaintext float and simulated MPC on the whole test split in chunks (counts after every chunk).
+
+``merge``: reads those files, prints the table and the PASS/MISS lines for the issue's targets it
+can judge, writes the merged JSON and the PNG (accuracy vs est. LAN and WAN seconds, Pareto front).
+
+    .venv/bin/python bench/accuracy.py run --checkpoint /work/ckpt/minilm-sms-relu --sample 8 --out R/sms-relu.json
+    .venv/bin/python bench/accuracy.py run --model vit-digits --variant he --sample 20 --out R/vit-he.json
+    .venv/bin/python bench/accuracy.py merge R/*.json --json R/merged.json --png docs/accuracy_pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Targets of issue 12 (points are accuracy percentage points).
+SMS_PRESET_POINTS = 0.5
+TWEETS_MPCFORMER_POINTS = 1.5
+REAL_SIM_AGREEMENT = 0.995
+SIM_FLOAT_AGREEMENT = 0.99
+SMS_PRESETS = ("mpcformer", "power", "relu", "scale", "linear", "he")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model x variant on the accuracy / latency plane."""
+
+    label: str
+    accuracy: float
+    latency_s: float
+
+
+def pareto_front(points: Iterable[Point]) -> list[Point]:
+    """Points not dominated by another (higher-or-equal accuracy at lower-or-equal latency, one strictly),
+    sorted by latency."""
+    pts = list(points)
+
+    def dominated(p: Point) -> bool:
+        return any(q.accuracy >= p.accuracy and q.latency_s <= p.latency_s
+                   and (q.accuracy > p.accuracy or q.latency_s < p.latency_s) for q in pts)
+
+    return sorted((p for p in pts if not dominated(p)), key=lambda p: (p.latency_s, -p.accuracy))
+
+
+def verdict(ok: bool | None) -> str:
+    """PASS, MISS, or n/a when the numbers to judge are missing."""
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _complete_sim(row: dict[str, Any]) -> float | None:
+    """Simulated accuracy of a row whose whole test split ran, else None."""
+    sim = row.get("simulated") or {}
+    if not sim or sim["examples"] < row["test_examples"]:
+        return None
+    return sim["correct"] / sim["examples"]
+
+
+def _exact_reference(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["task"] == task and r["variant"] == "exact" and r["kind"] != "repo"), None)
+
+
+def judge(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(verdict, target, detail) for every target the rows let us judge."""
+    lines: list[tuple[str, str, str]] = []
+    for task, variants, points in (("sms", SMS_PRESETS, SMS_PRESET_POINTS),
+                                   ("tweets", ("mpcformer",), TWEETS_MPCFORMER_POINTS)):
+        exact = _exact_reference(rows, task)
+        exact_acc = None if exact is None else _complete_sim(exact)
+        for row in rows:
+            if row["task"] != task or row["kind"] != "distilled" or row["variant"] not in variants:
+                continue
+            acc = _complete_sim(row)
+            if acc is None or exact_acc is None:
+                lines.append(("n/a", f"{task} {row['variant']} within {points} points of exact (simulated MPC)",
+                              "whole test split not simulated for this row or for exact"))
+                continue
+            delta = 100 * (acc - exact_acc)
+            lines.append((verdict(delta >= -points), f"{task} {row['variant']} within {points} points of exact "
+                          "(simulated MPC, whole test split)", f"{100 * acc:.2f}% vs {100 * exact_acc:.2f}%: "
+                          f"{delta:+.2f} points"))
+    for row in rows:
+        name = f"{row['model']} {row['variant']}"
+        sample = row.get("sample") or {}
+        if sample:
+            share = sample["agree"] / sample["examples"]
+            lines.append((verdict(share >= REAL_SIM_AGREEMENT), f"{name}: real = simulated predictions >= "
+                          f"{100 * REAL_SIM_AGREEMENT:g}% of sample", f"{sample['agree']}/{sample['examples']}"))
+        sim = row.get("simulated") or {}
+        if sim:
+            share = sim["agree_float"] / sim["examples"]
+            partial = "" if sim["examples"] >= row["test_examples"] else " (partial split: not judged)"
+            ok = None if partial else share >= SIM_FLOAT_AGREEMENT
+            lines.append((verdict(ok), f"{name}: simulated = float predictions >= {100 * SIM_FLOAT_AGREEMENT:g}% "
+                          "of test split", f"{sim['agree_float']}/{sim['examples']} of {row['test_examples']}"
+                          + partial))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _describe(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    """(registry name, variant, row header) of the model to run."""
+    if args.checkpoint is not None:
+        from models.checkpoints import checkpoint_name, read_meta
+
+        meta = read_meta(args.checkpoint)
+        training = meta.get("training", {})
+        variant = args.variant or meta["variant"]
+        kind = "distilled" if training.get("kind") == "distill" else "teacher"
+        return checkpoint_name(args.checkpoint), variant, {
+            "model": meta["name"], "task": meta["task"], "kind": kind, "digest": meta["digest"][:12],
+            "train_seconds": training.get("seconds"), "checkpoint": str(Path(args.checkpoint).resolve())}
+    task = {"spam-encoder": "sms", "vit-digits": "digits"}.get(args.model, args.model)
+    return args.model, args.variant or "exact", {"model": args.model, "task": task, "kind": "repo"}
+
+
+def _write(path: Path, row: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _sample_phase(name: str, variant: str, examples: Any, config: Any) -> dict[str, Any]:
+    from protocols.routes import simulate
+
+    check = simulate.agreement(name, variant, config, len(examples), "memory", examples=examples)
+    last = examples.inputs[-1]
+    return {"examples": check.sample, "agree": round(check.agreement * check.sample),
+            "max_abs_difference": check.max_abs_difference, "max_ulps": check.max_ulps,
+            "real_accuracy": check.mpc_accuracy, "simulated_accuracy": check.simulated_accuracy,
+            "mpc_seconds": check.mpc_seconds, "priced_input_shape": list(last.shape), "online": check.online}
+
+
+def _split_phase(name: str, variant: str, examples: Any, config: Any, chunk: int, row: dict[str, Any],
+                 out: Path) -> None:
+    import torch
+
+    from models.registry import load_model
+    from models.variants import parse_variant
+    from protocols.mpc import simulate as sim_mpc
+    from protocols.routes.simulate import batches_by_shape
+
+    bundle = load_model(name, parse_variant(variant))
+    sim_model = sim_mpc.prepare(bundle.model, config)
+    counts = {"examples": 0, "correct": 0, "float_correct": 0, "agree_float": 0, "max_abs_difference": 0.0,
+              "cpu_s": 0.0, "wall_s": 0.0}
+    for start in range(0, len(examples), chunk):
+        wall, cpu = time.perf_counter(), time.process_time()
+        inputs, labels = examples.inputs[start:start + chunk], examples.labels[start:start + chunk]
+        plain = torch.empty(len(inputs), dtype=torch.long)
+        simulated = torch.empty(len(inputs), dtype=torch.long)
+        for members, stacked in batches_by_shape(inputs, 64):
+            with torch.no_grad():
+                p = bundle.model(stacked).float().reshape(len(members), -1)
+            s = sim_mpc.run(sim_model, stacked, config).reshape(len(members), -1)
+            counts["max_abs_difference"] = max(counts["max_abs_difference"], float((p - s).abs().max()))
+            plain[members], simulated[members] = p.argmax(-1), s.argmax(-1)
+        counts["examples"] += len(inputs)
+        counts["correct"] += int((simulated == labels).sum())
+        counts["float_correct"] += int((plain == labels).sum())
+        counts["agree_float"] += int((plain == simulated).sum())
+        counts["cpu_s"] += time.process_time() - cpu
+        counts["wall_s"] += time.perf_counter() - wall
+        row["simulated"] = dict(counts)
+        _write(out, row)
+        print(f"{row['model']} {variant}: {counts['examples']}/{len(examples)} simulated", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one model x variant and write its JSON row."""
+    import torch
+
+    from protocols.protocol_config import ProtocolConfig
+    from protocols.routes.simulate import test_examples
+
+    torch.set_num_threads(args.threads)
+    name, variant, row = _describe(args)
+    config = ProtocolConfig()
+    examples = test_examples(name)
+    row.update({"variant": variant, "test_examples": len(examples), "source": examples.source,
+                "config": config.to_json(), "sample": None, "simulated": None, "started": time.time()})
+    _write(args.out, row)
+    if args.sample > 0:
+        row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config)
+        _write(args.out, row)
+    _split_phase(name, variant, examples, config, args.chunk, row, args.out)
+    row["finished"] = time.time()
+    _write(args.out, row)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- merge
+
+
+def _pct(count: int | None, total: int | None) -> str:
+    return "-" if not total or count is None else f"{100 * count / total:.2f}%"
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One markdown table line (as cells) per row."""
+    out = []
+    for r in rows:
+        sim, sample = r.get("simulated") or {}, r.get("sample") or {}
+        online = sample.get("online") or {}
+        n = sim.get("examples", 0)
+        split = f"{n}" if n >= r["test_examples"] else f"{n} of {r['test_examples']} (partial)"
+        real = (f"{sample['agree']}/{sample['examples']}, max {sample['max_abs_difference']:.3g}"
+                if sample else "not run")
+        cost = (f"{online['mib_sent']:.1f} MiB, {online['rounds']} rounds, {online['lan_s']:.2f} s / "
+                f"{online['wan_s']:.2f} s" if online else "-")
+        train = f"{r['train_seconds']:.0f} s" if r.get("train_seconds") else "-"
+        out.append([r["task"], r["model"], r["variant"], split, _pct(sim.get("float_correct"), n),
+                    _pct(sim.get("correct"), n), _pct(sim.get("agree_float"), n), real, cost, train])
+    return out
+
+
+HEADER = ["task", "model", "variant", "test examples", "float acc.", "simulated-MPC acc.", "sim = float",
+          "real = sim (sample), max abs diff", "online: MiB, rounds, est. LAN / WAN s", "training wall"]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results as a markdown table."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs est. LAN and WAN seconds per task, Pareto fronts drawn, points labelled by variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    tasks = sorted({r["task"] for r in rows})
+    markers = dict(zip(tasks, "osD^v"))
+    for ax, key, title in ((axes[0], "lan_s", "LAN profile"), (axes[1], "wan_s", "WAN profile")):
+        for task in tasks:
+            pts = []
+            for r in rows:
+                sim, sample = r.get("simulated") or {}, r.get("sample") or {}
+                if r["task"] != task or not sim or not sample:
+                    continue
+                pts.append(Point(r["variant"], 100 * sim["correct"] / sim["examples"], sample["online"][key]))
+            if not pts:
+                continue
+            drawn = ax.scatter([p.latency_s for p in pts], [p.accuracy for p in pts], marker=markers[task],
+                               label=task)
+            for p in pts:
+                ax.annotate(p.label, (p.latency_s, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front = pareto_front(pts)
+            ax.step([p.latency_s for p in front], [p.accuracy for p in front], where="post",
+                    color=drawn.get_facecolor()[0], linewidth=1, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"est. online seconds per inference ({title})")
+        ax.set_ylabel("simulated-MPC accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge per-model JSON rows: table, PASS/MISS lines, merged JSON and the PNG."""
+    rows = [json.loads(Path(p).read_text()) for p in args.results]
+    order = {"sms": 0, "tweets": 1, "digits": 2}
+    rows.sort(key=lambda r: (order.get(r["task"], 9), r["kind"] == "repo", r["variant"] != "exact", r["model"]))
+    print(markdown_table(rows))
+    lines = judge(rows)
+    for result, target, detail in lines:
+        print(f"{result} {target}: {detail}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rows": rows, "targets": lines}, indent=1) + "\n")
+    if args.png is not None:
+        plot(rows, args.png)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``run`` one model x variant, or ``merge`` the rows."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="one model x variant -> one JSON row")
+    run.add_argument("--checkpoint", type=Path, default=None, help="a privinf distill checkpoint directory")
+    run.add_argument("--model", default=None, help="spam-encoder or vit-digits (instead of --checkpoint)")
+    run.add_argument("--variant", default=None, help="default: the checkpoint's own variant, else exact")
+    run.add_argument("--sample", type=int, default=8, help="test examples through the real two-party run")
+    run.add_argument("--chunk", type=int, default=256, help="examples simulated between JSON updates")
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--out", type=Path, required=True)
+    run.set_defaults(func=cmd_run)
+    merge = sub.add_parser("merge", help="table, PASS/MISS lines, merged JSON, Pareto PNG")
+    merge.add_argument("results", nargs="+", type=Path)
+    merge.add_argument("--json", type=Path, default=None)
+    merge.add_argument("--png", type=Path, default=None)
+    merge.set_defaults(func=cmd_merge)
+    args = parser.parse_args(argv)
+    if args.command == "run" and (args.checkpoint is None) == (args.model is None):
+        print("accuracy.py: give exactly one of --checkpoint and --model", file=sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

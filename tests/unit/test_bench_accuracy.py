@@ -1,0 +1,93 @@
+"""bench/accuracy.py: the Pareto front, the PASS/MISS judgement of issue 12's targets, the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_accuracy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(task: str, variant: str, kind: str, correct: int, examples: int = 1000, total: int = 1000,
+         agree_float: int | None = None, sample: tuple[int, int] | None = (8, 8), model: str = "m") -> dict[str, Any]:
+    online = {"mib_sent": 1.0, "rounds": 10, "lan_s": 1.0, "wan_s": 5.0}
+    return {"task": task, "variant": variant, "kind": kind, "model": f"{model}-{variant}", "test_examples": total,
+            "simulated": {"examples": examples, "correct": correct, "float_correct": correct,
+                          "agree_float": examples if agree_float is None else agree_float,
+                          "max_abs_difference": 0.0},
+            "sample": None if sample is None else {"examples": sample[1], "agree": sample[0], "online": online,
+                                                   "max_abs_difference": 0.001}}
+
+
+def test_pareto_front_drops_dominated_points_and_sorts_by_latency(bench: Any) -> None:
+    point = bench.Point
+    points = [point("exact", 98.0, 4.0), point("mpcformer", 97.5, 2.0), point("relu", 97.0, 3.0),
+              point("linear", 90.0, 1.0), point("power", 98.0, 5.0)]
+    front = bench.pareto_front(points)
+    assert [p.label for p in front] == ["linear", "mpcformer", "exact"]
+
+
+def test_pareto_front_keeps_ties_and_single_points(bench: Any) -> None:
+    point = bench.Point
+    assert [p.label for p in bench.pareto_front([point("a", 1.0, 1.0)])] == ["a"]
+    tied = bench.pareto_front([point("a", 1.0, 1.0), point("b", 1.0, 1.0)])
+    assert {p.label for p in tied} == {"a", "b"}
+
+
+def _verdicts(bench: Any, rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {target: result for result, target, _ in bench.judge(rows)}
+
+
+def test_sms_presets_judged_against_exact_under_simulation(bench: Any) -> None:
+    rows = [_row("sms", "exact", "teacher", 980), _row("sms", "relu", "distilled", 976),
+            _row("sms", "power", "distilled", 974)]
+    verdicts = _verdicts(bench, rows)
+    relu = next(v for k, v in verdicts.items() if k.startswith("sms relu within"))
+    power = next(v for k, v in verdicts.items() if k.startswith("sms power within"))
+    assert (relu, power) == ("PASS", "MISS")  # -0.4 and -0.6 points
+
+
+def test_tweets_mpcformer_has_its_own_margin(bench: Any) -> None:
+    rows = [_row("tweets", "exact", "teacher", 700), _row("tweets", "mpcformer", "distilled", 686)]
+    verdicts = _verdicts(bench, rows)
+    assert next(v for k, v in verdicts.items() if k.startswith("tweets mpcformer within 1.5")) == "PASS"
+    rows[1] = _row("tweets", "mpcformer", "distilled", 684)
+    verdicts = _verdicts(bench, rows)
+    assert next(v for k, v in verdicts.items() if k.startswith("tweets mpcformer within 1.5")) == "MISS"
+
+
+def test_partial_splits_are_not_judged(bench: Any) -> None:
+    rows = [_row("sms", "exact", "teacher", 500, examples=500), _row("sms", "relu", "distilled", 976)]
+    results = bench.judge(rows)
+    relu = next(r for r in results if r[1].startswith("sms relu within"))
+    assert relu[0] == "n/a"
+    exact_float = next(r for r in results if r[1].startswith("m-exact exact: simulated = float"))
+    assert exact_float[0] == "n/a" and "partial" in exact_float[2]
+
+
+def test_agreement_thresholds(bench: Any) -> None:
+    rows = [_row("digits", "he", "repo", 900, agree_float=989, sample=(19, 20))]
+    verdicts = _verdicts(bench, rows)
+    assert next(v for k, v in verdicts.items() if "real = simulated" in k) == "MISS"
+    assert next(v for k, v in verdicts.items() if "simulated = float" in k) == "MISS"
+    rows = [_row("digits", "he", "repo", 900, agree_float=990, sample=(20, 20))]
+    assert set(_verdicts(bench, rows).values()) == {"PASS"}
+
+
+def test_table_marks_partial_and_missing_runs(bench: Any) -> None:
+    rows = [_row("tweets", "exact", "teacher", 300, examples=512, total=3715, sample=None)]
+    table = bench.markdown_table(rows)
+    assert "512 of 3715 (partial)" in table and "not run" in table
