@@ -254,11 +254,11 @@ ROUNDS_PER = {"open": 1, "compare": 1, "compare_narrow": 1, "exp": 8, "reciproca
 def _max_ops(rows: int, n: int) -> list[OpCount]:
     """The softmax max's tournament over ``rows`` rows of ``n`` entries as
     :func:`protocols.mpc.numerics._tournament` runs it: binary levels (a truncated comparison and
-    a product per pair) while the row is longer than ``ALL_PAIRS_LIMIT``, then groups compared
+    a product per pair) while :func:`protocols.mpc.numerics.all_pairs` says so, then groups compared
     all-pairs (exact), their win counts tested, and one product keeping each group's winner."""
     out: list[OpCount] = []
     while n > 1:
-        if n > numerics.ALL_PAIRS_LIMIT:
+        if not numerics.all_pairs(rows, n):
             pairs = n // 2
             out += [OpCount("softmax.max", "compare_narrow", rows * pairs, 1),
                     OpCount("softmax.max.select", "open", 2 * rows * pairs, 1)]

@@ -58,6 +58,7 @@ INV_SQRT_PIECES = 128  # linear pieces per power of four of the inverse square r
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups once the row is this short
 SINGLE_GROUP = 16      # ... in groups of up to 16 entries
+ALL_PAIRS_BUDGET = 2 ** 16  # ... while a level has at most this many pairs (all rows together)
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
@@ -396,17 +397,27 @@ def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     return both[0], both[1]
 
 
+def all_pairs(rows: int, n: int) -> bool:
+    """Whether a tournament level over ``rows`` rows of ``n`` entries compares groups all-pairs:
+    rows of at most :data:`ALL_PAIRS_LIMIT` entries, and at most :data:`ALL_PAIRS_BUDGET` pairs
+    in the level (a decoding step's few rows; a prefill's many short rows stay binary, where
+    all-pairs would multiply the keys by up to 8)."""
+    g = min(n, SINGLE_GROUP)
+    return n <= ALL_PAIRS_LIMIT and rows * -(-n // g) * g * (g - 1) // 2 <= ALL_PAIRS_BUDGET
+
+
 def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
     """(max, position of the first max or None) over the last dim of shares ``x`` [..., n].
 
-    While the row is longer than :data:`ALL_PAIRS_LIMIT`, binary levels (a comparison and a
+    While the row is longer than :data:`ALL_PAIRS_LIMIT` (or a level would compare more than
+    :data:`ALL_PAIRS_BUDGET` pairs: :func:`all_pairs`), binary levels (a comparison and a
     product: two rounds per halving, one comparison per pair, under the caller's
     ``compare_bound`` and resolution); then levels of groups of up to :data:`SINGLE_GROUP` compared
     all-pairs (:func:`_groups_level`: three rounds per level, a level dividing the row by up
     to 16, exact comparisons). At 1024 entries: 3 binary levels and 2 group levels, 12 rounds
     instead of 20, for 2.4x the comparisons (most of them in the short top levels)."""
     while x.size(-1) > 1:
-        level = _pairs_level if x.size(-1) > ALL_PAIRS_LIMIT else _groups_level
+        level = _groups_level if all_pairs(x.nelement() // x.size(-1), x.size(-1)) else _pairs_level
         x, position = level(x, position)
     return x.squeeze(-1), (None if position is None else position.squeeze(-1))
 
