@@ -215,6 +215,15 @@ def _pct(count: int | None, total: int | None) -> str:
     return "-" if not total or count is None else f"{100 * count / total:.2f}%"
 
 
+def compute_seconds(online: dict[str, Any]) -> float:
+    """The measured compute part of the LAN estimate (load-dependent): the estimate less rounds x RTT
+    and bytes / bandwidth, which are exact counts priced on the profile."""
+    from privinf.ledger.pricing import LAN
+
+    network = online["rounds"] * LAN.rtt_s + online["mib_sent"] * 2 ** 20 * 8 / LAN.bandwidth_bps
+    return float(online["lan_s"] - network)
+
+
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One markdown table line (as cells) per row."""
     out = []
@@ -225,8 +234,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         split = f"{n}" if n >= r["test_examples"] else f"{n} of {r['test_examples']} (partial)"
         real = (f"{sample['agree']}/{sample['examples']}, max {sample['max_abs_difference']:.3g}"
                 if sample else "not run")
-        cost = (f"{online['mib_sent']:.1f} MiB, {online['rounds']} rounds, {online['lan_s']:.2f} s / "
-                f"{online['wan_s']:.2f} s" if online else "-")
+        cost = (f"{online['mib_sent']:.1f} MiB, {online['rounds']} rounds, {online['lan_s']:.2f} / "
+                f"{online['wan_s']:.2f} s (compute {compute_seconds(online):.2f} s)" if online else "-")
         train = f"{r['train_seconds']:.0f} s" if r.get("train_seconds") else "-"
         out.append([r["task"], r["model"], r["variant"], split, _pct(sim.get("float_correct"), n),
                     _pct(sim.get("correct"), n), _pct(sim.get("agree_float"), n), real, cost, train])
@@ -244,38 +253,42 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _points(rows: Sequence[dict[str, Any]], task: str, key: str) -> list[Point]:
+    pts = []
+    for r in rows:
+        sim, sample = r.get("simulated") or {}, r.get("sample") or {}
+        if r["task"] == task and sim and sample:
+            label = r["variant"] if r["kind"] != "repo" else f"{r['model']} {r['variant']}"
+            pts.append(Point(label, 100 * sim["correct"] / sim["examples"], sample["online"][key]))
+    return pts
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Accuracy vs est. LAN and WAN seconds per task, Pareto fronts drawn, points labelled by variant."""
+    """Simulated-MPC accuracy vs est. LAN (left) and WAN (right) seconds, one row of panels per task,
+    points labelled by variant, the Pareto front drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
-    tasks = sorted({r["task"] for r in rows})
-    markers = dict(zip(tasks, "osD^v"))
-    for ax, key, title in ((axes[0], "lan_s", "LAN profile"), (axes[1], "wan_s", "WAN profile")):
-        for task in tasks:
-            pts = []
-            for r in rows:
-                sim, sample = r.get("simulated") or {}, r.get("sample") or {}
-                if r["task"] != task or not sim or not sample:
-                    continue
-                pts.append(Point(r["variant"], 100 * sim["correct"] / sim["examples"], sample["online"][key]))
-            if not pts:
-                continue
-            drawn = ax.scatter([p.latency_s for p in pts], [p.accuracy for p in pts], marker=markers[task],
-                               label=task)
+    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if _points(rows, t, "lan_s")]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 2.6 * len(tasks)), dpi=80, squeeze=False)
+    for row_axes, task in zip(axes, tasks):
+        for ax, key, title in ((row_axes[0], "lan_s", "LAN"), (row_axes[1], "wan_s", "WAN")):
+            pts = _points(rows, task, key)
+            ax.scatter([p.latency_s for p in pts], [p.accuracy for p in pts], s=18)
             for p in pts:
                 ax.annotate(p.label, (p.latency_s, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front = pareto_front(pts)
-            ax.step([p.latency_s for p in front], [p.accuracy for p in front], where="post",
-                    color=drawn.get_facecolor()[0], linewidth=1, alpha=0.7)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"est. online seconds per inference ({title})")
-        ax.set_ylabel("simulated-MPC accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            ax.step([p.latency_s for p in front], [p.accuracy for p in front], where="post", color="tab:red",
+                    linewidth=1, label="Pareto front")
+            ax.set_title(f"{task}: est. online latency, {title} profile", fontsize=9)
+            ax.set_xlabel("est. seconds per inference (ledger)", fontsize=8)
+            ax.set_ylabel("simulated-MPC acc. (%)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.margins(x=0.25, y=0.15)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
