@@ -139,15 +139,42 @@ def _write(path: Path, row: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _sample_phase(name: str, variant: str, examples: Any, config: Any) -> dict[str, Any]:
-    from protocols.routes import simulate
+def _real_run(name: str, variant: str, inputs: Sequence[Any], config: Any, timeout_s: float) -> tuple[Any, list[Any]]:
+    """Outputs of the real two-party run (in-process, in-memory links) and the last inference's rows,
+    as ``protocols.routes.simulate.mpc_run`` with a session timeout that fits a loaded machine."""
+    import torch
 
-    check = simulate.agreement(name, variant, config, len(examples), "memory", examples=examples)
-    last = examples.inputs[-1]
-    return {"examples": check.sample, "agree": round(check.agreement * check.sample),
-            "max_abs_difference": check.max_abs_difference, "max_ulps": check.max_ulps,
-            "real_accuracy": check.mpc_accuracy, "simulated_accuracy": check.simulated_accuracy,
-            "mpc_seconds": check.mpc_seconds, "priced_input_shape": list(last.shape), "online": check.online}
+    from protocols.routes.local_run import run_local_session
+    from protocols.routes.mpc import MpcServer
+    from protocols.routes.simulate import EncodedInputClient
+
+    def work(client: Any) -> tuple[Any, list[Any]]:
+        outs, rows = [], []
+        for x in inputs:
+            rows = [row for party in client.infer(x)[1] for row in party]
+            outs.append(client.last_raw.reshape(-1))
+        return torch.stack(outs), rows
+
+    return run_local_session(name, variant, work, config, timeout_s=timeout_s,
+                             parties=(EncodedInputClient, MpcServer)).result
+
+
+def _sample_phase(name: str, variant: str, examples: Any, config: Any, timeout_s: float) -> dict[str, Any]:
+    from models.registry import load_model
+    from models.variants import parse_variant
+    from protocols.routes.simulate import online_cost, simulate_outputs
+
+    simulated = simulate_outputs(load_model(name, parse_variant(variant)), examples.inputs, config)
+    started = time.perf_counter()
+    real, rows = _real_run(name, variant, examples.inputs, config, timeout_s)
+    seconds = time.perf_counter() - started
+    difference = float((real - simulated).abs().max())
+    labels = examples.labels
+    return {"examples": len(examples), "agree": int((real.argmax(-1) == simulated.argmax(-1)).sum()),
+            "max_abs_difference": difference, "max_ulps": difference * config.scale,
+            "real_correct": int((real.argmax(-1) == labels).sum()),
+            "simulated_correct": int((simulated.argmax(-1) == labels).sum()), "mpc_seconds": seconds,
+            "priced_input_shape": list(examples.inputs[-1].shape), "online": online_cost(rows)}
 
 
 def _split_phase(name: str, variant: str, examples: Any, config: Any, chunk: int, row: dict[str, Any],
@@ -199,10 +226,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     row.update({"variant": variant, "test_examples": len(examples), "source": examples.source,
                 "config": config.to_json(), "sample": None, "simulated": None, "started": time.time()})
     _write(args.out, row)
+    if args.split_first:
+        _split_phase(name, variant, examples, config, args.chunk, row, args.out)
     if args.sample > 0:
-        row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config)
+        row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config, args.mpc_timeout)
         _write(args.out, row)
-    _split_phase(name, variant, examples, config, args.chunk, row, args.out)
+    if not args.split_first:
+        _split_phase(name, variant, examples, config, args.chunk, row, args.out)
     row["finished"] = time.time()
     _write(args.out, row)
     return 0
@@ -321,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--sample", type=int, default=8, help="test examples through the real two-party run")
     run.add_argument("--chunk", type=int, default=256, help="examples simulated between JSON updates")
     run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--split-first", action="store_true", help="simulate the whole split before the real run")
+    run.add_argument("--mpc-timeout", type=float, default=3600.0, help="seconds allowed for the real session")
     run.add_argument("--out", type=Path, required=True)
     run.set_defaults(func=cmd_run)
     merge = sub.add_parser("merge", help="table, PASS/MISS lines, merged JSON, Pareto PNG")
