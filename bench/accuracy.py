@@ -226,12 +226,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     row.update({"variant": variant, "test_examples": len(examples), "source": examples.source,
                 "config": config.to_json(), "sample": None, "simulated": None, "started": time.time()})
     _write(args.out, row)
-    if args.split_first:
+    split = not args.sample_only
+    if split and args.split_first:
         _split_phase(name, variant, examples, config, args.chunk, row, args.out)
     if args.sample > 0:
         row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config, args.mpc_timeout)
         _write(args.out, row)
-    if not args.split_first:
+    if split and not args.split_first:
         _split_phase(name, variant, examples, config, args.chunk, row, args.out)
     row["finished"] = time.time()
     _write(args.out, row)
@@ -324,9 +325,27 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def join_rows(parts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, variant): the sample of one file and the split of another are joined
+    (the more complete of each)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in parts:
+        key = (part["model"], part["variant"])
+        if key not in rows:
+            rows[key] = dict(part)
+            continue
+        row = rows[key]
+        if part.get("sample") and not row.get("sample"):
+            row["sample"] = part["sample"]
+        done = (row.get("simulated") or {}).get("examples", 0)
+        if (part.get("simulated") or {}).get("examples", 0) > done:
+            row["simulated"] = part["simulated"]
+    return list(rows.values())
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge per-model JSON rows: table, PASS/MISS lines, merged JSON and the PNG."""
-    rows = [json.loads(Path(p).read_text()) for p in args.results]
+    rows = join_rows(json.loads(Path(p).read_text()) for p in args.results)
     order = {"sms": 0, "tweets": 1, "digits": 2}
     rows.sort(key=lambda r: (order.get(r["task"], 9), r["kind"] == "repo", r["variant"] != "exact", r["model"]))
     print(markdown_table(rows))
@@ -352,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--chunk", type=int, default=256, help="examples simulated between JSON updates")
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--split-first", action="store_true", help="simulate the whole split before the real run")
+    run.add_argument("--sample-only", action="store_true", help="only the real run on the sample (merge joins rows)")
     run.add_argument("--mpc-timeout", type=float, default=3600.0, help="seconds allowed for the real session")
     run.add_argument("--out", type=Path, required=True)
     run.set_defaults(func=cmd_run)

@@ -91,3 +91,12 @@ def test_table_marks_partial_and_missing_runs(bench: Any) -> None:
     rows = [_row("tweets", "exact", "teacher", 300, examples=512, total=3715, sample=None)]
     table = bench.markdown_table(rows)
     assert "512 of 3715 (partial)" in table and "not run" in table
+
+
+def test_join_rows_takes_the_sample_of_one_file_and_the_longer_split_of_another(bench: Any) -> None:
+    split = _row("sms", "exact", "teacher", 900, examples=972, total=972, sample=None)
+    sample_only = _row("sms", "exact", "teacher", 0, sample=(8, 8))
+    sample_only["simulated"] = None
+    joined = bench.join_rows([sample_only, split])
+    assert len(joined) == 1
+    assert joined[0]["sample"]["agree"] == 8 and joined[0]["simulated"]["examples"] == 972
