@@ -178,7 +178,7 @@ def _sample_phase(name: str, variant: str, examples: Any, config: Any, timeout_s
 
 
 def _split_phase(name: str, variant: str, examples: Any, config: Any, chunk: int, row: dict[str, Any],
-                 out: Path) -> None:
+                 out: Path, shuffle_seed: int | None = None) -> None:
     import torch
 
     from models.registry import load_model
@@ -190,9 +190,14 @@ def _split_phase(name: str, variant: str, examples: Any, config: Any, chunk: int
     sim_model = sim_mpc.prepare(bundle.model, config)
     counts = {"examples": 0, "correct": 0, "float_correct": 0, "agree_float": 0, "max_abs_difference": 0.0,
               "cpu_s": 0.0, "wall_s": 0.0}
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:  # a partial run is then a uniform sample of the split, not a prefix
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        row["split_order"] = f"seeded permutation (seed {shuffle_seed})"
     for start in range(0, len(examples), chunk):
         wall, cpu = time.perf_counter(), time.process_time()
-        inputs, labels = examples.inputs[start:start + chunk], examples.labels[start:start + chunk]
+        picked = order[start:start + chunk]
+        inputs, labels = [examples.inputs[i] for i in picked], examples.labels[picked]
         plain = torch.empty(len(inputs), dtype=torch.long)
         simulated = torch.empty(len(inputs), dtype=torch.long)
         for members, stacked in batches_by_shape(inputs, 64):
@@ -228,12 +233,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _write(args.out, row)
     split = not args.sample_only
     if split and args.split_first:
-        _split_phase(name, variant, examples, config, args.chunk, row, args.out)
+        _split_phase(name, variant, examples, config, args.chunk, row, args.out, args.shuffle_seed)
     if args.sample > 0:
         row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config, args.mpc_timeout)
         _write(args.out, row)
     if split and not args.split_first:
-        _split_phase(name, variant, examples, config, args.chunk, row, args.out)
+        _split_phase(name, variant, examples, config, args.chunk, row, args.out, args.shuffle_seed)
     row["finished"] = time.time()
     _write(args.out, row)
     return 0
@@ -372,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--split-first", action="store_true", help="simulate the whole split before the real run")
     run.add_argument("--sample-only", action="store_true", help="only the real run on the sample (merge joins rows)")
+    run.add_argument("--shuffle-seed", type=int, default=None, help="simulate the split in a seeded random order")
     run.add_argument("--mpc-timeout", type=float, default=3600.0, help="seconds allowed for the real session")
     run.add_argument("--out", type=Path, required=True)
     run.set_defaults(func=cmd_run)
