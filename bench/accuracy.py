@@ -127,7 +127,8 @@ def _describe(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         variant = args.variant or meta["variant"]
         kind = "distilled" if training.get("kind") == "distill" else "teacher"
         return checkpoint_name(args.checkpoint), variant, {
-            "model": meta["name"], "task": meta["task"], "kind": kind, "digest": meta["digest"][:12],
+            "model": Path(args.checkpoint).resolve().name, "task": meta["task"], "kind": kind,
+            "digest": meta["digest"][:12],
             "train_seconds": training.get("seconds"), "checkpoint": str(Path(args.checkpoint).resolve())}
     task = {"spam-encoder": "sms", "vit-digits": "digits"}.get(args.model, args.model)
     return args.model, args.variant or "exact", {"model": args.model, "task": task, "kind": "repo"}
@@ -267,7 +268,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         sim, sample = r.get("simulated") or {}, r.get("sample") or {}
         online = sample.get("online") or {}
         n = sim.get("examples", 0)
-        split = f"{n}" if n >= r["test_examples"] else f"{n} of {r['test_examples']} (partial)"
+        order = "seeded random order" if r.get("split_order") else "first ones"
+        split = f"{n}" if n >= r["test_examples"] else f"{n} of {r['test_examples']} (partial, {order})"
         real = (f"{sample['agree']}/{sample['examples']}, max {sample['max_abs_difference']:.3g}"
                 if sample else "not run")
         cost = (f"{online['mib_sent']:.1f} MiB, {online['rounds']} rounds, {online['lan_s']:.2f} / "
@@ -335,6 +337,8 @@ def join_rows(parts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     (the more complete of each)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for part in parts:
+        if part.get("checkpoint"):  # two checkpoints may share a name: the directory tells them apart
+            part = {**part, "model": Path(part["checkpoint"]).name}
         key = (part["model"], part["variant"])
         if key not in rows:
             rows[key] = dict(part)
@@ -344,7 +348,7 @@ def join_rows(parts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row["sample"] = part["sample"]
         done = (row.get("simulated") or {}).get("examples", 0)
         if (part.get("simulated") or {}).get("examples", 0) > done:
-            row["simulated"] = part["simulated"]
+            row["simulated"], row["split_order"] = part["simulated"], part.get("split_order")
     return list(rows.values())
 
 

@@ -90,7 +90,7 @@ def test_agreement_thresholds(bench: Any) -> None:
 def test_table_marks_partial_and_missing_runs(bench: Any) -> None:
     rows = [_row("tweets", "exact", "teacher", 300, examples=512, total=3715, sample=None)]
     table = bench.markdown_table(rows)
-    assert "512 of 3715 (partial)" in table and "not run" in table
+    assert "512 of 3715 (partial, first ones)" in table and "not run" in table
 
 
 def test_join_rows_takes_the_sample_of_one_file_and_the_longer_split_of_another(bench: Any) -> None:
