@@ -58,7 +58,7 @@ INV_SQRT_PIECES = 128  # linear pieces per power of four of the inverse square r
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups once the row is this short
 SINGLE_GROUP = 16      # ... in groups of up to 16 entries
-ALL_PAIRS_BUDGET = 2 ** 16  # ... while a level has at most this many pairs (all rows together)
+ALL_PAIRS_BUDGET = 65_536  # ... while a level has at most this many pairs (all rows together)
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway

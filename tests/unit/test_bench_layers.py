@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,29 +132,30 @@ def _bench_module():
     return module
 
 
-def test_bench_targets_report_misses_honestly() -> None:
+def test_bench_issue3_targets_report_misses_honestly() -> None:
     bench = _bench_module()
     mib = bench.MIB
 
-    def route(rounds: int, sent_mib: float, seconds: float) -> dict:
-        return {"rounds": rounds, "sent": sent_mib * mib, "online_s": seconds}
+    def column(name: str, rounds: int, sent_mib: float, seconds: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, rounds=rounds, online_bytes=sent_mib * mib, online_s=seconds)
 
-    results = {"mpcformer": {"crypten": route(89, 75.0, 1.0), "privinf": route(90, 16.0, 0.5)},
-               "exact": {"crypten": route(198, 356.0, 3.0), "privinf": route(198, 300.0, 3.5)}}
-    lines = bench.target_lines(results, full_size=True)
+    def routes(crypten: tuple, ours: tuple) -> dict:
+        return {"columns": [column("CrypTen-TTP", *crypten), column("privinf", *ours)]}
+
+    results = {"mpcformer": routes((89, 75.0, 1.0), (90, 16.0, 0.5)),
+               "exact": routes((198, 356.0, 3.0), (198, 300.0, 3.5))}
+    lines = bench.issue3_lines(results, full_size=True)
     verdicts = {line.split("  ", 1)[1].rsplit(": ", 1)[0]: line.split()[0] for line in lines}
     assert verdicts == {
         "2Quad layer <= 15 MiB sent/party online": "MISS",
-        "2Quad layer >= 4.9x below CrypTen": "MISS",
-        "exact layer below CrypTen's 356.0 MiB sent/party": "PASS",
-        "(aim) exact layer <= 120 MiB sent/party": "MISS",
-        "mpcformer: online wall <= CrypTen's": "PASS",
-        "mpcformer: rounds <= CrypTen's": "MISS",
-        "exact: online wall <= CrypTen's": "MISS",
-        "exact: rounds <= CrypTen's": "PASS",
+        "2Quad layer >= 4.9x below CrypTen-TTP online": "MISS",
+        "mpcformer: online wall <= CrypTen-TTP's": "PASS",
+        "mpcformer: online rounds <= CrypTen-TTP's": "MISS",
+        "exact: online wall <= CrypTen-TTP's": "MISS",
+        "exact: online rounds <= CrypTen-TTP's": "PASS",
     }
-    quick = bench.target_lines(results, full_size=False)
-    assert not any("15 MiB" in line or "(aim)" in line for line in quick)
+    quick = bench.issue3_lines(results, full_size=False)
+    assert not any("15 MiB" in line for line in quick)
 
 
 def test_mpcache_block_has_mpcache_efficiency_shape() -> None:
