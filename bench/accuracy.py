@@ -252,13 +252,19 @@ def _pct(count: int | None, total: int | None) -> str:
     return "-" if not total or count is None else f"{100 * count / total:.2f}%"
 
 
-def compute_seconds(online: dict[str, Any]) -> float:
-    """The measured compute part of the LAN estimate (load-dependent): the estimate less rounds x RTT
-    and bytes / bandwidth, which are exact counts priced on the profile."""
-    from privinf.ledger.pricing import LAN
+def network_seconds(online: dict[str, Any], profile: str) -> float:
+    """The ledger's network terms on ``profile`` (lan, wan): rounds x RTT + critical bytes / bandwidth
+    (exact counts, independent of the machine's load)."""
+    from privinf.ledger.pricing import LAN, WAN
 
-    network = online["rounds"] * LAN.rtt_s + online["mib_sent"] * 2 ** 20 * 8 / LAN.bandwidth_bps
-    return float(online["lan_s"] - network)
+    link = {"lan": LAN, "wan": WAN}[profile]
+    return float(online["rounds"] * link.rtt_s + online["mib_sent"] * 2 ** 20 * 8 / link.bandwidth_bps)
+
+
+def compute_seconds(online: dict[str, Any]) -> float:
+    """The measured compute part of the ledger's estimate (load-dependent): the LAN estimate less its
+    network terms."""
+    return float(online["lan_s"] - network_seconds(online, "lan"))
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -291,37 +297,42 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _points(rows: Sequence[dict[str, Any]], task: str, key: str) -> list[Point]:
+def _points(rows: Sequence[dict[str, Any]], task: str, profile: str, with_compute: bool) -> list[Point]:
     pts = []
     for r in rows:
         sim, sample = r.get("simulated") or {}, r.get("sample") or {}
         if r["task"] == task and sim and sample:
             label = r["variant"] if r["kind"] != "repo" else f"{r['model']} {r['variant']}"
-            pts.append(Point(label, 100 * sim["correct"] / sim["examples"], sample["online"][key]))
+            online = sample["online"]
+            latency = online[f"{profile}_s"] if with_compute else network_seconds(online, profile)
+            pts.append(Point(label, 100 * sim["correct"] / sim["examples"], latency))
     return pts
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: Path, with_compute: bool = False) -> None:
     """Simulated-MPC accuracy vs est. LAN (left) and WAN (right) seconds, one row of panels per task,
-    points labelled by variant, the Pareto front drawn."""
+    points labelled by variant, the Pareto front drawn; without ``with_compute`` only the ledger's
+    network terms (rounds x RTT + bytes / bandwidth), as compute measured on a loaded shared machine
+    does not compare between rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if _points(rows, t, "lan_s")]
+    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if _points(rows, t, "lan", with_compute)]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 2.6 * len(tasks)), dpi=80, squeeze=False)
     for row_axes, task in zip(axes, tasks):
-        for ax, key, title in ((row_axes[0], "lan_s", "LAN"), (row_axes[1], "wan_s", "WAN")):
-            pts = _points(rows, task, key)
+        for ax, profile in zip(row_axes, ("lan", "wan")):
+            pts = _points(rows, task, profile, with_compute)
             ax.scatter([p.latency_s for p in pts], [p.accuracy for p in pts], s=18)
             for p in pts:
                 ax.annotate(p.label, (p.latency_s, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front = pareto_front(pts)
             ax.step([p.latency_s for p in front], [p.accuracy for p in front], where="post", color="tab:red",
                     linewidth=1, label="Pareto front")
-            ax.set_title(f"{task}: est. online latency, {title} profile", fontsize=9)
-            ax.set_xlabel("est. seconds per inference (ledger)", fontsize=8)
+            what = "ledger estimate" if with_compute else "ledger network terms: rounds x RTT + bytes / bw"
+            ax.set_title(f"{task}, {profile.upper()} profile", fontsize=9)
+            ax.set_xlabel(f"est. online seconds per inference ({what})", fontsize=8)
             ax.set_ylabel("simulated-MPC acc. (%)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.margins(x=0.25, y=0.15)
@@ -364,7 +375,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "targets": lines}, indent=1) + "\n")
     if args.png is not None:
-        plot(rows, args.png)
+        plot(rows, args.png, args.with_compute)
     return 0
 
 
@@ -389,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge.add_argument("results", nargs="+", type=Path)
     merge.add_argument("--json", type=Path, default=None)
     merge.add_argument("--png", type=Path, default=None)
+    merge.add_argument("--with-compute", action="store_true",
+                       help="plot the ledger's whole estimate (incl. measured compute) instead of its network terms")
     merge.set_defaults(func=cmd_merge)
     args = parser.parse_args(argv)
     if args.command == "run" and (args.checkpoint is None) == (args.model is None):

@@ -100,3 +100,12 @@ def test_join_rows_takes_the_sample_of_one_file_and_the_longer_split_of_another(
     joined = bench.join_rows([sample_only, split])
     assert len(joined) == 1
     assert joined[0]["sample"]["agree"] == 8 and joined[0]["simulated"]["examples"] == 972
+
+
+def test_network_and_compute_parts_add_up_to_the_ledger_estimate(bench: Any) -> None:
+    from privinf.ledger.pricing import LAN
+
+    online = {"rounds": 100, "mib_sent": 3.0, "lan_s": 2.0, "wan_s": 9.0}
+    network = 100 * LAN.rtt_s + 3 * 2 ** 20 * 8 / LAN.bandwidth_bps
+    assert bench.network_seconds(online, "lan") == pytest.approx(network)
+    assert bench.compute_seconds(online) == pytest.approx(2.0 - network)
