@@ -301,8 +301,13 @@ def _points(rows: Sequence[dict[str, Any]], task: str, profile: str, with_comput
     pts = []
     for r in rows:
         sim, sample = r.get("simulated") or {}, r.get("sample") or {}
-        if r["task"] == task and sim and sample:
+        partial = bool(sim) and sim["examples"] < r["test_examples"]
+        if r["task"] == task and sim and sample and not (partial and not r.get("split_order")):
             label = r["variant"] if r["kind"] != "repo" else f"{r['model']} {r['variant']}"
+            if r["kind"] == "distilled" and "-" in r["model"].removeprefix(f"minilm-{task}-{r['variant']}"):
+                label = r["model"].removeprefix("minilm-")
+            if partial:  # a uniform sample of the split (seeded order), not the whole of it
+                label += f" ({sim['examples']} of {r['test_examples']})"
             online = sample["online"]
             latency = online[f"{profile}_s"] if with_compute else network_seconds(online, profile)
             pts.append(Point(label, 100 * sim["correct"] / sim["examples"], latency))
@@ -330,9 +335,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, with_compute: bool = False)
             front = pareto_front(pts)
             ax.step([p.latency_s for p in front], [p.accuracy for p in front], where="post", color="tab:red",
                     linewidth=1, label="Pareto front")
-            what = "ledger estimate" if with_compute else "ledger network terms: rounds x RTT + bytes / bw"
+            what = "ledger estimate" if with_compute else "rounds x RTT + bytes / bw"
             ax.set_title(f"{task}, {profile.upper()} profile", fontsize=9)
-            ax.set_xlabel(f"est. online seconds per inference ({what})", fontsize=8)
+            ax.set_xlabel(f"est. online s / inference ({what})", fontsize=8)
             ax.set_ylabel("simulated-MPC acc. (%)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.margins(x=0.25, y=0.15)
