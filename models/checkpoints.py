@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 FORMAT = "privinf.checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -74,6 +75,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path / META} misses {', '.join(missing)}")
     return meta
+
+
+def load_checked_weights(path: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (safetensors), refused unless they match the digest in ``meta``."""
+    path = Path(path)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint weights {path / WEIGHTS} are unreadable: {exc}") from None
+    if weights_digest(state) != meta["digest"]:
+        raise CheckpointError(f"checkpoint {path}: the weights do not match the digest in {META}")
+    return state
 
 
 def checkpoint_name(path: str | Path) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -312,12 +312,7 @@ def load_classifier(path: str | Path, variant: VariantSpec | str | None = None,
     meta = ckpt.read_meta(path)
     if variant is None:
         variant, overrides = ckpt.trained_variant(path)
-    try:
-        state = load_file(str(path / ckpt.WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint weights {path / ckpt.WEIGHTS} are unreadable: {exc}") from None
-    if ckpt.weights_digest(state) != meta["digest"]:
-        raise ckpt.CheckpointError(f"checkpoint {path}: the weights do not match the digest in {ckpt.META}")
+    state = ckpt.load_checked_weights(path, meta)
     config = ModelConfig(**meta["config"])
     spec = variant if isinstance(variant, VariantSpec) else parse_variant(variant, overrides)
     model = parts.classifier(config, state, spec)

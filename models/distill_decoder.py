@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from models import checkpoints as ckpt
@@ -247,12 +247,7 @@ def load_decoder_checkpoint(path: str | Path, variant: VariantSpec | str | None 
     meta = ckpt.read_meta(path)
     if meta.get("architecture") != ARCHITECTURE:
         raise ckpt.CheckpointError(f"checkpoint {path} holds a {meta.get('architecture')!r}, not a decoder")
-    try:
-        state = load_file(str(path / ckpt.WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint weights {path / ckpt.WEIGHTS} are unreadable: {exc}") from None
-    if ckpt.weights_digest(state) != meta["digest"]:
-        raise ckpt.CheckpointError(f"checkpoint {path}: the weights do not match the digest in {ckpt.META}")
+    state = ckpt.load_checked_weights(path, meta)
     model = Decoder(ModelConfig(**meta["config"]), as_variant(variant if variant is not None else meta["variant"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
