@@ -29,31 +29,20 @@ them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from protocols.mpc.fss_prg import ONE as _ONE
+from protocols.mpc.fss_prg import PRG as _PRG
+from protocols.mpc.fss_prg import RIGHT_DELTA as _RIGHT_DELTA
+from protocols.mpc.fss_prg import SEED_LEFT as _SEED_LEFT
+from protocols.mpc.fss_prg import TWEAKS as _TWEAKS
+from protocols.mpc.fss_prg import VALUES as _VALUES
 
-# Public, fixed AES key and tweaks of the PRG (nothing up the sleeve: SHA-256 of labels). The
-# left and right tweaks differ only in their second word and the values' only in its first, so
-# an evaluator forms the tweak of the side it takes with one masked XOR on one word.
-def _label_words(label: str, count: int) -> np.ndarray:
-    return np.frombuffer(hashlib.sha256(label.encode()).digest()[:8 * count], dtype=np.uint64).copy()
-
-
-_PRG_KEY = hashlib.sha256(b"privinf/fss/prg/key").digest()[:16]
-_BASE = _label_words("privinf/fss/prg/base", 2)
-_RIGHT_DELTA = _label_words("privinf/fss/prg/right", 1)[0]
-_VALUE_DELTA = _label_words("privinf/fss/prg/values", 1)[0]
-_TWEAKS = np.stack([_BASE, _BASE ^ np.array([0, _RIGHT_DELTA], dtype=np.uint64),
-                    _BASE ^ np.array([_VALUE_DELTA, 0], dtype=np.uint64)])
-_ONE = np.uint64(1)
-_SEED_LEFT, _SEED_RIGHT, _VALUES = range(3)
 GEN_CHUNK = 8192   # elements per pass (multiples of 64: the control bits are packed by 64)
 PARALLEL_MIN = 8192  # elements of a part handed to one key-generation worker, at least
 EVAL_CHUNK = 65536
@@ -83,52 +72,6 @@ def generating_with(runner: CorrectionRunner, parts: int) -> Iterator[None]:
         _RUNNER.reset(token)
 
 
-class _Prg:
-    """Tweakable fixed-key AES in Matyas-Meyer-Oseas mode: ``G_j(s) = AES(s ^ c_j) ^ s ^ c_j``.
-
-    ``j`` selects the output: left child seed, right child seed (127 bits plus the control bit
-    in the lowest bit), or the two 64-bit values (left, right). The evaluator computes only the
-    seed on the side its input bit chooses and the values (two AES blocks per level), the dealer
-    all three for both parties.
-    """
-
-    def __init__(self) -> None:
-        self._cipher = Cipher(algorithms.AES(_PRG_KEY), modes.ECB())
-
-    def __call__(self, seeds: np.ndarray, which: int) -> np.ndarray:
-        """``G_which(seeds)`` for uint64 seeds [N, 2], ``which`` one of the three outputs."""
-        return self.encrypt(seeds ^ _TWEAKS[which])
-
-    def encrypt(self, tweaked: np.ndarray) -> np.ndarray:
-        """``AES(t) ^ t`` for contiguous uint64 blocks ``t`` [..., 2] (already tweaked)."""
-        encryptor = self._cipher.encryptor()  # one per call: encryptors are not shared across threads
-        source = np.ascontiguousarray(tweaked)
-        out = np.empty(source.size + 2, dtype=np.uint64)  # update_into wants a block of slack
-        encryptor.update_into(source.view(np.uint8), out.view(np.uint8))
-        result = out[:source.size].reshape(source.shape)
-        result ^= source
-        return result
-
-    def cipher_into(self, source: np.ndarray, out: np.ndarray) -> None:
-        """``AES(source)`` into ``out`` (uint64, contiguous, two words longer than ``source``)."""
-        self._cipher.encryptor().update_into(source.view(np.uint8).ravel(), out.view(np.uint8))
-
-    @staticmethod
-    def split(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A seed block -> (seed with the control bit cleared, control bit as uint64 0/1)."""
-        t = block[:, 0] & _ONE
-        block[:, 0] &= ~_ONE
-        return block, t
-
-    def expand(self, seeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Both sides: s_L, s_R, t_L, t_R, v_L, v_R (values as int64)."""
-        s_left, t_left = self.split(self(seeds, _SEED_LEFT))
-        s_right, t_right = self.split(self(seeds, _SEED_RIGHT))
-        values = self(seeds, _VALUES).view(np.int64)
-        return s_left, s_right, t_left, t_right, values[:, 0], values[:, 1]
-
-
-_PRG = _Prg()
 
 
 def key_words(bits: int, n: int) -> int:
