@@ -264,9 +264,9 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
 
 
 def validation_examples(model: str, count: int) -> list[torch.Tensor]:
-    """Validation inputs of ``model``: a checkpoint's validation split, or the last ``count`` examples
-    of the training split of ``spam-encoder`` / ``vit-digits`` (:mod:`models.data` has no separate
-    validation split for them)."""
+    """Validation inputs of ``model``: a seeded sample of ``count`` from a checkpoint's validation split,
+    or the last ``count`` examples of the training split of ``spam-encoder`` / ``vit-digits``
+    (:mod:`models.data` has no separate validation split for them)."""
     from models import checkpoints, data
 
     if model == "spam-encoder":
@@ -282,8 +282,10 @@ def validation_examples(model: str, count: int) -> list[torch.Tensor]:
 
     meta = checkpoints.read_meta(path)
     split = prepare_task(meta["task"], int(meta["seq_len"])).validation
-    lengths = split.mask.sum(1).tolist()[:count]
-    return [split.ids[i:i + 1, :int(n)] for i, n in enumerate(lengths)]
+    # a seeded sample, not the first ``count``: the task splits are ordered by class
+    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    lengths = split.mask.sum(1).tolist()
+    return [split.ids[i:i + 1, :int(lengths[i])] for i in pick]
 
 
 def representative(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
