@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Targets of issue 12 (points are accuracy percentage points).
 SMS_PRESET_POINTS = 0.5
 TWEETS_MPCFORMER_POINTS = 1.5
+TWEETS_SEARCHED_POINTS = 0.5
+TWEETS_SEARCHED_SPEEDUP = 3.0  # est. LAN latency per inference, exact / searched
 REAL_SIM_AGREEMENT = 0.995
 SIM_FLOAT_AGREEMENT = 0.99
 SMS_PRESETS = ("mpcformer", "power", "relu", "scale", "linear", "he")
@@ -74,7 +76,30 @@ def _complete_sim(row: dict[str, Any]) -> float | None:
 
 
 def _exact_reference(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["task"] == task and r["variant"] == "exact" and r["kind"] != "repo"), None)
+    return next((r for r in rows if r["task"] == task and r["variant"] == "exact" and r["kind"] != "repo"
+                 and not r.get("overrides")), None)
+
+
+def _judge_searched(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The searched (per-head overrides) tweet models against exact: accuracy and est. LAN speed-up."""
+    exact = _exact_reference(rows, "tweets")
+    exact_acc = None if exact is None else _complete_sim(exact)
+    exact_lan = ((exact or {}).get("sample") or {}).get("online", {}).get("lan_s")
+    target = (f"tweets searched within {TWEETS_SEARCHED_POINTS} points of exact (simulated MPC, whole test split) "
+              f"at >= {TWEETS_SEARCHED_SPEEDUP:g}x lower est. LAN latency")
+    lines = []
+    for row in rows:
+        if row["task"] != "tweets" or not row.get("overrides") or row["kind"] != "distilled":
+            continue
+        acc, lan = _complete_sim(row), (row.get("sample") or {}).get("online", {}).get("lan_s")
+        if None in (acc, exact_acc, lan, exact_lan):
+            lines.append(("n/a", target, f"{row['model']}: whole split or real sample missing here or for exact"))
+            continue
+        delta, speedup = 100 * (acc - exact_acc), exact_lan / lan
+        ok = delta >= -TWEETS_SEARCHED_POINTS and speedup >= TWEETS_SEARCHED_SPEEDUP
+        lines.append((verdict(ok), target, f"{row['model']}: {100 * acc:.2f}% vs {100 * exact_acc:.2f}%: "
+                      f"{delta:+.2f} points; LAN {exact_lan:.2f} -> {lan:.2f} s: {speedup:.2f}x"))
+    return lines
 
 
 def judge(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -85,7 +110,8 @@ def judge(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
         exact = _exact_reference(rows, task)
         exact_acc = None if exact is None else _complete_sim(exact)
         for row in rows:
-            if row["task"] != task or row["kind"] != "distilled" or row["variant"] not in variants:
+            if row["task"] != task or row["kind"] != "distilled" or row["variant"] not in variants \
+                    or row.get("overrides"):
                 continue
             acc = _complete_sim(row)
             if acc is None or exact_acc is None:
@@ -96,6 +122,7 @@ def judge(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
             lines.append((verdict(delta >= -points), f"{task} {row['variant']} within {points} points of exact "
                           "(simulated MPC, whole test split)", f"{100 * acc:.2f}% vs {100 * exact_acc:.2f}%: "
                           f"{delta:+.2f} points"))
+    lines += _judge_searched(rows)
     for row in rows:
         name = f"{row['model']} {row['variant']}"
         sample = row.get("sample") or {}
@@ -118,17 +145,20 @@ def judge(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def _describe(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
-    """(registry name, variant, row header) of the model to run."""
+    """(registry name, variant, row header) of the model to run; a checkpoint's own per-layer / per-head
+    overrides file (row ``overrides``) goes with its own variant."""
     if args.checkpoint is not None:
-        from models.checkpoints import checkpoint_name, read_meta
+        from models.checkpoints import checkpoint_name, read_meta, trained_variant
 
         meta = read_meta(args.checkpoint)
         training = meta.get("training", {})
-        variant = args.variant or meta["variant"]
+        variant, overrides = trained_variant(Path(args.checkpoint))
+        if args.variant is not None:
+            variant, overrides = args.variant, None
         kind = "distilled" if training.get("kind") == "distill" else "teacher"
         return checkpoint_name(args.checkpoint), variant, {
             "model": Path(args.checkpoint).resolve().name, "task": meta["task"], "kind": kind,
-            "digest": meta["digest"][:12],
+            "digest": meta["digest"][:12], "overrides": None if overrides is None else str(overrides),
             "train_seconds": training.get("seconds"), "checkpoint": str(Path(args.checkpoint).resolve())}
     task = {"spam-encoder": "sms", "vit-digits": "digits"}.get(args.model, args.model)
     return args.model, args.variant or "exact", {"model": args.model, "task": task, "kind": "repo"}
@@ -140,14 +170,15 @@ def _write(path: Path, row: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _real_run(name: str, variant: str, inputs: Sequence[Any], config: Any, timeout_s: float) -> tuple[Any, list[Any]]:
+def _real_run(name: str, variant: str, inputs: Sequence[Any], config: Any, timeout_s: float,
+              overrides: str | None = None) -> tuple[Any, list[Any]]:
     """Outputs of the real two-party run (in-process, in-memory links) and the last inference's rows,
     as ``protocols.routes.simulate.mpc_run`` with a session timeout that fits a loaded machine."""
     import torch
 
     from protocols.routes.local_run import run_local_session
     from protocols.routes.mpc import MpcServer
-    from protocols.routes.simulate import EncodedInputClient
+    from protocols.routes.simulate import EncodedInputClient, with_overrides
 
     def work(client: Any) -> tuple[Any, list[Any]]:
         outs, rows = [], []
@@ -157,17 +188,19 @@ def _real_run(name: str, variant: str, inputs: Sequence[Any], config: Any, timeo
         return torch.stack(outs), rows
 
     return run_local_session(name, variant, work, config, timeout_s=timeout_s,
-                             parties=(EncodedInputClient, MpcServer)).result
+                             parties=(with_overrides(EncodedInputClient, overrides),
+                                      with_overrides(MpcServer, overrides))).result
 
 
-def _sample_phase(name: str, variant: str, examples: Any, config: Any, timeout_s: float) -> dict[str, Any]:
+def _sample_phase(name: str, variant: str, examples: Any, config: Any, timeout_s: float,
+                  overrides: str | None = None) -> dict[str, Any]:
     from models.registry import load_model
     from models.variants import parse_variant
     from protocols.routes.simulate import online_cost, simulate_outputs
 
-    simulated = simulate_outputs(load_model(name, parse_variant(variant)), examples.inputs, config)
+    simulated = simulate_outputs(load_model(name, parse_variant(variant, overrides)), examples.inputs, config)
     started = time.perf_counter()
-    real, rows = _real_run(name, variant, examples.inputs, config, timeout_s)
+    real, rows = _real_run(name, variant, examples.inputs, config, timeout_s, overrides)
     seconds = time.perf_counter() - started
     difference = float((real - simulated).abs().max())
     labels = examples.labels
@@ -187,7 +220,7 @@ def _split_phase(name: str, variant: str, examples: Any, config: Any, chunk: int
     from protocols.mpc import simulate as sim_mpc
     from protocols.routes.simulate import batches_by_shape
 
-    bundle = load_model(name, parse_variant(variant))
+    bundle = load_model(name, parse_variant(variant, row.get("overrides")))
     sim_model = sim_mpc.prepare(bundle.model, config)
     counts = {"examples": 0, "correct": 0, "float_correct": 0, "agree_float": 0, "max_abs_difference": 0.0,
               "cpu_s": 0.0, "wall_s": 0.0}
@@ -236,7 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if split and args.split_first:
         _split_phase(name, variant, examples, config, args.chunk, row, args.out, args.shuffle_seed)
     if args.sample > 0:
-        row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config, args.mpc_timeout)
+        row["sample"] = _sample_phase(name, variant, examples.head(args.sample), config, args.mpc_timeout,
+                                      row.get("overrides"))
         _write(args.out, row)
     if split and not args.split_first:
         _split_phase(name, variant, examples, config, args.chunk, row, args.out, args.shuffle_seed)
@@ -281,7 +315,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         cost = (f"{online['mib_sent']:.1f} MiB, {online['rounds']} rounds, {online['lan_s']:.2f} / "
                 f"{online['wan_s']:.2f} s (compute {compute_seconds(online):.2f} s)" if online else "-")
         train = f"{r['train_seconds']:.0f} s" if r.get("train_seconds") else "-"
-        out.append([r["task"], r["model"], r["variant"], split, _pct(sim.get("float_correct"), n),
+        variant = r["variant"] + (" + per-head overrides" if r.get("overrides") else "")
+        out.append([r["task"], r["model"], variant, split, _pct(sim.get("float_correct"), n),
                     _pct(sim.get("correct"), n), _pct(sim.get("agree_float"), n), real, cost, train])
     return out
 
