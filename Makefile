@@ -5,7 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: run test install proto clean
+.PHONY: run test install native proto clean
+
+# The compiled FSS kernel (protocols/mpc/fss_native.py says which and why), built offline with the
+# system C compiler; without one the numpy path is used and this prints one line saying so.
+NATIVE_SRC := protocols/mpc/native/fss_native.c
+NATIVE_LIB := protocols/mpc/native/libfss_native.so
+NATIVE_CFLAGS := -O3 -fPIC -shared -pthread -fno-strict-aliasing
 
 $(BIN)/python:
 	$(shell command -v $(PY) >/dev/null 2>&1 && echo $(PY) || echo python3) -m venv $(VENV)
@@ -17,13 +23,19 @@ $(STAMP): $(BIN)/python requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(NATIVE_LIB): $(NATIVE_SRC)
+	@if command -v $(CC) >/dev/null 2>&1 && $(CC) $(NATIVE_CFLAGS) -o $@.tmp $<; then mv $@.tmp $@; \
+	else rm -f $@.tmp; echo "privinf: could not compile $< with '$(CC)'; FSS keys use the numpy path (slower)"; fi
 
-run: $(STAMP)
+native: $(NATIVE_LIB)
+
+install: $(STAMP) $(NATIVE_LIB)
+
+run: $(STAMP) $(NATIVE_LIB)
 	$(BIN)/privinf launch --protocol mpc --model minilm --variant exact \
 		--input "Private inference keeps both the prompt and the model secret." --report run-report.json
 
-test: $(STAMP)
+test: $(STAMP) $(NATIVE_LIB)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -x tests
 
@@ -32,4 +44,4 @@ proto: $(STAMP)
 	$(BIN)/python -m he_kernels.regenerate
 
 clean:
-	rm -rf $(VENV) run-report.json
+	rm -rf $(VENV) run-report.json $(NATIVE_LIB)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocols.mpc import fss_native
 from protocols.mpc.fss_prg import ONE as _ONE
 from protocols.mpc.fss_prg import PRG as _PRG
 from protocols.mpc.fss_prg import RIGHT_DELTA as _RIGHT_DELTA
@@ -186,7 +187,8 @@ def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: 
     seeds[:, :, 0] &= ~_ONE
     views[0].seed[:], views[1].seed[:] = seeds[0], seeds[1]
     parallel = _RUNNER.get()
-    if parallel is not None and n >= PARALLEL_MIN:  # worker processes write straight into party 0's key
+    if parallel is not None and n >= PARALLEL_MIN and not fss_native.active():
+        # worker processes write straight into party 0's key (the compiled kernel uses threads instead)
         parallel[0](bits, [(alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi], correction_slices(views[0], lo, hi))
                            for lo, hi in _part_bounds(n, parallel[1])])
     else:
@@ -197,10 +199,18 @@ def _dcf_gen_into(alpha: np.ndarray, beta: np.ndarray, bits: int, random_bytes: 
 
 
 def _gen_chunks(key: DcfKey, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray) -> None:
-    """All correction words of ``key`` (party 0's view), chunk by chunk, in this thread."""
+    """All correction words of ``key`` (party 0's view): the compiled kernel's, or numpy's chunk
+    by chunk in this thread."""
+    if fss_native.active():
+        fss_native.dcf_gen(key.bits, 0, alpha, beta, seeds, _corrections(key))
+        return
     for lo in range(0, alpha.shape[0], GEN_CHUNK):  # chunks that stay in cache: about 2x faster than one pass
         hi = min(alpha.shape[0], lo + GEN_CHUNK)
         _gen_levels(key, lo, hi, alpha[lo:hi], beta[lo:hi], seeds[:, lo:hi])
+
+
+def _corrections(key: DcfKey) -> tuple[np.ndarray, ...]:
+    return key.cw_seed, key.cw_value, key.cw_final, key.cw_t
 
 
 def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -319,6 +329,8 @@ def dcf_eval(key: DcfKey, x: np.ndarray, repeat: int = 1) -> np.ndarray:
     n = key.seed.shape[0]
     if repeat < 1 or x.shape[0] != n * repeat:
         raise FssError(f"{x.shape[0]} inputs for {n} DCF keys x {repeat} points")
+    if fss_native.active():
+        return fss_native.dcf_eval(key.party, key.bits, (key.seed, *_corrections(key)), x, repeat)
     value = np.empty(n * repeat, dtype=np.int64)
     step = EVAL_CHUNK if repeat == 1 else max(64, EVAL_CHUNK // repeat // 64 * 64)
     for lo in range(0, n, step):  # cache-sized chunks: about 1.5x faster than one pass

@@ -18,7 +18,7 @@ def _label_words(label: str, count: int) -> np.ndarray:
     return np.frombuffer(hashlib.sha256(label.encode()).digest()[:8 * count], dtype=np.uint64).copy()
 
 
-_PRG_KEY = hashlib.sha256(b"privinf/fss/prg/key").digest()[:16]
+PRG_KEY = hashlib.sha256(b"privinf/fss/prg/key").digest()[:16]
 _BASE = _label_words("privinf/fss/prg/base", 2)
 RIGHT_DELTA = _label_words("privinf/fss/prg/right", 1)[0]
 _VALUE_DELTA = _label_words("privinf/fss/prg/values", 1)[0]
@@ -38,7 +38,7 @@ class _Prg:
     """
 
     def __init__(self) -> None:
-        self._cipher = Cipher(algorithms.AES(_PRG_KEY), modes.ECB())
+        self._cipher = Cipher(algorithms.AES(PRG_KEY), modes.ECB())
 
     def __call__(self, seeds: np.ndarray, which: int) -> np.ndarray:
         """``G_which(seeds)`` for uint64 seeds [N, 2], ``which`` one of the three outputs."""

@@ -1,0 +1,135 @@
+"""The compiled DCF kernel (``protocols/mpc/native/fss_native.c``) for :mod:`protocols.mpc.fss`.
+
+**Which and why.** A C shared library loaded with ctypes, built by ``make`` (``make install``,
+``make test`` and ``make run`` depend on it; ``make native`` alone) with the system C compiler,
+offline. Not a CPython extension: the kernel only walks raw buffers, so ctypes needs no
+Python C-API code, releases the GIL for the whole call (the parties' threads and the dealer
+pool's threads run in parallel with it), and a source change is rebuilt by make's own
+dependency rule. AES is AES-NI (``_mm_aesenc_si128``), compiled for that target only and
+used after a run-time CPU check; several blocks per level are kept in flight, and large calls
+are split over plain pthreads (``threads``: the host's cores, one for small calls).
+
+**Why it is faster.** The numpy path calls OpenSSL's AES (already AES-NI, pipelined) once per
+level on the whole chunk, but spends most of its time in the per-level tree logic: about a dozen
+numpy passes over the chunk per level, each reading and writing memory. The kernel keeps a
+point's walk in registers and touches each key word once.
+
+**Fallback.** Without the library (no compiler at install time, a non-x86-64 host, a CPU
+without AES-NI, a library older than its source, or ``PRIVINF_FSS_NATIVE=0`` in the
+environment) :func:`active` is false, :data:`REASON` says why in one line, and :mod:`fss` runs
+its numpy path, which gives bit-identical keys and shares (tests/unit/test_fss_native.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
+
+from protocols.mpc.fss_prg import PRG_KEY, TWEAKS
+
+ABI = 1
+SOURCE = Path(__file__).resolve().parent / "native" / "fss_native.c"
+LIBRARY = SOURCE.with_name("libfss_native.so")
+THREAD_MIN = 8192  # points (or elements to generate) per extra thread, at least
+_DISABLED: ContextVar[bool] = ContextVar("fss_native_disabled", default=False)
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The initialised library, or None and the reason it is not used."""
+    if os.environ.get("PRIVINF_FSS_NATIVE", "1") == "0":
+        return None, "disabled by PRIVINF_FSS_NATIVE=0"
+    if not LIBRARY.is_file():
+        return None, f"{LIBRARY.name} is not built (run `make native`)"
+    if SOURCE.is_file() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
+        return None, f"{LIBRARY.name} is older than {SOURCE.name} (run `make native`)"
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError as exc:
+        return None, f"{LIBRARY.name} does not load: {exc}"
+    if lib.fss_native_abi() != ABI:
+        return None, f"{LIBRARY.name} has ABI {lib.fss_native_abi()}, expected {ABI} (run `make native`)"
+    if not lib.fss_native_supported():
+        return None, "this CPU has no AES-NI"
+    lib.fss_native_init.argtypes = [ctypes.c_char_p, _P]
+    tweaks = np.ascontiguousarray(TWEAKS, dtype=np.uint64)
+    if lib.fss_native_init(PRG_KEY, tweaks.ctypes.data) != 0:
+        return None, "the kernel refused the PRG's key or tweaks"
+    lib.fss_dcf_eval.argtypes = [ctypes.c_int, ctypes.c_int, _I64, _I64] + [_P] * 7 + [ctypes.c_int]
+    lib.fss_dcf_gen.argtypes = [ctypes.c_int, _I64, _I64, _I64] + [_P] * 7 + [ctypes.c_int]
+    return lib, "AES-NI kernel loaded"
+
+
+_LIB, REASON = _load()
+
+
+def available() -> bool:
+    """Whether the compiled kernel is built, loadable and usable on this CPU."""
+    return _LIB is not None
+
+
+def active() -> bool:
+    """Whether :mod:`fss` uses the kernel in this context (available and not :func:`disabled`)."""
+    return _LIB is not None and not _DISABLED.get()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """The numpy path in this context (tests and benches compare the two)."""
+    token = _DISABLED.set(True)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+def threads_for(count: int) -> int:
+    """Threads for a call on ``count`` points or elements: the host's cores, fewer for small calls."""
+    return max(1, min(os.cpu_count() or 1, count // THREAD_MIN))
+
+
+def _ptr(array: np.ndarray, dtype: type, writable: bool = False) -> int:
+    if array.dtype != dtype or not array.flags.c_contiguous or (writable and not array.flags.writeable):
+        raise ValueError(f"the FSS kernel needs contiguous {np.dtype(dtype).name} buffers, got {array.dtype}")
+    return array.ctypes.data
+
+
+def dcf_eval(party: int, bits: int, keys: tuple[np.ndarray, ...], x: np.ndarray, repeat: int) -> np.ndarray:
+    """int64 shares at ``x`` (uint64 [n * repeat]) of the keys ``(seed, cw_seed, cw_value, cw_final,
+    cw_t)`` (:class:`protocols.mpc.fss.DcfKey`'s arrays), as :func:`protocols.mpc.fss.dcf_eval`."""
+    assert _LIB is not None
+    seed, cw_seed, cw_value, cw_final, cw_t = keys
+    n = seed.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    out = np.empty(x.shape[0], dtype=np.int64)
+    pointers = [_ptr(seed, np.uint64), _ptr(cw_seed, np.uint64), _ptr(cw_value, np.int64), _ptr(cw_final, np.int64),
+                _ptr(cw_t, np.uint64), _ptr(x, np.uint64), _ptr(out, np.int64, True)]
+    status = _LIB.fss_dcf_eval(party, bits, n, repeat, *pointers, threads_for(x.shape[0]))
+    if status != 0:
+        raise ValueError(f"the FSS kernel refused an evaluation (status {status})")
+    return out
+
+
+def dcf_gen(bits: int, lo: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray,
+            corrections: tuple[np.ndarray, ...]) -> None:
+    """Correction words of key elements [lo, lo + m) into ``corrections`` ``(cw_seed, cw_value,
+    cw_final, cw_t)`` (party 0's :class:`~protocols.mpc.fss.DcfKey` arrays, whole key) from
+    ``alpha`` [m], ``beta`` [m] and both parties' initial seeds [2, m, 2]."""
+    assert _LIB is not None
+    cw_seed, cw_value, cw_final, cw_t = corrections
+    m = alpha.shape[0]
+    alpha = np.ascontiguousarray(alpha, dtype=np.uint64)
+    beta = np.ascontiguousarray(beta, dtype=np.int64)
+    seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
+    pointers = [_ptr(alpha, np.uint64), _ptr(beta, np.int64), _ptr(seeds, np.uint64), _ptr(cw_seed, np.uint64, True),
+                _ptr(cw_value, np.int64, True), _ptr(cw_final, np.int64, True), _ptr(cw_t, np.uint64, True)]
+    status = _LIB.fss_dcf_gen(bits, cw_final.shape[0], lo, m, *pointers, threads_for(m))
+    if status != 0:
+        raise ValueError(f"the FSS kernel refused a key generation (status {status})")
