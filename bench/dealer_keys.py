@@ -10,7 +10,14 @@ keys each party receives (``fss.sign_key_words``) and the seconds the dealer nee
 them (the same keys generated again here, one thread); then the dealer's bytes sent, the
 client's online bytes and rounds. Counts do not depend on load; seconds do.
 
-Run: ``.venv/bin/python bench/dealer_keys.py [--seq 128] [--variant exact]`` (about 30 s).
+``--kernel``: instead, the speed of the FSS kernels alone, numpy path vs the compiled kernel
+(:mod:`protocols.mpc.fss_native`; one thread and the host's cores): key generation in us per
+element (:func:`fss.sign_gen`, as the dealer calls it) and evaluation in us per point
+(:meth:`fss.SignKey.evaluate_points`, one and 16 thresholds) for each sign-gate width the layer
+uses, best of ``--repeats``, wall clock, with the load average (a shared machine is noisy).
+
+Run: ``.venv/bin/python bench/dealer_keys.py [--seq 128] [--variant exact]`` (about 30 s);
+``.venv/bin/python bench/dealer_keys.py --kernel [--elements 65536]`` (about 30 s).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bench_layers import NAME, SEQ, sample_input
 from privinf.ledger.counting import Phase, Row
 from privinf.ledger.tables import num_col, render, text_col
-from protocols.mpc import fss
+from protocols.mpc import fss, fss_native
 from protocols.routes.local_run import run_local_session
 
 MIB = float(2 ** 20)
@@ -56,12 +63,70 @@ def generation_seconds(width: int, count: int) -> float:
     return time.perf_counter() - start
 
 
+def best_seconds(run, repeats: int) -> float:
+    """The fastest of ``repeats`` wall-clock runs of ``run()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def kernel_speeds(width: int, count: int, repeats: int) -> list[float]:
+    """us per element (generation) and per point (1 and 16 thresholds) of ``width``-bit sign keys."""
+    shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
+    key = fss.SignKey.from_array(0, width, count, fss.sign_gen(count, width, os.urandom, shares)[0])
+    opened = np.random.default_rng(0).integers(0, 2 ** width, count, dtype=np.int64)
+    one, many = np.zeros(1, dtype=np.int64), np.arange(-8, 8, dtype=np.int64)
+    gen = best_seconds(lambda: fss.sign_gen(count, width, os.urandom, shares), repeats) / count
+    eval_one = best_seconds(lambda: key.evaluate_points(opened, one), repeats) / count
+    eval_many = best_seconds(lambda: key.evaluate_points(opened, many), repeats) / (count * many.shape[0])
+    return [1e6 * gen, 1e6 * eval_one, 1e6 * eval_many]
+
+
+def kernel_table(count: int, repeats: int) -> None:
+    """The numpy path vs the compiled kernel (one thread, all cores) per sign-gate width."""
+    if not fss_native.available():
+        print(f"compiled FSS kernel not usable: {fss_native.REASON}; numpy only")
+    modes = [("numpy", None)] + ([("native 1 thread", 1), (f"native {os.cpu_count()} threads", 0)]
+                                 if fss_native.available() else [])
+    table = []
+    for width in (21, 23, 33, 40):
+        speeds = {}
+        for name, threads in modes:
+            if threads is None:
+                with fss_native.disabled():
+                    speeds[name] = kernel_speeds(width, count, repeats)
+            else:
+                saved = fss_native.THREAD_MIN
+                fss_native.THREAD_MIN = 2 ** 62 if threads == 1 else saved
+                try:
+                    speeds[name] = kernel_speeds(width, count, repeats)
+                finally:
+                    fss_native.THREAD_MIN = saved
+        for name, (gen, one, many) in speeds.items():
+            gain = speeds["numpy"][1] / one
+            table.append([str(width), name, f"{gen:.3f}", f"{one:.3f}", f"{many:.3f}", f"x{gain:.1f}"])
+    columns = [num_col("gate bits"), text_col("path"), num_col("gen us/elem"), num_col("eval us/point"),
+               num_col("eval us/point (16)"), num_col("eval vs numpy")]
+    print(f"FSS sign-gate kernels, {count} elements, best of {repeats} (wall; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f})")
+    print(render(columns, table))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, default=SEQ)
     parser.add_argument("--variant", default="exact")
+    parser.add_argument("--kernel", action="store_true", help="time the FSS kernels alone, numpy vs compiled")
+    parser.add_argument("--elements", type=int, default=65536)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.kernel:
+        kernel_table(args.elements, args.repeats)
+        return
     x = sample_input(7, args.seq)
     session = run_local_session(NAME, args.variant, lambda client: client.infer(x)[1], timeout_s=1800)
     client_rows, _, dealer_rows = session.result

@@ -15,6 +15,11 @@ Wire between the dealer and a worker: its stdin and stdout pipes, raw little-end
 correction words as int64 ``[fss.key_words(bits, m) - 2 m]``. A worker exits when its stdin
 closes, so it does not outlive the dealer (killed or not): :meth:`KeygenWorkers.close` closes the
 pipes and reaps the children, killing one that does not exit in time.
+
+With the compiled kernel (:mod:`protocols.mpc.fss_native`) key generation runs on threads of
+the dealer's own process with the GIL released, so :func:`protocols.mpc.fss.sign_gen` does not
+hand ranges to these workers and they are never started (they start on first use); they remain
+the parallel path of the numpy fallback, and a worker uses the kernel too when it has one.
 """
 
 from __future__ import annotations
