@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from privinf.ledger.pricing import NetworkProfile, ProfileError, parse_profile
+
 COMPARISON_METHODS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
 STORAGE_POLICIES = ("regenerate", "keep")  # weight masks derived again at every set-up, or kept on disk
 # between sessions of the same model and dealer epoch (protocols/mpc/mask_store.py)
@@ -35,6 +37,12 @@ class ProtocolConfig:
     (nothing: the weight masks are derived and sent at every set-up) or ``keep`` (the client
     keeps ``F = W - B`` on disk and the dealer a per-client epoch key, so a reconnecting client
     of the same model and epoch skips sending them; docs/deployment.md).
+    ``kernel_profile``: the network profile (:func:`privinf.ledger.pricing.parse_profile`: ``lan``,
+    ``wan`` or ``name:bw=...,rtt=...``) on which shape-dependent kernels are priced to pick the
+    cheaper form per shape (:mod:`protocols.mpc.kernel_choice`: a norm's folded gain, a tournament's
+    all-pairs levels). ``all_pairs_budget``: the most exact pairs one all-pairs tournament level may
+    compare, all rows together (each is a dealer key of ~0.8 KB per party, which the online pricing
+    does not see; 0: binary levels only).
     """
 
     fixed_point_bits: int = 16
@@ -43,6 +51,8 @@ class ProtocolConfig:
     device: str = "cpu"
     preprocess: int = 1
     storage: str = "regenerate"
+    kernel_profile: str = "lan"
+    all_pairs_budget: int = 32_768
 
     def __post_init__(self) -> None:
         lo, hi = FIXED_POINT_RANGE
@@ -60,6 +70,10 @@ class ProtocolConfig:
         if not _is_int(self.preprocess) or self.preprocess < 1:
             raise ProtocolConfigError(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
         _choice("storage", self.storage, STORAGE_POLICIES)
+        self.kernel_network()
+        if not _is_int(self.all_pairs_budget) or self.all_pairs_budget < 0:
+            raise ProtocolConfigError(f"all_pairs_budget must be a non-negative number of pairs, "
+                                      f"got {self.all_pairs_budget!r}")
 
     @property
     def scale(self) -> int:
@@ -70,6 +84,16 @@ class ProtocolConfig:
     def ulp(self) -> float:
         """The smallest positive fixed-point value."""
         return 1.0 / self.scale
+
+    def kernel_network(self) -> NetworkProfile:
+        """The network profile :attr:`kernel_profile` names."""
+        if not isinstance(self.kernel_profile, str):
+            raise ProtocolConfigError(f"kernel_profile must be a profile string such as 'lan', "
+                                      f"got {self.kernel_profile!r}")
+        try:
+            return parse_profile(self.kernel_profile)
+        except ProfileError as exc:
+            raise ProtocolConfigError(f"kernel_profile: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as a JSON object (the hello carries it)."""

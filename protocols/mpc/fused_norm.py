@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from protocols.mpc import fixed_point, numerics
+from protocols.mpc import fixed_point, kernel_choice, numerics
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib import provider as crypten_provider
 
@@ -52,13 +52,18 @@ def opened_product(e1: torch.Tensor, a1: torch.Tensor, e2: torch.Tensor, a2: tor
 def scaled_rows(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor], weight: Any = None) -> MPCTensor:
     """``x * finish(x * x) * weight`` with ``x`` [..., n, d] opened once; ``finish`` maps the
     squares to a row factor [..., n, 1] (e.g. the inverse root mean square). A secret ``weight``
-    (a norm's gain) goes to :func:`protocols.mpc.numerics.scaled_rows`, which forms ``x * weight``
-    with the squares in one round (the rowscale tuple has no mask for it)."""
+    (a norm's gain) multiplies the result (two rounds more, about 2 nd elements sent in all)
+    unless :func:`protocols.mpc.kernel_choice.fold_gain` prices folding it cheaper for this shape
+    (a decoding step's few rows): then :func:`protocols.mpc.numerics.scaled_rows` forms ``x *
+    weight`` with the squares (4 rounds in all, about 9 nd elements; the rowscale tuple has no
+    mask for the gain)."""
     if weight is None:
         return _fused(x, finish)
     if torch.is_tensor(weight):
         return _fused(x, finish) * weight
-    return numerics.scaled_rows(x, finish, weight)
+    if kernel_choice.fold_gain(x.nelement() // x.shape[-1], x.shape[-1], kernel_choice.session_config(x)):
+        return numerics.scaled_rows(x, finish, weight)
+    return _fused(x, finish) * weight
 
 
 def _fused(x: MPCTensor, finish: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:

@@ -27,7 +27,8 @@ context manager that installs them, optionally with a protocol's fused kernels
   2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there); both range
   tests from one truncated 21-bit key per element (:func:`gelu_range`).
 * **Row max and arg-max**: comparison tournaments (:func:`_tournament`: binary levels on long
-  rows, then all-pairs groups of up to 16, three rounds per level) instead of CrypTen's
+  rows or many rows, all-pairs groups of up to 16 where they are priced cheaper: three rounds
+  per level, :mod:`protocols.mpc.kernel_choice`) instead of CrypTen's
   ``max(dim)``, which also builds the arg-max one-hot. A softmax's max runs its binary levels
   under the caller's ``compare_bound`` (``models.ops.row_max(bound=, slack=)``: 23-bit keys);
   the groups' pairs and the arg-max compare exactly.
@@ -48,6 +49,8 @@ import torch
 
 from models import ops
 from protocols.mpc.compare import below, below_opening
+from protocols.mpc.kernel_choice import cheaper, fold_gain, level_costs, session_config
+from protocols.protocol_config import ProtocolConfig
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
@@ -58,7 +61,6 @@ INV_SQRT_PIECES = 128  # linear pieces per power of four of the inverse square r
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
 ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups once the row is this short
 SINGLE_GROUP = 16      # ... in groups of up to 16 entries
-ALL_PAIRS_BUDGET = 65_536  # ... while a level has at most this many pairs (all rows together)
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
@@ -313,15 +315,19 @@ def crypten_gelu(x: Tensor, form: str = "erf") -> Tensor:
 
 
 def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Any = None) -> Tensor:
-    """``x * finish(x * x) * weight`` with Beaver products: a secret ``weight`` (a norm's gain,
-    the server's) is multiplied into ``x`` in the same product as the squares, and ``finish(x *
-    x, x * weight)`` multiplies its row factor into it (:func:`inv_sqrt`'s ``times``), so neither
-    the gain nor the final product costs a round of its own (``protocols.mpc.fused_norm`` opens
-    ``x`` once without a gain)."""
+    """``x * finish(x * x) * weight`` with Beaver products. A secret ``weight`` (a norm's gain, the
+    server's) is folded where :func:`protocols.mpc.kernel_choice.fold_gain` prices it cheaper (a
+    decoding step's few rows): multiplied into ``x`` in the same product as the squares, and
+    ``finish(x * x, x * weight)`` multiplies its row factor into it (:func:`inv_sqrt`'s ``times``),
+    so neither the gain nor the final product costs a round of its own; elsewhere (a prefill's
+    many rows) it multiplies ``x * finish(x * x)`` after, as ``protocols.mpc.fused_norm`` does
+    (``x`` opened once there): two rounds more, about a quarter of the bytes."""
     if weight is None:
         return x * finish(x.square())
     if ops.is_plain(weight):
         return (x * weight) * finish(x.square())
+    if not fold_gain(x.nelement() // x.shape[-1], x.shape[-1], session_config(x)):
+        return x * finish(x.square()) * weight
     width = x.shape[-1]
     both = ops.cat([x, x], dim=-1) * ops.cat([x, weight.expand(x.shape)], dim=-1)
     return finish(both[..., :width], both[..., width:])
@@ -397,28 +403,37 @@ def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     return both[0], both[1]
 
 
-def all_pairs(rows: int, n: int) -> bool:
-    """Whether a tournament level over ``rows`` rows of ``n`` entries compares groups all-pairs:
-    rows of at most :data:`ALL_PAIRS_LIMIT` entries, and at most :data:`ALL_PAIRS_BUDGET` pairs
-    in the level (a decoding step's few rows; a prefill's many short rows stay binary, where
-    all-pairs would multiply the keys by up to 8)."""
+def all_pairs(rows: int, n: int, config: ProtocolConfig | None = None, carried: int = 1) -> bool:
+    """Whether a tournament level over ``rows`` rows of ``n`` entries (each kept entry carrying
+    ``carried`` secret values) compares groups all-pairs: rows of at most :data:`ALL_PAIRS_LIMIT`
+    entries, at most ``config.all_pairs_budget`` pairs in the level (all rows together: each pair
+    is a dealer key), and a lower priced online cost than the binary levels it replaces
+    (:mod:`protocols.mpc.kernel_choice`: a decoding step's few rows; a prefill's many rows stay
+    binary). ``config`` None: the defaults."""
+    config = config or ProtocolConfig()
     g = min(n, SINGLE_GROUP)
-    return n <= ALL_PAIRS_LIMIT and rows * -(-n // g) * g * (g - 1) // 2 <= ALL_PAIRS_BUDGET
+    if n > ALL_PAIRS_LIMIT or rows * -(-n // g) * g * (g - 1) // 2 > config.all_pairs_budget:
+        return False
+    costs = level_costs(rows, n, g, carried, config)
+    return cheaper(costs["pairs"], costs["binary"], config)
 
 
 def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
     """(max, position of the first max or None) over the last dim of shares ``x`` [..., n].
 
-    While the row is longer than :data:`ALL_PAIRS_LIMIT` (or a level would compare more than
-    :data:`ALL_PAIRS_BUDGET` pairs: :func:`all_pairs`), binary levels (a comparison and a
-    product: two rounds per halving, one comparison per pair, under the caller's
-    ``compare_bound`` and resolution); then levels of groups of up to :data:`SINGLE_GROUP` compared
-    all-pairs (:func:`_groups_level`: three rounds per level, a level dividing the row by up
-    to 16, exact comparisons). At 1024 entries: 3 binary levels and 2 group levels, 12 rounds
-    instead of 20, for 2.4x the comparisons (most of them in the short top levels)."""
+    Per level, as :func:`all_pairs` decides from the shape: binary (a comparison and a product:
+    two rounds per halving, one comparison per pair, under the caller's ``compare_bound`` and
+    resolution), or groups of up to :data:`SINGLE_GROUP` compared all-pairs (:func:`_groups_level`:
+    three rounds per level, a level dividing the row by up to 16, exact comparisons) once the
+    row is at most :data:`ALL_PAIRS_LIMIT` long, the level within the pairs budget and priced
+    cheaper. A decoding step's 12 rows of 1024: 3 binary levels and 2 group levels, 12 rounds
+    instead of 20, for 2.4x the comparisons (most of them in the short top levels); a prefill's
+    1,536 rows of 128 stay binary (14 rounds, a seventh of the keys)."""
+    config = session_config(x)
     while x.size(-1) > 1:
-        level = _groups_level if all_pairs(x.nelement() // x.size(-1), x.size(-1)) else _pairs_level
-        x, position = level(x, position)
+        carried = 1 if position is None or ops.is_plain(position) else 2
+        pairs = all_pairs(x.nelement() // x.size(-1), x.size(-1), config, carried)
+        x, position = (_groups_level if pairs else _pairs_level)(x, position)
     return x.squeeze(-1), (None if position is None else position.squeeze(-1))
 
 

@@ -34,7 +34,9 @@ computes what the two parties' shares sum to, documented per kernel:
   :class:`SimLinear`; the word embedding (a one-hot times the table, exact) is a gather of the
   rounded table: :class:`SimEmbedding`;
 * the fused norm (:mod:`protocols.mpc.fused_norm`: ``x`` opened once for ``x^2`` and ``x * s``)
-  computes the same two truncated products as ``numerics.scaled_rows``, which runs as is;
+  computes the same two truncated products as ``numerics.scaled_rows``, which runs as is and
+  picks the fused or the folded gain per shape as the parties do
+  (:func:`protocols.mpc.kernel_choice.fold_gain` on the simulation's configuration);
 * the fused GeLU (:mod:`protocols.mpc.fused_gelu`) is :func:`fused_gelu_equivalent`: the same
   products in the same order, each truncated once.
 
@@ -151,6 +153,11 @@ class SimTensor:
     def from_shares(share: torch.Tensor, precision: int | None = None) -> SimTensor:
         """A value from its ring elements at ``2^precision`` (the session's when None)."""
         return SimTensor(share, _Encoder(precision))
+
+    def session_config(self) -> ProtocolConfig:
+        """The simulation's protocol configuration (``protocols.mpc.kernel_choice`` prices per-shape
+        kernel choices on it, as a party's session does on its own)."""
+        return session_config()
 
     def clone(self) -> SimTensor:
         """A copy with its own ring elements."""

@@ -1,0 +1,123 @@
+"""Per-shape kernel choices, priced on the session's kernel profile.
+
+Two share kernels come in a round-cheap and a byte-cheap form, and which one costs less depends
+on the shape: a decoding step's few rows are bound by rounds, a prefill's many rows by bytes.
+
+* A norm with a secret gain (``numerics.scaled_rows``): **folded** forms ``x * weight`` in the
+  product that forms the squares and multiplies it into the root's last product (4 rounds, about
+  9 ring elements sent per element of ``x``), or **fused** opens ``x`` once for ``x^2`` and
+  ``x * s`` and multiplies the gain after (6 rounds, about 2 per element): :func:`norm_costs`.
+* A max / arg-max tournament level (``numerics._tournament``): **all-pairs** groups (3 rounds
+  divide the row by up to 16, every pair of a group compared exactly) or **binary** levels (2
+  rounds per halving, one truncated comparison per pair): :func:`level_costs`.
+
+Each form's online rounds and bytes sent per party are priced as the ledger prices a cell
+(:func:`privinf.ledger.pricing.price`: ``rounds * rtt + bytes * 8 / bandwidth``) on
+``ProtocolConfig.kernel_profile`` (LAN by default: 0.8 ms and 3 Gbit/s, a round worth 300,000
+bytes), and the cheaper form runs (:func:`cheaper`). The choice depends only on public shapes
+and the shared configuration, so both parties and the simulation make the same one. Comparisons
+are priced as the dealer's FSS gate opens them (``ceil(width / 8)`` bytes, one round) also when
+the session runs CrypTen's circuit, where both forms pay more per comparison.
+
+Dealer material is not on the online path and is not priced here; all-pairs levels multiply the
+comparison keys (an exact pair is a key of ~0.8 KB per party), so ``numerics.all_pairs`` also
+caps a level's pairs at ``ProtocolConfig.all_pairs_budget``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from models import ops
+from privinf.ledger.pricing import CriticalPath, NetworkProfile, price
+from protocols.mpc.compare import bits_for, shift_for
+from protocols.mpc.cryptenlib.binding import bound
+from protocols.protocol_config import ProtocolConfig
+
+RING_BYTES = 8  # an opened arithmetic share element (CrypTen's int64 ring)
+Cost = tuple[int, int]  # (online rounds, bytes sent per party)
+
+
+def session_config(x: Any) -> ProtocolConfig:
+    """The protocol configuration the shares ``x`` are computed under: the simulation's for a
+    simulated value, the bound party's in a session, else the defaults (a bare CrypTen run)."""
+    simulated = getattr(x, "session_config", None)  # protocols.mpc.simulate.SimTensor
+    if simulated is not None:
+        return simulated()
+    context = bound()
+    return context.config if context is not None else ProtocolConfig()
+
+
+@functools.lru_cache(maxsize=8)
+def _network(config: ProtocolConfig) -> NetworkProfile:
+    return config.kernel_network()
+
+
+def _priced_s(cost: Cost, config: ProtocolConfig) -> float:
+    rounds, sent = cost
+    return price(CriticalPath(rounds=rounds, critical_bytes=sent), _network(config)).latency_s
+
+
+def cheaper(first: Cost, second: Cost, config: ProtocolConfig) -> bool:
+    """Whether ``first`` costs less than ``second`` on the configuration's kernel profile (a tie
+    goes to ``second``)."""
+    return _priced_s(first, config) < _priced_s(second, config)
+
+
+def comparison_bytes(limit: float | None, resolution: float, config: ProtocolConfig) -> int:
+    """Bytes one party sends to open one FSS comparison of values below ``limit`` in magnitude
+    with ``resolution`` (:mod:`protocols.mpc.compare`'s width and dropped low bits)."""
+    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)
+    return math.ceil((bits - shift_for([0.0], resolution * config.scale, bits)) / 8)
+
+
+def norm_costs(rows: int, width: int) -> dict[str, Cost]:
+    """Online (rounds, bytes sent per party) of a norm with a secret gain over ``rows`` rows of
+    ``width`` entries (n = rows, d = width), finished as ``models.layers``' norms finish it (the
+    piecewise inverse square root of the rows' mean square; its comparison is left out, the same
+    one in both forms):
+
+    * ``folded`` (``numerics.scaled_rows``): ``[x, x] * [x, w]`` opens 4 nd elements; the root's
+      batched product ``[ms, t, t] * [f, d0, d1]`` 2 (n + 2 nd); the last product ``t d1 * u``
+      nd + n: 4 rounds with the comparison;
+    * ``fused`` (``fused_norm._fused`` then the gain): ``x - a`` nd; the root's two products on
+      the row factor 4 n; ``s - b`` n; the gain's product nd + d: 6 rounds with the comparison.
+    """
+    n, d = rows, width
+    return {"folded": (4, RING_BYTES * (9 * n * d + 3 * n)),
+            "fused": (6, RING_BYTES * (2 * n * d + 5 * n + d))}
+
+
+def fold_gain(rows: int, width: int, config: ProtocolConfig) -> bool:
+    """Whether a norm over ``rows`` rows of ``width`` folds its secret gain into the squares'
+    product (fewer rounds) rather than multiplying it after the fused kernel (fewer bytes)."""
+    costs = norm_costs(rows, width)
+    return cheaper(costs["folded"], costs["fused"], config)
+
+
+def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolConfig) -> dict[str, Cost]:
+    """Online (rounds, bytes sent per party) of dividing ``rows`` rows of ``n`` entries into
+    groups of ``group`` by one all-pairs level (``pairs``) or by binary levels down to the same
+    length (``binary``), under the innermost ``models.ops.compare_bound`` as the tournament runs.
+
+    ``carried``: the secret values each kept entry carries (1: the value; 2: value and secret
+    position). ``pairs``: all pairs of each group compared exactly, the win counts tested (not
+    for pairs of two), one product of the one-hot with the carried values (``carried + 1``
+    elements opened per entry). ``binary``: one truncated comparison and one product (``carried +
+    1`` elements) per eliminated entry, two rounds per level.
+    """
+    groups = -(-n // group)
+    kept = rows * groups * group
+    pairs = rows * groups * group * (group - 1) // 2
+    product = (carried + 1) * RING_BYTES
+    limit, resolution = ops.comparison_bound(), ops.comparison_resolution()
+    exact = comparison_bytes(limit, 0.0, config)
+    wins = 0 if group == 2 else comparison_bytes(2.0 * group, 0.0, config)
+    levels, length = 0, n
+    while length > groups:
+        length, levels = -(-length // 2), levels + 1
+    binary = rows * (n - groups) * (comparison_bytes(limit, resolution, config) + product)
+    return {"pairs": (2 if group == 2 else 3, pairs * exact + kept * (wins + product)),
+            "binary": (2 * levels, binary)}
