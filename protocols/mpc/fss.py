@@ -25,6 +25,10 @@ one secret against many thresholds cost one key.
 
 Keys travel as flat int64 arrays (nothing pickled), laid out level-major so that a party reads
 them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
+
+Generation and evaluation run in the compiled kernel (:mod:`protocols.mpc.fss_native`: C with
+AES-NI, threaded, built by ``make``) when it is built and the CPU has AES-NI, else in the numpy
+code below; both give the same keys and shares bit for bit (tests/unit/test_fss_native.py).
 """
 
 from __future__ import annotations
