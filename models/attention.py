@@ -78,15 +78,24 @@ class _Quadratic(_Kernel):
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define numerator")
 
+    def shrunk_numerator(self, scores: Any, dense: torch.Tensor) -> tuple[Any, float]:
+        """``(f(s) / shrink, shrink)`` for a public ``shrink`` (here 1); a kernel whose numerator can
+        be large computes it already divided, so its products stay small on shares."""
+        return self.numerator(scores, dense), 1.0
+
     def forward(self, q: Any, k: Any, v: Any, mask: AttnMask) -> Any:
-        scores = ops.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        # q scaled before the product: the score matmul's double-scale sums are sqrt(d) times smaller
+        scores = ops.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
         dense = mask.dense()
-        num = self.numerator(scores, dense) * dense
+        num, shrink = self.shrunk_numerator(scores, dense)
+        if not bool(dense.all()):  # all keys visible: multiplying by ones would only round on shares
+            num = num * dense
         inv_n = 1.0 / mask.counts()
-        den = num.sum(-1, keepdim=True) * inv_n + self.eps
-        self._observe(den)
+        den = num.sum(-1, keepdim=True) * inv_n + self.eps / shrink  # the normaliser / shrink
+        if ops.is_plain(den):
+            self._observe(den * shrink)
         # normalise after the product with V: [T, d] instead of [T, T] products on shares
-        return ops.matmul(num, v) * (ops.reciprocal(den, self.mpc_scale, positive=True) * inv_n)
+        return ops.matmul(num, v) * (ops.reciprocal(den, self.mpc_scale / shrink, positive=True) * inv_n)
 
 
 class SoftmaxAttention(_Quadratic):
@@ -122,6 +131,16 @@ class TwoQuadAttention(_Quadratic):
 
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
         return ops.square(scores + self.c)
+
+    def shrunk_numerator(self, scores: Any, dense: torch.Tensor) -> tuple[Any, float]:
+        """``((s + c) / K)^2`` with ``K^2`` the largest power of four up to the calibrated peak of the
+        normaliser (``target_max * mpc_scale``; 1 below 4), so the normaliser comes out at most about
+        1: the squares, their sum and their product with V are ``K^2`` times smaller than with
+        ``(s + c)^2``, and so is their two-party truncation's chance of wrapping (``|x| / 2^64`` per
+        element; issue 12: the product with V dominated a whole MiniLM inference's chance).
+        ``1 / K`` is a power of two, exact in fixed point."""
+        root = 2.0 ** max(math.floor(math.log2(self.target_max * self.mpc_scale) / 2), 0)
+        return ops.square((scores + self.c) * (1.0 / root)), root * root
 
 
 class ReluAttention(_Quadratic):
