@@ -108,3 +108,36 @@ def test_fixed_point_semantics_follow_crypten():
         assert bit.encoder.scale == 1 and (x * bit).share.tolist() == [6144, 0]
     with pytest.raises(SimulationError):
         _ = SimTensor.new(torch.tensor([1.0])) < 0  # comparisons need a session's configuration
+
+
+def test_the_norm_takes_the_parties_form_for_the_simulations_config():
+    """A norm's secret gain: fused then multiplied where rounds are free, folded into the squares'
+    product where bytes are; the simulation computes exactly that form's truncated products."""
+    from models.layers import LayerNorm
+    from protocols.mpc import numerics
+
+    norm = LayerNorm(32, 1e-5)
+    x_plain = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(16)) * 3
+    gain = torch.linspace(0.5, 1.5, 32)
+    outputs = {}
+    for name, profile in (("fused", "free-rounds:bw=1Gbps,rtt=0s"), ("folded", "slow-rounds:bw=1Tbps,rtt=1s")):
+        with simulation(ProtocolConfig(kernel_profile=profile)):
+            x, weight = SimTensor.new(x_plain), SimTensor.new(gain)
+            got = numerics.scaled_rows(x, norm._inv_from_squares, weight).share
+            if name == "fused":
+                want = (x * norm._inv_from_squares(x.square()) * weight).share
+            else:
+                both = ops.cat([x, x], dim=-1) * ops.cat([x, weight.expand(x.shape)], dim=-1)
+                want = norm._inv_from_squares(both[..., :32], both[..., 32:]).share
+        assert torch.equal(got, want), name
+        outputs[name] = got
+    assert not torch.equal(outputs["fused"], outputs["folded"])  # the forms round differently
+
+
+def test_simulation_equals_the_two_party_run_with_fused_norms_and_binary_tournaments(models):
+    config = ProtocolConfig(kernel_profile="free-rounds:bw=1Gbps,rtt=0s")  # bytes decide every shape
+    from models.registry import load_model
+
+    real = route.mpc_outputs(TINY, "exact", models[TINY], config)
+    simulated = route.simulate_outputs(load_model(TINY, "exact"), models[TINY], config)
+    assert float((real - simulated).abs().max()) < TOLERANCE

@@ -12,6 +12,7 @@ from protocols.mpc import fused_gelu, numerics
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
+from protocols.protocol_config import ProtocolConfig
 from tests.unit.test_dealer import run_crypten_parties
 
 LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
@@ -102,3 +103,25 @@ def test_piece_tables_meet_their_relative_error() -> None:
         u = x * table["f"][j] - table["left"][j]
         y = sum(table[f"d{i}"][j] * u ** i for i in range(degree + 1))
         assert (y / x ** exponent - 1).abs().max() < bound
+
+
+def test_tournament_levels_follow_the_session_config() -> None:
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(16)) * 3
+    ledger = {0: Ledger("p0"), 1: Ledger("p1")}
+
+    def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
+        shares = crypten.cryptensor(x, src=0)
+        out: dict[str, object] = {}
+        for name, config in (("default", ProtocolConfig()), ("no_pairs", ProtocolConfig(all_pairs_budget=0))):
+            context.config = config
+            with share_kernels():
+                (value, index), out[f"{name}_rounds"] = _rounds(ledger[rank], lambda: ops.argmax_last(shares))
+            out[name] = (value.get_plain_text(), index.get_plain_text())
+        return out
+
+    (r0, _), _ = run_crypten_parties(party, mpc_ledgers=ledger)
+    assert r0["default_rounds"] == 3  # three rows of 16: one all-pairs group level
+    assert r0["no_pairs_rounds"] == 2 * 4  # no pairs allowed: four binary levels
+    for name in ("default", "no_pairs"):
+        value, index = r0[name]  # type: ignore[misc]
+        assert torch.equal(index, x.argmax(-1).float()) and torch.allclose(value, x.amax(-1), atol=1e-3)

@@ -1,0 +1,105 @@
+"""Per-shape kernel choices (protocols/mpc/kernel_choice.py): the priced rule per shape and
+profile, and on two CrypTen parties with the dealer, a norm's two forms costing what the rule
+prices and computing the same norm."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from models import ops
+from models.attention import _BIG
+from models.layers import LayerNorm
+from privinf.ledger.counting import Ledger
+from protocols.mpc import fused_norm, kernel_choice, numerics
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as cp
+from protocols.mpc.numerics import share_kernels
+from protocols.net.channels import HEADER_BYTES
+from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
+from tests.unit.test_dealer import run_crypten_parties
+
+DEFAULT = ProtocolConfig()
+BYTES_ONLY = ProtocolConfig(kernel_profile="free-rounds:bw=1Gbps,rtt=0s")  # rounds cost nothing
+ROUNDS_ONLY = ProtocolConfig(kernel_profile="slow-rounds:bw=1Tbps,rtt=1s")  # bytes cost ~nothing
+X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(16)) * 3
+
+
+def _levels(rows: int, n: int, config: ProtocolConfig) -> list[str]:
+    """The tournament's levels as numerics._tournament picks them under the softmax's bound."""
+    out = []
+    with ops.compare_bound(2 * _BIG, ops.STABILISING_SLACK):
+        while n > 1:
+            pairs = numerics.all_pairs(rows, n, config)
+            out.append(("pairs" if pairs else "binary") + f"@{n}")
+            n = -(-n // min(n, numerics.SINGLE_GROUP)) if pairs else -(-n // 2)
+    return out
+
+
+def test_decoding_rows_fold_the_gain_and_prefill_rows_fuse_it() -> None:
+    assert kernel_choice.fold_gain(1, 768, DEFAULT)  # a decoding step: 2 rounds dearer than 37 KB
+    assert not kernel_choice.fold_gain(128, 768, DEFAULT)  # BERT-base prefill: 5.5 MB more than fused
+    assert not kernel_choice.fold_gain(1, 768, BYTES_ONLY)
+    assert kernel_choice.fold_gain(128, 768, ROUNDS_ONLY)
+    folded, fused = (kernel_choice.norm_costs(128, 768)[k] for k in ("folded", "fused"))
+    assert (folded[0], fused[0]) == (4, 6) and folded[1] > 4 * fused[1]
+
+
+def test_tournament_levels_follow_the_shape_the_profile_and_the_budget() -> None:
+    # a GPT-2 decoding step (12 heads x 1024 cached): all-pairs once the row is short enough
+    assert _levels(12, 1024, DEFAULT) == ["binary@1024", "binary@512", "binary@256", "pairs@128", "pairs@8"]
+    # a BERT-base prefill (12 heads x 128 queries, rows of 128): binary until the level is cheap
+    prefill = _levels(1536, 128, DEFAULT)
+    assert prefill[:4] == ["binary@128", "binary@64", "binary@32", "binary@16"]
+    assert all(level.startswith("binary") for level in _levels(12, 1024, BYTES_ONLY))
+    assert all(level.startswith("binary") for level in _levels(12, 128, ProtocolConfig(all_pairs_budget=0)))
+    unbounded = dataclasses.replace(ROUNDS_ONLY, all_pairs_budget=10 ** 9)
+    assert _levels(1536, 128, unbounded) == ["pairs@128", "pairs@8"]
+    assert _levels(1536, 128, dataclasses.replace(unbounded, kernel_profile="wan"))[0] == "binary@128"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kernel_profile": "mars"}, "kernel_profile"), ({"kernel_profile": 3}, "kernel_profile"),
+    ({"all_pairs_budget": -1}, "all_pairs_budget"), ({"all_pairs_budget": 1.5}, "all_pairs_budget"),
+])
+def test_bad_kernel_settings_are_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolConfigError, match=message):
+        ProtocolConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_a_norm_costs_what_its_form_is_priced_at_and_both_forms_agree() -> None:
+    norm = LayerNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        want = norm(X)
+    ledger = {0: Ledger("p0"), 1: Ledger("p1")}
+
+    def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
+        mine = copy.deepcopy(norm)
+        ops.replace_parameters(mine, lambda p: crypten.cryptensor(p, src=1))
+        x = crypten.cryptensor(X, src=0)
+        out: dict[str, object] = {}
+        for name, config in (("folded", ROUNDS_ONLY), ("fused", BYTES_ONLY)):
+            context.config = config
+            centred = x - x.mean(-1, keepdim=True)
+            start = ledger[rank].totals()
+            with share_kernels(scaled_rows=fused_norm.scaled_rows):
+                y = ops.scaled_rows(centred, mine._inv_from_squares, mine.weight) + mine.bias
+            end = ledger[rank].totals()
+            out[name] = (y.get_plain_text(), end.rounds - start.rounds, end.bytes_sent - start.bytes_sent)
+        return out
+
+    (r0, r1), _ = run_crypten_parties(party, mpc_ledgers=ledger)
+    costs = kernel_choice.norm_costs(12, 32)
+    for r in (r0, r1):
+        for name in ("folded", "fused"):
+            assert (r[name][0] - want).abs().max() < 2e-3, name
+            assert r[name][1] == costs[name][0], name
+        # the finish's comparison is the same in both forms; everything else is as priced, plus
+        # each exchange's frame (header and tag: crypten.all_reduce or crypten.all_gather)
+        frames = (costs["folded"][0] - costs["fused"][0]) * (HEADER_BYTES + len("crypten.all_reduce"))
+        assert r["folded"][2] - r["fused"][2] == costs["folded"][1] - costs["fused"][1] + frames
