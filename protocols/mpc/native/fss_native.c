@@ -31,6 +31,7 @@ int fss_native_supported(void) {
 #define KERNEL __attribute__((target("aes,sse2")))
 #define EVAL_LANES 4  /* points walked together: 8 AES blocks in flight per level */
 #define GEN_LANES 2   /* elements walked together: 12 AES blocks in flight per level */
+#define PREFETCH 16   /* keys ahead: a key's words lie in 3 bits rows, too many streams for the hardware prefetcher */
 
 static __m128i round_keys[11];
 static uint64_t tweaks[3][2];   /* left seed, right seed, values */
@@ -107,6 +108,9 @@ KERNEL static void eval_range(const EvalJob *job, int64_t lo, int64_t hi) {
                 tweaked[2 * j] = _mm_xor_si128(_mm_xor_si128(s[j], tweak_left), words(0, right_delta & (0 - right[j])));
                 tweaked[2 * j + 1] = _mm_xor_si128(s[j], tweak_values);
             }
+            const int64_t ahead = k[0] + PREFETCH < n ? k[0] + PREFETCH : n - 1;  /* one stream per level and array */
+            _mm_prefetch((const char *)(job->cw_seed + 2 * ((int64_t)i * n + ahead)), _MM_HINT_T0);
+            _mm_prefetch((const char *)(job->cw_value + (int64_t)i * n + ahead), _MM_HINT_T0);
             MMO(tweaked, block, 2 * EVAL_LANES);
             for (int j = 0; j < EVAL_LANES; j++) {
                 uint64_t on = 0 - t[j];
@@ -208,6 +212,9 @@ KERNEL static void gen_range(const GenJob *job, int64_t lo, int64_t hi) {  /* [l
             }
             for (int i = 0; i < bits; i++) {
                 uint64_t *seed_out[GEN_LANES], *value_out[GEN_LANES];
+                int64_t ahead = job->lo + el[0] + PREFETCH < n ? job->lo + el[0] + PREFETCH : n - 1;
+                _mm_prefetch((const char *)(job->cw_seed + 2 * ((int64_t)i * n + ahead)), _MM_HINT_T0);
+                _mm_prefetch((const char *)(job->cw_value + (int64_t)i * n + ahead), _MM_HINT_T0);
                 for (int j = 0; j < GEN_LANES; j++) {
                     int real = first + j < end;
                     int64_t k = job->lo + el[j];
