@@ -42,6 +42,14 @@ DRAIN_S = 5.0
 INBOUND_CHUNK_BYTES = 64 << 10
 
 
+def _import_session_modules() -> None:
+    """Import what a session runs (torch, the MPC route) once the dealer is ready, so that its
+    first session does not wait for the imports (a session that comes first waits on the same
+    import locks)."""
+    from protocols.mpc import dealer_pool  # noqa: F401
+    from protocols.routes import mpc  # noqa: F401
+
+
 class DealerParty:
     """Serves dealer sessions until :meth:`stop`."""
 
@@ -60,7 +68,12 @@ class DealerParty:
         limits = FrontDoorLimits(max_streams=2 * self.max_sessions + 8,
                                  max_streams_per_client=self.max_sessions_per_client,
                                  max_receive_bytes=INBOUND_CHUNK_BYTES + (16 << 10))
-        serve_front_door(self.config, {"client", "server"}, limits, self._stop, self._session, ready,
+        def announce(address: str) -> None:
+            if ready is not None:
+                ready(address)
+            threading.Thread(target=_import_session_modules, daemon=True, name="dealer-imports").start()
+
+        serve_front_door(self.config, {"client", "server"}, limits, self._stop, self._session, announce,
                          stopping_reason="dealer is shutting down", drain_s=self.drain_s)
 
     def stop(self) -> None:

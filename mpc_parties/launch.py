@@ -40,6 +40,20 @@ class PartyFailure(TransportError):
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+LOCAL_PROCESSES = 3  # client (the launcher), server, dealer: all on this host's cores
+
+
+def party_threads() -> int:
+    """Torch threads for each local party: this host's cores shared by the three (at least one);
+    more would have their OpenMP pools spin against each other (``OMP_NUM_THREADS`` overrides)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // LOCAL_PROCESSES))
+
+
+def share_cores() -> None:
+    """Run this process's torch on :func:`party_threads` threads (the launcher is the client)."""
+    import torch
+
+    torch.set_num_threads(party_threads())
 
 
 class LogLines(list):
@@ -71,6 +85,7 @@ class PartyProcess:
     process: subprocess.Popen
     address: str
     log_lines: LogLines = field(default_factory=LogLines)
+    announced: threading.Event = field(default_factory=threading.Event)  # set once it printed its address or exited
 
     def check_alive(self) -> None:
         code = self.process.poll()
@@ -84,13 +99,13 @@ def _drain(stream: IO[str], sink: LogLines) -> None:
         sink.add(line.rstrip())
 
 
-def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
+def spawn_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
                 remove_on_exit: bool = False) -> PartyProcess:
-    """Start one party process and wait for its readiness announcement. With ``remove_on_exit``
-    the party removes ``workdir`` if the launcher dies first."""
+    """Start one party process without waiting: its address is known after :func:`wait_ready`.
+    With ``remove_on_exit`` the party removes ``workdir`` if the launcher dies first."""
     path = workdir / f"{config.role}.toml"
     path.write_text(dump_config(config))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(party_threads()))
     extra = ["--drain-s", "0"]  # its sessions are the launcher's own: when it stops them, they are over
     extra += ["--remove-on-exit", str(workdir)] if remove_on_exit else []
     process = subprocess.Popen(
@@ -99,28 +114,38 @@ def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if echo_logs else subprocess.PIPE,
         text=True, env=env,
     )
-    logs = LogLines()
+    party = PartyProcess(config.role, process, "")
     if not echo_logs:
-        threading.Thread(target=_drain, args=(process.stderr, logs), daemon=True).start()
-    announced: list[str] = []
-    done = threading.Event()
+        threading.Thread(target=_drain, args=(process.stderr, party.log_lines), daemon=True).start()
 
     def read_ready() -> None:
         for line in iter(process.stdout.readline, ""):
             if line.startswith(READY_PREFIX):
-                announced.append(line.split()[2])
-                done.set()
+                party.address = line.split()[2]
                 break
-        done.set()
+        party.announced.set()
 
     threading.Thread(target=read_ready, daemon=True).start()
-    if not done.wait(READY_TIMEOUT_S) or not announced:
-        process.kill()
-        process.wait()
-        tail = " | ".join(logs[-3:])
-        raise PartyFailure(f"{config.role} did not become ready (exit code {process.returncode})"
+    return party
+
+
+def wait_ready(party: PartyProcess, timeout: float = READY_TIMEOUT_S) -> PartyProcess:
+    """Wait until ``party`` announces its address (raises PartyFailure, and kills it, if it exits
+    or stays silent for ``timeout`` seconds)."""
+    if not party.announced.wait(timeout) or not party.address:
+        party.process.kill()
+        party.process.wait()
+        tail = " | ".join(party.log_lines[-3:])
+        raise PartyFailure(f"{party.role} did not become ready (exit code {party.process.returncode})"
                            + (f": {tail}" if tail else ""))
-    return PartyProcess(config.role, process, announced[0], logs)
+    return party
+
+
+def start_party(config: PartyConfig, workdir: Path, echo_logs: bool = False,
+                remove_on_exit: bool = False) -> PartyProcess:
+    """Start one party process and wait for its readiness announcement. With ``remove_on_exit``
+    the party removes ``workdir`` if the launcher dies first."""
+    return wait_ready(spawn_party(config, workdir, echo_logs, remove_on_exit))
 
 
 def _ask_to_stop(party: PartyProcess) -> None:
@@ -160,11 +185,14 @@ def _wait_or_kill(party: PartyProcess) -> int | None:
 
 @dataclass
 class LocalDeployment:
-    """Certificates, running dealer and server, and a client config pointing at them."""
+    """Certificates, running dealer and server, a client config pointing at them, and what the
+    launcher prepared while they started (``prepared``: the result of ``local_deployment``'s
+    ``meanwhile``)."""
 
     workdir: Path
     client: PartyConfig
     parties: list[PartyProcess]
+    prepared: object = None
 
     def check_alive(self) -> None:
         for party in self.parties:
@@ -198,36 +226,92 @@ class _KeyDirectory:
         atexit.unregister(self.remove)
 
 
+class _Starter:
+    """Starts the dealer (for MPC), then the server once the dealer's address is known, on a thread
+    of its own, so that the launcher works meanwhile. :meth:`cancel` stops it starting more."""
+
+    def __init__(self, model: ModelChoice, protocol: ProtocolConfig, workdir: Path, with_dealer: bool,
+                 echo_logs: bool, owned: bool, timeout_s: float) -> None:
+        self.parties: list[PartyProcess] = []
+        self.client: PartyConfig | None = None
+        self.error: BaseException | None = None
+        self._args = (model, protocol, workdir, with_dealer, echo_logs, owned, timeout_s)
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="party-starter")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _spawn(self, config: PartyConfig) -> PartyProcess:
+        _model, _protocol, workdir, _dealer, echo_logs, owned, _timeout = self._args
+        with self._lock:  # a cancel sees every party spawned before it, and none is spawned after it
+            if self._cancelled:
+                raise PartyFailure(f"{config.role} not started: the launch was cancelled")
+            party = spawn_party(config, workdir, echo_logs, owned)
+            self.parties.append(party)
+        return wait_ready(party)
+
+    def _run(self) -> None:
+        model, protocol, workdir, with_dealer, _echo, _owned, timeout_s = self._args
+        certs = workdir / "certs"
+        try:
+            peers: dict[str, str] = {}
+            if with_dealer:
+                peers["dealer"] = self._spawn(PartyConfig("dealer", certs, timeout_s=timeout_s)).address
+            server = self._spawn(PartyConfig("server", certs, peers=dict(peers), model=model, protocol=protocol,
+                                             timeout_s=timeout_s))
+            peers["server"] = server.address
+            self.client = PartyConfig("client", certs, peers=peers, model=model, protocol=protocol,
+                                      timeout_s=timeout_s)
+            (workdir / "client.toml").write_text(dump_config(self.client))
+        except BaseException as exc:  # handed to the launcher's thread by finish()
+            self.error = exc
+
+    def finish(self) -> PartyConfig:
+        """Wait until both parties are ready; the client's config (raises what the start raised)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.client
+
+    def cancel(self) -> list[PartyProcess]:
+        """Start no more parties; those started so far (ready or not)."""
+        with self._lock:
+            self._cancelled = True
+            return list(self.parties)
+
+    def join(self) -> None:
+        self._thread.join(STOP_TIMEOUT_S)
+
+
 @contextmanager
 def local_deployment(model: ModelChoice, protocol: ProtocolConfig | None = None, workdir: Path | None = None,
-                     with_dealer: bool = True, echo_logs: bool = False,
-                     timeout_s: float = 120.0) -> Iterator[LocalDeployment]:
+                     with_dealer: bool = True, echo_logs: bool = False, timeout_s: float = 120.0,
+                     meanwhile: Callable[[], object] | None = None) -> Iterator[LocalDeployment]:
     """Start dealer (for MPC) and server on loopback with ``protocol`` (defaults if None); yield;
     stop both, whatever happens. The client's config is ``deployment.client``. Without
-    ``workdir`` the keys live in a temporary directory that is removed on any exit."""
+    ``workdir`` the keys live in a temporary directory that is removed on any exit.
+
+    ``meanwhile`` runs on this thread while the parties start (they boot on their own cores); its
+    result is ``deployment.prepared``. If it raises, the parties are stopped before anyone
+    contacts them and its exception propagates."""
     protocol = protocol or ProtocolConfig()
     keys = _KeyDirectory() if workdir is None else None
     workdir = keys.path if keys is not None else workdir.resolve()  # party configs hold absolute paths
-    parties: list[PartyProcess] = []
+    starter: _Starter | None = None
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        certs = workdir / "certs"
-        write_certs(certs, force=True)  # a reused --workdir gets a fresh set, each file replaced atomically
-        owned = keys is not None
-        peers: dict[str, str] = {}
-        if with_dealer:
-            dealer = start_party(PartyConfig("dealer", certs, timeout_s=timeout_s), workdir, echo_logs, owned)
-            parties.append(dealer)
-            peers["dealer"] = dealer.address
-        server = start_party(PartyConfig("server", certs, peers=dict(peers), model=model,
-                                         protocol=protocol, timeout_s=timeout_s), workdir, echo_logs, owned)
-        parties.append(server)
-        peers["server"] = server.address
-        client = PartyConfig("client", certs, peers=peers, model=model, protocol=protocol, timeout_s=timeout_s)
-        (workdir / "client.toml").write_text(dump_config(client))
-        yield LocalDeployment(workdir, client, parties)
+        write_certs(workdir / "certs", force=True)  # a reused --workdir gets a fresh set, each file replaced atomically
+        starter = _Starter(model, protocol, workdir, with_dealer, echo_logs, keys is not None, timeout_s)
+        starter.start()
+        prepared = meanwhile() if meanwhile is not None else None
+        client = starter.finish()
+        yield LocalDeployment(workdir, client, list(starter.parties), prepared)
     finally:
-        stop_parties(list(reversed(parties)))
+        if starter is not None:
+            stop_parties(list(reversed(starter.cancel())))
+            starter.join()
         if keys is not None:
             keys.remove()
 

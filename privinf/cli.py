@@ -176,13 +176,23 @@ def _read_input(bundle: Any, text: str | None) -> Any:
     return checked_input(bundle, text)
 
 
-def _checked_client_input(model: str, variant: str, overrides: str | Path | None, text: str) -> Any:
-    """Load the public model once on the client and check ``text`` with it, before any party starts
-    (the MPC client builds the same model later: the second load in a process is cheap)."""
+def _checked_client_input(model: str, variant: str, overrides: str | Path | None, text: str,
+                          protocol: str | None = None) -> Any:
+    """Load the public model once on the client and check ``text`` with it, before any session
+    opens. For ``protocol`` mpc the loaded model, its weights zeroed, is kept as the client's
+    public architecture (its session builds no second copy) and the route is imported."""
     from models.registry import load_model
     from models.variants import parse_variant
 
-    return _read_input(load_model(model, parse_variant(variant, overrides)), text)
+    spec = parse_variant(variant, overrides)
+    bundle = load_model(model, spec)
+    value = _read_input(bundle, text)
+    if protocol == "mpc":
+        from protocols.mpc.model_prep import keep_public_architecture
+        from protocols.routes import mpc  # noqa: F401 - the session's import, done while the parties start
+
+        keep_public_architecture(model, spec, bundle)
+    return value
 
 
 class _UsageError(ValueError):
@@ -303,7 +313,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     warnings = _resolve_model(args)
     from models.registry import UnknownModelError, is_known_model, model_names
     from models.variants import parse_variant
-    from mpc_parties.launch import local_deployment
+    from mpc_parties.launch import local_deployment, share_cores
     from mpc_parties.party_config import ModelChoice
     from privinf.session import connect
 
@@ -325,12 +335,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         from models.kv_pruning import make_policy
 
         make_policy(args.policy, budget)  # a bad budget is refused here, not after the offline phase
+    def check_input() -> Any:  # runs while the parties start; a bad input stops them before any contact
+        share_cores()
+        return _checked_client_input(args.model, args.variant, args.overrides, args.input_text, args.protocol)
+
     with terminal_progress() as progress:
-        _report_phase(progress, "set-up: checking the input")
-        value = _checked_client_input(args.model, args.variant, args.overrides, args.input_text)
-        _report_phase(progress, "set-up: starting the parties")
+        _report_phase(progress, "set-up: starting the parties, checking the input")
         with local_deployment(model, protocol, workdir=args.workdir, with_dealer=args.protocol == "mpc",
-                              echo_logs=args.verbose) as deployment:
+                              echo_logs=args.verbose, meanwhile=check_input) as deployment:
+            value = deployment.prepared
             with connect(deployment.client, protocol=args.protocol, progress=progress) as session:
                 if args.generate:
                     result = session.generate(value, args.generate, args.policy, budget)
@@ -378,7 +391,7 @@ def _cmd_party(args: argparse.Namespace) -> int:
     with terminal_progress() as progress:
         _report_phase(progress, "set-up: checking the input")
         value = _checked_client_input(config.model.name, config.model.variant, config.model.overrides,
-                                      args.input_text)
+                                      args.input_text, args.protocol)
         with connect(config, protocol=args.protocol, progress=progress) as session:
             result = session.infer(value)
     print("output:", _short(result.output))

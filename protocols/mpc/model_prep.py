@@ -144,3 +144,11 @@ def public_architecture(model: str, variant: VariantSpec) -> ModelBundle:
             strip_weights(template.model)
             _ARCHITECTURES[key] = template
         return dataclasses.replace(template, model=copy.deepcopy(template.model))
+
+
+def keep_public_architecture(model: str, variant: VariantSpec, bundle: ModelBundle) -> None:
+    """Zero ``bundle``'s weights and keep it as this process's public architecture of ``model`` /
+    ``variant``: a client that loaded the model to check its input loads no second copy."""
+    strip_weights(bundle.model)
+    with _ARCHITECTURES_LOCK:
+        _ARCHITECTURES.setdefault((model, repr(variant)), bundle)

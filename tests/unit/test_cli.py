@@ -202,13 +202,20 @@ def test_non_utf8_text_and_pickles_are_one_line_in_a_real_process(tmp_path: Path
 
 
 class _NoParties:
-    """Stands in for local_deployment: records the call, starts nothing."""
+    """Stands in for local_deployment: records the call, runs what the launcher does while the
+    parties start (``meanwhile``: the input check), then stops before any session, as the real
+    one stops its parties unused when that check fails."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
+        self.checked = 0  # input checks that passed
 
     def __call__(self, model: object, protocol: object, **kwargs: object) -> object:
         self.calls.append({"model": model, "protocol": protocol, **kwargs})
+        meanwhile = kwargs.get("meanwhile")
+        if meanwhile is not None:
+            meanwhile()
+            self.checked += 1
         raise ValueError("stopped before starting the parties")
 
 
@@ -232,21 +239,21 @@ def no_parties(monkeypatch: pytest.MonkeyPatch) -> _NoParties:
     (["--generate", "2", "--policy", "window", "--budget", "-3"], "budget"),
     (["--generate", "2", "--policy", "window"], "needs a budget"),
 ])
-def test_launch_refuses_bad_input_before_any_party_starts(args: list[str], message: str, no_parties: _NoParties,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_launch_refuses_bad_input_before_any_session(args: list[str], message: str, no_parties: _NoParties,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["launch", "--model", "gpt2-tiny", "--input", "hi", *args]) == 2
     assert message in _one_line_error(capsys)
-    assert no_parties.calls == []
+    assert no_parties.checked == 0  # refused by the checks before the parties start, or by the input check
 
 
 @pytest.mark.parametrize("protocol", ["mpc", "he"])
-def test_launch_refuses_nan_images_before_any_party_starts(protocol: str, tmp_path: Path, no_parties: _NoParties,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_launch_refuses_nan_images_before_any_session(protocol: str, tmp_path: Path, no_parties: _NoParties,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     path = _input_files(tmp_path)["nan"]
     model, variant = ("vit-tiny", "exact") if protocol == "mpc" else ("vit-digits", "he")
     assert main(["launch", "--protocol", protocol, "--model", model, "--variant", variant, "--input", str(path)]) == 2
     assert "NaN or infinite" in _one_line_error(capsys)
-    assert no_parties.calls == []
+    assert len(no_parties.calls) == 1 and no_parties.checked == 0
 
 
 def test_launch_resolves_a_relative_workdir_once(tmp_path: Path, no_parties: _NoParties,

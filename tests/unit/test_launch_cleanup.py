@@ -1,16 +1,20 @@
 """The launcher's temporary key directory goes whatever ends the launcher: its own exit path,
-SIGTERM or SIGHUP (turned into an orderly exit), and the handlers it borrowed are given back."""
+SIGTERM or SIGHUP (turned into an orderly exit), and the handlers it borrowed are given back.
+A launch whose work done while the parties start fails stops the parties it started."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from mpc_parties.launch import _KeyDirectory
+from mpc_parties import launch
+from mpc_parties.launch import _KeyDirectory, local_deployment
+from mpc_parties.party_config import ModelChoice
 
 ROOT = Path(__file__).resolve().parents[2]
 _HOLDER = """
@@ -45,3 +49,28 @@ def test_remove_gives_back_the_signal_handlers() -> None:
     keys.remove()  # idempotent
     assert not keys.path.exists()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_failed_check_while_the_parties_start_stops_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[tuple[launch.PartyProcess, Path]] = []
+    first = threading.Event()
+    real_spawn = launch.spawn_party
+
+    def spawn(config: object, workdir: Path, *args: object) -> launch.PartyProcess:
+        party = real_spawn(config, workdir, *args)
+        spawned.append((party, workdir))
+        first.set()
+        return party
+
+    def refuse_input() -> None:
+        assert first.wait(30)  # a party is on its way up when the check fails
+        raise ValueError("input refused")
+
+    monkeypatch.setattr(launch, "spawn_party", spawn)
+    with pytest.raises(ValueError, match="input refused"):
+        with local_deployment(ModelChoice("gpt2-tiny", "exact"), meanwhile=refuse_input):
+            pytest.fail("no deployment is yielded after a failed check")
+    assert spawned
+    for party, workdir in spawned:
+        assert party.process.returncode is not None  # stopped and reaped
+        assert not workdir.exists()  # the keys are gone
