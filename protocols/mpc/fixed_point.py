@@ -56,7 +56,19 @@ def arithmetic_share(x: Any, what: str, error: type[ValueError] = FixedPointErro
     return x.share
 
 
+def local_truncation(share: torch.Tensor, divisor: int | torch.Tensor) -> torch.Tensor:
+    """One party's share of ``x / divisor`` from its share of ``x`` in a two-party sharing (CrypTen's
+    local truncation: each party divides its own share, rounding toward zero).
+
+    The two results sum to ``x / divisor`` within one unit unless the signed shares' integer sum
+    is ``x +- 2^64`` (it "wraps"); then the result is off by ``2^64 / divisor`` (``2^48`` ulps
+    after a product at 16 bits: a value error of ``2^32``). With one share uniform that happens
+    with probability ``|x| / 2^64`` per element, which is why the kernels keep their double-scale
+    values small (``bench/wrap_odds.py`` sums the chance per site; issue 12)."""
+    return share.div(divisor, rounding_mode="trunc")
+
+
 def truncated(share: torch.Tensor, bits: int) -> MPCTensor:
     """A share at scale ``2^(2 bits)`` (a product of two fixed-point factors) truncated locally
-    back to ``2^bits`` and wrapped as this party's MPCTensor (CrypTen's own local truncation)."""
-    return MPCTensor.from_shares(share.div(1 << bits, rounding_mode="trunc"), precision=bits)
+    back to ``2^bits`` and wrapped as this party's MPCTensor (:func:`local_truncation`)."""
+    return MPCTensor.from_shares(local_truncation(share, 1 << bits), precision=bits)
