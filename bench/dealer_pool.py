@@ -6,7 +6,10 @@
 request after the other, as the dealer did before, and (b) by the background pool
 (:mod:`protocols.mpc.dealer_pool`) with 1 and ``--workers`` threads generating the keys
 themselves, and with one thread and each of ``--keygen-processes`` key-generation worker
-processes, both parties taking their material in order as it is made. Prints wall and CPU
+processes, both parties taking their material in order as it is made. With the compiled FSS
+kernel (:mod:`protocols.mpc.fss_native`) keys are generated on threads of the dealer process and
+the worker-process runs are skipped; ``PRIVINF_FSS_NATIVE=0`` in the environment times the numpy
+path instead. Prints wall and CPU
 seconds per layer-inference (the workers' CPU included), then the target (generation <= the
 layer's online wall, ``--online-wall`` seconds measured by bench/mpc_vs_crypten.py on this
 machine) as PASS/MISS for the fastest pool, with the core count and the load average.
@@ -44,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.bench_layers import NAME, sample_input
+from protocols.mpc import fss_native
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits, needed_by
@@ -117,12 +121,14 @@ def part_gen(args: argparse.Namespace) -> None:
     signs = sum(r.kind == "sign" for r in schedule.requests)
     print(f"schedule: {len(schedule)} requests ({signs} sign), {schedule.correction_bytes() / MIB:.1f} MiB of "
           "dealer material for party 0 per inference")
+    print(f"FSS kernel: {'compiled' if fss_native.available() else 'numpy'} ({fss_native.REASON})")
     n = args.inferences
     plain = generate_in_loop(schedule, n)
     loop = plain["wall"] / n
     print(f"request loop: {loop:.2f} s per layer-inference ({plain['cpu'] / n:.2f} s CPU)", flush=True)
     best = float("inf")
-    runs = [(workers, 0) for workers in sorted({1, args.workers})] + [(1, p) for p in args.keygen_processes if p]
+    processes = [] if fss_native.available() else [p for p in args.keygen_processes if p]  # unused by the kernel
+    runs = [(workers, 0) for workers in sorted({1, args.workers})] + [(1, p) for p in processes]
     for workers, processes in runs:
         pooled = generate_in_pool(schedule, n, workers, args.pool_mib << 20, processes)
         per = pooled["wall"] / n

@@ -141,6 +141,25 @@ def test_worker_corrections_match_the_key(path: str) -> None:
     assert np.array_equal(got, key0[2 * m:])
 
 
+def test_with_the_kernel_generation_stays_in_this_process() -> None:
+    """A key-generation runner (worker processes) is for the numpy path; the kernel uses threads here."""
+    _skip_unless("native")
+    n, bits = fss.PARALLEL_MIN + 70, 21
+    data, shares = os.urandom(40 * n), RNG.integers(-(2 ** 63), 2 ** 63 - 1, 2 * n, dtype=np.int64)
+
+    def keys() -> tuple[np.ndarray, np.ndarray]:
+        stream, parts = iter([data[:8 * n], data[8 * n:]]), iter([shares[:n], shares[n:]])
+        return fss.sign_gen(n, bits, lambda _: next(stream), lambda _: next(parts))
+
+    calls = []
+    with fss.generating_with(lambda bits, parts: calls.append(len(parts)), 2):
+        native = keys()
+    with fss_native.disabled():
+        expected = keys()
+    assert calls == []
+    assert all(np.array_equal(a, b) for a, b in zip(native, expected))
+
+
 def test_loader_says_why_it_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fss_native, "LIBRARY", tmp_path / "libfss_native.so")
     assert fss_native._load() == (None, "libfss_native.so is not built (run `make native`)")

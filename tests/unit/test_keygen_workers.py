@@ -1,6 +1,8 @@
 """FSS key generation in worker processes (issue 16 item 2): keys made by the workers are the
 keys the thread makes from the same randomness, they evaluate correctly on random and edge
-inputs, a dead worker is a named error, and closing leaves no child process."""
+inputs, a dead worker is a named error, and closing leaves no child process. The workers are
+the numpy fallback's parallel path: this process generates here as without the compiled kernel
+(with it, generation stays on the dealer's threads: tests/unit/test_fss_native.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import numpy as np
 import pytest
 
 from mpc_parties.party_config import ConfigError, config_from_dict, config_to_dict
-from protocols.mpc import fss
+from protocols.mpc import fss, fss_native
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
 from protocols.mpc.keygen_workers import KeygenError, KeygenWorkers
 from protocols.mpc.vocabulary import RequestSchedule, TupleRequest
 
 N = 2 * fss.PARALLEL_MIN + 100  # two parts, the second not a multiple of 64 long
+
+
+@pytest.fixture(autouse=True)
+def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fss_native, "_LIB", None)  # in this process only; the workers' keys are the same either way
 
 
 def _seeded(seed: int) -> Callable[[int], bytes]:
