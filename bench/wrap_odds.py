@@ -94,7 +94,9 @@ def measure(name: str, variant: str, inputs: Sequence[Any], config: Any) -> tupl
 def report(ledger: SiteLedger, inferences: int, top: int) -> str:
     """The sites by expected wraps per inference, largest first, and the total."""
     total = sum(ledger.odds.values()) / inferences
-    lines = [f"expected wraps per inference (all sites): {total:.3g}", "",
+    elements = sum(ledger.elements.values()) // inferences
+    lines = [f"expected wraps per inference (all sites): {total:.3g}",
+             f"truncated elements per inference: {elements} in {len(ledger.odds)} sites", "",
              f"{'site':<60} {'wraps/inference':>15} {'share':>6} {'elements/inf':>12} {'max |x|':>10}"]
     for site, odds in sorted(ledger.odds.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"{site:<60} {odds / inferences:>15.3g} {odds / inferences / total:>6.1%} "
@@ -109,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="a registry model (when no checkpoint)")
     parser.add_argument("--variant", help="variant (default: the checkpoint's, or exact)")
     parser.add_argument("--count", type=int, default=16, help="test examples to run")
+    parser.add_argument("--min-length", type=int, default=0, help="only examples at least this long")
     parser.add_argument("--top", type=int, default=15, help="sites to list")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -126,9 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, variant = checkpoint_name(args.checkpoint), args.variant or read_meta(args.checkpoint)["variant"]
     else:
         name, variant = args.model, args.variant or "exact"
-    examples = test_examples(name).head(args.count)
-    lengths = [int(x.shape[-1]) for x in examples.inputs]
-    ledger, inferences = measure(name, variant, examples.inputs, ProtocolConfig())
+    inputs = [x for x in test_examples(name).inputs if x.shape[-1] >= args.min_length][:args.count]
+    if not inputs:
+        print(f"wrap_odds: no test example of {name} is {args.min_length} long", file=sys.stderr)
+        return 2
+    lengths = [int(x.shape[-1]) for x in inputs]
+    ledger, inferences = measure(name, variant, inputs, ProtocolConfig())
     print(f"{name} {variant}: {inferences} inferences, input lengths {min(lengths)}..{max(lengths)}")
     print(report(ledger, inferences, args.top))
     return 0
