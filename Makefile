@@ -11,7 +11,7 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 # system C compiler; without one the numpy path is used and this prints one line saying so.
 NATIVE_SRC := protocols/mpc/native/fss_native.c
 NATIVE_LIB := protocols/mpc/native/libfss_native.so
-NATIVE_CFLAGS := -O3 -fPIC -shared -pthread -fno-strict-aliasing
+NATIVE_CFLAGS := -O3 -Wall -fPIC -shared -pthread -fno-strict-aliasing
 
 $(BIN)/python:
 	$(shell command -v $(PY) >/dev/null 2>&1 && echo $(PY) || echo python3) -m venv $(VENV)

@@ -23,6 +23,7 @@ its numpy path, which gives bit-identical keys and shares (tests/unit/test_fss_n
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 _LIB, REASON = _load()
+if _LIB is None and LIBRARY.is_file():  # built but not usable: say so once (not built at all: make said so)
+    logging.getLogger(__name__).warning("FSS keys use the numpy path: %s", REASON)
 
 
 def available() -> bool:
@@ -92,7 +95,8 @@ def disabled() -> Iterator[None]:
 
 def threads_for(count: int) -> int:
     """Threads for a call on ``count`` points or elements: the host's cores, fewer for small calls."""
-    return max(1, min(os.cpu_count() or 1, count // THREAD_MIN))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, count // THREAD_MIN))
 
 
 def _ptr(array: np.ndarray, dtype: type, writable: bool = False) -> int:
