@@ -7,7 +7,9 @@ bench runs the simulated MPC route (:mod:`protocols.mpc.simulate`, whose ``_trun
 exactly where a real party truncates locally), records ``|x|`` before every truncation, and sums
 ``|x| / 2^64`` per call site and per inference: the expected number of wraps per inference, i.e.
 (while small) the probability that one inference blows up. Bench-only: it patches the simulation
-in this process, never the production path.
+in this process, never the production path. It counts every truncation, also those whose result
+is later multiplied by zero (the exact GeLU's powers of out-of-range inputs, zeroed by its
+``inside`` factor: harmless wraps), so read a site's number as an upper bound.
 
     .venv/bin/python bench/wrap_odds.py --checkpoint /work/ckpt/minilm-tweets-mpcformer-400 --count 16
 """
