@@ -89,6 +89,7 @@ KERNEL static void eval_range(const EvalJob *job, int64_t lo, int64_t hi) {
     const int64_t n = job->n, w = job->bit_words;
     const uint64_t party = (uint64_t)job->party;
     const __m128i tweak_left = words(tweaks[0][0], tweaks[0][1]), tweak_values = words(tweaks[2][0], tweaks[2][1]);
+    const __m128i clear_control = words(~(uint64_t)1, ~(uint64_t)0);
     for (int64_t first = lo; first < hi; first += EVAL_LANES) {
         __m128i s[EVAL_LANES], tweaked[2 * EVAL_LANES], block[2 * EVAL_LANES];
         uint64_t t[EVAL_LANES], value[EVAL_LANES], x[EVAL_LANES];
@@ -114,11 +115,12 @@ KERNEL static void eval_range(const EvalJob *job, int64_t lo, int64_t hi) {
             MMO(tweaked, block, 2 * EVAL_LANES);
             for (int j = 0; j < EVAL_LANES; j++) {
                 uint64_t on = 0 - t[j];
-                const uint64_t *cws = job->cw_seed + 2 * ((int64_t)i * n + k[j]);
-                uint64_t low = lo64(block[2 * j]), high = hi64(block[2 * j]);
-                uint64_t t_next = low & 1;
-                uint64_t v = right[j] ? hi64(block[2 * j + 1]) : lo64(block[2 * j + 1]);
-                s[j] = words((low & ~(uint64_t)1) ^ (cws[0] & on), high ^ (cws[1] & on));
+                __m128i cws = _mm_loadu_si128((const __m128i *)(job->cw_seed + 2 * ((int64_t)i * n + k[j])));
+                uint64_t t_next = lo64(block[2 * j]) & 1;
+                __m128i vs = block[2 * j + 1];
+                uint64_t v = right[j] ? hi64(vs) : lo64(vs);
+                s[j] = _mm_xor_si128(_mm_and_si128(block[2 * j], clear_control),
+                                     _mm_and_si128(cws, _mm_set1_epi64x((long long)on)));
                 uint64_t cw_t = (job->cw_t[(2 * (int64_t)i + (int64_t)right[j]) * w + (k[j] >> 6)] >> (k[j] & 63)) & 1;
                 t[j] = t_next ^ (t[j] & cw_t);
                 value[j] += negate_if(v + (job->cw_value[(int64_t)i * n + k[j]] & on), party);
