@@ -22,17 +22,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mpc_parties.front_door import HELLO_TIMEOUT_S, FrontDoorLimits, serve_front_door
-from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
 from mpc_parties.memory import release_memory
 from mpc_parties.party_config import PartyConfig
-from mpc_parties.session_limits import DEALER_REQUEST_LIMITS
 from privinf.ledger.counting import Ledger
 from protocols.net.channels import Channel, PeerLost, TransportError
 from protocols.net.framing import HELLO_LIMITS
 from protocols.net.grpc_channel import GrpcChannel, fail_together
 from protocols.net.grpc_link import PartyServer
+
+if TYPE_CHECKING:
+    from mpc_parties.handshake import SessionSpec
 
 log = logging.getLogger("privinf.dealer")
 JOIN_TIMEOUT_S = 20.0  # the server joins right after the client reached its worker
@@ -43,11 +45,15 @@ INBOUND_CHUNK_BYTES = 64 << 10
 
 
 def _import_session_modules() -> None:
-    """Import what a session runs (torch, the MPC route) once the dealer is ready, so that its
-    first session does not wait for the imports (a session that comes first waits on the same
-    import locks)."""
+    """Import what a session runs (torch, the MPC route) and warm torch up once the dealer is ready: it
+    announces itself after the gRPC imports only (its server can start at once) and its first
+    session does not wait for these (one that comes first waits on the same import locks)."""
+    from mpc_parties import handshake, session_limits  # noqa: F401
     from protocols.mpc import dealer_pool  # noqa: F401
+    from protocols.mpc.model_prep import warm_up_shapes
     from protocols.routes import mpc  # noqa: F401
+
+    warm_up_shapes()
 
 
 class DealerParty:
@@ -81,6 +87,9 @@ class DealerParty:
         self._stop.set()
 
     def _join_server(self, front: PartyServer, spec: SessionSpec, client: GrpcChannel, ledger: Ledger) -> GrpcChannel:
+        from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec, refuse
+        from mpc_parties.session_limits import DEALER_REQUEST_LIMITS
+
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while True:  # wait for the server's link, but not for a client that has left
             try:
@@ -107,6 +116,9 @@ class DealerParty:
         client.ledger = ledger
         server: Channel | None = None
         try:
+            from mpc_parties.handshake import TAG_HELLO, TAG_WELCOME, SessionSpec
+            from mpc_parties.session_limits import DEALER_REQUEST_LIMITS
+
             spec = SessionSpec.from_json(client.recv_json(TAG_HELLO, timeout=HELLO_TIMEOUT_S))
             client.set_limits(DEALER_REQUEST_LIMITS)
             client.send_json(TAG_WELCOME, {"status": "ok"})

@@ -99,12 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drain-s", type=float, default=None,
                         help="on SIGTERM, seconds live sessions get to finish before they are aborted")
     args = parser.parse_args(argv)
-    from mpc_parties.worker_pool import PoolError
+    refusals: tuple[type[Exception], ...] = (ValueError,)
+    if args.role == "server":  # the dealer does not import the server's pool (nor torch) before it is ready
+        from mpc_parties.worker_pool import PoolError
 
+        refusals = (ValueError, PoolError)
     try:
         return run_party(args.role, args.config, args.exit_with_parent, args.remove_on_exit,
                          args.max_sessions, args.max_sessions_per_client, args.drain_s)
-    except (ValueError, PoolError) as exc:
+    except refusals as exc:
         print(f"privinf party {args.role}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ from models.layers import Calibrated, Embedding, Linear
 from models.registry import ModelBundle, load_model
 from models.variants import VariantSpec
 from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.vocabulary import SERVER_RANK
+from protocols.mpc.vocabulary import SERVER_RANK, TupleRequest
 from protocols.net.channels import ProtocolError
 
 
@@ -152,3 +152,11 @@ def keep_public_architecture(model: str, variant: VariantSpec, bundle: ModelBund
     strip_weights(bundle.model)
     with _ARCHITECTURES_LOCK:
         _ARCHITECTURES.setdefault((model, repr(variant)), bundle)
+
+
+def warm_up_shapes() -> None:
+    """Work out two products' shapes as the dealer vocabulary does (on meta tensors) once: torch
+    imports its reference kernels and dynamo on the first such call (~1 s of CPU), which would
+    otherwise land in the first inference of every party process."""
+    for op in ("mul", "matmul"):
+        TupleRequest.additive((2, 2), (2, 2), op).output_shape()
