@@ -188,6 +188,8 @@ class TupleRequest:
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
             try:
+                if self.op == "mul" and not self.kwargs:  # broadcasting; a meta mul imports dynamo (~1 s)
+                    return tuple(torch.broadcast_shapes(self.size0, self.size1))
                 return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
             except RuntimeError as exc:
                 raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
