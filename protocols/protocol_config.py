@@ -42,7 +42,9 @@ class ProtocolConfig:
     cheaper form per shape (:mod:`protocols.mpc.kernel_choice`: a norm's folded gain, a tournament's
     all-pairs levels). ``all_pairs_budget``: the most exact pairs one all-pairs tournament level may
     compare, all rows together (each is a dealer key of ~0.8 KB per party, which the online pricing
-    does not see; 0: binary levels only).
+    does not see; 0: binary levels only). The default, ~29 MB of keys per party and level, admits
+    32 rows (MPCache's heads) of up to 136 entries (34,560 pairs) and refuses a BERT-base prefill's
+    level of 8 (1,536 rows: 43,008 pairs).
     """
 
     fixed_point_bits: int = 16
@@ -52,7 +54,7 @@ class ProtocolConfig:
     preprocess: int = 1
     storage: str = "regenerate"
     kernel_profile: str = "lan"
-    all_pairs_budget: int = 32_768
+    all_pairs_budget: int = 36_000
 
     def __post_init__(self) -> None:
         lo, hi = FIXED_POINT_RANGE
