@@ -105,6 +105,7 @@ class StationaryDealer:
         self._ledger = ledger
         self._blocks: dict[tuple[int, str, int], torch.Tensor] = {}
         self._served: set[tuple[int, str, int]] = set()
+        self._joined: dict[tuple[int, str], tuple[list[tuple[int, int]], _Rows, int]] = {}
 
     def __repr__(self) -> str:  # never shows the seeds
         return f"StationaryDealer(blocks={len(self._blocks)}, products={len(self._served)})"
@@ -123,6 +124,24 @@ class StationaryDealer:
                     self._ledger.record_storage("kv_masks", mask.numel() * 8)
         return mask
 
+    def _joined_mask(self, layer: int, kind: str, blocks: list[tuple[int, int]], lead: tuple[int, ...],
+                     dim: int) -> torch.Tensor:
+        """The masks of ``blocks`` joined along the rows (a view); a request that extends the last
+        one of ``(layer, kind)`` appends only its new blocks (a decode step: one row)."""
+        key = (layer, kind)
+        joined = self._joined.get(key)
+        if joined is not None and blocks[:len(joined[0])] == joined[0]:
+            done, rows, count = joined
+            for b, n in blocks[len(done):]:
+                rows = rows.extend(count, (self._block(layer, kind, b, lead + (n, dim)),))
+                count += n
+        else:
+            rows = _Rows((torch.cat([self._block(layer, kind, b, lead + (n, dim)) for b, n in blocks], dim=2),),
+                         64)
+            count = rows.rows
+        self._joined[key] = (list(blocks), rows, count)
+        return rows.buffers[0][:, :, :count]
+
     def correction(self, msg: dict[str, Any]) -> torch.Tensor:
         """Party 0's C for one ``kvs_triple`` request (see :meth:`StationaryParty._product`)."""
         try:
@@ -140,8 +159,9 @@ class StationaryDealer:
         if label in self._served:
             raise StationaryError(f"KV-stationary product {label} requested twice (mask reuse)")
         self._served.add(label)
-        mask = torch.cat([self._block(layer, kind, b, lead + (n, dim)) for b, n in blocks], dim=2)
-        mask = mask.index_select(1, heads)
+        mask = self._joined_mask(layer, kind, blocks, lead, dim)
+        if len(heads) != mask.shape[1] or not bool((heads == torch.arange(len(heads))).all()):
+            mask = mask.index_select(1, heads)
         rows = mask.shape[2]
         c_shape = _c_shape(op, a_shape, rows, dim)
         a0, _ = operand_masks(self._seeds[0], 0, layer, kind, op, index, a_shape, c_shape)
@@ -191,17 +211,57 @@ class DealerLink:
 
 
 # ----- the computing parties -----------------------------------------------------------------
+class _Rows:
+    """Growable row buffers [B, H, capacity, d] shared by the successive snapshots of one layer's K
+    (or V): appending to the latest snapshot writes the new rows in place (amortised O(rows
+    appended), not a copy of the whole cache per decode step); appending to an older snapshot
+    copies (its later rows belong to another snapshot)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], spare: int) -> None:
+        rows = tensors[0].shape[2]
+        self.buffers = tuple(_with_capacity(t, rows + spare) for t in tensors)
+        self.rows = rows
+
+    def extend(self, rows: int, tensors: tuple[torch.Tensor, ...]) -> _Rows:
+        """Buffers holding the first ``rows`` rows then ``tensors`` (in place when possible)."""
+        added = tensors[0].shape[2]
+        if rows != self.rows or rows + added > self.buffers[0].shape[2]:
+            head = tuple(b[:, :, :rows] for b in self.buffers)
+            return _Rows(tuple(torch.cat([h, t], dim=2) for h, t in zip(head, tensors)), max(64, (rows + added) // 4))
+        for buffer, tensor in zip(self.buffers, tensors):
+            buffer[:, :, rows:rows + added] = tensor
+        self.rows = rows + added
+        return self
+
+
+def _with_capacity(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = tensor.new_empty(tensor.shape[:2] + (capacity,) + tensor.shape[3:])
+    out[:, :, :tensor.shape[2]] = tensor
+    return out
+
+
 @dataclass
 class _Store:
-    """One layer's K or V: opened ``F``, this party's mask share, and the blocks composing it."""
+    """One layer's K or V: the opened ``F`` and this party's share of the cache (party 0 ``F + B_0``,
+    party 1 ``B_1``: what every product needs), in :class:`_Rows` buffers; the blocks composing it."""
 
-    f: torch.Tensor
-    mask: torch.Tensor
+    rows: _Rows
+    count: int
     blocks: list[tuple[int, int]]
+
+    @property
+    def f(self) -> torch.Tensor:
+        """The opened ``F = K - B`` [B, kv_heads, rows, d] (a view)."""
+        return self.rows.buffers[0][:, :, :self.count]
+
+    @property
+    def own(self) -> torch.Tensor:
+        """This party's additive share of the cache (a view)."""
+        return self.rows.buffers[1][:, :, :self.count]
 
     def share(self, rank: int) -> torch.Tensor:
         """This party's additive share of the cache: party 0 ``F + B_0``, party 1 ``B_1``."""
-        return self.f + self.mask if rank == 0 else self.mask
+        return self.own
 
 
 @dataclass(frozen=True)
@@ -228,6 +288,13 @@ class StationaryView:
                 or not torch.is_tensor(key[1])):
             raise StationaryError("a KV-stationary view supports only head selection view[:, idx]")
         return StationaryView(self.party, self.layer, self.kind, self.store, self.heads[key[1]])
+
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``F``, this party's share) per query head (views when every kv head is read in order)."""
+        store = self.store
+        if len(self.heads) == store.f.shape[1] and bool((self.heads == torch.arange(len(self.heads))).all()):
+            return store.f, store.own
+        return store.f.index_select(1, self.heads), store.own.index_select(1, self.heads)
 
     def materialize(self) -> MPCTensor:
         """The view as ordinary shares (for kernels without a stationary path; costs O(n d) later)."""
@@ -308,10 +375,11 @@ class StationaryParty:
         rows = int(f.shape[2])
         if kind != "s":
             self.opened_rows += rows
+        own = f + mask if self.rank == 0 else mask
         if store is None:
-            return _Store(f, mask, [(block, rows)])
-        return _Store(torch.cat([store.f, f], dim=2), torch.cat([store.mask, mask], dim=2),
-                      store.blocks + [(block, rows)])
+            return _Store(_Rows((f, own), 0 if kind == "s" else max(64, rows // 4)), rows, [(block, rows)])
+        grown = store.rows.extend(store.count, (f, own))
+        return _Store(grown, store.count + rows, store.blocks + [(block, rows)])
 
     def view(self, store: _Store, layer: int, kind: str) -> StationaryView:
         return StationaryView(self, layer, kind, store, torch.arange(store.f.shape[1]))
@@ -339,8 +407,8 @@ class StationaryParty:
         a_shape = tuple(share.shape)
         c_shape = _c_shape(op, a_shape, n, d)
         a, c = operand_masks(self._seed, self.rank, view.layer, view.kind, op, index, a_shape, c_shape)
-        if self.rank == 0:
-            c = self._correction(op, view, index, a_shape, lead, d, c_shape)
+        if self.rank == 0:  # the dealer computes C_0 while the parties exchange E
+            self._ask_correction(op, view, index, a_shape, lead, d)
         self._peer.send(TAG_E, share - a)
         theirs = _tensor(self._peer.recv(TAG_E))
         if theirs.shape != share.shape or theirs.dtype != torch.int64:
@@ -349,15 +417,14 @@ class StationaryParty:
         if self._ledger is not None:
             self._ledger.record_rounds(1)
         e = share - a + theirs
-        f = store.f.index_select(1, view.heads)
-        mask = store.mask.index_select(1, view.heads)
-        z = _product(op, e, mask) + _product(op, a, f) + c
+        f, own = view.operands()
         if self.rank == 0:
-            z = z + _product(op, e, f)
+            c = self._receive_correction(c_shape)
+        z = _product(op, e, own) + _product(op, a, f) + c  # party 0: E (F + B_0)' + A F' + C_0
         return fixed_point.truncated(z, fixed_point.precision_bits())
 
-    def _correction(self, op: str, view: StationaryView, index: int, a_shape: tuple[int, ...],
-                    lead: tuple[int, ...], d: int, c_shape: tuple[int, ...]) -> torch.Tensor:
+    def _ask_correction(self, op: str, view: StationaryView, index: int, a_shape: tuple[int, ...],
+                        lead: tuple[int, ...], d: int) -> None:
         msg = {"type": MSG_KV_TRIPLE, "op": op, "kind": view.kind, "layer": view.layer, "index": index,
                "a_shape": list(a_shape), "lead": list(lead), "dim": d,
                "heads": [int(h) for h in view.heads], "blocks": [list(b) for b in view.store.blocks]}
@@ -365,9 +432,15 @@ class StationaryParty:
         if self._ledger is not None:
             with self._ledger.phase(Phase.OFFLINE):
                 self._dealer.send_json(TAG_MSG, msg)
-                corr = _tensor(self._dealer.recv(TAG_CORR))
         else:
             self._dealer.send_json(TAG_MSG, msg)
+
+    def _receive_correction(self, c_shape: tuple[int, ...]) -> torch.Tensor:
+        assert self._dealer is not None
+        if self._ledger is not None:
+            with self._ledger.phase(Phase.OFFLINE):
+                corr = _tensor(self._dealer.recv(TAG_CORR))
+        else:
             corr = _tensor(self._dealer.recv(TAG_CORR))
         if tuple(corr.shape) != c_shape or corr.dtype != torch.int64:
             raise StationaryError(f"dealer sent {corr.dtype} {list(corr.shape)}, expected int64 {list(c_shape)}")

@@ -91,7 +91,8 @@ class ThreadLocalConfig(CachedConfig):
 
     @property
     def config(self) -> Any:
-        return getattr(self._local, "config", None) or self.__dict__["config"]
+        local = getattr(self._local, "config", None)  # not `or`: a DictConfig's truth value walks its keys
+        return local if local is not None else self.__dict__["config"]
 
     @config.setter
     def config(self, value: Any) -> None:
