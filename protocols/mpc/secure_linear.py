@@ -251,6 +251,7 @@ class SecureLinearClient(nn.Module):
         self._channel = channel
         self._ledger = ledger
         self._masked_weight: torch.Tensor | None = None
+        self._ready: tuple[int, tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
         self.inferences = 0
 
     def extra_repr(self) -> str:
@@ -278,19 +279,32 @@ class SecureLinearClient(nn.Module):
         """``F = W - B`` once received (what ``storage = keep`` stores)."""
         return self._masked_weight
 
+    def precompute(self, x_shape: tuple[int, ...]) -> None:
+        """Offline: ``A`` and ``A F^T + C_0`` of the next inference on inputs of ``x_shape`` (they do
+        not depend on the input; :meth:`forward` then only opens ``x - A``)."""
+        if self._masked_weight is not None:
+            spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape), self.mask_group)
+            a, c0 = activation_masks(self._seed, spec, self.inferences)
+            self._ready = (self.inferences, spec.x_shape, a, times_transposed(a, self._masked_weight).add_(c0))
+
     def forward(self, x: MPCTensor) -> MPCTensor:
         if self._masked_weight is None:
             raise SecureLinearError(f"{self.name}: no masked weight yet; call receive_weight_mask() offline")
         x0 = _local_share(x, self.in_features)
         spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape), self.mask_group)
-        a, c0 = activation_masks(self._seed, spec, self.inferences)
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[:2] == (self.inferences, spec.x_shape):
+            a, partial = ready[2], ready[3]
+        else:
+            a, c0 = activation_masks(self._seed, spec, self.inferences)
+            partial = times_transposed(a, self._masked_weight) + c0
         if self._groups.get(spec.group, self.inferences, x0) is None:
             self._channel.send(f"{TAG_E}.{spec.group}", x0 - a)
             self._groups.put(spec.group, self.inferences, x0, x0 - a)
             if self._ledger is not None:
                 self._ledger.record_rounds(1)
         self.inferences += 1
-        return fixed_point.truncated(times_transposed(a, self._masked_weight) + c0, fixed_point.bits_of(x))
+        return fixed_point.truncated(partial, fixed_point.bits_of(x))
 
 
 class SecureLinearServer(nn.Module):

@@ -32,6 +32,7 @@ from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.dealer import ScheduleCache, receive_seed
 from protocols.mpc.mask_store import MaskStore, check_entry_id
 from protocols.mpc.model_prep import secure_targets, share_remaining_weights
+from protocols.mpc.secure_linear import SecureLinearClient
 from protocols.mpc.vocabulary import CLIENT_RANK, TAG_EPOCH, DealerError, RequestSchedule
 from protocols.net.channels import Channel, ProtocolError
 
@@ -215,6 +216,7 @@ class MpcParty:
         length, policy and its parameters), whose request schedule is recorded; preprocessed
         (offline, one batch before the step) every later time, as inferences of a seen shape are."""
         provider = self.context.provider
+        self._precompute_linears(request["prompt_len"] if step == "prefill" else 1)
         key = self._step_key(request, step)
         schedule = self._step_schedules.get(key)
         if schedule is None:
@@ -228,6 +230,16 @@ class MpcParty:
         yield
         if provider.stored:
             raise ProtocolError(f"generation step {step} left {provider.stored} preprocessed requests unused")
+
+    def _precompute_linears(self, tokens: int) -> None:
+        """Client, offline: the input-independent half (``A F^T + C_0``) of the step's
+        weight-stationary products, for inputs of ``tokens`` positions."""
+        if self.rank != CLIENT_RANK:
+            return
+        with self.ledger.scope("preprocess", "offline"), self.ledger.phase(Phase.OFFLINE):
+            for module in self.model.modules():
+                if isinstance(module, SecureLinearClient):
+                    module.precompute((1, tokens, module.in_features))
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
         with torch.no_grad(), share_kernels():
