@@ -60,6 +60,7 @@ from bench.crypten_baseline import PROVIDERS, party_main, run_crypten
 from models.bench_layers import NAME, SEQ, build_layer, output_tensor, sample_input
 from privinf.ledger.records import Phase
 from privinf.ledger.tables import num_col, render, text_col
+from protocols.protocol_config import ProtocolConfig
 
 QUICK_SEQ = 32
 THIS = Path(__file__).resolve()
@@ -113,7 +114,6 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss", pre
     from mpc_parties.launch import local_deployment
     from mpc_parties.party_config import ModelChoice
     from privinf.session import connect
-    from protocols.protocol_config import ProtocolConfig
 
     x = sample_input(INPUT_SEED, seq)
     protocol = ProtocolConfig(preprocess=preprocess or 1 + runs, comparisons=comparisons)
@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     seq = QUICK_SEQ if args.quick else SEQ
     print(f"{NAME}: seq {seq}, hidden 768, 12 heads, FFN 3072; {args.runs} timed runs after a warm-up")
     print(device_line())
+    defaults = ProtocolConfig()
+    print(f"privinf per-shape kernels (norm gain, tournament levels) priced on {defaults.kernel_network().spec()}, "
+          f"all-pairs levels capped at {defaults.all_pairs_budget:,} pairs (protocols/mpc/kernel_choice.py)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privinf-bench-") as tmp:
         results = {v: run_variant(v, seq, args.runs, providers, args.circuit, Path(tmp), args.preprocess)
