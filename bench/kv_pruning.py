@@ -1,7 +1,8 @@
 """Private decoding costs: KV-pruning policies per decode step, and SmolLM2 tokens vs plaintext.
 
 ``python bench/kv_pruning.py [--setting gpt2-small|mpcache|all] [--quick]``: per decode step, the
-bytes the client sends and receives, rounds, wall time on loopback and the estimated latency on
+bytes the client sends and receives, rounds, wall time on loopback (online, the later of client and
+server) and the estimated latency on
 the LAN and WAN profiles (``privinf.ledger.pricing``) of private generation end to end: client,
 server and dealer as threads of one process linked by gRPC + mutual TLS over loopback
 (``--transport memory``: in-memory channels; bytes and rounds are the same, deterministic).
@@ -37,6 +38,7 @@ prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -195,7 +197,10 @@ class StepCost:
 
 
 def step_cost(parties: list[list[Row]]) -> StepCost:
-    """Per-step means over :data:`STEPS` of one generation's rows ([client, server, dealer])."""
+    """Per-step means over :data:`STEPS` of one generation's rows ([client, server, dealer]): the
+    client's bytes, rounds and offline costs; the wall is the larger of the two computing parties'
+    online walls (a step ends when both have finished it; since the client's input-independent
+    products moved offline, the server is usually the later one)."""
     cost = StepCost()
     for row in parties[0]:
         if row.step not in STEPS:
@@ -205,10 +210,11 @@ def step_cost(parties: list[list[Row]]) -> StepCost:
             cost.sent += c.bytes_sent
             cost.recv += c.bytes_recv
             cost.rounds += c.rounds
-            cost.wall += c.wall_s
         else:
             cost.off_wall += c.wall_s
             cost.off_recv += c.bytes_recv
+    cost.wall = max(sum(row.counters.wall_s for row in rows if row.step in STEPS and row.phase == Phase.ONLINE)
+                    for rows in parties[:2])
     online = [row for rows in parties for row in rows if row.step in STEPS]
     cost.lan = estimate(online, LAN, Phase.ONLINE).latency_s
     cost.wan = estimate(online, WAN, Phase.ONLINE).latency_s
@@ -235,6 +241,7 @@ class Measured:
     cold: StepCost
     warm: StepCost
     rows: list[list[Row]]  # the first warm run's rows, all parties
+    walls: list[float] = field(default_factory=list)  # each warm run's wall, in run order
 
 
 Table = dict[tuple[int, str], Measured]  # (context, label) -> measured
@@ -252,8 +259,9 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
                                   filling_parties(setting.fill(ctx)))
         for index, config in enumerate(configs):
             runs = [rows for _, rows, _ in results[index::len(configs)]]
-            table[(ctx, config.label)] = Measured(config, step_cost(runs[0]),
-                                                  median_cost([step_cost(r) for r in runs[1:]]), runs[1])
+            warm = [step_cost(r) for r in runs[1:]]
+            table[(ctx, config.label)] = Measured(config, step_cost(runs[0]), median_cost(warm), runs[1],
+                                                  [w.wall for w in warm])
     return table
 
 
@@ -290,7 +298,8 @@ def print_table(setting: Setting, table: Table, transport: str) -> None:
     link = "gRPC + mutual TLS over loopback" if transport == "grpc" else "in-memory channels"
     print(f"\n== setting {setting.name}: {setting.title}")
     print(f"links: {link}, parties as threads, one session per context; per decode step (mean of "
-          f"{len(STEPS)} steps), client side; LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
+          f"{len(STEPS)} steps): client bytes and rounds, online wall of the later of client and server; "
+          f"LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
     print(f"{'ctx':>5} {'policy':12} {'stored':>6} {'attnd':>5} {'MiB sent':>8} {'MiB recv':>8} {'rounds':>6} "
           f"{'online s':>8} {'LAN s':>6} {'WAN s':>6} {'offl s':>6} {'cold s':>6} {'x comm':>6} "
           f"{'x wall':>6} {'x LAN':>6} {'x WAN':>6} {'x cold':>6} {'keys MiB':>8}")
@@ -328,6 +337,9 @@ def print_targets(setting: Setting, table: Table) -> None:
         return
     comm_goal, lat_goal = MPCACHE_TARGETS
     comm = base.warm.sent / pruned.warm.sent
+    pairs = sorted(b / p for b, p in zip(base.walls, pruned.walls))
+    print(f"warm walls at {top} (run order), none: {' '.join(f'{w:.2f}' for w in base.walls)}; mpcache 6%: "
+          f"{' '.join(f'{w:.2f}' for w in pruned.walls)}; per-run ratios {' '.join(f'{r:.2f}' for r in pairs)}")
     print(f"MPCache target at prompt {top}, budget 6%: communication {comm:.2f}x (>= {comm_goal}x: "
           f"{_verdict(comm >= comm_goal)})")
     for what, b, p in (("wall (warm)", base.warm.wall, pruned.warm.wall),
@@ -365,13 +377,14 @@ def main() -> None:
         parser.exit(2, f"--policies: unknown {sorted(only - set(POLICIES))}; known: {', '.join(POLICIES)}\n")
     for setting in SETTINGS.values() if args.setting == "all" else [SETTINGS[args.setting]]:
         chosen = contexts or (setting.quick if args.quick else setting.contexts)
-        started = time.perf_counter()
+        started, load = time.perf_counter(), os.getloadavg()[0]
         table = measure(setting, chosen, args.transport, only, args.repeats)
         print_table(setting, table, args.transport)
         if args.breakdown:
             print_breakdown(table)
         print_targets(setting, table)
-        print(f"setting {setting.name}: {time.perf_counter() - started:.0f} s")
+        print(f"setting {setting.name}: {time.perf_counter() - started:.0f} s; load average (1 min) "
+              f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
