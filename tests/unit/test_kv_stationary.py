@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from privinf.ledger.counting import Ledger
-from protocols.kv.stationary import StationaryDealer, StationaryParty
+from protocols.kv.stationary import StationaryDealer, StationaryParty, _Rows
 from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.vocabulary import MSG_END, TAG_MSG
@@ -60,3 +60,34 @@ def test_k_and_v_blocks_open_in_one_round_with_the_same_cache() -> None:
         assert out["opened"] == 12 and out["blocks"] == ([(0, 5), (1, 1)], [(0, 5), (1, 1)])
     assert [out["rounds"] for out in batched] == [2, 2]  # one round per append_many
     assert [out["rounds"] for out in separate] == [4, 4]
+
+
+def test_rows_append_in_place_and_keep_older_snapshots() -> None:
+    """A decode step's append writes into spare capacity; an older snapshot keeps its rows, and
+    appending to it copies instead of overwriting the newer snapshot's rows."""
+    first = torch.arange(2 * 3 * 2).reshape(1, 2, 3, 2)
+    rows = _Rows((first,), 4)
+    one = torch.full((1, 2, 1, 2), -1)
+    grown = rows.extend(3, (one,))
+    assert grown is rows and torch.equal(grown.buffers[0][:, :, :4], torch.cat([first, one], dim=2))
+    other = torch.full((1, 2, 1, 2), -7)
+    branch = rows.extend(3, (other,))  # the snapshot of 3 rows again: a copy
+    assert branch is not rows
+    assert torch.equal(rows.buffers[0][:, :, 3:4], one) and torch.equal(branch.buffers[0][:, :, 3:4], other)
+    full = branch.extend(4, (torch.zeros(1, 2, 40, 2, dtype=torch.long),))  # past the capacity: a copy
+    assert full.rows == 44 and torch.equal(full.buffers[0][:, :, :3], first)
+
+
+def test_dealer_joins_extended_blocks_as_from_scratch() -> None:
+    """The dealer's incrementally joined masks give the same corrections as a fresh dealer."""
+    seeds = {0: new_seed(), 1: new_seed()}
+    incremental = StationaryDealer(seeds)
+    blocks: list[list[int]] = [[0, 5]]
+    for index in range(3):
+        msg = {"type": "kvs_triple", "op": "qk", "kind": "k", "layer": 0, "index": index, "a_shape": [1, 2, 1, 4],
+               "lead": [1, 2], "dim": 4, "heads": [0, 1], "blocks": [list(b) for b in blocks]}
+        got = incremental.correction(msg)
+        assert torch.equal(got, StationaryDealer(seeds).correction(msg))
+        blocks.append([index + 1, 1])
+    swapped = dict(msg, index=9, heads=[1, 0])
+    assert torch.equal(incremental.correction(swapped), StationaryDealer(seeds).correction(swapped))
