@@ -45,15 +45,12 @@ INBOUND_CHUNK_BYTES = 64 << 10
 
 
 def _import_session_modules() -> None:
-    """Import what a session runs (torch, the MPC route) and warm torch up once the dealer is ready: it
+    """Import what a session runs (torch, the MPC route) once the dealer is ready: the dealer
     announces itself after the gRPC imports only (its server can start at once) and its first
     session does not wait for these (one that comes first waits on the same import locks)."""
     from mpc_parties import handshake, session_limits  # noqa: F401
     from protocols.mpc import dealer_pool  # noqa: F401
-    from protocols.mpc.model_prep import warm_up_shapes
     from protocols.routes import mpc  # noqa: F401
-
-    warm_up_shapes()
 
 
 class DealerParty:

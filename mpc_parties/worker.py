@@ -57,10 +57,8 @@ def preload(config: PartyConfig) -> Preloaded:
     torch.set_num_threads(1)  # no OpenMP pool before forking: a forked child would hang in it
     from models.registry import load_model
     from models.variants import parse_variant
-    from protocols.mpc.model_prep import warm_up_shapes
     from protocols.routes import ee, he, mpc  # noqa: F401 - imported once here, shared by every worker
 
-    warm_up_shapes()  # torch's lazy imports, once here rather than in each session's first inference
     bundle = load_model(config.model.name, parse_variant(config.model.variant, config.model.overrides))
     return Preloaded(bundle, threads)
 

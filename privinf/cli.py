@@ -188,11 +188,10 @@ def _checked_client_input(model: str, variant: str, overrides: str | Path | None
     bundle = load_model(model, spec)
     value = _read_input(bundle, text)
     if protocol == "mpc":
-        from protocols.mpc.model_prep import keep_public_architecture, warm_up_shapes
+        from protocols.mpc.model_prep import keep_public_architecture
         from protocols.routes import mpc  # noqa: F401 - the session's import, done while the parties start
 
         keep_public_architecture(model, spec, bundle)
-        warm_up_shapes()
     return value
 
 

@@ -16,7 +16,7 @@ from models.layers import Calibrated, Embedding, Linear
 from models.registry import ModelBundle, load_model
 from models.variants import VariantSpec
 from protocols.mpc.cryptenlib import crypten
-from protocols.mpc.vocabulary import SERVER_RANK, TupleRequest
+from protocols.mpc.vocabulary import SERVER_RANK
 from protocols.net.channels import ProtocolError
 
 
@@ -153,10 +153,3 @@ def keep_public_architecture(model: str, variant: VariantSpec, bundle: ModelBund
     with _ARCHITECTURES_LOCK:
         _ARCHITECTURES.setdefault((model, repr(variant)), bundle)
 
-
-def warm_up_shapes() -> None:
-    """Work out two products' shapes as the dealer vocabulary does once: torch loads its meta
-    kernels on the first matmul on meta tensors (~0.4 s of CPU), which would otherwise land in
-    the first inference of every party process."""
-    for op in ("mul", "matmul"):
-        TupleRequest.additive((2, 2), (2, 2), op).output_shape()

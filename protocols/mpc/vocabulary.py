@@ -110,6 +110,19 @@ def _kwarg_value(key: str, value: Any) -> int | tuple[int, ...]:
     return tuple(value)
 
 
+def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of ``torch.matmul`` of shapes ``a`` and ``b`` (a 1-D operand gains, then loses, a
+    dimension; batch dimensions broadcast); RuntimeError where torch would raise one."""
+    if not a or not b:
+        raise RuntimeError("both arguments to matmul need to be at least 1D")
+    left, right = ((1,) + a if len(a) == 1 else a), (b + (1,) if len(b) == 1 else b)
+    if left[-1] != right[-2]:
+        raise RuntimeError(f"shapes {list(a)} and {list(b)} cannot be multiplied")
+    rows = () if len(a) == 1 else (left[-2],)
+    cols = () if len(b) == 1 else (right[-1],)
+    return tuple(torch.broadcast_shapes(left[:-2], right[:-2])) + rows + cols
+
+
 @dataclass(frozen=True)
 class TupleRequest:
     """One public request for correlated randomness, as CrypTen's provider receives it."""
@@ -190,6 +203,8 @@ class TupleRequest:
             try:
                 if self.op == "mul" and not self.kwargs:  # broadcasting; a meta mul imports dynamo (~1 s)
                     return tuple(torch.broadcast_shapes(self.size0, self.size1))
+                if self.op == "matmul" and not self.kwargs:  # a meta matmul imports sympy (~0.4 s)
+                    return matmul_shape(self.size0, self.size1)
                 return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
             except RuntimeError as exc:
                 raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
