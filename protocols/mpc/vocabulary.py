@@ -18,6 +18,7 @@ layer and op that consume it; labels never change what is generated.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -110,6 +111,17 @@ def _kwarg_value(key: str, value: Any) -> int | tuple[int, ...]:
     return tuple(value)
 
 
+def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """torch's broadcast of shapes ``a`` and ``b`` in plain Python (RuntimeError where torch
+    refuses): ``torch.broadcast_shapes`` imports torch._refs and sympy on its first call (~0.4 s)."""
+    out = []
+    for x, y in itertools.zip_longest(reversed(a), reversed(b), fillvalue=1):
+        if x != y and 1 not in (x, y):
+            raise RuntimeError(f"shapes {list(a)} and {list(b)} cannot be broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
+
+
 def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of ``torch.matmul`` of shapes ``a`` and ``b`` (a 1-D operand gains, then loses, a
     dimension; batch dimensions broadcast); RuntimeError where torch would raise one."""
@@ -120,7 +132,7 @@ def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
         raise RuntimeError(f"shapes {list(a)} and {list(b)} cannot be multiplied")
     rows = () if len(a) == 1 else (left[-2],)
     cols = () if len(b) == 1 else (right[-1],)
-    return tuple(torch.broadcast_shapes(left[:-2], right[:-2])) + rows + cols
+    return broadcast_shape(left[:-2], right[:-2]) + rows + cols
 
 
 @dataclass(frozen=True)
@@ -201,8 +213,8 @@ class TupleRequest:
             a = torch.empty(self.size0, device="meta")
             b = torch.empty(self.size1, device="meta")
             try:
-                if self.op == "mul" and not self.kwargs:  # broadcasting; a meta mul imports dynamo (~1 s)
-                    return tuple(torch.broadcast_shapes(self.size0, self.size1))
+                if self.op == "mul" and not self.kwargs:  # a meta mul imports dynamo (~1 s)
+                    return broadcast_shape(self.size0, self.size1)
                 if self.op == "matmul" and not self.kwargs:  # a meta matmul imports sympy (~0.4 s)
                     return matmul_shape(self.size0, self.size1)
                 return tuple(getattr(torch, self.op)(a, b, **dict(self.kwargs)).shape)
@@ -210,7 +222,7 @@ class TupleRequest:
                 raise DealerError(f"{self.op} of shapes {list(self.size0)} and {list(self.size1)} "
                                   f"is invalid: {str(exc).splitlines()[0]}") from None
         if self.kind == "binary":
-            return tuple(torch.broadcast_shapes(self.size0, self.size1))
+            return broadcast_shape(self.size0, self.size1)
         return self.size0
 
     def to_json(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from protocols.mpc.vocabulary import DealerError, TupleRequest, matmul_shape
+from protocols.mpc.vocabulary import DealerError, TupleRequest, broadcast_shape, matmul_shape
 
 SHAPES = [(3,), (1,), (2, 3), (3, 4), (3, 1), (1, 3), (5, 3, 4), (1, 4, 2), (2, 1, 3, 4), (2, 5, 4, 3), (4,), (0, 3)]
 
@@ -40,3 +40,14 @@ def test_matmul_of_two_vectors_is_a_scalar_and_empty_operands_are_refused() -> N
     assert matmul_shape((4,), (4,)) == ()
     with pytest.raises(RuntimeError):
         matmul_shape((), (4,))
+
+
+def test_broadcast_matches_torch() -> None:
+    for a, b in itertools.product(SHAPES + [(), (5, 1, 1)], repeat=2):
+        try:
+            want = tuple(torch.broadcast_shapes(a, b))
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                broadcast_shape(a, b)
+            continue
+        assert broadcast_shape(a, b) == want, (a, b)
