@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -70,7 +70,9 @@ class FrameKind(str, Enum):
 
 @dataclass(frozen=True)
 class Frame:
-    """One logical message, before chunking. ``payload`` is raw bytes."""
+    """One logical message, before chunking. ``payload`` is raw bytes: a writable ``bytearray``
+    when the transport assembled an array's chunks into a buffer of its own (decoded without a
+    copy), a read-only view of the array being sent on the sending side."""
 
     session: str
     seq: int
@@ -78,7 +80,7 @@ class Frame:
     kind: FrameKind
     dtype: str
     shape: tuple[int, ...]
-    payload: bytes
+    payload: bytes | bytearray | memoryview
     wire: int = 0  # bytes this frame took on the link, when the transport measured them
 
     @property
@@ -100,14 +102,22 @@ class LinkStats:
     largest_recv: int = 0  # payload bytes of the largest frame received (what the link's limit must admit)
 
 
-def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    """dtype name, shape and little-endian C-order bytes of ``array``."""
+def array_payload(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes | memoryview]:
+    """dtype name, shape and a byte view of ``array`` in little-endian C order (no copy when it
+    already is: the caller must not change the array while the view is in use)."""
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d arrays into 1-d
     name = array.dtype.name
     if name not in _ALLOWED_DTYPES:
         raise TypeError(f"cannot send dtype {name}; allowed: {sorted(_ALLOWED_DTYPES)}")
     little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # no copy if already LE
-    return name, tuple(int(d) for d in array.shape), little.tobytes()
+    data = memoryview(little).cast("B") if little.size else b""  # a view of no bytes cannot be cast
+    return name, tuple(int(d) for d in array.shape), data
+
+
+def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """dtype name, shape and little-endian C-order bytes of ``array``."""
+    name, shape, data = array_payload(array)
+    return name, shape, bytes(data)
 
 
 def array_bytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -132,6 +142,8 @@ def decode_array(dtype: str, shape: tuple[int, ...], payload: bytes) -> np.ndarr
             f"needs {expected} (truncated or corrupt frame)"
         )
     array = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<"))
+    if array.dtype.isnative and array.flags.writeable:
+        return array.reshape(shape)  # a bytearray the transport assembled for this frame alone: no copy
     # a writable copy; a plain copy when little-endian is native (about 4x faster than astype)
     return (array.copy() if array.dtype.isnative else array.astype(dtype)).reshape(shape)
 
@@ -156,7 +168,8 @@ class Channel(ABC):
     # ----- subclass hooks -----------------------------------------------------------------
     @abstractmethod
     def _send_frame(self, frame: Frame) -> int | None:
-        """Put one frame on the link (may chunk it); return the bytes it took if measured."""
+        """Put one frame on the link (may chunk it); return the bytes it took if measured. A payload
+        that is not ``bytes`` is a view of the sender's array: copy what is kept past this call."""
 
     @abstractmethod
     def _recv_frame(self, timeout: float) -> Frame:
@@ -185,7 +198,7 @@ class Channel(ABC):
         else:
             if hasattr(payload, "detach"):  # torch tensor: host copy, no torch on the wire
                 payload = payload.detach().cpu().numpy()
-            dtype, shape, data = encode_array(np.asarray(payload))
+            dtype, shape, data = array_payload(np.asarray(payload))  # a view: _send_frame copies what it keeps
         self._emit(FrameKind.DATA, tag, dtype, shape, data)
 
     def send_json(self, tag: str, obj: Any) -> None:
@@ -193,7 +206,7 @@ class Channel(ABC):
         data = json.dumps(obj, sort_keys=True).encode()
         self._emit(FrameKind.DATA, tag, "json", (len(data),), data)
 
-    def _emit(self, kind: FrameKind, tag: str, dtype: str, shape: tuple[int, ...], data: bytes) -> None:
+    def _emit(self, kind: FrameKind, tag: str, dtype: str, shape: tuple[int, ...], data: bytes | memoryview) -> None:
         frame = Frame(self.session, self._send_seq, tag, kind, dtype, shape, data)
         self._send_seq += 1
         measured = self._send_frame(frame)
@@ -310,6 +323,8 @@ class MemoryChannel(Channel):
         self._outbox = outbox
 
     def _send_frame(self, frame: Frame) -> None:
+        if not isinstance(frame.payload, bytes):  # the sender's array view: keep a copy, it may change
+            frame = replace(frame, payload=bytes(frame.payload))
         self._outbox.put(frame)
         return None
 

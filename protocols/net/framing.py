@@ -59,21 +59,46 @@ HELLO_LIMITS = LinkLimits(HELLO_MESSAGE_BYTES, HELLO_BUFFER_BYTES, "hello")
 SESSION_LIMITS = LinkLimits()
 
 
+def _varint_bytes(value: int) -> int:
+    """Bytes protobuf's varint encoding of ``value`` (>= 0) takes."""
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def header_bytes(msg: pb.Frame) -> int:
+    """Serialized bytes of ``msg``'s header fields: all but ``chunk_index`` and ``payload``,
+    which :func:`chunk_wire_bytes` adds per chunk (protobuf's own ``ByteSize`` of a 1 MiB chunk
+    serializes it: about as much CPU as sending it)."""
+    return pb.Frame(session=msg.session, seq=msg.seq, tag=msg.tag, kind=msg.kind, dtype=msg.dtype,
+                    shape=msg.shape, chunk_count=msg.chunk_count, total_bytes=msg.total_bytes).ByteSize()
+
+
+def chunk_wire_bytes(header: int, index: int, payload: int) -> int:
+    """Bytes one chunk takes on the link: ``header`` (:func:`header_bytes`), its chunk index and
+    payload fields (fields 7 and 10: one tag byte each, left out when zero / empty) and gRPC's prefix."""
+    size = header + GRPC_PREFIX_BYTES
+    if index:
+        size += 1 + _varint_bytes(index)
+    if payload:
+        size += 1 + _varint_bytes(payload) + payload
+    return size
+
+
 def encode_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[pb.Frame], int]:
-    """Wire chunks of ``frame`` and the bytes they take on the link (messages + gRPC prefixes)."""
+    """Wire chunks of ``frame`` and the bytes they take on the link (messages + gRPC prefixes).
+    Each chunk holds a copy of its slice of the payload (the frame's may be a view of an array)."""
     if not 1 <= chunk_bytes <= CHUNK_BYTES:
         raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
     data = memoryview(frame.payload)
     count = max(1, math.ceil(len(data) / chunk_bytes))
+    fields = {"session": frame.session, "seq": frame.seq, "tag": frame.tag, "kind": KIND_TO_WIRE[frame.kind],
+              "dtype": frame.dtype, "shape": frame.shape, "chunk_count": count, "total_bytes": len(data)}
+    header = header_bytes(pb.Frame(**fields))
     chunks = []
     wire = 0
     for index in range(count):
-        msg = pb.Frame(session=frame.session, seq=frame.seq, tag=frame.tag,
-                       kind=KIND_TO_WIRE[frame.kind], dtype=frame.dtype, shape=frame.shape,
-                       chunk_index=index, chunk_count=count, total_bytes=len(data),
-                       payload=bytes(data[index * chunk_bytes:(index + 1) * chunk_bytes]))
-        wire += msg.ByteSize() + GRPC_PREFIX_BYTES
-        chunks.append(msg)
+        piece = bytes(data[index * chunk_bytes:(index + 1) * chunk_bytes])
+        chunks.append(pb.Frame(chunk_index=index, payload=piece, **fields))
+        wire += chunk_wire_bytes(header, index, len(piece))
     return chunks, wire
 
 
@@ -92,6 +117,7 @@ class FrameAssembler:
         self.peer = peer
         self.limits = limits if limits is not None else LinkLimits(max_message_bytes)
         self._head: pb.Frame | None = None
+        self._header = 0  # header_bytes of the frame being assembled
         self._parts: list[bytes] = []
         self._size = 0
         self._wire = 0
@@ -109,7 +135,7 @@ class FrameAssembler:
 
     def clear(self) -> None:
         """Drop a partly assembled frame (the link ended)."""
-        self._head, self._parts, self._size, self._wire = None, [], 0, 0
+        self._head, self._header, self._parts, self._size, self._wire = None, 0, [], 0, 0
 
     def _fail(self, what: str) -> ProtocolError:
         return ProtocolError(f"bad frame from {self.peer}: {what}")
@@ -154,28 +180,32 @@ class FrameAssembler:
             raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} disagrees on shape")
 
     def feed(self, msg: pb.Frame) -> Frame | None:
-        """Take one chunk; return the whole frame when its last chunk arrives."""
-        if len(msg.payload) > CHUNK_BYTES:
-            raise self._fail(f"chunk of {len(msg.payload)} bytes exceeds {CHUNK_BYTES}")
+        """Take one chunk; return the whole frame when its last chunk arrives. An array's chunks
+        are joined into a ``bytearray`` its decoder uses without copying again."""
+        payload = msg.payload  # each read of a bytes field copies it out of the message
+        if len(payload) > CHUNK_BYTES:
+            raise self._fail(f"chunk of {len(payload)} bytes exceeds {CHUNK_BYTES}")
         head = self._head
         if head is None:
             self._check_head(msg)
             head = self._head = msg
+            self._header = header_bytes(msg)
         else:
             self._check_next(head, msg)
-        if not msg.payload and head.total_bytes:
+        if not payload and head.total_bytes:
             raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} is empty")
-        if self._size + len(msg.payload) > head.total_bytes:
+        if self._size + len(payload) > head.total_bytes:
             raise self._fail(f"frame {head.seq} carries more than its {head.total_bytes} bytes")
-        self._parts.append(msg.payload)
-        self._size += len(msg.payload)
-        self._wire += msg.ByteSize() + GRPC_PREFIX_BYTES
+        self._parts.append(payload)
+        self._size += len(payload)
+        self._wire += chunk_wire_bytes(self._header, msg.chunk_index, len(payload))
         if len(self._parts) < head.chunk_count:
             return None
         if self._size != head.total_bytes:
             raise self._fail(f"frame {head.seq} has {self._size} bytes, header says {head.total_bytes}")
-        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        whole = self._parts[0] if len(self._parts) == 1 else (
+            b"" if head.dtype in _TEXT_DTYPES else bytearray()).join(self._parts)
         frame = Frame(head.session, head.seq, head.tag, WIRE_TO_KIND[head.kind], head.dtype,
-                      tuple(int(d) for d in head.shape), payload, self._wire)
+                      tuple(int(d) for d in head.shape), whole, self._wire)
         self.clear()
         return frame
