@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocols.mpc.cryptenlib.provider import DealerProvider
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer
-from protocols.mpc.dealer_pool import PoolLimits
+from protocols.mpc.dealer_pool import PoolLimits, material_bytes
 from protocols.mpc.vocabulary import RequestSchedule
 from protocols.net.certs import TlsConfig, role_hostname, write_certs
 from protocols.net.grpc_link import PartyServer, connect
@@ -69,12 +69,12 @@ def _timed(run: Callable[[], None]) -> tuple[float, float]:
 
 def grpc_run(certs: dict[str, TlsConfig], frames: list[np.ndarray], links: int, session: str) -> tuple[float, float]:
     """Send ``frames`` over ``links`` dealer -> party gRPC links at once; (wall, CPU) seconds."""
-    servers = [PartyServer(certs["client"], peers=("dealer",)).start() for _ in range(links)]
+    servers = [PartyServer(certs["dealer"], peers=("client",)).start() for _ in range(links)]
     try:
-        pairs = []
+        pairs = []  # (dealer's end, party's end): the parties dial the dealer, as in a session
         for server in servers:
-            dealer_end = connect(server.address, certs["dealer"], "client", session, timeout=10, timeout_s=60)
-            pairs.append((dealer_end, server.accept(session, "dealer", timeout=10, timeout_s=60)))
+            party_end = connect(server.address, certs["client"], "dealer", session, timeout=10, timeout_s=60)
+            pairs.append((server.accept(session, "client", timeout=10, timeout_s=60), party_end))
         received: list[list[torch.Tensor]] = [[] for _ in pairs]
 
         def send(channel: object) -> None:
@@ -98,8 +98,8 @@ def grpc_run(certs: dict[str, TlsConfig], frames: list[np.ndarray], links: int, 
             if not all(np.array_equal(t.numpy(), a) for t, a in zip(received[k], frames)):
                 raise RuntimeError("gRPC link delivered different bytes")
         for dealer_end, party_end in pairs:
-            party_end.close()
             dealer_end.close()
+            party_end.close()
         return timing
     finally:
         for server in servers:
@@ -193,12 +193,12 @@ def offline_run(certs: dict[str, TlsConfig], schedule: RequestSchedule, session:
     """Both parties preprocessing one inference of ``schedule`` from a pooled dealer over gRPC."""
     seeds = {0: new_seed(), 1: new_seed()}
     dealer = Dealer(seeds=seeds, pool=_pool_limits())
-    servers = [PartyServer(certs[role], peers=("dealer",)).start() for role in ("client", "server")]
+    server = PartyServer(certs["dealer"], peers=("client", "server")).start()
     try:
-        links = []
-        for server, role in zip(servers, ("client", "server")):
-            dealer_end = connect(server.address, certs["dealer"], role, session, timeout=10, timeout_s=60)
-            links.append((dealer_end, server.accept(session, "dealer", timeout=10, timeout_s=60)))
+        links = []  # per rank: (dealer's end, party's end); the parties dial the dealer
+        for role in ("client", "server"):
+            party_end = connect(server.address, certs[role], "dealer", session, timeout=10, timeout_s=60)
+            links.append((server.accept(session, role, timeout=10, timeout_s=60), party_end))
         stored = [0, 0]
 
         def party(rank: int) -> None:
@@ -217,20 +217,19 @@ def offline_run(certs: dict[str, TlsConfig], schedule: RequestSchedule, session:
         timing = _timed(run)
         print(f"      stored MiB per party: {stored[0] / MIB:.1f} / {stored[1] / MIB:.1f}")
         for dealer_end, party_end in links:
-            party_end.close()
             dealer_end.close()
+            party_end.close()
         return timing
     finally:
         dealer.close()
-        for server in servers:
-            server.stop(0)
+        server.stop(0)
 
 
 def offline_part(certs: dict[str, TlsConfig], schedule_path: Path, repeat: int) -> None:
     """Print generation alone and the whole offline span, ``repeat`` times each."""
     schedule = RequestSchedule.from_json(json.loads(schedule_path.read_text()))
-    moved = schedule.correction_bytes() / 1e6
-    print(f"schedule: {len(schedule)} requests, {moved:.0f} MB to the parties; load {os.getloadavg()[0]:.1f}")
+    moved = sum(material_bytes(r) for r in schedule.requests) / 1e6
+    print(f"schedule: {len(schedule)} requests, {moved:.0f} MB to both parties; load {os.getloadavg()[0]:.1f}")
     for k in range(repeat):
         for name, run in (("generate", lambda: generation_run(schedule)),
                           ("offline", lambda k=k: offline_run(certs, schedule, f"off{k}"))):

@@ -28,6 +28,9 @@ _TEXT_DTYPES = {"bytes", "json"}
 KIND_TO_WIRE = {FrameKind.DATA: pb.FRAME_KIND_DATA, FrameKind.ABORT: pb.FRAME_KIND_ABORT,
                 FrameKind.CLOSE: pb.FRAME_KIND_CLOSE}
 WIRE_TO_KIND = {v: k for k, v in KIND_TO_WIRE.items()}
+_PAYLOAD_FIELD = 10  # Frame.payload in privinf.proto
+_PAYLOAD_KEY = bytes([_PAYLOAD_FIELD << 3 | 2])  # its tag: field 10, length-delimited
+_FIXED_BYTES = {1: 8, 5: 4}  # protobuf wire types of fixed size: 64-bit, 32-bit
 
 
 class TransportConfigError(ValueError):
@@ -102,6 +105,97 @@ def encode_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[pb
     return chunks, wire
 
 
+def _varint(value: int) -> bytes:
+    """Protobuf's varint encoding of ``value`` (>= 0)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_wire(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[bytes], int]:
+    """The serialized chunk messages of ``frame`` (the bytes protobuf makes of
+    :func:`encode_chunks`' messages: fields in number order, the payload last) and the bytes they
+    take on the link. The payload is copied once, straight into the serialized chunk."""
+    if not 1 <= chunk_bytes <= CHUNK_BYTES:
+        raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
+    data = memoryview(frame.payload)
+    count = max(1, math.ceil(len(data) / chunk_bytes))
+    fields = {"session": frame.session, "seq": frame.seq, "tag": frame.tag, "kind": KIND_TO_WIRE[frame.kind],
+              "dtype": frame.dtype, "shape": frame.shape, "chunk_count": count, "total_bytes": len(data)}
+    chunks = []
+    for index in range(count):
+        head = pb.Frame(chunk_index=index, **fields).SerializeToString()
+        piece = data[index * chunk_bytes:(index + 1) * chunk_bytes]
+        chunks.append(b"".join((head, _PAYLOAD_KEY, _varint(len(piece)), piece)) if len(piece) else head)
+    return chunks, sum(len(chunk) for chunk in chunks) + GRPC_PREFIX_BYTES * count
+
+
+class WireChunk:
+    """A received chunk message: its header fields parsed by protobuf (read through this object),
+    its payload a view of the received bytes (no copy)."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: pb.Frame, payload: memoryview) -> None:
+        self.header = header
+        self.payload = payload
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.header, name)
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``raw[pos:]`` and the position after it."""
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise ProtocolError("bad chunk message: truncated or overlong varint")
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def decode_wire(raw: bytes) -> WireChunk:
+    """Parse one received chunk message (gRPC's deserializer for party links): the payload field
+    (the last one if repeated, as protobuf takes it) is kept as a view of ``raw``; every other
+    field goes to protobuf's parser, which checks them as it would the whole message."""
+    view = memoryview(raw)
+    header: list[memoryview] = []
+    payload = view[0:0]
+    pos = 0
+    while pos < len(raw):
+        start = pos
+        key, pos = _read_varint(raw, pos)
+        wire_type = key & 7
+        if wire_type == 0:
+            pos = _read_varint(raw, pos)[1]
+        elif wire_type in _FIXED_BYTES:
+            pos += _FIXED_BYTES[wire_type]
+        elif wire_type == 2:
+            size, pos = _read_varint(raw, pos)
+            if key >> 3 == _PAYLOAD_FIELD and pos + size <= len(raw):
+                payload, pos = view[pos:pos + size], pos + size
+                continue
+            pos += size
+        else:
+            raise ProtocolError(f"bad chunk message: wire type {wire_type}")
+        if pos > len(raw):
+            raise ProtocolError("bad chunk message: a field runs past its end")
+        header.append(view[start:pos])
+    return WireChunk(pb.Frame.FromString(b"".join(header)), payload)
+
+
+def wire_bytes(message: bytes | pb.Frame) -> bytes:
+    """gRPC's serializer for party links: chunks come serialized (:func:`encode_wire`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class FrameAssembler:
     """Rebuilds whole frames from wire chunks, checking that the chunks of a frame agree.
 
@@ -116,9 +210,9 @@ class FrameAssembler:
                  limits: LinkLimits | None = None) -> None:
         self.peer = peer
         self.limits = limits if limits is not None else LinkLimits(max_message_bytes)
-        self._head: pb.Frame | None = None
+        self._head: pb.Frame | WireChunk | None = None
         self._header = 0  # header_bytes of the frame being assembled
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._size = 0
         self._wire = 0
 
@@ -140,7 +234,7 @@ class FrameAssembler:
     def _fail(self, what: str) -> ProtocolError:
         return ProtocolError(f"bad frame from {self.peer}: {what}")
 
-    def _check_head(self, msg: pb.Frame) -> None:
+    def _check_head(self, msg: pb.Frame | WireChunk) -> None:
         if msg.kind not in WIRE_TO_KIND:
             raise self._fail(f"frame {msg.seq} has unknown kind {msg.kind}")
         if msg.chunk_index != 0:
@@ -167,7 +261,7 @@ class FrameAssembler:
         else:
             raise self._fail(f"frame {msg.seq} has unknown dtype {msg.dtype!r}")
 
-    def _check_next(self, head: pb.Frame, msg: pb.Frame) -> None:
+    def _check_next(self, head: pb.Frame | WireChunk, msg: pb.Frame | WireChunk) -> None:
         if msg.chunk_index == 0:
             raise self._fail(f"frame {head.seq} truncated: frame {msg.seq} began after "
                              f"{len(self._parts)} of {head.chunk_count} chunks")
@@ -179,7 +273,7 @@ class FrameAssembler:
         if list(msg.shape) != list(head.shape):
             raise self._fail(f"chunk {msg.chunk_index} of frame {head.seq} disagrees on shape")
 
-    def feed(self, msg: pb.Frame) -> Frame | None:
+    def feed(self, msg: pb.Frame | WireChunk) -> Frame | None:
         """Take one chunk; return the whole frame when its last chunk arrives. An array's chunks
         are joined into a ``bytearray`` its decoder uses without copying again."""
         payload = msg.payload  # each read of a bytes field copies it out of the message
@@ -203,8 +297,7 @@ class FrameAssembler:
             return None
         if self._size != head.total_bytes:
             raise self._fail(f"frame {head.seq} has {self._size} bytes, header says {head.total_bytes}")
-        whole = self._parts[0] if len(self._parts) == 1 else (
-            b"" if head.dtype in _TEXT_DTYPES else bytearray()).join(self._parts)
+        whole = (b"" if head.dtype in _TEXT_DTYPES else bytearray()).join(self._parts)
         frame = Frame(head.session, head.seq, head.tag, WIRE_TO_KIND[head.kind], head.dtype,
                       tuple(int(d) for d in head.shape), whole, self._wire)
         self.clear()

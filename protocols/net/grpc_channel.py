@@ -38,12 +38,17 @@ from protocols.net.framing import (
     LimitExceeded,
     LinkLimits,
     TransportConfigError,
-    encode_chunks,
+    WireChunk,
+    decode_wire,
+    encode_wire,
+    wire_bytes,
 )
 from protocols.net.names import SESSION_ID_RULE, is_session_id
 from protocols.net.wire import pb
 
 GRPC_MAX_CHUNK_MESSAGE = CHUNK_BYTES + (64 << 10)  # a chunk plus generous header room
+LINK_SERVICE = "privinf.wire.v1.PartyLink"  # privinf.proto's service
+LINK_METHOD = f"/{LINK_SERVICE}/Link"
 META_SESSION = "privinf-session"
 META_ROLE = "privinf-role"
 ABORT_FLUSH_S = 1.0  # an aborting dialer gives its ABORT frame this long to reach the peer
@@ -107,6 +112,19 @@ def message_options(max_receive: int = GRPC_MAX_CHUNK_MESSAGE) -> list[tuple[str
             ("grpc.max_send_message_length", GRPC_MAX_CHUNK_MESSAGE)]
 
 
+def open_link(grpc_channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+    """The dialing side's ``Link`` call, with the party links' own (de)serializers (the wire
+    format is privinf.proto's ``Frame``; payloads are copied once each way, not three times)."""
+    return grpc_channel.stream_stream(LINK_METHOD, request_serializer=wire_bytes,
+                                      response_deserializer=decode_wire, _registered_method=True)
+
+
+def link_handler(link: Callable[..., Iterator[bytes]]) -> grpc.RpcMethodHandler:
+    """The serving side's ``Link`` handler, with the same (de)serializers as :func:`open_link`."""
+    return grpc.stream_stream_rpc_method_handler(link, request_deserializer=decode_wire,
+                                                 response_serializer=wire_bytes)
+
+
 class GrpcChannel(Channel):
     """A :class:`Channel` over one gRPC bidi stream. Made by :func:`protocols.net.grpc_link.connect`
     or :meth:`protocols.net.grpc_server.PartyServer.accept`, not directly.
@@ -127,7 +145,7 @@ class GrpcChannel(Channel):
         self.peer_name = peer  # who holds the peer's certificate (its client name; the role if none)
         self._assembler = FrameAssembler(peer, limits=limits if limits is not None else (
             SESSION_LIMITS if max_message_bytes == MAX_MESSAGE_BYTES else LinkLimits(max_message_bytes)))
-        self._outbox: queue.SimpleQueue[pb.Frame | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # serialized chunks
         self._inbox: queue.SimpleQueue[Frame | TransportError] = queue.SimpleQueue()
         self._unread = 0  # payload bytes in the inbox
         self._unread_lock = threading.Lock()
@@ -164,15 +182,15 @@ class GrpcChannel(Channel):
         """The largest frame the peer may send now."""
         return self._assembler.limits.max_message_bytes
 
-    def outgoing(self) -> Iterator[pb.Frame]:
-        """The chunks this end sends, in order; ends when the channel closes."""
+    def outgoing(self) -> Iterator[bytes]:
+        """The serialized chunks this end sends, in order; ends when the channel closes."""
         while True:
             msg = self._outbox.get()
             if msg is None:
                 return
             yield msg
 
-    def start_reader(self, stream: Iterable[pb.Frame]) -> None:
+    def start_reader(self, stream: Iterable[pb.Frame | WireChunk]) -> None:
         """Drain the peer's stream into the inbox on a daemon thread (once)."""
         if self._reader_started:
             return
@@ -187,7 +205,7 @@ class GrpcChannel(Channel):
             raise LimitExceeded(f"{self.local}: {self.peer} sent {held} bytes ahead of the party, above the "
                                 f"{bound}-byte limit of the {self.limits.phase} phase")
 
-    def _read(self, stream: Iterable[pb.Frame]) -> None:
+    def _read(self, stream: Iterable[pb.Frame | WireChunk]) -> None:
         ended = False  # the peer sent CLOSE or ABORT: what follows does not matter
         error: TransportError | None = None
         try:
@@ -228,7 +246,7 @@ class GrpcChannel(Channel):
     def _send_frame(self, frame: Frame) -> int:
         if isinstance(self._link_error, PeerLost):
             raise PeerLost(f"{self.local}: cannot send {frame.tag!r}: {self._link_error}")
-        chunks, wire = encode_chunks(frame, self.chunk_bytes)
+        chunks, wire = encode_wire(frame, self.chunk_bytes)
         for msg in chunks:
             self._outbox.put(msg)
         return wire

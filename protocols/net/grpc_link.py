@@ -53,6 +53,7 @@ from protocols.net.grpc_channel import (
     PeerRefused,
     check_session,
     message_options,
+    open_link,
 )
 from protocols.net.grpc_server import ACCEPT_DEADLINE_S, BUSY_DETAIL, PartyServer
 from protocols.net.wire import pb, rpc
@@ -112,8 +113,8 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
         raise PeerRefused(f"{tls.role}: server at {address} is {reply.role!r}, expected {peer_role!r}")
 
     channel = GrpcChannel(tls.role, peer_role, session, ledger, timeout_s, chunk_bytes, max_message_bytes, limits)
-    call = stub.Link(channel.outgoing(), metadata=((META_SESSION, session), (META_ROLE, tls.role)),
-                     timeout=session_deadline_s)
+    call = open_link(grpc_channel)(channel.outgoing(), metadata=((META_SESSION, session), (META_ROLE, tls.role)),
+                                   timeout=session_deadline_s)
 
     def release(orderly: bool) -> None:
         # Cancelling at once could drop chunks still queued in gRPC: an orderly close waits

@@ -24,16 +24,25 @@ import grpc
 from privinf.ledger.counting import Ledger
 from protocols.net.certs import PeerIdentity, TlsConfig, check_role, identity_from_auth_context
 from protocols.net.channels import DEFAULT_TIMEOUT_S, PeerLost, TransportError
-from protocols.net.framing import CHUNK_BYTES, HELLO_LIMITS, MAX_MESSAGE_BYTES, LinkLimits, TransportConfigError
+from protocols.net.framing import (
+    CHUNK_BYTES,
+    HELLO_LIMITS,
+    MAX_MESSAGE_BYTES,
+    LinkLimits,
+    TransportConfigError,
+    WireChunk,
+)
 from protocols.net.grpc_channel import (
     DEFAULT_KEEPALIVE,
     GRPC_MAX_CHUNK_MESSAGE,
+    LINK_SERVICE,
     META_ROLE,
     META_SESSION,
     GrpcChannel,
     Keepalive,
     check_session,
     is_link_session,
+    link_handler,
     message_options,
 )
 from protocols.net.wire import pb, rpc
@@ -45,7 +54,7 @@ BUSY_DETAIL = "busy"  # first word of a refusal for lack of room; the dialer map
 @dataclass
 class _Pending:
     channel: GrpcChannel
-    stream: Iterator[pb.Frame]
+    stream: Iterator[WireChunk]
     since: float
 
 
@@ -78,7 +87,7 @@ class _Servicer(rpc.PartyLinkServicer):
             context.abort(*refusal)
         return pb.ReadyReply(role=self._server.role)
 
-    def Link(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> Iterator[pb.Frame]:  # noqa: N802
+    def Link(self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext) -> Iterator[bytes]:  # noqa: N802
         meta = dict(context.invocation_metadata())
         identity = self._authenticate(context, meta.get(META_ROLE, ""))
         session = meta.get(META_SESSION, "")
@@ -138,7 +147,13 @@ class PartyServer:
             options=keepalive.options(server=True) + message_options(max_receive_bytes or GRPC_MAX_CHUNK_MESSAGE),
             maximum_concurrent_rpcs=max_sessions + 8,
         )
-        rpc.add_PartyLinkServicer_to_server(_Servicer(self), self._server)
+        servicer = _Servicer(self)
+        handlers = {"Link": link_handler(servicer.Link),
+                    "Ready": grpc.unary_unary_rpc_method_handler(
+                        servicer.Ready, request_deserializer=pb.ReadyRequest.FromString,
+                        response_serializer=pb.ReadyReply.SerializeToString)}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(LINK_SERVICE, handlers),))
+        self._server.add_registered_method_handlers(LINK_SERVICE, handlers)
 
     @property
     def port(self) -> int:
@@ -186,7 +201,7 @@ class PartyServer:
                     f"{identity.label} already holds {held} links to {self.role}", retry)
         return None
 
-    def _register(self, session: str, identity: PeerIdentity, stream: Iterator[pb.Frame]
+    def _register(self, session: str, identity: PeerIdentity, stream: Iterator[WireChunk]
                   ) -> tuple[GrpcChannel | None, tuple[grpc.StatusCode, str] | None]:
         with self._cond:
             refusal = self._refusal(session, identity)
