@@ -13,6 +13,7 @@ never makes a party assemble a large frame.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from protocols.net.channels import ARRAY_DTYPES, Frame, FrameKind, ProtocolError, array_bytes
@@ -115,22 +116,26 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_wire(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[bytes], int]:
-    """The serialized chunk messages of ``frame`` (the bytes protobuf makes of
-    :func:`encode_chunks`' messages: fields in number order, the payload last) and the bytes they
-    take on the link. The payload is copied once, straight into the serialized chunk."""
+def wire_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The serialized chunk messages of ``frame``, one at a time (the bytes protobuf makes of
+    :func:`encode_chunks`' messages: fields in number order, the payload last). The payload is
+    copied once, straight into the serialized chunk; a sender can queue each chunk as it is made."""
     if not 1 <= chunk_bytes <= CHUNK_BYTES:
         raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
     data = memoryview(frame.payload)
     count = max(1, math.ceil(len(data) / chunk_bytes))
     fields = {"session": frame.session, "seq": frame.seq, "tag": frame.tag, "kind": KIND_TO_WIRE[frame.kind],
               "dtype": frame.dtype, "shape": frame.shape, "chunk_count": count, "total_bytes": len(data)}
-    chunks = []
     for index in range(count):
         head = pb.Frame(chunk_index=index, **fields).SerializeToString()
         piece = data[index * chunk_bytes:(index + 1) * chunk_bytes]
-        chunks.append(b"".join((head, _PAYLOAD_KEY, _varint(len(piece)), piece)) if len(piece) else head)
-    return chunks, sum(len(chunk) for chunk in chunks) + GRPC_PREFIX_BYTES * count
+        yield b"".join((head, _PAYLOAD_KEY, _varint(len(piece)), piece)) if len(piece) else head
+
+
+def encode_wire(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[bytes], int]:
+    """All of :func:`wire_chunks` and the bytes they take on the link (with gRPC's prefixes)."""
+    chunks = list(wire_chunks(frame, chunk_bytes))
+    return chunks, sum(len(chunk) for chunk in chunks) + GRPC_PREFIX_BYTES * len(chunks)
 
 
 class WireChunk:

@@ -32,6 +32,7 @@ from protocols.net.channels import (
 )
 from protocols.net.framing import (
     CHUNK_BYTES,
+    GRPC_PREFIX_BYTES,
     MAX_MESSAGE_BYTES,
     SESSION_LIMITS,
     FrameAssembler,
@@ -40,8 +41,8 @@ from protocols.net.framing import (
     TransportConfigError,
     WireChunk,
     decode_wire,
-    encode_wire,
     wire_bytes,
+    wire_chunks,
 )
 from protocols.net.names import SESSION_ID_RULE, is_session_id
 from protocols.net.wire import pb
@@ -246,9 +247,10 @@ class GrpcChannel(Channel):
     def _send_frame(self, frame: Frame) -> int:
         if isinstance(self._link_error, PeerLost):
             raise PeerLost(f"{self.local}: cannot send {frame.tag!r}: {self._link_error}")
-        chunks, wire = encode_wire(frame, self.chunk_bytes)
-        for msg in chunks:
-            self._outbox.put(msg)
+        wire = 0
+        for chunk in wire_chunks(frame, self.chunk_bytes):  # gRPC's sender takes each as it is made
+            self._outbox.put(chunk)
+            wire += len(chunk) + GRPC_PREFIX_BYTES
         return wire
 
     def _recv_frame(self, timeout: float) -> Frame:
