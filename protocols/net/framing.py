@@ -32,6 +32,7 @@ WIRE_TO_KIND = {v: k for k, v in KIND_TO_WIRE.items()}
 _PAYLOAD_FIELD = 10  # Frame.payload in privinf.proto
 _PAYLOAD_KEY = bytes([_PAYLOAD_FIELD << 3 | 2])  # its tag: field 10, length-delimited
 _FIXED_BYTES = {1: 8, 5: 4}  # protobuf wire types of fixed size: 64-bit, 32-bit
+VIEW_SLACK_SHIFT = 4  # a received payload stays a view of its message if the rest is <= payload / 2^4
 
 
 class TransportConfigError(ValueError):
@@ -168,8 +169,10 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 def decode_wire(raw: bytes) -> WireChunk:
     """Parse one received chunk message (gRPC's deserializer for party links): the payload field
-    (the last one if repeated, as protobuf takes it) is kept as a view of ``raw``; every other
-    field goes to protobuf's parser, which checks them as it would the whole message."""
+    (the last one if repeated, as protobuf takes it) is kept as a view of ``raw`` when the rest of
+    ``raw`` is at most 1/16 of it (a 1 MiB chunk and its header; else it is copied, so what a kept
+    chunk holds stays within 1/16 of the payload the limits count); every other field goes to
+    protobuf's parser, which checks them as it would the whole message."""
     view = memoryview(raw)
     header: list[memoryview] = []
     payload = view[0:0]
@@ -193,6 +196,8 @@ def decode_wire(raw: bytes) -> WireChunk:
         if pos > len(raw):
             raise ProtocolError("bad chunk message: a field runs past its end")
         header.append(view[start:pos])
+    if len(raw) - len(payload) > len(payload) >> VIEW_SLACK_SHIFT:
+        payload = memoryview(bytes(payload))  # a view would keep the rest of ``raw`` alive, uncounted
     return WireChunk(pb.Frame.FromString(b"".join(header)), payload)
 
 

@@ -45,13 +45,14 @@ def test_encode_wire_of_an_array_view() -> None:
 
 
 def test_decode_wire_keeps_payload_as_view() -> None:
-    msg = pb.Frame(session="s1", seq=7, tag="t", dtype="bytes", shape=[3], chunk_count=1, total_bytes=3,
-                   payload=b"abc")
+    data = bytes(range(256)) * 16
+    msg = pb.Frame(session="s1", seq=7, tag="t", dtype="bytes", shape=[4096], chunk_count=1, total_bytes=4096,
+                   payload=data)
     raw = msg.SerializeToString()
     chunk = decode_wire(raw)
     assert isinstance(chunk.payload, memoryview) and chunk.payload.obj is raw
-    assert bytes(chunk.payload) == b"abc"
-    assert (chunk.session, chunk.seq, chunk.tag, list(chunk.shape), chunk.total_bytes) == ("s1", 7, "t", [3], 3)
+    assert bytes(chunk.payload) == data
+    assert (chunk.session, chunk.seq, chunk.tag, list(chunk.shape), chunk.total_bytes) == ("s1", 7, "t", [4096], 4096)
 
 
 def test_decode_wire_reads_as_protobuf_does() -> None:
@@ -111,3 +112,14 @@ def test_memory_channel_keeps_what_was_sent() -> None:
     sender.send("t", array)
     array[:] = -1  # the sender reuses its array: the message must not change
     np.testing.assert_array_equal(receiver.recv("t"), np.arange(10))
+
+
+def test_small_payload_in_a_large_message_is_copied() -> None:
+    # a peer padding tiny chunks with large header fields must not make kept chunks hold the padding
+    padded = pb.Frame(session="s1", tag="t" * 100_000, dtype="bytes", shape=[1], chunk_count=1, total_bytes=1,
+                      payload=b"x").SerializeToString()
+    chunk = decode_wire(padded)
+    assert bytes(chunk.payload) == b"x" and chunk.payload.obj is not padded
+    big = pb.Frame(session="s1", tag="t", dtype="bytes", shape=[1 << 20], chunk_count=1, total_bytes=1 << 20,
+                   payload=bytes(1 << 20)).SerializeToString()
+    assert decode_wire(big).payload.obj is big
