@@ -455,6 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = _run_command(args)
+    if argv is None and args.func is _cmd_launch:  # the program itself, not a caller in this process
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # parties stopped, answer and report written: skip tearing down torch, CrypTen, gRPC (~1.5 s)
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors are one line and exit status 2."""
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         _check_text_arguments(args)
