@@ -308,42 +308,59 @@ def _check_input_given(text: str | None, missing: str) -> None:
         raise _usage("--input is empty")
 
 
-def _cmd_launch(args: argparse.Namespace) -> int:
-    _check_launch_args(args)
-    warnings = _resolve_model(args)
-    from models.registry import UnknownModelError, is_known_model, model_names
-    from models.variants import parse_variant
-    from mpc_parties.launch import local_deployment, share_cores
+def _launch_terms(args: argparse.Namespace) -> tuple[Any, ProtocolConfig, list[str] | None]:
+    """The checks that import no torch, so that the parties start at once: the model choice, the
+    protocol and the variant (and, for ``--checkpoint``, its name and warnings, which need the
+    checkpoint read first; otherwise the warnings are None: found while the parties start)."""
+    from models.variants import parse_variant, polynomial_problem
     from mpc_parties.party_config import ModelChoice
-    from privinf.session import connect
 
+    warnings = _resolve_model(args) if args.checkpoint is not None else None
+    args.model, args.variant = args.model or "minilm", args.variant or "exact"
     variant = parse_variant(args.variant, args.overrides)  # fail fast, before any process starts
-    if args.protocol == "he":
-        from models.variants import polynomial_problem
-
-        problem = polynomial_problem(variant)
-        if problem is not None:
-            raise _usage(f"the HE route needs a polynomial variant ({problem}); "
-                         f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
+    problem = polynomial_problem(variant) if args.protocol == "he" else None
+    if problem is not None:
+        raise _usage(f"the HE route needs a polynomial variant ({problem}); "
+                     f"try --variant he (attn=power:p=2,act=quad,norm=affine)")
     protocol = ProtocolConfig(preprocess=max(args.preprocess, args.repeat), comparisons=args.comparisons,
                               device=args.device, storage=args.storage)
+    model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
+    return model, protocol, warnings
+
+
+def _prepare_client(args: argparse.Namespace, warnings: list[str] | None,
+                    budget: float | int | None) -> tuple[list[str], Any]:
+    """What the launcher does while the parties start: the checks that need the model registry
+    (a known model, the KV policy's budget), then the client's model and the input checked with it
+    (a failure stops the parties before anyone has contacted them); (warnings, input)."""
+    from models.registry import UnknownModelError, is_known_model, model_names
+    from mpc_parties.launch import share_cores
+
+    warnings = _resolve_model(args) if warnings is None else warnings
     if not is_known_model(args.model):
         raise UnknownModelError(f"unknown model {args.model!r}; known: {', '.join(model_names())}")
-    model = ModelChoice(args.model, args.variant, str(args.overrides.resolve()) if args.overrides else None)
-    budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
     if args.generate:
         from models.kv_pruning import make_policy
 
         make_policy(args.policy, budget)  # a bad budget is refused here, not after the offline phase
-    def check_input() -> Any:  # runs while the parties start; a bad input stops them before any contact
-        share_cores()
-        return _checked_client_input(args.model, args.variant, args.overrides, args.input_text, args.protocol)
+    share_cores()
+    return warnings, _checked_client_input(args.model, args.variant, args.overrides, args.input_text, args.protocol)
 
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    _check_launch_args(args)
+    from mpc_parties.launch import local_deployment
+
+    model, protocol, warnings = _launch_terms(args)
+    budget = int(args.budget) if args.budget is not None and args.budget > 1 else args.budget
     with terminal_progress() as progress:
         _report_phase(progress, "set-up: starting the parties, checking the input")
         with local_deployment(model, protocol, workdir=args.workdir, with_dealer=args.protocol == "mpc",
-                              echo_logs=args.verbose, meanwhile=check_input) as deployment:
-            value = deployment.prepared
+                              echo_logs=args.verbose,
+                              meanwhile=lambda: _prepare_client(args, warnings, budget)) as deployment:
+            from privinf.session import connect
+
+            warnings, value = deployment.prepared
             with connect(deployment.client, protocol=args.protocol, progress=progress) as session:
                 if args.generate:
                     result = session.generate(value, args.generate, args.policy, budget)
