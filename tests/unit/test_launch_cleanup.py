@@ -74,3 +74,12 @@ def test_a_failed_check_while_the_parties_start_stops_them(monkeypatch: pytest.M
     for party, workdir in spawned:
         assert party.process.returncode is not None  # stopped and reaped
         assert not workdir.exists()  # the keys are gone
+
+
+def test_local_parties_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, threads in ((1, 1), (2, 1), (6, 2), (16, 5)):
+        monkeypatch.setattr(launch.os, "cpu_count", lambda cores=cores: cores)
+        assert launch.party_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch.party_threads() == 3
