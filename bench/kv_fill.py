@@ -9,6 +9,7 @@ parties (:mod:`protocols.routes.mpc`) always prefill the prompt.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -40,16 +41,34 @@ def fill_public(cache: StationaryCache, entries: int, kv_heads: int, head_dim: i
 
 
 class _Filling:
-    """Mix-in: every generation's cache starts filled with ``fill`` public random entries."""
+    """Mix-in: every generation's cache starts filled with ``fill`` public random entries; the
+    thread CPU seconds of each generation's steps (forward passes and arg-max, offline material
+    excluded) are appended to ``cpu_s``, one entry per generation (a load-independent measure
+    beside the wall)."""
 
     fill = 0
 
     def _new_cache(self, request: dict[str, Any]) -> StationaryCache:
+        self.__dict__.setdefault("cpu_s", []).append(0.0)
         cache = super()._new_cache(request)  # type: ignore[misc]
         with self.ledger.step("fill"):  # type: ignore[attr-defined]
             cfg = self.bundle.config  # type: ignore[attr-defined]
             fill_public(cache, self.fill, cfg.kv_heads, cfg.head_dim, seed=0)
         return cache
+
+    def _forward_cached(self, x: Any, cache: StationaryCache) -> Any:
+        started = time.thread_time()
+        try:
+            return super()._forward_cached(x, cache)  # type: ignore[misc]
+        finally:
+            self.cpu_s[-1] += time.thread_time() - started
+
+    def _next_token(self, logits: Any, tokens: list[int]) -> Any:
+        started = time.thread_time()
+        try:
+            return super()._next_token(logits, tokens)  # type: ignore[misc]
+        finally:
+            self.cpu_s[-1] += time.thread_time() - started
 
 
 def filling_parties(fill: int) -> tuple[type[MpcClient], type[MpcServer]]:

@@ -58,7 +58,7 @@ from models.registry import load_model
 from privinf.ledger.pricing import LAN, WAN, estimate
 from privinf.ledger.records import Phase, Row
 from protocols.kv.generate import plain_greedy
-from protocols.routes.local_run import run_local_session
+from protocols.routes.local_run import LocalSession, run_local_session
 from protocols.routes.mpc import MpcClient, MpcServer
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
@@ -71,6 +71,12 @@ MPCACHE_TARGETS = (3.4, 1.8)  # communication, latency: MPCache's efficiency cla
 def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]], links: str = "memory",
                     parties: tuple[type[MpcClient], type[MpcServer]] = (MpcClient, MpcServer)) -> list[Any]:
     """Client, server and dealer as threads; one generate per (prompt, call)."""
+    return run_session(model, prompts, calls, links, parties).result
+
+
+def run_session(model: str, prompts: list[Any], calls: list[dict[str, Any]], links: str = "memory",
+                parties: tuple[type[MpcClient], type[MpcServer]] = (MpcClient, MpcServer)) -> LocalSession:
+    """As :func:`run_generations`, returning the whole session (both parties as well)."""
     def work(client: MpcClient) -> list[Any]:
         out = []
         for prompt, call in zip(prompts, calls):
@@ -79,7 +85,7 @@ def run_generations(model: str, prompts: list[Any], calls: list[dict[str, Any]],
             out.append((output, rows, time.perf_counter() - started))
         return out
 
-    return run_local_session(model, "exact", work, timeout_s=7200, links=links, parties=parties).result
+    return run_local_session(model, "exact", work, timeout_s=7200, links=links, parties=parties)
 
 
 def smollm2() -> None:
@@ -189,6 +195,7 @@ class StepCost:
     wan: float = 0.0
     off_wall: float = 0.0
     off_recv: float = 0.0
+    cpu: float = 0.0  # thread CPU seconds of the busier computing party (bench/kv_fill.py)
 
     @property
     def cold(self) -> float:
@@ -255,12 +262,15 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
     for ctx in contexts:
         configs = [c for c in setting.configs(ctx) if only is None or c.policy in only]
         calls = [c.call() for _ in range(1 + repeats) for c in configs]
-        results = run_generations(setting.model, ["a"] * len(calls), calls, transport,
-                                  filling_parties(setting.fill(ctx)))
+        session = run_session(setting.model, ["a"] * len(calls), calls, transport, filling_parties(setting.fill(ctx)))
+        cpu = [max(pair) / len(STEPS) for pair in zip(session.client.cpu_s, session.server.cpu_s)]
         for index, config in enumerate(configs):
-            runs = [rows for _, rows, _ in results[index::len(configs)]]
-            warm = [step_cost(r) for r in runs[1:]]
-            table[(ctx, config.label)] = Measured(config, step_cost(runs[0]), median_cost(warm), runs[1],
+            runs = [rows for _, rows, _ in session.result[index::len(configs)]]
+            costs = [step_cost(r) for r in runs]
+            for cost, seconds in zip(costs, cpu[index::len(configs)]):
+                cost.cpu = seconds
+            warm = costs[1:]
+            table[(ctx, config.label)] = Measured(config, costs[0], median_cost(warm), runs[1],
                                                   [w.wall for w in warm])
     return table
 
@@ -302,19 +312,19 @@ def print_table(setting: Setting, table: Table, transport: str) -> None:
           f"LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
     print(f"{'ctx':>5} {'policy':12} {'stored':>6} {'attnd':>5} {'MiB sent':>8} {'MiB recv':>8} {'rounds':>6} "
           f"{'online s':>8} {'LAN s':>6} {'WAN s':>6} {'offl s':>6} {'cold s':>6} {'x comm':>6} "
-          f"{'x wall':>6} {'x LAN':>6} {'x WAN':>6} {'x cold':>6} {'keys MiB':>8}")
+          f"{'x wall':>6} {'x LAN':>6} {'x WAN':>6} {'x cold':>6} {'keys MiB':>8} {'CPU s':>6} {'x CPU':>6}")
     for (ctx, label), measured in table.items():
         cold, warm = measured.cold, measured.warm
         stored, attended = _sizes(setting, ctx, measured.config, layers)
         base = table.get((ctx, "none"))
-        ratios = ["     -"] * 5
+        ratios = ["     -"] * 6
         if base is not None:
             bc, bw = base.cold, base.warm
             ratios = [_ratio(bw.sent, warm.sent), _ratio(bw.wall, warm.wall), _ratio(bw.lan, warm.lan),
-                      _ratio(bw.wan, warm.wan), _ratio(bc.cold, cold.cold)]
+                      _ratio(bw.wan, warm.wan), _ratio(bc.cold, cold.cold), _ratio(bw.cpu, warm.cpu)]
         print(f"{ctx:5d} {label:12} {stored:6d} {attended:5d} {warm.sent / 2**20:8.2f} {warm.recv / 2**20:8.2f} "
               f"{warm.rounds:6.0f} {warm.wall:8.2f} {warm.lan:6.2f} {warm.wan:6.2f} {warm.off_wall:6.2f} "
-              f"{cold.cold:6.2f} {' '.join(ratios)} {warm.off_recv / 2**20:8.1f}")
+              f"{cold.cold:6.2f} {' '.join(ratios[:5])} {warm.off_recv / 2**20:8.1f} {warm.cpu:6.3f} {ratios[5]}")
 
 
 def _verdict(ok: bool) -> str:
@@ -347,6 +357,8 @@ def print_targets(setting: Setting, table: Table) -> None:
                        ("est. WAN (warm)", base.warm.wan, pruned.warm.wan),
                        ("cold (online + offline wall)", base.cold.cold, pruned.cold.cold)):
         print(f"  latency, {what}: {b / p:.2f}x (>= {lat_goal}x: {_verdict(b / p >= lat_goal)})")
+    print(f"  (not a target) thread CPU per step of the busier party: {base.warm.cpu:.3f} s vs "
+          f"{pruned.warm.cpu:.3f} s, {_ratio(base.warm.cpu, pruned.warm.cpu).strip()}x")
 
 
 def main() -> None:
