@@ -8,6 +8,12 @@ shapes (``mpc_parties.session_limits``), under the :data:`SESSION_LIMITS` ceilin
 The announced size of a frame is checked against the limit
 in force when its first chunk arrives, before any payload is kept, so an unauthenticated peer
 never makes a party assemble a large frame.
+
+Party links serialize their chunks themselves (:func:`wire_chunks`, :func:`decode_wire`; the
+wire format is still privinf.proto's ``Frame``): a payload is copied once on each side (into the
+serialized chunk; out of the received chunks into the frame's buffer, which the array decoder
+then uses as it is) instead of three times through protobuf's message objects. Dealer material,
+hundreds of MiB per inference, is what this is for (bench/dealer_link.py).
 """
 
 from __future__ import annotations
