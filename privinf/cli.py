@@ -330,9 +330,8 @@ def _launch_terms(args: argparse.Namespace) -> tuple[Any, ProtocolConfig, list[s
 
 def _prepare_client(args: argparse.Namespace, warnings: list[str] | None,
                     budget: float | int | None) -> tuple[list[str], Any]:
-    """What the launcher does while the parties start: the checks that need the model registry
-    (a known model, the KV policy's budget), then the client's model and the input checked with it
-    (a failure stops the parties before anyone has contacted them); (warnings, input)."""
+    """While the parties start: the checks that need the registry (known model, KV budget), then the
+    client's model and the input checked with it (a failure stops them unused); (warnings, input)."""
     from models.registry import UnknownModelError, is_known_model, model_names
     from mpc_parties.launch import share_cores
 
