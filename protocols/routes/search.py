@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,7 +159,9 @@ class Scorer:
             kl += float((log_t.exp() * (log_t - log_s)).sum())
             agree += float((teacher.argmax(-1) == out.argmax(-1)).sum())
             count += teacher.shape[0]
-        return kl / count, agree / count
+        kl /= count
+        # a candidate whose outputs overflow (NaN / inf) is the worst, not unordered: NaN broke the ranking
+        return (kl if math.isfinite(kl) else math.inf), agree / count
 
 
 @dataclass(frozen=True)
