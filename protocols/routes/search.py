@@ -223,7 +223,7 @@ def _layer_pass(current: Assignment, table: PriceTable, profile: NetworkProfile,
                 saving = table.latency_s(current, profile) - table.latency_s(candidate, profile)
                 if saving > 0:
                     kl, agree = scorer.score(candidate)
-                    if floor is None or agree >= floor:
+                    if math.isfinite(kl) and (floor is None or agree >= floor):
                         options.append((saving / max(kl, KL_FLOOR), layer, kind, saving, kl, candidate))
         if not options:
             return current
@@ -254,7 +254,8 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
         candidate = move.apply(current)
         if move.slot in taken and table.latency_s(candidate, profile) >= table.latency_s(current, profile):
             continue  # a slot moves again only to a cheaper kind
-        if floor is not None and scorer.score(candidate)[1] < floor:
+        kl, agree = scorer.score(candidate)  # moves scored alone can still overflow together
+        if not math.isfinite(kl) or (floor is not None and agree < floor):
             continue
         current = candidate
         taken.add(move.slot)
