@@ -75,8 +75,9 @@ def _add_certs_command(sub: Any) -> None:
     certs.set_defaults(func=_cmd_certs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``privinf`` command line: one subcommand per task."""
+def build_parser(with_distill: bool = True) -> argparse.ArgumentParser:
+    """The ``privinf`` command line: one subcommand per task (``with_distill=False``: without
+    ``distill``, whose choices import torch, ~1 s, so that ``privinf launch`` starts its parties first)."""
     parser = argparse.ArgumentParser(
         prog="privinf",
         description="Privacy-preserving transformer inference (MPC over CrypTen, HE over "
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     _add_certs_command(sub)
-    add_distill_command(sub)
+    if with_distill:
+        add_distill_command(sub)
     add_accuracy_commands(sub)
     add_masks_command(sub)
 
@@ -309,9 +311,8 @@ def _check_input_given(text: str | None, missing: str) -> None:
 
 
 def _launch_terms(args: argparse.Namespace) -> tuple[Any, ProtocolConfig, list[str] | None]:
-    """The checks that import no torch, so that the parties start at once: the model choice, the
-    protocol and the variant (and, for ``--checkpoint``, its name and warnings, which need the
-    checkpoint read first; otherwise the warnings are None: found while the parties start)."""
+    """Model choice, protocol and variant, checked without torch so that the parties start at once
+    (warnings: a ``--checkpoint``'s, read first; else None, found while the parties start)."""
     from models.variants import parse_variant, polynomial_problem
     from mpc_parties.party_config import ModelChoice
 
@@ -328,8 +329,7 @@ def _launch_terms(args: argparse.Namespace) -> tuple[Any, ProtocolConfig, list[s
     return model, protocol, warnings
 
 
-def _prepare_client(args: argparse.Namespace, warnings: list[str] | None,
-                    budget: float | int | None) -> tuple[list[str], Any]:
+def _prepare_client(args: argparse.Namespace, warnings: list[str] | None, budget: Any) -> tuple[list[str], Any]:
     """While the parties start: the checks that need the registry (known model, KV budget), then the
     client's model and the input checked with it (a failure stops them unused); (warnings, input)."""
     from models.registry import UnknownModelError, is_known_model, model_names
@@ -469,13 +469,14 @@ def _short(output: Any, limit: int = 8) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `privinf` console script."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    parser = build_parser()
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    parser = build_parser(with_distill=words[:1] != ["launch"])
     args = parser.parse_args(argv)
     code = _run_command(args)
-    if argv is None and args.func is _cmd_launch:  # the program itself, not a caller in this process
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # parties stopped, answer and report written: skip tearing down torch, CrypTen, gRPC (~1.5 s)
+    if argv is None and args.func is _cmd_launch:  # the program itself: parties stopped, answer and report out
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)  # skip tearing down torch, CrypTen and gRPC (~1.5 s)
     return code
 
 
