@@ -42,7 +42,7 @@ computes what the two parties' shares sum to, documented per kernel:
 
 What the simulation cannot reproduce is the 2-party local truncation's noise: each party
 truncates its own share, so a real run differs from the simulation by about +-1 unit in the last
-place (2^-fixed_point_bits) per truncation (and fails with probability ~|x| 2^-63 per element,
+place (2^-fixed_point_bits) per truncation (and fails with probability ~|x| / 2^64 per element,
 as CrypTen does). Decoders with a KV cache are not simulated (encoders and ViTs are).
 """
 
