@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from privinf.cli_accuracy import add_accuracy_commands
+from privinf.cli_certs import add_certs_command
 from privinf.cli_distill import add_distill_command
 from privinf.cli_masks import add_masks_command
 from privinf.progress import terminal_progress
@@ -53,26 +54,6 @@ def _depth(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"depth must be an integer >= 1, got {text!r}")
     return int(text)
-
-
-def _add_certs_command(sub: Any) -> None:
-    """``privinf certs``: a CA and one certificate per role (and per named client)."""
-    certs = sub.add_parser("certs", help="make a CA and one mutual-TLS certificate per role",
-                           description="Write ca.pem and ROLE.pem/ROLE.key for client, server "
-                                       "and dealer into DIR (created 0700; keys 0600, certificates "
-                                       "0644), plus client-NAME.pem/.key per --client. Existing "
-                                       "files are refused unless --force.")
-    certs.add_argument("--out", required=True, type=Path)
-    certs.add_argument("--host", action="append", default=None,
-                       help="host name or IP the parties are reached at (repeatable; default "
-                            "localhost and 127.0.0.1)")
-    certs.add_argument("--client", action="append", default=None, metavar="NAME",
-                       help="also issue a certificate for the client NAME (repeatable): it "
-                            "authenticates as role client and names NAME, so the server can tell "
-                            "clients apart")
-    certs.add_argument("--force", action="store_true",
-                       help="replace an existing set (each file atomically) instead of refusing it")
-    certs.set_defaults(func=_cmd_certs)
 
 
 def build_parser(with_distill: bool = True) -> argparse.ArgumentParser:
@@ -160,7 +141,7 @@ def build_parser(with_distill: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 
-    _add_certs_command(sub)
+    add_certs_command(sub)
     if with_distill:
         add_distill_command(sub)
     add_accuracy_commands(sub)
@@ -245,8 +226,6 @@ def _resolve_model(args: argparse.Namespace) -> list[str]:
     """Fill in --model / --variant / --overrides (from --checkpoint when given); return the warnings
     (one line each, also printed on stderr) for a variant running on weights not trained for it."""
     from models.checkpoints import checkpoint_name, trained_variant
-    from models.registry import variant_warning
-    from models.variants import parse_variant
 
     if args.checkpoint is not None:
         if args.model is not None:
@@ -256,7 +235,16 @@ def _resolve_model(args: argparse.Namespace) -> list[str]:
             args.variant, args.overrides = trained_variant(args.checkpoint.resolve())
     args.model = args.model or "minilm"
     args.variant = args.variant or "exact"
-    warning = variant_warning(args.model, parse_variant(args.variant, args.overrides))
+    return _variant_warnings(args.model, args.variant, args.overrides)
+
+
+def _variant_warnings(model: str, variant: str, overrides: Any) -> list[str]:
+    """The warning (printed on stderr, returned for the report) when ``variant`` runs on weights of
+    ``model`` not trained or distilled for it; empty otherwise."""
+    from models.registry import variant_warning
+    from models.variants import parse_variant
+
+    warning = variant_warning(model, parse_variant(variant, overrides))
     if warning is not None:
         print(f"privinf: {warning}", file=sys.stderr)
     return [warning] if warning else []
@@ -404,12 +392,14 @@ def _cmd_party(args: argparse.Namespace) -> int:
 
     _check_input_given(args.input_text, "the client needs --input")
     config = load_config(args.config, role="client")
+    warnings = _variant_warnings(config.model.name, config.model.variant, config.model.overrides)
     with terminal_progress() as progress:
         _report_phase(progress, "set-up: checking the input")
         value = _checked_client_input(config.model.name, config.model.variant, config.model.overrides,
                                       args.input_text, args.protocol)
         with connect(config, protocol=args.protocol, progress=progress) as session:
             result = session.infer(value)
+    result.report.warnings = warnings
     print("output:", _short(result.output))
     _emit_report(result.report, args)
     return 0
@@ -423,16 +413,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{result.name}: {result.steps} steps, seed {result.seed}, "
           f"plaintext test accuracy {result.plaintext_test_accuracy:.4f} on {result.test_examples} "
           f"examples (train {result.train_accuracy:.4f}); weights in {result.path}")
-    return 0
-
-
-def _cmd_certs(args: argparse.Namespace) -> int:
-    from protocols.net.certs import DEFAULT_HOSTS, write_certs
-
-    clients = tuple(args.client or ())
-    write_certs(args.out, hosts=tuple(args.host) if args.host else DEFAULT_HOSTS, clients=clients, force=args.force)
-    named = f" and the clients {', '.join(clients)}" if clients else ""
-    print(f"certificates for client, server and dealer{named} written to {args.out}")
     return 0
 
 

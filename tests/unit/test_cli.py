@@ -279,6 +279,35 @@ def test_party_server_with_unknown_model_fails_at_start(tmp_path: Path, capsys: 
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
 
 
+def test_party_client_warns_for_a_variant_on_weights_not_trained_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``privinf party --role client`` prints the variant warning and puts it in the report, as
+    ``run`` and ``launch`` do (the session itself is a stand-in: the warning comes before it)."""
+    import privinf.session
+
+    class _Session:
+        def __enter__(self) -> _Session:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def infer(self, value: object) -> object:
+            return type("Result", (), {"output": [0.0], "report": Report("minilm", "mpc", "exact", [0.0], [])})()
+
+    monkeypatch.setattr(privinf.session, "connect", lambda *args, **kwargs: _Session())
+    report = tmp_path / "r.json"
+    for variant, warned in (("exact", False), ("mpcformer", True)):
+        path = tmp_path / "client.toml"
+        path.write_text(f'role = "client"\ncerts = "c"\n[peers]\nserver = "h:1"\ndealer = "h:2"\n'
+                        f'[model]\nname = "minilm"\nvariant = "{variant}"\n')
+        argv = ["party", "--role", "client", "--config", str(path), "--input", "hello", "--report", str(report)]
+        assert main(argv) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(lines) == int(warned) and json.loads(report.read_text())["warnings"] == [
+            line.removeprefix("privinf: ") for line in lines]
+
+
 # ----- certificates ---------------------------------------------------------------------------
 def test_certs_refuses_an_existing_set_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c"
