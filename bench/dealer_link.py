@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,18 +151,22 @@ def raw_tls_run(certs: dict[str, TlsConfig], frames: list[np.ndarray], links: in
             got += sock.recv_into(view[got:], min(total - got, 4 * MIB))
 
     def run() -> None:
-        threads = [threading.Thread(target=send, args=(s,)) for s in dialed]
-        threads += [threading.Thread(target=recv, args=(s,)) for s in accepted]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_threads([(send, s) for s in dialed] + [(recv, s) for s in accepted])
 
     try:
         return _timed(run)
     finally:
         for sock in dialed + accepted:
             sock.close()
+
+
+def _run_threads(calls: list[tuple[Callable[[Any], None], Any]]) -> None:
+    """Run each ``(function, argument)`` on its own thread and wait for all of them."""
+    threads = [threading.Thread(target=function, args=(argument,)) for function, argument in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _pool_limits() -> PoolLimits:
@@ -177,11 +182,7 @@ def generation_run(schedule: RequestSchedule) -> tuple[float, float]:
             pass
 
     def run() -> None:
-        threads = [threading.Thread(target=take, args=(rank,)) for rank in (0, 1)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_threads([(take, rank) for rank in (0, 1)])
 
     try:
         return _timed(run)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from protocols.net.channels import ARRAY_DTYPES, Frame, FrameKind, ProtocolError, array_bytes
 from protocols.net.wire import pb
@@ -94,15 +95,21 @@ def chunk_wire_bytes(header: int, index: int, payload: int) -> int:
     return size
 
 
-def encode_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[pb.Frame], int]:
-    """Wire chunks of ``frame`` and the bytes they take on the link (messages + gRPC prefixes).
-    Each chunk holds a copy of its slice of the payload (the frame's may be a view of an array)."""
+def _chunking(frame: Frame, chunk_bytes: int) -> tuple[memoryview, int, dict[str, Any]]:
+    """``frame``'s payload, its chunk count and the header fields every chunk repeats."""
     if not 1 <= chunk_bytes <= CHUNK_BYTES:
         raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
     data = memoryview(frame.payload)
     count = max(1, math.ceil(len(data) / chunk_bytes))
     fields = {"session": frame.session, "seq": frame.seq, "tag": frame.tag, "kind": KIND_TO_WIRE[frame.kind],
               "dtype": frame.dtype, "shape": frame.shape, "chunk_count": count, "total_bytes": len(data)}
+    return data, count, fields
+
+
+def encode_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[pb.Frame], int]:
+    """Wire chunks of ``frame`` and the bytes they take on the link (messages + gRPC prefixes).
+    Each chunk holds a copy of its slice of the payload (the frame's may be a view of an array)."""
+    data, count, fields = _chunking(frame, chunk_bytes)
     header = header_bytes(pb.Frame(**fields))
     chunks = []
     wire = 0
@@ -127,12 +134,7 @@ def wire_chunks(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]
     """The serialized chunk messages of ``frame``, one at a time (the bytes protobuf makes of
     :func:`encode_chunks`' messages: fields in number order, the payload last). The payload is
     copied once, straight into the serialized chunk; a sender can queue each chunk as it is made."""
-    if not 1 <= chunk_bytes <= CHUNK_BYTES:
-        raise TransportConfigError(f"chunk size must be 1..{CHUNK_BYTES} bytes, got {chunk_bytes}")
-    data = memoryview(frame.payload)
-    count = max(1, math.ceil(len(data) / chunk_bytes))
-    fields = {"session": frame.session, "seq": frame.seq, "tag": frame.tag, "kind": KIND_TO_WIRE[frame.kind],
-              "dtype": frame.dtype, "shape": frame.shape, "chunk_count": count, "total_bytes": len(data)}
+    data, count, fields = _chunking(frame, chunk_bytes)
     for index in range(count):
         head = pb.Frame(chunk_index=index, **fields).SerializeToString()
         piece = data[index * chunk_bytes:(index + 1) * chunk_bytes]
