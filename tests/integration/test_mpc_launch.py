@@ -115,8 +115,8 @@ def test_a_dying_party_stops_the_others_with_its_name(victim: str, tmp_path: Pat
         session = connect(deployment.client)
         session.open()
         process = next(p for p in deployment.parties if p.role == victim).process
-        if victim == "server":  # the session runs in the server's worker: kill the whole group
-            for pid in _children(process.pid) + [process.pid]:
+        if victim == "server":  # the session runs in a worker the server's template forked: kill them all
+            for pid in _descendants(process.pid) + [process.pid]:
                 os.kill(pid, signal.SIGKILL)
         else:
             process.kill()
@@ -134,6 +134,12 @@ def test_a_dying_party_stops_the_others_with_its_name(victim: str, tmp_path: Pat
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of ``pid`` (the server's template and the workers it forked)."""
+    found = _children(pid)
+    return found + [grand for child in found for grand in _descendants(child)]
 
 
 def test_logs_hold_no_keys_or_shares(tmp_path: Path) -> None:
