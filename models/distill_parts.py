@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.attention import AttnMask
+from models.catalog import DISTILL_BASES as BASES
 from models.config import ModelConfig
 from models.data import TextSplit
 from models.training import EncoderClassifier
 from models.variants import VariantSpec
 
-BASES = ("minilm", "minilm-2l", "tiny-bert")
 STATE_DIR = "train_state"
 
 

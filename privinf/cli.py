@@ -56,9 +56,9 @@ def _depth(text: str) -> int:
     return int(text)
 
 
-def build_parser(with_distill: bool = True) -> argparse.ArgumentParser:
-    """The ``privinf`` command line: one subcommand per task (``with_distill=False``: without
-    ``distill``, whose choices import torch, ~1 s, so that ``privinf launch`` starts its parties first)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``privinf`` command line: one subcommand per task (building it imports no torch, so
+    ``privinf launch`` starts its parties first: models.catalog holds the names it lists)."""
     parser = argparse.ArgumentParser(
         prog="privinf",
         description="Privacy-preserving transformer inference (MPC over CrypTen, HE over "
@@ -142,8 +142,7 @@ def build_parser(with_distill: bool = True) -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     add_certs_command(sub)
-    if with_distill:
-        add_distill_command(sub)
+    add_distill_command(sub)
     add_accuracy_commands(sub)
     add_masks_command(sub)
 
@@ -449,8 +448,7 @@ def _short(output: Any, limit: int = 8) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `privinf` console script."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
-    parser = build_parser(with_distill=words[:1] != ["launch"])
+    parser = build_parser()
     args = parser.parse_args(argv)
     code = _run_command(args)
     if argv is None and args.func is _cmd_launch:  # the program itself: parties stopped, answer and report out

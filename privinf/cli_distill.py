@@ -11,8 +11,8 @@ from typing import Any
 
 def add_distill_command(sub: Any) -> None:
     """``privinf distill``: fine-tune the exact teacher on a task, distil it into a variant."""
-    from models.data import TEXT_TASKS
-    from models.distill_parts import BASES
+    from models.catalog import DISTILL_BASES as BASES
+    from models.catalog import TEXT_TASKS
 
     p = sub.add_parser(
         "distill", help="fine-tune the exact MiniLM on a task and distil it into a variant (a checkpoint)",
