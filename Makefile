@@ -7,10 +7,11 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 
 .PHONY: run test install native proto clean
 
-# The compiled FSS kernel (protocols/mpc/fss_native.py says which and why), built offline with the
-# system C compiler; without one the numpy path is used and this prints one line saying so.
-NATIVE_SRC := protocols/mpc/native/fss_native.c
-NATIVE_LIB := protocols/mpc/native/libfss_native.so
+# The compiled FSS kernels (protocols/mpc/fss_native.py says which and why): each
+# protocols/mpc/native/NAME.c becomes libNAME.so, built offline with the system C compiler; without
+# one the numpy path is used and this prints one line saying so.
+NATIVE_DIR := protocols/mpc/native
+NATIVE_LIB := $(patsubst $(NATIVE_DIR)/%.c,$(NATIVE_DIR)/lib%.so,$(wildcard $(NATIVE_DIR)/*.c))
 NATIVE_CFLAGS := -O3 -Wall -fPIC -shared -pthread -fno-strict-aliasing
 
 $(BIN)/python:
@@ -23,9 +24,9 @@ $(STAMP): $(BIN)/python requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(NATIVE_LIB): $(NATIVE_SRC)
+$(NATIVE_DIR)/lib%.so: $(NATIVE_DIR)/%.c $(wildcard $(NATIVE_DIR)/*.h)
 	@if command -v $(CC) >/dev/null 2>&1 && $(CC) $(NATIVE_CFLAGS) -o $@.tmp $<; then mv $@.tmp $@; \
-	else rm -f $@.tmp; echo "privinf: could not compile $< with '$(CC)'; FSS keys use the numpy path (slower)"; fi
+	else rm -f $@.tmp; echo "privinf: could not compile $< with '$(CC)'; this kernel uses the numpy path (slower)"; fi
 
 native: $(NATIVE_LIB)
 
