@@ -34,7 +34,7 @@ import numpy as np
 
 from protocols.mpc.fss_prg import PRG_KEY, TWEAKS
 
-ABI = 1
+ABI = 2  # 2: the bit-output DCF of protocols/mpc/fss_bit.py
 SOURCE = Path(__file__).resolve().parent / "native" / "fss_native.c"
 LIBRARY = SOURCE.with_name("libfss_native.so")
 THREAD_MIN = 8192  # points (or elements to generate) per extra thread, at least
@@ -65,6 +65,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "the kernel refused the PRG's key or tweaks"
     lib.fss_dcf_eval.argtypes = [ctypes.c_int, ctypes.c_int, _I64, _I64] + [_P] * 7 + [ctypes.c_int]
     lib.fss_dcf_gen.argtypes = [ctypes.c_int, _I64, _I64, _I64] + [_P] * 7 + [ctypes.c_int]
+    lib.fss_bit_eval.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64] + [_P] * 6 + [ctypes.c_int]
+    lib.fss_bit_gen.argtypes = [ctypes.c_int, ctypes.c_int, _I64, _I64, _I64] + [_P] * 5 + [ctypes.c_int]
     return lib, "AES-NI kernel loaded"
 
 
@@ -137,3 +139,39 @@ def dcf_gen(bits: int, lo: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.n
     status = _LIB.fss_dcf_gen(bits, cw_final.shape[0], lo, m, *pointers, threads_for(m))
     if status != 0:
         raise ValueError(f"the FSS kernel refused a key generation (status {status})")
+
+
+def _levels(bits: int) -> int:
+    return bits - min(7, bits)  # protocols.mpc.fss_bit.levels (that module imports this one)
+
+
+def bit_dcf_eval(party: int, bits: int, keys: tuple[np.ndarray, ...], x: np.ndarray) -> np.ndarray:
+    """XOR shares (uint8 0/1) at ``x`` (uint64 [n], one point per key) of the bit-output keys
+    ``(seed, cw_seed, cw_leaf, cw_bits)`` (:class:`protocols.mpc.fss_bit.BitDcfKey`'s arrays)."""
+    assert _LIB is not None
+    seed, cw_seed, cw_leaf, cw_bits = keys
+    n = seed.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    out = np.empty(n, dtype=np.uint8)
+    pointers = [_ptr(seed, np.uint64), _ptr(cw_seed, np.uint64), _ptr(cw_leaf, np.uint64), _ptr(cw_bits, np.uint64),
+                _ptr(x, np.uint64), _ptr(out, np.uint8, True)]
+    status = _LIB.fss_bit_eval(party, bits, _levels(bits), n, *pointers, threads_for(n))
+    if status != 0:
+        raise ValueError(f"the FSS kernel refused a bit-output evaluation (status {status})")
+    return out
+
+
+def bit_dcf_gen(bits: int, alpha: np.ndarray, seeds: np.ndarray, corrections: tuple[np.ndarray, ...]) -> None:
+    """Correction words of all key elements into ``corrections`` ``(cw_seed, cw_leaf, cw_bits)``
+    (party 0's :class:`~protocols.mpc.fss_bit.BitDcfKey` arrays) from ``alpha`` [n] and both
+    parties' initial seeds [2, n, 2]."""
+    assert _LIB is not None
+    cw_seed, cw_leaf, cw_bits = corrections
+    n = alpha.shape[0]
+    alpha = np.ascontiguousarray(alpha, dtype=np.uint64)
+    seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
+    pointers = [_ptr(alpha, np.uint64), _ptr(seeds, np.uint64), _ptr(cw_seed, np.uint64, True),
+                _ptr(cw_leaf, np.uint64, True), _ptr(cw_bits, np.uint64, True)]
+    status = _LIB.fss_bit_gen(bits, _levels(bits), n, 0, n, *pointers, threads_for(n))
+    if status != 0:
+        raise ValueError(f"the FSS kernel refused a bit-output key generation (status {status})")
