@@ -36,13 +36,14 @@ import numpy as np
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc import fss, secure_linear
+from protocols.mpc import fss, fss_bit, secure_linear
 from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
 from protocols.mpc.vocabulary import (
     CORRECTED_RANK,
     GELU_MASKS,
     GELU_PRODUCTS,
+    KEY_KINDS,
     MSG_END,
     MSG_PREPROCESS,
     MSG_REPORT,
@@ -111,7 +112,7 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
     """
     if rank not in (0, 1):
         raise DealerError(f"the dealer serves 2 parties (ranks 0 and 1), not rank {rank}")
-    if request.kind == "sign":
+    if request.kind in KEY_KINDS:
         return {}  # both parties receive their whole key from the dealer
     stream = Stream(seed, f"tuple/{index}")
     helper = rank != CORRECTED_RANK
@@ -148,7 +149,7 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
 
 def compute_correction(seeds: dict[int, bytes], index: int, request: TupleRequest) -> torch.Tensor:
     """Party 0's dependent share for request ``index``: full value minus party 1's share."""
-    if request.kind == "sign":
+    if request.kind in KEY_KINDS:
         raise DealerError("sign keys come from a Dealer's key store, not from the seeds alone")
     p0 = expand_shares(seeds[0], 0, index, request)
     p1 = expand_shares(seeds[1], 1, index, request)
@@ -194,7 +195,8 @@ def receive_seed(channel: Channel, ledger: Ledger | None = None) -> bytes:
 def sign_halves(request: TupleRequest) -> tuple[np.ndarray, np.ndarray]:
     """Both parties' halves of fresh FSS sign keys for ``request`` (randomness from ``os.urandom``)."""
     shares = lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64)  # noqa: E731
-    return fss.sign_gen(_numel(request.size0), request.bits, os.urandom, shares)
+    gen = fss_bit.bit_sign_gen if request.kind == "signbit" else fss.sign_gen
+    return gen(_numel(request.size0), request.bits, os.urandom, shares)
 
 
 class SignKeyStore:
@@ -282,18 +284,18 @@ class Dealer:
 
     def generate(self, index: int, request: TupleRequest) -> dict[int, torch.Tensor]:
         """The material of request ``index`` by rank: party 0's correction, or both halves of sign keys."""
-        if request.kind == "sign":
+        if request.kind in KEY_KINDS:
             keys = sign_halves(request)
             return {0: torch.from_numpy(keys[0]), 1: torch.from_numpy(keys[1])}
         return {CORRECTED_RANK: compute_correction(self._seeds, index, request)}
 
     def correction(self, index: int, request: TupleRequest, rank: int = CORRECTED_RANK) -> torch.Tensor:
         """Party 0's correction for request ``index``, or ``rank``'s half of sign keys (online)."""
-        if rank != CORRECTED_RANK and request.kind != "sign":
+        if rank != CORRECTED_RANK and request.kind not in KEY_KINDS:
             raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
         if self._pool is not None:
             self._pool.online(index, rank)
-        if request.kind == "sign":
+        if request.kind in KEY_KINDS:
             return self._sign_keys.take(index, request, rank)
         return compute_correction(self._seeds, index, request)
 
@@ -316,7 +318,7 @@ class Dealer:
         pool.confirm(rank, start, schedule, inferences)
         for index in range(start, stop):
             request = schedule[(index - start) % len(schedule)]
-            if rank == CORRECTED_RANK or request.kind == "sign":
+            if rank == CORRECTED_RANK or request.kind in KEY_KINDS:
                 with self._charged(request):  # the consumer sends it inside: charged to its layer
                     yield pool.take(rank, index, request)
 
@@ -325,7 +327,7 @@ class Dealer:
         index = start
         for _ in range(inferences):
             for request in schedule.requests:
-                if rank == CORRECTED_RANK or request.kind == "sign":
+                if rank == CORRECTED_RANK or request.kind in KEY_KINDS:
                     with self._charged(request):  # the consumer sends it inside: charged to its layer
                         yield self.correction(index, request, rank)
                 index += 1

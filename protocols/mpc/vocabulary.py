@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from protocols.mpc import fss
+from protocols.mpc import fss, fss_bit
 
 CLIENT_RANK = 0  # the computing parties, as CrypTen ranks them
 SERVER_RANK = 1
@@ -46,7 +46,8 @@ MSG_REPORT = "report"
 MSG_END = "end"
 MSG_TYPES = (MSG_TUPLE, MSG_PREPROCESS, MSG_WS_PREPROCESS, MSG_KV_TRIPLE, MSG_REPORT, MSG_END)
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "onehot", "rowscale", "gelu")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "signbit", "onehot", "rowscale", "gelu")
+KEY_KINDS = ("sign", "signbit")  # FSS sign-gate keys (arithmetic / bit output): both parties fetch a half
 GELU_MASKS = ("x", "v", "v2", "v3", "v4", "inside", "even", "w")  # order of a gelu request's masks
 GELU_PRODUCTS = (("x", "x"), ("v", "v"), ("v", "v2"), ("v2", "v2"), ("v", "v4"), ("v3", "v3"),
                  ("inside", "even"), ("w", "x"))  # mask products it shares (protocols/mpc/fused_gelu.py)
@@ -153,12 +154,12 @@ class TupleRequest:
             raise DealerError(f"unknown tuple kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "additive" and self.op not in ADDITIVE_OPS:
             raise DealerError(f"unsupported additive-triple op {self.op!r}; expected one of {ADDITIVE_OPS}")
-        if self.kind == "sign":
+        if self.kind in KEY_KINDS:
             keys = dict(self.kwargs)
             bits = keys.get("bits")
             if self.op or set(keys) != {"bits"} or not isinstance(bits, int) \
                     or not SIGN_BITS_RANGE[0] <= bits <= SIGN_BITS_RANGE[1]:
-                raise DealerError(f"a sign request takes only bits in {list(SIGN_BITS_RANGE)}, got "
+                raise DealerError(f"a {self.kind} request takes only bits in {list(SIGN_BITS_RANGE)}, got "
                                   f"op={self.op!r} {dict(self.kwargs)}")
             return
         if self.kind == "onehot":
@@ -186,6 +187,11 @@ class TupleRequest:
         return cls("sign", _dims(size, "size"), (), "", (("bits", int(bits)),))
 
     @classmethod
+    def sign_bit(cls, size: Any, bits: int) -> TupleRequest:
+        """Bit-output FSS sign-gate keys (:mod:`protocols.mpc.fss_bit`) for a tensor of ``size``."""
+        return cls("signbit", _dims(size, "size"), (), "", (("bits", int(bits)),))
+
+    @classmethod
     def one_hot(cls, size: Any, domain: int) -> TupleRequest:
         """A random ``rho`` (uniform mod ``domain``) per element and the unit vector ``e_rho``."""
         return cls("onehot", _dims(size, "size"), (), "", (("domain", domain),))
@@ -203,6 +209,8 @@ class TupleRequest:
         computed on meta tensors."""
         if self.kind == "sign":
             return (fss.sign_key_words(self.bits, _numel(self.size0)),)
+        if self.kind == "signbit":
+            return (fss_bit.bit_sign_key_words(self.bits, _numel(self.size0)),)
         if self.kind == "onehot":
             return self.size0 + (self.domain,)
         if self.kind == "rowscale":
@@ -231,7 +239,7 @@ class TupleRequest:
             out["size1"] = list(self.size1)
         if self.op:
             out["op"] = self.op
-        if self.kind == "sign":
+        if self.kind in KEY_KINDS:
             out["bits"] = self.bits
         elif self.kind == "onehot":
             out["domain"] = self.domain
@@ -254,11 +262,11 @@ class TupleRequest:
 
     @classmethod
     def _from_json(cls, data: dict[str, Any]) -> TupleRequest:
-        if data["kind"] == "sign":
+        if data["kind"] in KEY_KINDS:
             bits = data.get("bits")
             if isinstance(bits, bool) or not isinstance(bits, int):
-                raise DealerError(f"a sign request needs an integer bits, got {bits!r}")
-            return cls.sign(data["size0"], bits)
+                raise DealerError(f"a {data['kind']} request needs an integer bits, got {bits!r}")
+            return cls(data["kind"], _dims(data["size0"], "size0"), (), "", (("bits", bits),))
         if data["kind"] == "onehot":
             domain = data.get("domain")
             if isinstance(domain, bool) or not isinstance(domain, int):
@@ -306,7 +314,7 @@ class RequestSchedule:
 
     def has_sign(self) -> bool:
         """Whether any request is for FSS sign keys (which party 1 fetches as well)."""
-        return any(r.kind == "sign" for r in self.requests)
+        return any(r.kind in KEY_KINDS for r in self.requests)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -33,8 +33,10 @@ from protocols.mpc.cryptenlib.randomness import PartyRandomness, as_shape, check
 from protocols.mpc.csprng import check_seed
 from protocols.mpc.dealer import expand_shares
 from protocols.mpc.fss import SignKey
+from protocols.mpc.fss_bit import BitSignKey
 from protocols.mpc.vocabulary import (
     CORRECTED_RANK,
+    KEY_KINDS,
     TAG_CORR,
     TAG_MSG,
     DealerError,
@@ -110,7 +112,7 @@ class DealerProvider:
         """
         if inferences < 1 or len(schedule) == 0:
             raise ProviderError(f"nothing to preprocess: {inferences} inferences of {len(schedule)} requests")
-        mine = [r.kind == "sign" or self.rank == CORRECTED_RANK for r in schedule.requests]
+        mine = [r.kind in KEY_KINDS or self.rank == CORRECTED_RANK for r in schedule.requests]
         if not any(mine):
             return 0
         if self._dealer is None:
@@ -127,7 +129,7 @@ class DealerProvider:
                     if wanted:
                         with self._charged(request):
                             corr = self._receive(request)
-                            what = "comparison keys" if request.kind == "sign" else "triples"
+                            what = "comparison keys" if request.kind in KEY_KINDS else "triples"
                             if self._ledger is not None:
                                 self._ledger.record_storage(what, corr.numel() * 8)
                         self._store.append((index, request, corr))
@@ -192,6 +194,12 @@ class DealerProvider:
         index, request = self._next_index(TupleRequest.sign(as_shape(size), bits))
         count = int(np.prod(request.size0, dtype=np.int64))
         return SignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
+
+    def bit_sign_key(self, size: Any, bits: int) -> BitSignKey:
+        """This party's bit-output FSS sign-gate keys (:mod:`protocols.mpc.fss_bit`) for a tensor of ``size``."""
+        index, request = self._next_index(TupleRequest.sign_bit(as_shape(size), bits))
+        count = int(np.prod(request.size0, dtype=np.int64))
+        return BitSignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
 
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
