@@ -13,6 +13,7 @@ from typing import Any
 from privinf.ledger.pricing import NetworkProfile, ProfileError, parse_profile
 
 COMPARISON_METHODS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
+COMPARISON_KEYS = ("auto", "value", "bit")  # FSS sign keys: priced per call, arithmetic output, or bit output
 STORAGE_POLICIES = ("regenerate", "keep")  # weight masks derived again at every set-up, or kept on disk
 # between sessions of the same model and dealer epoch (protocols/mpc/mask_store.py)
 DEVICES = ("cpu",)
@@ -45,6 +46,10 @@ class ProtocolConfig:
     does not see; 0: binary levels only). The default, ~29 MB of keys per party and level, admits
     32 rows (MPCache's heads) of up to 136 entries (34,560 pairs) and refuses a BERT-base prefill's
     level of 8 (1,536 rows: 43,008 pairs).
+    ``comparison_keys``: the FSS sign keys of a single-threshold comparison: ``value`` (arithmetic
+    output, one round), ``bit`` (bit output, ~40% smaller keys, one more round for the B2A) or
+    ``auto`` (the cheaper per call on ``kernel_profile``, dealer bytes included:
+    :func:`protocols.mpc.kernel_choice.comparison_keys`).
     """
 
     fixed_point_bits: int = 16
@@ -55,6 +60,7 @@ class ProtocolConfig:
     storage: str = "regenerate"
     kernel_profile: str = "lan"
     all_pairs_budget: int = 36_000
+    comparison_keys: str = "auto"
 
     def __post_init__(self) -> None:
         lo, hi = FIXED_POINT_RANGE
@@ -72,6 +78,7 @@ class ProtocolConfig:
         if not _is_int(self.preprocess) or self.preprocess < 1:
             raise ProtocolConfigError(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
         _choice("storage", self.storage, STORAGE_POLICIES)
+        _choice("comparison_keys", self.comparison_keys, COMPARISON_KEYS)
         self.kernel_network()
         if not _is_int(self.all_pairs_budget) or self.all_pairs_budget < 0:
             raise ProtocolConfigError(f"all_pairs_budget must be a non-negative number of pairs, "
