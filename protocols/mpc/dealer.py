@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc import fss, fss_bit, secure_linear
+from protocols.mpc import fss, fss_bit, fss_dpf, secure_linear
 from protocols.mpc.csprng import SEED_BYTES, Stream, check_seed, new_seed
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits
 from protocols.mpc.vocabulary import (
     CORRECTED_RANK,
+    FETCHED_BY_BOTH,
     GELU_MASKS,
     GELU_PRODUCTS,
     KEY_KINDS,
@@ -125,6 +126,10 @@ def expand_shares(seed: bytes, rank: int, index: int, request: TupleRequest) -> 
         out["r"] = stream.ring(request.size0)
         if helper:
             out["u"] = stream.ring(request.output_shape())
+    elif request.kind == "dpf":  # both parties expand the same way; both receive the shared key words
+        out["mask"] = stream.ring(request.size0)
+        out["seeds"] = torch.from_numpy(fss_dpf.root_seeds(stream.read(16 * _numel(request.size0)),
+                                                           _numel(request.size0)).view(np.int64))
     elif request.kind == "gelu":
         out["masks"] = stream.ring((len(GELU_MASKS),) + request.size0)
         if helper:
@@ -169,11 +174,25 @@ def compute_correction(seeds: dict[int, bytes], index: int, request: TupleReques
     if request.kind == "rowscale":
         a, b = p0["a"] + p1["a"], p0["b"] + p1["b"]
         return torch.stack([a * a, a * b]) - p1["ab"]
+    if request.kind == "dpf":
+        return _dpf_words(p0, p1, request)
     if request.kind == "onehot":
         rho = (p0["r"] + p1["r"]) & (request.domain - 1)
         unit = torch.nn.functional.one_hot(rho, request.domain) << 16  # at CrypTen's scale 2^16
         return unit - p1["u"]
     return (p0["rB"] ^ p1["rB"]) - p1["rA"]
+
+
+def _dpf_words(p0: dict[str, torch.Tensor], p1: dict[str, torch.Tensor], request: TupleRequest) -> torch.Tensor:
+    """The key words both parties share for a dpf request: a DPF at ``(mask >> shift) mod 2^bits``
+    with payload ``(1,)`` or ``(1, mask)`` (``mask`` = the sum of the parties' stream shares)."""
+    mask = (p0["mask"] + p1["mask"]).reshape(-1).numpy()
+    alpha = (mask.view(np.uint64) >> np.uint64(request.shift)) & np.uint64((1 << request.bits) - 1)
+    beta = np.ones((mask.shape[0], request.payload), dtype=np.int64)
+    if request.payload == 2:
+        beta[:, 1] = mask
+    seeds = torch.stack([p0["seeds"], p1["seeds"]]).numpy().view(np.uint64)
+    return torch.from_numpy(fss_dpf.dpf_gen(alpha, beta, request.bits, seeds)[0])
 
 
 def send_seed(channel: Channel, seed: bytes) -> None:
@@ -287,11 +306,14 @@ class Dealer:
         if request.kind in KEY_KINDS:
             keys = sign_halves(request)
             return {0: torch.from_numpy(keys[0]), 1: torch.from_numpy(keys[1])}
+        if request.kind == "dpf":  # the same words for both parties
+            words = compute_correction(self._seeds, index, request)
+            return {0: words, 1: words}
         return {CORRECTED_RANK: compute_correction(self._seeds, index, request)}
 
     def correction(self, index: int, request: TupleRequest, rank: int = CORRECTED_RANK) -> torch.Tensor:
         """Party 0's correction for request ``index``, or ``rank``'s half of sign keys (online)."""
-        if rank != CORRECTED_RANK and request.kind not in KEY_KINDS:
+        if rank != CORRECTED_RANK and request.kind not in FETCHED_BY_BOTH:
             raise DealerError(f"rank {rank} expands its own {request.kind} shares; only sign keys are sent to it")
         if self._pool is not None:
             self._pool.online(index, rank)
@@ -318,7 +340,7 @@ class Dealer:
         pool.confirm(rank, start, schedule, inferences)
         for index in range(start, stop):
             request = schedule[(index - start) % len(schedule)]
-            if rank == CORRECTED_RANK or request.kind in KEY_KINDS:
+            if rank == CORRECTED_RANK or request.kind in FETCHED_BY_BOTH:
                 with self._charged(request):  # the consumer sends it inside: charged to its layer
                     yield pool.take(rank, index, request)
 
@@ -327,7 +349,7 @@ class Dealer:
         index = start
         for _ in range(inferences):
             for request in schedule.requests:
-                if rank == CORRECTED_RANK or request.kind in KEY_KINDS:
+                if rank == CORRECTED_RANK or request.kind in FETCHED_BY_BOTH:
                     with self._charged(request):  # the consumer sends it inside: charged to its layer
                         yield self.correction(index, request, rank)
                 index += 1

@@ -43,7 +43,7 @@ import torch
 from privinf.ledger.counting import Ledger
 from protocols.mpc import fss
 from protocols.mpc.keygen_workers import KeygenWorkers, default_processes
-from protocols.mpc.vocabulary import CORRECTED_RANK, KEY_KINDS, DealerError, RequestSchedule, TupleRequest, _numel
+from protocols.mpc.vocabulary import CORRECTED_RANK, FETCHED_BY_BOTH, DealerError, RequestSchedule, TupleRequest, _numel
 
 MAX_HISTORY = 4096  # confirmed segments remembered for prediction (one short digest each)
 MAX_SCHEDULES = 1024  # distinct schedules remembered for prediction
@@ -110,12 +110,12 @@ class _Slot:
 def material_bytes(request: TupleRequest) -> int:
     """Bytes the dealer holds for one request: party 0's correction, or both halves of sign keys."""
     one = 8 * _numel(request.output_shape())
-    return 2 * one if request.kind in KEY_KINDS else one
+    return 2 * one if request.kind in FETCHED_BY_BOTH else one
 
 
 def needed_by(request: TupleRequest) -> tuple[int, ...]:
     """Ranks that take material for ``request`` from the dealer (both for sign keys)."""
-    return (0, 1) if request.kind in KEY_KINDS else (CORRECTED_RANK,)
+    return (0, 1) if request.kind in FETCHED_BY_BOTH else (CORRECTED_RANK,)
 
 
 class MaterialPool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from protocols.mpc import fss, fss_bit
+from protocols.mpc import fss, fss_bit, fss_dpf
 
 CLIENT_RANK = 0  # the computing parties, as CrypTen ranks them
 SERVER_RANK = 1
@@ -46,8 +46,10 @@ MSG_REPORT = "report"
 MSG_END = "end"
 MSG_TYPES = (MSG_TUPLE, MSG_PREPROCESS, MSG_WS_PREPROCESS, MSG_KV_TRIPLE, MSG_REPORT, MSG_END)
 
-KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "signbit", "onehot", "rowscale", "gelu")
+KINDS = ("additive", "square", "binary", "wraps", "B2A", "sign", "signbit", "onehot", "rowscale", "gelu", "dpf")
 KEY_KINDS = ("sign", "signbit")  # FSS sign-gate keys (arithmetic / bit output): both parties fetch a half
+FETCHED_BY_BOTH = KEY_KINDS + ("dpf",)  # dpf: both parties fetch the same shared key words (protocols/mpc/fss_dpf.py)
+DPF_KWARGS = ("bits", "payload", "shift")  # a dpf request: domain bits, payload (1: (1); 2: (1, mask)), shift
 GELU_MASKS = ("x", "v", "v2", "v3", "v4", "inside", "even", "w")  # order of a gelu request's masks
 GELU_PRODUCTS = (("x", "x"), ("v", "v"), ("v", "v2"), ("v2", "v2"), ("v", "v4"), ("v3", "v3"),
                  ("inside", "even"), ("w", "x"))  # mask products it shares (protocols/mpc/fused_gelu.py)
@@ -162,6 +164,9 @@ class TupleRequest:
                 raise DealerError(f"a {self.kind} request takes only bits in {list(SIGN_BITS_RANGE)}, got "
                                   f"op={self.op!r} {dict(self.kwargs)}")
             return
+        if self.kind == "dpf":
+            self._check_dpf()
+            return
         if self.kind == "onehot":
             domain = dict(self.kwargs).get("domain")
             if self.op or [k for k, _ in self.kwargs] != ["domain"] or isinstance(domain, bool) \
@@ -175,6 +180,15 @@ class TupleRequest:
         for key, _ in self.kwargs:
             if key not in _CONV_KWARGS:
                 raise DealerError(f"unsupported op argument {key!r}; expected one of {_CONV_KWARGS}")
+
+    def _check_dpf(self) -> None:
+        keys = dict(self.kwargs)
+        values = [keys.get(k) for k in DPF_KWARGS]
+        if self.op or [k for k, _ in self.kwargs] != list(DPF_KWARGS) \
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in values) \
+                or not 1 <= values[0] <= fss_dpf.MAX_REQUEST_BITS or values[1] not in (1, 2) or not 0 <= values[2] < 64:
+            raise DealerError(f"a dpf request takes bits in [1, {fss_dpf.MAX_REQUEST_BITS}], payload 1 or 2 and a "
+                              f"shift in [0, 64), got op={self.op!r} {dict(self.kwargs)}")
 
     @classmethod
     def additive(cls, size0: Any, size1: Any, op: str, **kwargs: Any) -> TupleRequest:
@@ -196,6 +210,21 @@ class TupleRequest:
         """A random ``rho`` (uniform mod ``domain``) per element and the unit vector ``e_rho``."""
         return cls("onehot", _dims(size, "size"), (), "", (("domain", domain),))
 
+    @classmethod
+    def dpf(cls, size: Any, bits: int, payload: int = 1, shift: int = 0) -> TupleRequest:
+        """DPF keys (:mod:`protocols.mpc.fss_dpf`) on ``bits``-bit domains at ``alpha = (mask >> shift)
+        mod 2^bits`` for a random ring ``mask`` per element, payload ``(1,)`` or ``(1, mask)``."""
+        return cls("dpf", _dims(size, "size"), (), "", (("bits", int(bits)), ("payload", int(payload)),
+                                                        ("shift", int(shift))))
+
+    @property
+    def payload(self) -> int:
+        return int(dict(self.kwargs)["payload"])
+
+    @property
+    def shift(self) -> int:
+        return int(dict(self.kwargs)["shift"])
+
     @property
     def domain(self) -> int:
         return int(dict(self.kwargs)["domain"])
@@ -213,6 +242,8 @@ class TupleRequest:
             return (fss_bit.bit_sign_key_words(self.bits, _numel(self.size0)),)
         if self.kind == "onehot":
             return self.size0 + (self.domain,)
+        if self.kind == "dpf":
+            return (fss_dpf.shared_words(self.bits, _numel(self.size0), self.payload),)
         if self.kind == "rowscale":
             return (2,) + self.size0
         if self.kind == "gelu":
@@ -243,6 +274,8 @@ class TupleRequest:
             out["bits"] = self.bits
         elif self.kind == "onehot":
             out["domain"] = self.domain
+        elif self.kind == "dpf":
+            out.update({k: v for k, v in self.kwargs})
         elif self.kwargs:
             out["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
         if self.label is not None:
@@ -267,6 +300,8 @@ class TupleRequest:
             if isinstance(bits, bool) or not isinstance(bits, int):
                 raise DealerError(f"a {data['kind']} request needs an integer bits, got {bits!r}")
             return cls(data["kind"], _dims(data["size0"], "size0"), (), "", (("bits", bits),))
+        if data["kind"] == "dpf":
+            return cls("dpf", _dims(data["size0"], "size0"), (), "", tuple((k, data.get(k)) for k in DPF_KWARGS))
         if data["kind"] == "onehot":
             domain = data.get("domain")
             if isinstance(domain, bool) or not isinstance(domain, int):

@@ -34,8 +34,10 @@ from protocols.mpc.csprng import check_seed
 from protocols.mpc.dealer import expand_shares
 from protocols.mpc.fss import SignKey
 from protocols.mpc.fss_bit import BitSignKey
+from protocols.mpc.fss_dpf import DpfKey
 from protocols.mpc.vocabulary import (
     CORRECTED_RANK,
+    FETCHED_BY_BOTH,
     KEY_KINDS,
     TAG_CORR,
     TAG_MSG,
@@ -112,7 +114,7 @@ class DealerProvider:
         """
         if inferences < 1 or len(schedule) == 0:
             raise ProviderError(f"nothing to preprocess: {inferences} inferences of {len(schedule)} requests")
-        mine = [r.kind in KEY_KINDS or self.rank == CORRECTED_RANK for r in schedule.requests]
+        mine = [r.kind in FETCHED_BY_BOTH or self.rank == CORRECTED_RANK for r in schedule.requests]
         if not any(mine):
             return 0
         if self._dealer is None:
@@ -120,7 +122,7 @@ class DealerProvider:
         start = max(self._index, self._reserved_until)
         self._reserved_until = start + inferences * len(schedule)
         msg = {"type": "preprocess", "start": start, "inferences": inferences, "schedule": schedule.to_json()}
-        stored = {"triples": 0, "comparison keys": 0}
+        stored = {"triples": 0, "comparison keys": 0, "lookup keys": 0}
         with self._offline():
             self._dealer.send_json(TAG_MSG, msg)
             index = start
@@ -129,7 +131,8 @@ class DealerProvider:
                     if wanted:
                         with self._charged(request):
                             corr = self._receive(request)
-                            what = "comparison keys" if request.kind in KEY_KINDS else "triples"
+                            what = ("comparison keys" if request.kind in KEY_KINDS
+                                    else "lookup keys" if request.kind == "dpf" else "triples")
                             if self._ledger is not None:
                                 self._ledger.record_storage(what, corr.numel() * 8)
                         self._store.append((index, request, corr))
@@ -201,9 +204,18 @@ class DealerProvider:
         count = int(np.prod(request.size0, dtype=np.int64))
         return BitSignKey.from_array(self.rank, bits, count, self._correction(index, request).numpy())
 
+    def dpf_key(self, size: Any, bits: int, payload: int = 1, shift: int = 0) -> tuple[torch.Tensor, DpfKey]:
+        """This party's share of a random ring ``mask`` [*size] and its DPF keys (:mod:`protocols.mpc.fss_dpf`)
+        at ``(mask >> shift) mod 2^bits`` with payload ``(1,)`` or ``(1, mask)`` (both ranks fetch the
+        shared words; the root seeds and the mask come from the party's own stream)."""
+        shares = self._tuple(TupleRequest.dpf(as_shape(size), bits, payload, shift), None)
+        count = shares["mask"].numel()
+        return shares["mask"], DpfKey.from_parts(self.rank, bits, count, shares["seeds"].numpy(),
+                                                 shares["shared"].numpy(), payload)
+
     # ----- internals -------------------------------------------------------------------------
     _DEPENDENT = {"additive": "c", "square": "r2", "binary": "c", "wraps": "theta_r", "B2A": "rA",
-                  "onehot": "u", "rowscale": "ab", "gelu": "products"}
+                  "onehot": "u", "rowscale": "ab", "gelu": "products", "dpf": "shared"}
 
     def _next_index(self, request: TupleRequest) -> tuple[int, TupleRequest]:
         """The next request index and the request labelled with the scope it is made in."""
@@ -238,7 +250,7 @@ class DealerProvider:
         check_device(device)
         index, request = self._next_index(request)
         shares = expand_shares(self._seed, self.rank, index, request)
-        if self.rank == CORRECTED_RANK:
+        if self.rank == CORRECTED_RANK or request.kind in FETCHED_BY_BOTH:
             shares[self._DEPENDENT[request.kind]] = self._correction(index, request)
         return shares
 
