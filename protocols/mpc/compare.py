@@ -35,9 +35,19 @@ for exact predicates: ``argmax`` (a near-tie could pick the wrong token), ReLU o
 matter near 0, equality. Security is unchanged: the truncated shares are masked by a uniform
 ``r`` mod ``2^(bits-k)`` before they are opened, so the opened value is uniform.
 
-Every gate records in the party's ledger row ``fss_keys_<bits>b_shift<k>`` (keys at that width
-and truncation; the dealer's key bytes follow from :func:`protocols.mpc.fss.sign_key_words` of
-``bits - k``) and ``fss_points_<bits>b_shift<k>`` (evaluations). ``comparisons = "circuit"`` in a session keeps
+**Bit-output keys** (:mod:`protocols.mpc.fss_bit`): a gate with one threshold may instead take
+the dealer's bit-output keys (~40% fewer key bytes: 128-bit seed corrections and 3 bits per
+level, the tree stopped 7 levels early) at the price of a second round, in which the parties
+open ``[x < c] xor m`` (one bit each, uniform) and convert it locally with the dealer's shares of
+``m``. :func:`protocols.mpc.kernel_choice.comparison_keys` picks per call from public shapes;
+both give the same result. Several thresholds keep the arithmetic keys (each point would need
+its own mask bit).
+
+Every gate records in the party's ledger row ``fss_keys_<bits>b_shift<k>`` (arithmetic keys at
+that width and truncation; the dealer's key bytes follow from
+:func:`protocols.mpc.fss.sign_key_words` of ``bits - k``) or ``fss_bitkeys_<bits>b_shift<k>``
+(bit-output keys: :func:`protocols.mpc.fss_bit.bit_sign_key_words`) and
+``fss_points_<bits>b_shift<k>`` (evaluations). ``comparisons = "circuit"`` in a session keeps
 CrypTen's circuit (no width limit, no truncation).
 """
 
@@ -52,6 +62,7 @@ import numpy as np
 import torch
 
 from models import ops
+from protocols.mpc import fss_bit
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import COMPARISON_METHODS
@@ -138,22 +149,53 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray,
     """This party's shares of ``[x' < c_j]`` [*x.shape, J] for ``x' = floor((x mod 2^bits) / 2^shift)``
     (the carry of the dropped bits aside) and integer ``points`` on that grid, from one key
     of ``bits - shift`` bits and one opening (with the shares ``extra`` opened in the same
-    exchange, :func:`open_with`)."""
+    exchange, :func:`open_with`); a single threshold may take bit-output keys and a second
+    round (:func:`protocols.mpc.kernel_choice.comparison_keys`: the same result)."""
+    from protocols.mpc import kernel_choice  # kernel_choice prices comparisons with this module's widths
+
     width = bits - shift
     if np.any(np.abs(points) >= 2 ** (width - 2)):
         raise ComparisonError(f"thresholds {points.tolist()} do not fit a {width}-bit gate")
     share = x._tensor.share
     if share.device.type != "cpu":
         raise ComparisonError(f"FSS comparisons run on CPU shares, got {share.device}")
-    key = provider.sign_key(share.shape, width)
-    masked = torch.from_numpy(key.masked(truncated(share.reshape(-1).numpy(), bits, shift)))
-    opened, extra_opened = open_with(masked, width, extra)
-    bits_out = key.evaluate_points(opened.numpy(), points)
+    config = kernel_choice.session_config(x)
+    kind = kernel_choice.comparison_keys(share.numel(), width, points.shape[0], config)
+    local = truncated(share.reshape(-1).numpy(), bits, shift)
+    if kind == "bit":
+        bits_out, extra_opened = _bit_gate(local, provider, share.shape, width, int(points[0]), extra)
+    else:
+        key = provider.sign_key(share.shape, width)
+        opened, extra_opened = open_with(torch.from_numpy(key.masked(local)), width, extra)
+        bits_out = key.evaluate_points(opened.numpy(), points)
     ledger = getattr(crypten.communicator.get(), "ledger", None)
     if ledger is not None:
-        ledger.record_extra(f"fss_keys_{bits}b_shift{shift}", share.numel())
+        ledger.record_extra(f"fss_{'bitkeys' if kind == 'bit' else 'keys'}_{bits}b_shift{shift}", share.numel())
         ledger.record_extra(f"fss_points_{bits}b_shift{shift}", bits_out.size)
     return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0]), extra_opened
+
+
+def _bit_gate(local: np.ndarray, provider: Any, shape: Any, width: int, point: int,
+              extra: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Arithmetic shares of ``[x' < point]`` from bit-output keys (:class:`~protocols.mpc.fss_bit.BitSignKey`):
+    open ``x' + r`` (with ``extra``), then ``d = [x' < point] xor m`` (one bit each: uniform, as
+    ``m`` is), and convert locally."""
+    key = provider.bit_sign_key(shape, width)
+    opened, extra_opened = open_with(torch.from_numpy(key.masked(local)), width, extra)
+    d = open_xor_bits(key.xor_share(opened.numpy(), point))
+    return key.arithmetic(d), extra_opened
+
+
+def open_xor_bits(bits01: np.ndarray) -> np.ndarray:
+    """``mine xor theirs`` of 0/1 values (uint8), sent packed 64 to an int64 word: one exchange
+    through CrypTen's communicator, one round, ``ceil(n / 64) * 8`` bytes per party."""
+    comm = crypten.communicator.get()
+    mine = fss_bit.pack(bits01)
+    gathered = comm.all_gather(torch.from_numpy(mine))
+    theirs = gathered[1 - comm.get_rank()].numpy()
+    if theirs.shape != mine.shape:
+        raise ComparisonError(f"peer opened {theirs.shape} bit words, expected {mine.shape}")
+    return fss_bit.unpack(mine ^ theirs, bits01.shape[0])
 
 
 def grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:

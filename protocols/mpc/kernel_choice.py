@@ -19,9 +19,16 @@ and the shared configuration, so both parties and the simulation make the same o
 are priced as the dealer's FSS gate opens them (``ceil(width / 8)`` bytes, one round) also when
 the session runs CrypTen's circuit, where both forms pay more per comparison.
 
-Dealer material is not on the online path and is not priced here; all-pairs levels multiply the
-comparison keys (an exact pair is a key of ~0.8 KB per party), so ``numerics.all_pairs`` also
-caps a level's pairs at ``ProtocolConfig.all_pairs_budget``.
+* A single-threshold FSS comparison (:mod:`protocols.mpc.compare`): **value** keys (arithmetic
+  output: one opening, one round) or **bit** keys (:mod:`protocols.mpc.fss_bit`: ~40% fewer key
+  bytes, a second round to open one masked bit): :func:`comparison_keys`. Here the whole cost
+  counts: the dealer's key bytes are priced with the online bytes on the same profile (as if the
+  dealer link were as fast as the parties' link), so prefill-sized calls (bound by bytes) take
+  bit keys and decode-sized ones (bound by rounds) value keys.
+
+Elsewhere dealer material is not priced; all-pairs levels multiply the comparison keys (an exact
+pair is a key of ~0.8 KB per party), so ``numerics.all_pairs`` also caps a level's pairs at
+``ProtocolConfig.all_pairs_budget``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 from models import ops
 from privinf.ledger.pricing import CriticalPath, NetworkProfile, price
+from protocols.mpc import fss, fss_bit
 from protocols.mpc.compare import bits_for, shift_for
 from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import ProtocolConfig
@@ -121,3 +129,32 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
     binary = rows * (n - groups) * (comparison_bytes(limit, resolution, config) + product)
     return {"pairs": (2 if group == 2 else 3, pairs * exact + kept * (wins + product)),
             "binary": (2 * levels, binary)}
+
+
+def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
+    """Whole cost (rounds, bytes per party: sent online plus received from the dealer) of one
+    single-threshold comparison of ``elements`` values on a ``width``-bit gate:
+
+    * ``value``: open ``x + r`` (``ceil(width / 8)`` bytes per element), one round; keys of
+      :func:`protocols.mpc.fss.sign_key_words` words;
+    * ``bit``: the same opening, then ``d`` packed 64 bits to a word, two rounds; keys of
+      :func:`protocols.mpc.fss_bit.bit_sign_key_words` words.
+    """
+    opened = elements * math.ceil(width / 8)
+    return {"value": (1, opened + RING_BYTES * fss.sign_key_words(width, elements)),
+            "bit": (2, opened + RING_BYTES * (-(-elements // 64) + fss_bit.bit_sign_key_words(width, elements)))}
+
+
+def comparison_keys(elements: int, width: int, points: int, config: ProtocolConfig) -> str:
+    """``"bit"`` or ``"value"``: the sign keys of a comparison of ``elements`` values on ``width``
+    bits against ``points`` public thresholds. Several thresholds keep value keys (one key for all
+    points; bit keys would need a mask bit and a conversion per point); ``comparison_keys`` =
+    ``value`` or ``bit`` in the configuration forces the choice, ``auto`` takes the cheaper whole
+    cost on the kernel profile (:func:`comparison_key_costs`; a tie keeps value keys). Public
+    shapes and configuration only, so both parties choose alike."""
+    if points != 1 or config.comparison_keys == "value":
+        return "value"
+    if config.comparison_keys == "bit":
+        return "bit"
+    costs = comparison_key_costs(elements, width)
+    return "bit" if cheaper(costs["bit"], costs["value"], config) else "value"

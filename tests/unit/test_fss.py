@@ -140,8 +140,9 @@ def test_crypten_comparisons_through_fss_match_plaintext_and_the_circuit() -> No
 
 
 def test_one_fss_comparison_is_one_round_of_its_width_in_bytes_per_element() -> None:
-    """40-bit comparisons open 5 bytes per element, 32-bit ones (``compare_bound``) 4."""
-    n = 1000
+    """40-bit comparisons open 5 bytes per element, 32-bit ones (``compare_bound``) 4 (value keys:
+    below ~700 elements bit-output keys cost more whole, kernel_choice.comparison_keys)."""
+    n = 500
     ledger = {0: Ledger("p0"), 1: Ledger("p1")}
 
     def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
