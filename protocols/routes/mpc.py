@@ -13,7 +13,9 @@ Per session (offline):
 Per inference:
   5. The client announces the public input shape; offline material for that shape is fetched
      (weight-stationary corrections for the server; Beaver/comparison corrections for the
-     client, preprocessed from the recorded request schedule once the shape has been seen).
+     client, preprocessed from the recorded request schedule once the shape has been seen); for
+     token inputs the client computes its input-independent half of every weight-stationary
+     product (``A F^T + C_0``) for that shape, offline.
   6. The client secret-shares its input, both run the same model forward on shares with ledger
      scopes per module, and the server sends its output share to the client only.
   7. The server and the dealer send their ledger rows to the client, which builds the report.
@@ -282,7 +284,7 @@ class MpcServer(MpcParty):
         mask_source = self._mask_seed or seed  # B from the kept masks' seed, else from the session's
         for path, module in self.targets:
             if isinstance(module, Embedding):
-                layer = SecureLinearServer(path, module.weight.detach().t(), None, mask_source, self.peer,
+                layer = SecureLinearServer(path, module.weight.detach().t().contiguous(), None, mask_source, self.peer,
                                            self.ledger)
                 replace_module(self.model, path, EmbeddingAsLinear(layer))
             else:

@@ -159,6 +159,8 @@ class MpcParty:
     def _run(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
         """Both parties: provider schedule handling + input sharing + forward."""
         provider = self.context.provider
+        if len(shape) == 2 and shape[0] == 1:  # token ids [1, tokens]: every linear reads [1, tokens, in]
+            self._precompute_linears(shape[1])
         schedule = self._schedules.get(shape)
         if schedule is not None and provider.stored == 0 and len(schedule):
             with self.ledger.scope("preprocess", "offline"):
