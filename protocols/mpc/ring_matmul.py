@@ -1,0 +1,122 @@
+"""Ring products ``x @ W^T mod 2^64`` with a compiled kernel (``protocols/mpc/native/ring_matmul.c``).
+
+**Why.** The weight-stationary server multiplies a uniform int64 vector by its plaintext weight
+every step: for a decoder's vocabulary tables (the word embedding and the LM head, 50,257 x
+1,024 at MPCache's setting) that is a pass over ~400 MB of int64 per product, and torch's
+integer matmul (no BLAS) runs it at memory speed at best, slower on a transposed table. The
+server's fixed-point weights fit in 32 bits, so the table can be held as int32: the kernel
+sign-extends each entry and multiplies in uint64, which is the exact ring product (the same
+bits as torch's int64 matmul of the widened table) while reading half the bytes, with
+AVX-512's 64-bit multiply where the CPU has it.
+
+**Which.** A C shared library loaded with ctypes (as :mod:`protocols.mpc.fss_native`), built by
+``make`` with the system C compiler; ctypes releases the GIL for the call. It reads W in either
+layout torch hands it over (row-major ``[out, in]``, or the transposed view of an embedding
+table ``[vocab, dim]``), so no copy is made.
+
+**Fallback.** Without the library (no compiler, a library older than its source, or
+``PRIVINF_RING_MATMUL=0``), :func:`times_transposed` computes the same product with torch's
+int64 matmul (an int32 weight widened first), bit for bit (tests/unit/test_ring_matmul.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+ABI = 1
+SOURCE = Path(__file__).resolve().parent / "native" / "ring_matmul.c"
+LIBRARY = SOURCE.with_name("libring_matmul.so")
+WORK_PER_THREAD = 1 << 22  # multiply-adds per extra thread, at least
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library, or None and the reason it is not used."""
+    if os.environ.get("PRIVINF_RING_MATMUL", "1") == "0":
+        return None, "disabled by PRIVINF_RING_MATMUL=0"
+    if not LIBRARY.is_file():
+        return None, f"{LIBRARY.name} is not built (run `make native`)"
+    if SOURCE.is_file() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
+        return None, f"{LIBRARY.name} is older than {SOURCE.name} (run `make native`)"
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError as exc:
+        return None, f"{LIBRARY.name} does not load: {exc}"
+    if lib.ring_matmul_abi() != ABI:
+        return None, f"{LIBRARY.name} has ABI {lib.ring_matmul_abi()}, expected {ABI} (run `make native`)"
+    lib.ring_matmul.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _I64, _P, _INT]
+    level = ("the default target", "AVX2", "AVX-512")[lib.ring_matmul_init()]
+    return lib, f"kernel loaded ({level})"
+
+
+_LIB, REASON = _load()
+if _LIB is None and LIBRARY.is_file():
+    logging.getLogger(__name__).warning("ring products use torch: %s", REASON)
+
+
+def available() -> bool:
+    """Whether the compiled kernel is built and loaded."""
+    return _LIB is not None
+
+
+def compact_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (int64 ring elements) as int32 when every entry fits and the kernel is loaded
+    (half the bytes per pass, the same ring products), else unchanged. Keeps its layout."""
+    if _LIB is None or weight.dtype != torch.int64 or _layout(weight) is None or weight.numel() == 0:
+        return weight
+    info = torch.iinfo(torch.int32)
+    if int(weight.min()) < info.min or int(weight.max()) > info.max:
+        return weight
+    return weight.to(torch.int32)
+
+
+def _layout(weight: torch.Tensor) -> int | None:
+    """0: row-major [out, in]; 1: the transpose of a row-major [in, out]; None: neither."""
+    if weight.dim() != 2:
+        return None
+    out, inner = weight.shape
+    if weight.stride() == (inner, 1) or out == 1:
+        return 0
+    if weight.stride() == (1, out) or inner == 1:
+        return 1
+    return None
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // WORK_PER_THREAD))
+
+
+def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` mod 2^64: ``x`` int64 [..., in], ``weight`` int32 or int64 [out, in]
+    (row-major, or the transposed view of a row-major table); int64 [..., out], contiguous."""
+    flat = x.reshape(-1, x.shape[-1])
+    layout = _layout(weight)
+    if _LIB is None or layout is None or weight.dtype not in (torch.int32, torch.int64) or x.dtype != torch.int64:
+        return _torch_product(flat, weight).reshape(*x.shape[:-1], weight.shape[0])
+    flat = flat.contiguous()
+    rows, (out, inner) = flat.shape[0], weight.shape
+    if flat.shape[1] != inner:
+        raise ValueError(f"x has {flat.shape[1]} features, weight {list(weight.shape)}")
+    y = torch.empty(rows, out, dtype=torch.int64)
+    bits = 32 if weight.dtype == torch.int32 else 64
+    status = _LIB.ring_matmul(flat.data_ptr(), rows, inner, weight.data_ptr(), bits, layout, out, y.data_ptr(),
+                              _threads(rows * inner * out))
+    if status != 0:
+        raise ValueError(f"the ring product kernel refused shapes {list(flat.shape)} x {list(weight.shape)}")
+    return y.reshape(*x.shape[:-1], out)
+
+
+def _torch_product(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fallback: torch's int64 matmul (no BLAS, so ``W @ x^T``: up to 30x faster than
+    ``x @ W^T`` on a transposed operand; one row is a matrix-vector product)."""
+    weight = weight.to(torch.int64)
+    if flat.shape[0] == 1:
+        return torch.mv(weight, flat[0]).unsqueeze(0)
+    return torch.matmul(weight, flat.t()).t().contiguous()

@@ -1,0 +1,63 @@
+"""The compiled ring product equals torch's int64 matmul bit for bit (both layouts, int32 and
+int64 weights, one and several rows, wrap-around), and int32 weights are used only where they fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protocols.mpc import ring_matmul
+
+needs_kernel = pytest.mark.skipif(not ring_matmul.available(), reason=ring_matmul.REASON)
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.reshape(-1, x.shape[-1]) @ weight.to(torch.int64).t()).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_kernel_equals_torch(rows: int, transposed: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    out, inner = 37, 2053  # not multiples of the vector width; an output block boundary in "cols"
+    info = torch.iinfo(dtype)
+    weight = torch.randint(info.min, info.max, (inner, out) if transposed else (out, inner), generator=gen,
+                           dtype=torch.int64).to(dtype)
+    weight = weight.t() if transposed else weight
+    x = torch.randint(-2**63, 2**63 - 1, (1, rows, inner), generator=gen)
+    got = ring_matmul.times_transposed(x, weight)
+    assert got.shape == (1, rows, out) and got.is_contiguous()
+    assert torch.equal(got, _reference(x, weight))
+    assert torch.equal(ring_matmul._torch_product(x.reshape(rows, inner), weight), _reference(x, weight)[0])
+
+
+@needs_kernel
+def test_wide_tables_split_over_threads() -> None:
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randint(-2**20, 2**20, (3000, 1500), generator=gen, dtype=torch.int32)
+    x = torch.randint(-2**63, 2**63 - 1, (2, 3000), generator=gen)
+    with_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(ring_matmul.times_transposed(x, table.t()), _reference(x, table.t()))
+    finally:
+        torch.set_num_threads(with_threads)
+
+
+def test_compact_weight_only_where_it_fits() -> None:
+    small = torch.tensor([[2**31 - 1, -2**31], [5, -7]])
+    wide = torch.tensor([[2**31, 0], [0, 0]])
+    assert ring_matmul.compact_weight(wide).dtype == torch.int64
+    expected = torch.int32 if ring_matmul.available() else torch.int64
+    compact = ring_matmul.compact_weight(small.t())
+    assert compact.dtype == expected and compact.stride() == small.t().stride()
+    assert torch.equal(compact.to(torch.int64), small.t())
+
+
+def test_other_layouts_and_dtypes_take_the_torch_path() -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randint(-100, 100, (6, 10), generator=gen)[:, ::2]  # neither layout: strides (10, 2)
+    x = torch.randint(-2**63, 2**63 - 1, (3, 5), generator=gen)
+    assert torch.equal(ring_matmul.times_transposed(x, weight), _reference(x, weight))
