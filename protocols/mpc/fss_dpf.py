@@ -53,6 +53,8 @@ from protocols.mpc.fss_prg import ONE, PRG, SEED_LEFT, SEED_RIGHT, TWEAKS
 
 MAX_BITS = 20        # domain 2^m: full-domain evaluation costs 2^m outputs per element
 MAX_REQUEST_BITS = 16  # the widest domain a party may ask the dealer for
+EVAL_NS_PER_POINT = 60.0  # full-domain evaluation, payload 1, numpy path: measured ~45-85 ns per point on the
+#                           2-core dev host under load (bench/dpf_lookup.py); the cost rules use it
 MAX_PAYLOAD = 4      # payload words per point
 EVAL_POINTS = 1 << 18  # outputs per evaluation chunk (elements x 2^m): about 2 MiB of int64 per payload word
 _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)

@@ -12,6 +12,17 @@ Security (semi-honest, non-colluding dealer): ``s`` is uniform and independent o
 with the other party's residue masked by its unknown ``r_i``. The rotated shares are a fresh
 additive sharing of ``e_v`` masked by the dealer's ``e_rho`` sharing.
 
+**DPF keys instead** (:func:`uses_dpf`): for larger domains the dealer's ``D`` ring elements per
+value (party 0's correction; party 1 expands its share) outweigh a DPF key at ``rho``
+(:mod:`protocols.mpc.fss_dpf`: ``16 (m - 1) + 16`` bytes and ``2 (m - 1)`` bits to each party,
+``D = 2^m``; root seeds and ``rho`` from each party's stream). The opening is the same; each party
+evaluates its key on the whole domain (shares of ``e_rho``) and rotates it by ``s`` in the same
+way: the same shares' sum, a fresh sharing of ``e_v`` masked by the key's pseudorandom outputs
+(DPF security, :mod:`protocols.mpc.fss_dpf`). The key is chosen where it is smaller *and* the
+bytes it saves, priced on the session's kernel profile, outweigh the local full-domain
+evaluation (:data:`protocols.mpc.fss_dpf.EVAL_NS_PER_POINT` per point): a public rule of the
+domain and the configuration, so both parties choose alike.
+
 Promise: ``v`` is held exactly (shares of ``v * 2^16``, as sums of comparison bits and public
 integers are) and lies in ``[0, D)``; otherwise the result is a wrong one-hot, not an error.
 """
@@ -22,9 +33,11 @@ from typing import Any
 
 import torch
 
-from protocols.mpc import fixed_point
+from protocols.mpc import fixed_point, fss_dpf
 from protocols.mpc.compare import open_low_bits
 from protocols.mpc.cryptenlib import MPCTensor
+from protocols.mpc.kernel_choice import session_config
+from protocols.protocol_config import ProtocolConfig
 
 
 class OneHotError(ValueError):
@@ -36,6 +49,21 @@ def domain_for(count: int) -> int:
     if count < 1:
         raise OneHotError(f"a one-hot domain needs at least one value, got {count}")
     return max(2, 1 << (count - 1).bit_length())
+
+
+def material_bytes(domain: int) -> dict[str, float]:
+    """Dealer bytes per value sent to the party that gets more: the unit vector's ``8 D`` (party 0)
+    or a DPF key's shared words (each party)."""
+    return {"unit": 8.0 * domain, "dpf": fss_dpf.key_bytes(domain.bit_length() - 1, 1, with_seed=False)}
+
+
+def uses_dpf(domain: int, config: ProtocolConfig) -> bool:
+    """Whether a one-hot over ``domain`` takes a DPF key rather than the dealer's unit vector: the
+    key is smaller, and the bytes it saves per value on the kernel profile's bandwidth take longer
+    than its full-domain evaluation (``domain`` points at :data:`fss_dpf.EVAL_NS_PER_POINT`)."""
+    sizes = material_bytes(domain)
+    saved_s = (sizes["unit"] - sizes["dpf"]) * 8 / config.kernel_network().bandwidth_bps
+    return sizes["dpf"] < sizes["unit"] and saved_s > domain * fss_dpf.EVAL_NS_PER_POINT * 1e-9
 
 
 def one_hot(x: Any, domain: int, provider: Any) -> Any:
@@ -50,10 +78,17 @@ def one_hot(x: Any, domain: int, provider: Any) -> Any:
     bits = fixed_point.bits_of(x)
     if share.device.type != "cpu":
         raise OneHotError(f"one_hot runs on CPU shares, got {share.device}")
-    r, unit = provider.one_hot_mask(share.shape, domain)
+    key = None
+    if uses_dpf(domain, session_config(x)):
+        r, key = provider.dpf_key(share.shape, domain.bit_length() - 1)
+    else:
+        r, unit = provider.one_hot_mask(share.shape, domain)
     modulus = (domain << bits) - 1
     residue = (share - r * (1 << bits)) & modulus
     shift = open_low_bits(residue, bits + domain.bit_length() - 1) >> bits
+    if key is not None:
+        rotated = fss_dpf.unit_vectors(key, shift.reshape(-1).numpy()) * (1 << bits)  # at the fixed-point scale
+        return MPCTensor.from_shares(torch.from_numpy(rotated).reshape(*share.shape, domain), precision=bits)
     slots = torch.arange(domain)
     index = (slots - shift.unsqueeze(-1)) & (domain - 1)
     return MPCTensor.from_shares(unit.gather(-1, index), precision=bits)
