@@ -14,6 +14,7 @@ from privinf.ledger.pricing import NetworkProfile, ProfileError, parse_profile
 
 COMPARISON_METHODS = ("fss", "circuit")  # FSS keys from the dealer, or CrypTen's boolean circuit
 COMPARISON_KEYS = ("auto", "value", "bit")  # FSS sign keys: priced per call, arithmetic output, or bit output
+GELU_FORMS = ("auto", "poly", "lut")  # GeLU's even part: priced per shape, polynomial, or DPF lookup table
 STORAGE_POLICIES = ("regenerate", "keep")  # weight masks derived again at every set-up, or kept on disk
 # between sessions of the same model and dealer epoch (protocols/mpc/mask_store.py)
 DEVICES = ("cpu",)
@@ -50,6 +51,9 @@ class ProtocolConfig:
     output, one round), ``bit`` (bit output, ~40% smaller keys, one more round for the B2A) or
     ``auto`` (the cheaper per call on ``kernel_profile``, dealer bytes included:
     :func:`protocols.mpc.kernel_choice.comparison_keys`).
+    ``gelu_form``: GeLU's even part inside the range tests: ``poly`` (the fused polynomial, five
+    rounds), ``lut`` (a DPF lookup table of lines, two rounds, bigger keys and local evaluation)
+    or ``auto`` (the cheaper per shape on ``kernel_profile``: :func:`protocols.mpc.gelu_lut.chosen`).
     """
 
     fixed_point_bits: int = 16
@@ -61,6 +65,7 @@ class ProtocolConfig:
     kernel_profile: str = "lan"
     all_pairs_budget: int = 36_000
     comparison_keys: str = "auto"
+    gelu_form: str = "auto"
 
     def __post_init__(self) -> None:
         lo, hi = FIXED_POINT_RANGE
@@ -79,6 +84,7 @@ class ProtocolConfig:
             raise ProtocolConfigError(f"preprocess must be a positive number of inferences, got {self.preprocess!r}")
         _choice("storage", self.storage, STORAGE_POLICIES)
         _choice("comparison_keys", self.comparison_keys, COMPARISON_KEYS)
+        _choice("gelu_form", self.gelu_form, GELU_FORMS)
         self.kernel_network()
         if not _is_int(self.all_pairs_budget) or self.all_pairs_budget < 0:
             raise ProtocolConfigError(f"all_pairs_budget must be a non-negative number of pairs, "
