@@ -60,7 +60,7 @@ from bench.crypten_baseline import PROVIDERS, party_main, run_crypten
 from models.bench_layers import NAME, SEQ, build_layer, output_tensor, sample_input
 from privinf.ledger.records import Phase
 from privinf.ledger.tables import num_col, render, text_col
-from protocols.protocol_config import ProtocolConfig
+from protocols.protocol_config import COMPARISON_KEYS, ProtocolConfig
 
 QUICK_SEQ = 32
 THIS = Path(__file__).resolve()
@@ -107,8 +107,8 @@ def privinf_ops(report: Any) -> dict[str, dict[str, float]]:
     return ops
 
 
-def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss", preprocess: int | None = None
-                ) -> dict[str, Any]:
+def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss", preprocess: int | None = None,
+                comparison_keys: str = "auto") -> dict[str, Any]:
     """Dealer + server processes, this process as the client: warm-up, then ``runs`` inferences,
     with ``preprocess`` inferences of material made ahead (default 1 + runs: one batch)."""
     from mpc_parties.launch import local_deployment
@@ -116,7 +116,8 @@ def run_privinf(variant: str, seq: int, runs: int, comparisons: str = "fss", pre
     from privinf.session import connect
 
     x = sample_input(INPUT_SEED, seq)
-    protocol = ProtocolConfig(preprocess=preprocess or 1 + runs, comparisons=comparisons)
+    protocol = ProtocolConfig(preprocess=preprocess or 1 + runs, comparisons=comparisons,
+                              comparison_keys=comparison_keys)
     with local_deployment(ModelChoice(NAME, variant), protocol, timeout_s=PARTY_TIMEOUT_S) as deployment:
         dealer_pid = next(p.process.pid for p in deployment.parties if p.role == "dealer")
         started = time.perf_counter()
@@ -196,7 +197,7 @@ def device_line() -> str:
 
 
 def run_variant(variant: str, seq: int, runs: int, providers: list[str], circuit: bool, work: Path,
-                preprocess: int | None = None) -> dict[str, Any]:
+                preprocess: int | None = None, comparison_keys: str = "auto") -> dict[str, Any]:
     """Every CrypTen provider, then privinf (and its circuit ablation), on one variant."""
     want = reference(variant, sample_input(INPUT_SEED, seq))
     columns, errors, ops = [], [], {}
@@ -207,7 +208,7 @@ def run_variant(variant: str, seq: int, runs: int, providers: list[str], circuit
         errors.append(float((col["output"] - want).abs().max()))
         ops.setdefault("crypten", col["ops"])
     print(f"[{variant}] privinf ...", flush=True)
-    ours = run_privinf(variant, seq, runs, preprocess=preprocess)
+    ours = run_privinf(variant, seq, runs, preprocess=preprocess, comparison_keys=comparison_keys)
     if circuit and variant == "exact":
         print(f"[{variant}] privinf with CrypTen's comparison circuit ...", flush=True)
         ablation = run_privinf(variant, seq, runs, comparisons="circuit", preprocess=preprocess)
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default="TTP,TFP", help="CrypTen providers, the first is the main baseline")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--preprocess", type=int, help="privinf's protocol preprocess (default 1 + runs: one batch)")
+    parser.add_argument("--comparison-keys", choices=COMPARISON_KEYS, default="auto",
+                        help="privinf's FSS sign keys (ProtocolConfig.comparison_keys; value: as before bit keys)")
     parser.add_argument("--circuit", action="store_true",
                         help="also run the exact layer through privinf with CrypTen's comparison circuit")
     args = parser.parse_args(argv)
@@ -273,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
           f"all-pairs levels capped at {defaults.all_pairs_budget:,} pairs (protocols/mpc/kernel_choice.py)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privinf-bench-") as tmp:
-        results = {v: run_variant(v, seq, args.runs, providers, args.circuit, Path(tmp), args.preprocess)
-                   for v in variants}
+        results = {v: run_variant(v, seq, args.runs, providers, args.circuit, Path(tmp), args.preprocess,
+                                  args.comparison_keys) for v in variants}
     report(results, seq)
     print(f"bench wall {time.perf_counter() - started:.0f} s")
     if args.json:
