@@ -37,29 +37,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bench_layers import NAME, SEQ, sample_input
 from privinf.ledger.counting import Phase, Row
 from privinf.ledger.tables import num_col, render, text_col
-from protocols.mpc import fss, fss_native
+from protocols.mpc import fss, fss_bit, fss_native
 from protocols.routes.local_run import run_local_session
 
 MIB = float(2 ** 20)
-KEYS = re.compile(r"fss_(keys|points)_(\d+)b_shift(\d+)")
+KEYS = re.compile(r"fss_(keys|bitkeys|points)_(\d+)b_shift(\d+)")
+COUNTERS = ("keys", "points", "bitkeys")  # value keys, points evaluated, bit-output keys (fss_bit.py)
 
 
 def sites(rows: list[Row]) -> dict[tuple[str, int, int], list[int]]:
-    """(scope, bits, shift) -> [keys, points] from one party's ledger rows."""
-    found: dict[tuple[str, int, int], list[int]] = defaultdict(lambda: [0, 0])
+    """(scope, bits, shift) -> [keys, points, bit keys] from one party's ledger rows."""
+    found: dict[tuple[str, int, int], list[int]] = defaultdict(lambda: [0, 0, 0])
     for row in rows:
         for name, value in row.counters.extra.items():
             match = KEYS.fullmatch(name)
             if match:
                 entry = found[(row.name, int(match.group(2)), int(match.group(3)))]
-                entry[0 if match.group(1) == "keys" else 1] += int(value)
+                entry[COUNTERS.index(match.group(1))] += int(value)
     return found
 
 
-def generation_seconds(width: int, count: int) -> float:
-    """Seconds to generate ``count`` sign keys of ``width`` bits as the dealer does."""
+def generation_seconds(width: int, count: int, bit: bool = False) -> float:
+    """Seconds to generate ``count`` sign keys (bit-output ones with ``bit``) of ``width`` bits as the dealer does."""
     start = time.perf_counter()
-    fss.sign_gen(count, width, os.urandom, lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64))
+    gen = fss_bit.bit_sign_gen if bit else fss.sign_gen
+    gen(count, width, os.urandom, lambda k: np.frombuffer(os.urandom(8 * k), dtype=np.int64))
     return time.perf_counter() - start
 
 
@@ -133,14 +135,15 @@ def main() -> None:
     session = run_local_session(NAME, args.variant, lambda client: client.infer(x)[1], timeout_s=1800)
     client_rows, _, dealer_rows = session.result
     table, total_mib, total_s = [], 0.0, 0.0
-    for (scope, bits, shift), (keys, points) in sorted(sites(client_rows).items()):
-        mib = fss.sign_key_words(bits - shift, keys) * 8 / MIB
-        seconds = generation_seconds(bits - shift, keys)
+    for (scope, bits, shift), (keys, points, bit_keys) in sorted(sites(client_rows).items()):
+        width = bits - shift
+        mib = (fss.sign_key_words(width, keys) + fss_bit.bit_sign_key_words(width, bit_keys)) * 8 / MIB
+        seconds = generation_seconds(width, keys) + generation_seconds(width, bit_keys, bit=True)
         total_mib, total_s = total_mib + mib, total_s + seconds
-        table.append([scope, str(bits), str(shift), str(bits - shift), str(keys), str(points), f"{mib:.2f}",
+        table.append([scope, str(bits), str(shift), str(width), str(keys), str(bit_keys), str(points), f"{mib:.2f}",
                       f"{seconds:.2f}"])
     columns = [text_col("scope"), num_col("bits"), num_col("shift"), num_col("key bits"), num_col("keys"),
-               num_col("points"), num_col("MiB/party"), num_col("gen s")]
+               num_col("bit keys"), num_col("points"), num_col("MiB/party"), num_col("gen s")]
     print(f"FSS keys of one {NAME} inference ({args.variant}, seq {args.seq})")
     print(render(columns, table))
     dealer_sent = sum(r.counters.bytes_sent for r in dealer_rows) / MIB
