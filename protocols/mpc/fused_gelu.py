@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from protocols.mpc import fixed_point, numerics
+from protocols.mpc import fixed_point, gelu_lut, numerics
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.fused_norm import opened_product
@@ -60,7 +60,11 @@ class _Party:
 
 
 def gelu(x: MPCTensor, form: str = "erf") -> MPCTensor:
-    """``numerics.gelu`` (same polynomial and range, for either ``form``), each operand opened once."""
+    """``numerics.gelu`` (same polynomial and range, for either ``form``), each operand opened once;
+    or, where :func:`protocols.mpc.gelu_lut.chosen` says so, its lookup-table form (two rounds)."""
+    fixed_point.arithmetic_share(x, "GeLU's input", FusedGeluError)
+    if gelu_lut.chosen(x):
+        return gelu_lut.gelu(x, form)
     t = numerics.GELU_RANGE
     party = _Party(x)
     inside, w, opened = numerics.gelu_range_opening(x, x.share - party.mask["x"])

@@ -59,7 +59,7 @@ from torch import nn
 
 from models import ops
 from models.layers import Embedding
-from protocols.mpc import compare, fixed_point, numerics
+from protocols.mpc import compare, fixed_point, gelu_lut, numerics
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.model_prep import replace_module, secure_targets
 from protocols.protocol_config import RING_BITS, ProtocolConfig
@@ -411,9 +411,11 @@ _bind_crypten_functions()
 
 
 def fused_gelu_equivalent(x: SimTensor, form: str = "erf") -> SimTensor:
-    """What :func:`protocols.mpc.fused_gelu.gelu`'s shares sum to: its range tests
-    (``numerics.gelu_range``, run as is) and ``numerics.gelu``'s polynomial with the fused kernel's
-    products (each of two opened operands, truncated once) in its order."""
+    """What :func:`protocols.mpc.fused_gelu.gelu`'s shares sum to (:func:`gelu_lut.simulated` where it
+    takes the lookup table): its range tests (``numerics.gelu_range``, run as is) and ``numerics.gelu``'s
+    polynomial with the fused kernel's products (each of two opened operands, truncated once) in its order."""
+    if gelu_lut.chosen(x):
+        return gelu_lut.simulated(x)
     t = numerics.GELU_RANGE
     inside, w = numerics.gelu_range(x)
     v = x.square() * (1.0 / (t * t))
