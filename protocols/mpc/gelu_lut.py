@@ -57,7 +57,8 @@ SEGMENT_BITS = 5       # segment width 2^-5
 LINE_ERROR = 1.95e-4   # max |line - g| of every line on its window of two segments (fit below; tested)
 ONLINE = {"lut": (2, 3 + 8 + 32), "poly": (5, 67)}  # rounds, bytes sent per element and party
 DEALER = {"lut": fss_dpf.key_bytes(LUT_BITS, 2, with_seed=False) + 16, "poly": 64.0}  # per element, larger party
-LUT_EXTRA_NS = 20_000.0  # local CPU per element of the lookup beyond the polynomial's (numpy; bench/dpf_lookup.py)
+LUT_EXTRA_NS = 2_500.0  # local CPU per element of the lookup (compiled kernel, 2 threads: 2.3 us; numpy 32 us;
+#                          bench/dpf_lookup.py): one figure on every host, as fss_dpf.EVAL_NS_PER_POINT
 _FIT_NODES = 33
 
 

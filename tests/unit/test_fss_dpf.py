@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from privinf.ledger.counting import Ledger
-from protocols.mpc import fss_dpf
+from protocols.mpc import dpf_native, fss_dpf
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import Stream, new_seed
@@ -103,10 +103,30 @@ def test_dealer_dpf_request_keys_sit_at_the_shifted_mask() -> None:
 
 
 def test_one_hot_takes_dpf_keys_where_they_are_smaller_and_their_evaluation_pays() -> None:
-    lan, wan = ProtocolConfig(), ProtocolConfig(kernel_profile="wan")
     assert material_bytes(4) == {"unit": 32.0, "dpf": 32.25}
-    assert not any(uses_dpf(1 << m, lan) for m in range(1, 17))  # numpy evaluation costs more than LAN bytes
-    assert [uses_dpf(1 << m, wan) for m in (1, 2, 3, 8, 16)] == [False, False, True, True, True]
+    assert material_bytes(8) == {"unit": 64.0, "dpf": 48.5}
+    for profile in ("lan", "wan"):
+        config = ProtocolConfig(kernel_profile=profile)
+        assert [uses_dpf(1 << m, config) for m in (1, 2, 3, 8, 16)] == [False, False, True, True, True]
+    slow = ProtocolConfig(kernel_profile="fast:bw=100Gbps,rtt=1ms")  # bytes cheaper than the evaluation
+    assert not any(uses_dpf(1 << m, slow) for m in range(1, 17))
+
+
+@pytest.mark.skipif(not dpf_native.active(), reason=f"compiled DPF kernel: {dpf_native.REASON}")
+@pytest.mark.parametrize(("bits", "payload"), [(1, 1), (2, 2), (8, 2), (8, 3), (16, 1)])
+def test_compiled_kernel_gives_the_numpy_outputs_bit_for_bit(bits: int, payload: int) -> None:
+    n = 2 if bits == 16 else 130
+    rng = np.random.default_rng(bits + payload)
+    alpha = rng.integers(0, 1 << bits, n, dtype=np.uint64)
+    beta = rng.integers(-2**63, 2**63 - 1, (n, payload), dtype=np.int64, endpoint=True)
+    tables = rng.integers(-2**63, 2**63 - 1, (3, 1 << bits), dtype=np.int64, endpoint=True)
+    opened = rng.integers(0, 1 << bits, n)
+    for key in _keys(alpha, beta, bits):
+        native = fss_dpf.full_domain(key, 1, n), fss_dpf.lookup(key, opened, tables)
+        with dpf_native.disabled():
+            assert not dpf_native.active()
+            assert np.array_equal(native[0], fss_dpf.full_domain(key, 1, n))
+            assert np.array_equal(native[1], fss_dpf.lookup(key, opened, tables))
 
 
 def test_one_hot_with_dpf_keys_is_exact_one_opening_and_smaller_material() -> None:
