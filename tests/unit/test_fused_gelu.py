@@ -15,6 +15,7 @@ from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import compute_correction, expand_shares
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import GELU_MASKS, GELU_PRODUCTS, TupleRequest
+from protocols.protocol_config import ProtocolConfig
 from tests.unit.test_dealer import run_crypten_parties
 
 # inside [-3.5, 3.5], both edges, and far outside (where the powers overflow and are zeroed)
@@ -38,6 +39,7 @@ def test_fused_gelu_matches_the_unfused_one_and_sends_a_quarter_less() -> None:
     ledger = {0: Ledger("p0"), 1: Ledger("p1")}
 
     def party(rank: int, context: cp.PartyContext) -> dict[str, object]:
+        context.config = ProtocolConfig(gelu_form="poly")  # the polynomial form (auto takes the table at this size)
         x = crypten.cryptensor(X, src=0)
         start = ledger[rank].totals()
         with share_kernels():
