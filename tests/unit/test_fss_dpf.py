@@ -3,6 +3,8 @@ the one-hot vectors that take DPF keys instead of the dealer's unit vector (prot
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,11 @@ from protocols.mpc import dpf_native, fss_dpf
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import Stream, new_seed
-from protocols.mpc.dealer import Dealer, compute_correction, expand_shares
+from protocols.mpc.dealer import Dealer, compute_correction, expand_shares, receive_seed
+from protocols.mpc.dealer_pool import PoolLimits
 from protocols.mpc.onehot import material_bytes, one_hot, uses_dpf
 from protocols.mpc.vocabulary import DealerError, TupleRequest
+from protocols.net.channels import memory_pair, run_parties
 from protocols.protocol_config import ProtocolConfig
 from tests.unit.test_dealer import run_crypten_parties
 from tests.unit.test_kv_select import reveal
@@ -152,3 +156,38 @@ def test_one_hot_with_dpf_keys_is_exact_one_opening_and_smaller_material() -> No
     key = fss_dpf.shared_words(6, n) * 8
     assert key <= r0["dealer"] < key + 1000 and key <= r1["dealer"] < key + 1000
     assert r0["dealer"] < 8 * 64 * n / 2  # the unit vector would take 8 D bytes per value
+
+
+def _dpf_session(dealer: Dealer, inferences: int) -> tuple[list[Any], list[Any]]:
+    """Both parties: one recorded (online) inference asking for DPF keys, then preprocessed ones."""
+    links = {r: memory_pair("dealer", f"p{r}") for r in (0, 1)}
+    dealer.distribute_seeds({r: links[r][0] for r in (0, 1)})
+    providers = {r: cp.DealerProvider(r, receive_seed(links[r][1]), links[r][1]) for r in (0, 1)}
+
+    def party(rank: int) -> list[Any]:
+        provider = providers[rank]
+        with provider.recording() as schedule:
+            runs = [provider.dpf_key((5,), 6, 2, 3)]
+        provider.preprocess(schedule, inferences - 1)
+        runs += [provider.dpf_key((5,), 6, 2, 3) for _ in range(inferences - 1)]
+        provider.close()
+        return runs
+
+    out0, out1, *_ = run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(links[0][0], 0),
+                                 lambda: dealer.serve(links[1][0], 1), timeout_s=120)
+    return out0, out1
+
+
+@pytest.mark.parametrize("pool", [None, PoolLimits(ahead=2, workers=2)])
+def test_both_parties_fetch_dpf_keys_online_and_preprocessed(pool: PoolLimits | None) -> None:
+    seeds = {0: new_seed(), 1: new_seed()}
+    out0, out1 = _dpf_session(Dealer(seeds=seeds, pool=pool), inferences=3)
+    for (m0, k0), (m1, k1) in zip(out0, out1):
+        mask = (m0 + m1).numpy()
+        alpha = (mask.view(np.uint64) >> np.uint64(3)).astype(np.intp) & 63
+        total = fss_dpf.full_domain(k0) + fss_dpf.full_domain(k1)
+        want = np.zeros_like(total)
+        want[np.arange(5), alpha, 0], want[np.arange(5), alpha, 1] = 1, mask
+        assert np.array_equal(total, want)
+    plain0, _ = _dpf_session(Dealer(seeds=seeds), inferences=3)
+    assert all(np.array_equal(a.to_array(), b.to_array()) for (_, a), (_, b) in zip(out0, plain0))
