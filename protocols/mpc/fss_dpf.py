@@ -282,6 +282,14 @@ def _full_domain_chunk(key: DpfKey, lo: int, hi: int) -> np.ndarray:
     return leaves.reshape(n, 1 << key.bits, key.payload)
 
 
+def record(ledger: object, key: DpfKey) -> None:
+    """Count ``key``'s elements and evaluated points in a party's ledger (``dpf_keys_<m>b_p<P>``,
+    ``dpf_points_<m>b``; the dealer's bytes follow from :func:`shared_words`); no-op without one."""
+    if ledger is not None:
+        ledger.record_extra(f"dpf_keys_{key.bits}b_p{key.payload}", key.count)  # type: ignore[attr-defined]
+        ledger.record_extra(f"dpf_points_{key.bits}b", key.count << key.bits)  # type: ignore[attr-defined]
+
+
 def rotate_tables(tables: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """``T[(u + s) mod 2^m]`` per element: int64 [N, K, 2^m] for tables [K, 2^m] and shifts [N]."""
     size = tables.shape[-1]

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 
 from protocols.mpc import fixed_point, fss_dpf, numerics
+from protocols.mpc.cryptenlib import crypten
+from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.kernel_choice import session_config
 from protocols.protocol_config import ProtocolConfig
 
@@ -122,8 +124,6 @@ def _finish(x: Any, inside: Any, w: Any, even: Any) -> Any:
 
 def gelu(x: Any, form: str = "erf") -> Any:
     """GeLU on a party's shares from the lookup table (two rounds; the module docstring)."""
-    from protocols.mpc.cryptenlib import provider as crypten_provider
-
     share = fixed_point.arithmetic_share(x, "GeLU's input")
     bits = fixed_point.bits_of(x)
     context = crypten_provider.current()
@@ -132,6 +132,7 @@ def gelu(x: Any, form: str = "erf") -> Any:
     e = opened.reshape(-1).numpy()
     index = ((e.view(np.uint64) >> np.uint64(shift_bits(bits))) & np.uint64((1 << LUT_BITS) - 1)).view(np.int64)
     read = fss_dpf.lookup(key, index, tables(bits))  # [N, (a, b), (1, r)]
+    fss_dpf.record(getattr(crypten.communicator.get(), "ledger", None), key)
     with np.errstate(over="ignore"):
         z = e * read[:, 0, 0] + read[:, 0, 1] + read[:, 1, 0] * (1 << bits)
     return _finish(x, inside, w, fixed_point.truncated(torch.from_numpy(z).reshape(share.shape), bits))

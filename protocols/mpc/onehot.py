@@ -35,7 +35,7 @@ import torch
 
 from protocols.mpc import fixed_point, fss_dpf
 from protocols.mpc.compare import open_low_bits
-from protocols.mpc.cryptenlib import MPCTensor
+from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.kernel_choice import session_config
 from protocols.protocol_config import ProtocolConfig
 
@@ -87,6 +87,7 @@ def one_hot(x: Any, domain: int, provider: Any) -> Any:
     residue = (share - r * (1 << bits)) & modulus
     shift = open_low_bits(residue, bits + domain.bit_length() - 1) >> bits
     if key is not None:
+        fss_dpf.record(getattr(crypten.communicator.get(), "ledger", None), key)
         rotated = fss_dpf.unit_vectors(key, shift.reshape(-1).numpy()) * (1 << bits)  # at the fixed-point scale
         return MPCTensor.from_shares(torch.from_numpy(rotated).reshape(*share.shape, domain), precision=bits)
     slots = torch.arange(domain)

@@ -70,7 +70,7 @@ def test_lookup_gelu_on_two_parties_is_two_rounds_43_bytes_and_matches_the_simul
             out = ops.gelu(shares)
         end = mpc[rank].totals()
         return {"y": out.get_plain_text().double(), "bytes": end.bytes_sent - start.bytes_sent,
-                "rounds": end.rounds - start.rounds}
+                "rounds": end.rounds - start.rounds, "extra": dict(end.extra)}
 
     (r0, r1), _ = run_crypten_parties(party, mpc_ledgers=mpc)
     want = torch.nn.functional.gelu(x.double())
@@ -81,6 +81,7 @@ def test_lookup_gelu_on_two_parties_is_two_rounds_43_bytes_and_matches_the_simul
     assert (r0["y"] - sim).abs().max() <= 2 * gelu_lut.LINE_ERROR + 8 * ULP
     n = x.numel()
     assert r0["rounds"] == 2
+    assert r0["extra"]["dpf_keys_8b_p2"] == n and r0["extra"]["dpf_points_8b"] == 256 * n
     assert 43 * n <= r0["bytes"] < 43 * n + 400  # 3 + 8 bytes in the first round, a 4-element Beaver product
 
 
