@@ -59,8 +59,9 @@ SEGMENT_BITS = 5       # segment width 2^-5
 LINE_ERROR = 1.95e-4   # max |line - g| of every line on its window of two segments (fit below; tested)
 ONLINE = {"lut": (2, 3 + 8 + 32), "poly": (5, 67)}  # rounds, bytes sent per element and party
 DEALER = {"lut": fss_dpf.key_bytes(LUT_BITS, 2, with_seed=False) + 16, "poly": 64.0}  # per element, larger party
-LUT_EXTRA_NS = 2_500.0  # local CPU per element of the lookup (compiled kernel, 2 threads: 2.3 us; numpy 32 us;
-#                          bench/dpf_lookup.py): one figure on every host, as fss_dpf.EVAL_NS_PER_POINT
+LUT_EXTRA_NS = 3_500.0  # local time per element of the lookup form beyond the polynomial's: the kernel's lookup
+#                          alone 1.0-2.3 us (numpy 23-32 us; bench/dpf_lookup.py), end to end 5-6.7 us with both
+#                          parties and the dealer's key generation on the 2-core host; one figure on every host
 _FIT_NODES = 33
 
 
