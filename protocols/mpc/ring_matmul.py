@@ -4,10 +4,10 @@
 every step: for a decoder's vocabulary tables (the word embedding and the LM head, 50,257 x
 1,024 at MPCache's setting) that is a pass over ~400 MB of int64 per product, and torch's
 integer matmul (no BLAS) runs it at memory speed at best, slower on a transposed table. The
-server's fixed-point weights fit in 32 bits, so the table can be held as int32: the kernel
-sign-extends each entry and multiplies in uint64, which is the exact ring product (the same
-bits as torch's int64 matmul of the widened table) while reading half the bytes, with
-AVX-512's 64-bit multiply where the CPU has it.
+server's fixed-point weights fit in 32 bits (random tables in 16), so the table can be held as
+int32 (int16): the kernel sign-extends each entry and multiplies in uint64, which is the exact
+ring product (the same bits as torch's int64 matmul of the widened table) while reading half (a
+quarter of) the bytes, with AVX-512's 64-bit multiply where the CPU has it.
 
 **Which.** A C shared library loaded with ctypes (as :mod:`protocols.mpc.fss_native`), built by
 ``make`` with the system C compiler; ctypes releases the GIL for the call. It reads W in either
@@ -16,7 +16,7 @@ table ``[vocab, dim]``), so no copy is made.
 
 **Fallback.** Without the library (no compiler, a library older than its source, or
 ``PRIVINF_RING_MATMUL=0``), :func:`times_transposed` computes the same product with torch's
-int64 matmul (an int32 weight widened first), bit for bit (tests/unit/test_ring_matmul.py).
+int64 matmul (a narrow weight widened first), bit for bit (tests/unit/test_ring_matmul.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ABI = 1
+ABI = 2
 SOURCE = Path(__file__).resolve().parent / "native" / "ring_matmul.c"
 LIBRARY = SOURCE.with_name("libring_matmul.so")
 WORK_PER_THREAD = 1 << 22  # multiply-adds per extra thread, at least
@@ -66,15 +66,24 @@ def available() -> bool:
     return _LIB is not None
 
 
+NARROW = (torch.int16, torch.int32)  # weight types the kernel reads besides int64, narrowest first
+_BITS = {torch.int16: 16, torch.int32: 32, torch.int64: 64}
+
+
 def compact_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (int64 ring elements) as int32 when every entry fits and the kernel is loaded
-    (half the bytes per pass, the same ring products), else unchanged. Keeps its layout."""
+    """``weight`` (int64 ring elements) as the narrowest of int16 / int32 that holds every entry
+    when the kernel is loaded (a quarter / half of the bytes per pass, the same ring products),
+    else unchanged. Keeps its layout. (At 16 fractional bits int16 holds weights below 0.5 in
+    magnitude: randomly initialised tables; trained ones such as SmolLM2's embedding, up to 1.96,
+    take int32.)"""
     if _LIB is None or weight.dtype != torch.int64 or _layout(weight) is None or weight.numel() == 0:
         return weight
-    info = torch.iinfo(torch.int32)
-    if int(weight.min()) < info.min or int(weight.max()) > info.max:
-        return weight
-    return weight.to(torch.int32)
+    low, high = int(weight.min()), int(weight.max())
+    for dtype in NARROW:
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return weight.to(dtype)
+    return weight
 
 
 def _layout(weight: torch.Tensor) -> int | None:
@@ -94,20 +103,19 @@ def _threads(work: int) -> int:
 
 
 def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` mod 2^64: ``x`` int64 [..., in], ``weight`` int32 or int64 [out, in]
+    """``x @ weight^T`` mod 2^64: ``x`` int64 [..., in], ``weight`` int16, int32 or int64 [out, in]
     (row-major, or the transposed view of a row-major table); int64 [..., out], contiguous."""
     flat = x.reshape(-1, x.shape[-1])
     layout = _layout(weight)
-    if _LIB is None or layout is None or weight.dtype not in (torch.int32, torch.int64) or x.dtype != torch.int64:
+    if _LIB is None or layout is None or weight.dtype not in _BITS or x.dtype != torch.int64:
         return _torch_product(flat, weight).reshape(*x.shape[:-1], weight.shape[0])
     flat = flat.contiguous()
     rows, (out, inner) = flat.shape[0], weight.shape
     if flat.shape[1] != inner:
         raise ValueError(f"x has {flat.shape[1]} features, weight {list(weight.shape)}")
     y = torch.empty(rows, out, dtype=torch.int64)
-    bits = 32 if weight.dtype == torch.int32 else 64
-    status = _LIB.ring_matmul(flat.data_ptr(), rows, inner, weight.data_ptr(), bits, layout, out, y.data_ptr(),
-                              _threads(rows * inner * out))
+    status = _LIB.ring_matmul(flat.data_ptr(), rows, inner, weight.data_ptr(), _BITS[weight.dtype], layout, out,
+                              y.data_ptr(), _threads(rows * inner * out))
     if status != 0:
         raise ValueError(f"the ring product kernel refused shapes {list(flat.shape)} x {list(weight.shape)}")
     return y.reshape(*x.shape[:-1], out)

@@ -1,5 +1,5 @@
-"""The compiled ring product equals torch's int64 matmul bit for bit (both layouts, int32 and
-int64 weights, one and several rows, wrap-around), and int32 weights are used only where they fit."""
+"""The compiled ring product equals torch's int64 matmul bit for bit (both layouts, int16, int32
+and int64 weights, one and several rows, wrap-around), and narrow weights are used only where they fit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64])
 def test_kernel_equals_torch(rows: int, transposed: bool, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(rows)
     out, inner = 37, 2053  # not multiples of the vector width; an output block boundary in "cols"
@@ -46,14 +46,14 @@ def test_wide_tables_split_over_threads() -> None:
         torch.set_num_threads(with_threads)
 
 
-def test_compact_weight_only_where_it_fits() -> None:
-    small = torch.tensor([[2**31 - 1, -2**31], [5, -7]])
-    wide = torch.tensor([[2**31, 0], [0, 0]])
-    assert ring_matmul.compact_weight(wide).dtype == torch.int64
-    expected = torch.int32 if ring_matmul.available() else torch.int64
-    compact = ring_matmul.compact_weight(small.t())
-    assert compact.dtype == expected and compact.stride() == small.t().stride()
-    assert torch.equal(compact.to(torch.int64), small.t())
+@pytest.mark.parametrize(("entries", "narrow"), [([2**15 - 1, -2**15], torch.int16), ([2**15, 0], torch.int32),
+                                                  ([2**31 - 1, -2**31], torch.int32), ([2**31, 0], torch.int64),
+                                                  ([0, -2**31 - 1], torch.int64)])
+def test_compact_weight_is_the_narrowest_that_holds_every_entry(entries: list[int], narrow: torch.dtype) -> None:
+    weight = torch.tensor([entries, [5, -7]])
+    compact = ring_matmul.compact_weight(weight.t())
+    assert compact.dtype == (narrow if ring_matmul.available() else torch.int64)
+    assert compact.stride() == weight.t().stride() and torch.equal(compact.to(torch.int64), weight.t())
 
 
 def test_other_layouts_and_dtypes_take_the_torch_path() -> None:

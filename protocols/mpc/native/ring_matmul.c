@@ -1,12 +1,12 @@
 /* Ring products y = x @ W^T mod 2^64 for protocols/mpc/ring_matmul.py (loaded with ctypes).
  *
- * x is int64 [n, in] (ring elements), W is [out, in] with int32 or int64 entries, stored either
+ * x is int64 [n, in] (ring elements), W is [out, in] with int16, int32 or int64 entries, stored either
  * row-major ("rows": w[o * in + i], a linear layer's weight) or column-major ("cols":
  * w[i * out + o], an embedding table [vocab, dim] read as its transpose), y is int64 [n, out].
  * All arithmetic is on uint64 (two's-complement wrap-around): the exact result mod 2^64 of
- * torch's int64 matmul. int32 weights are sign-extended, so an int32 table gives the same ring
- * product as its int64 copy while the pass over it reads half the bytes (these products are
- * memory-bound: one pass over a 50,257 x 1,024 table per call).
+ * torch's int64 matmul. Narrow weights are sign-extended, so an int32 (int16) table gives the same
+ * ring product as its int64 copy while the pass over it reads half (a quarter of) the bytes (these
+ * products are memory-bound: one pass over a 50,257 x 1,024 table per call).
  *
  * Each kernel is compiled three times (AVX-512, AVX2, the compiler's default target) from one
  * body; the widest the CPU supports is chosen at run time. Large calls are split over plain
@@ -18,7 +18,7 @@
 #include <string.h>
 #include <pthread.h>
 
-#define RING_MATMUL_ABI 1
+#define RING_MATMUL_ABI 2
 #define MAX_THREADS 64
 #define ROW_BLOCK 4     /* x rows per pass over a W row ("rows") */
 #define COL_ROWS 8      /* x rows accumulated per pass over W ("cols") */
@@ -31,7 +31,7 @@ typedef struct {
     const void *w;
     int64_t *y;
     int64_t n, in, out, o_lo, o_hi;
-    int wide;  /* 1: int64 weights, 0: int32 */
+    int bits;  /* weight width: 16, 32 or 64 */
     int cols;  /* 1: w[i * out + o], 0: w[o * in + i] */
 } Part;
 
@@ -91,11 +91,14 @@ KERNEL_ATTR static void run_##SUFFIX(const Part *p) {                           
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 #define AVX2 __attribute__((target("avx2")))
+DEFINE_KERNELS(i16_avx512, AVX512, int16_t)
 DEFINE_KERNELS(i32_avx512, AVX512, int32_t)
 DEFINE_KERNELS(i64_avx512, AVX512, int64_t)
+DEFINE_KERNELS(i16_avx2, AVX2, int16_t)
 DEFINE_KERNELS(i32_avx2, AVX2, int32_t)
 DEFINE_KERNELS(i64_avx2, AVX2, int64_t)
 #endif
+DEFINE_KERNELS(i16_base, , int16_t)
 DEFINE_KERNELS(i32_base, , int32_t)
 DEFINE_KERNELS(i64_base, , int64_t)
 
@@ -120,10 +123,16 @@ int ring_matmul_init(void) {
 
 static void run_part(const Part *p) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (level == 2) { if (p->wide) run_i64_avx512(p); else run_i32_avx512(p); return; }
-    if (level == 1) { if (p->wide) run_i64_avx2(p); else run_i32_avx2(p); return; }
+    if (level == 2) {
+        if (p->bits == 64) run_i64_avx512(p); else if (p->bits == 32) run_i32_avx512(p); else run_i16_avx512(p);
+        return;
+    }
+    if (level == 1) {
+        if (p->bits == 64) run_i64_avx2(p); else if (p->bits == 32) run_i32_avx2(p); else run_i16_avx2(p);
+        return;
+    }
 #endif
-    if (p->wide) run_i64_base(p); else run_i32_base(p);
+    if (p->bits == 64) run_i64_base(p); else if (p->bits == 32) run_i32_base(p); else run_i16_base(p);
 }
 
 static void *run_thread(void *arg) {
@@ -131,11 +140,11 @@ static void *run_thread(void *arg) {
     return NULL;
 }
 
-/* y [n, out] = x [n, in] @ W^T mod 2^64; w_bits 32 or 64; cols: W's layout (see above);
+/* y [n, out] = x [n, in] @ W^T mod 2^64; w_bits 16, 32 or 64; cols: W's layout (see above);
  * threads: at most this many (1: the caller's thread only). 0 on success. */
 int ring_matmul(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bits, int cols, int64_t out,
                 int64_t *y, int threads) {
-    if (n < 0 || in < 1 || out < 1 || (w_bits != 32 && w_bits != 64) || (cols != 0 && cols != 1)) return -1;
+    if (n < 0 || in < 1 || out < 1 || (w_bits != 16 && w_bits != 32 && w_bits != 64) || (cols != 0 && cols != 1)) return -1;
     if (level < 0) return -2;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -147,7 +156,7 @@ int ring_matmul(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bi
     if (cols && step % 16) step += 16 - step % 16;  /* whole cache lines of W per thread */
     int used = 0;
     for (int t = 0; t < threads && t * step < out; t++, used++) {
-        Part part = {x, w, y, n, in, out, t * step, (t + 1) * step < out ? (t + 1) * step : out, w_bits == 64, cols};
+        Part part = {x, w, y, n, in, out, t * step, (t + 1) * step < out ? (t + 1) * step : out, w_bits, cols};
         parts[t] = part;
     }
     for (int t = 1; t < used; t++) started[t] = pthread_create(&ids[t], NULL, run_thread, &parts[t]) == 0;
