@@ -62,19 +62,11 @@ import numpy as np
 import torch
 
 from models import ops
-from protocols.mpc import fss_bit
+from protocols.mpc import fss_bit, kernel_choice
+from protocols.mpc.compare_widths import bits_for, shift_for
 from protocols.mpc.cryptenlib import MPCTensor, crypten
 from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import COMPARISON_METHODS
-
-
-def bits_for(bound: float | None, default: int, fraction_bits: int) -> int:
-    """Ring width for comparing values below ``bound`` in magnitude (``models.ops.compare_bound``):
-    the integer bits, the ``fraction_bits``, a sign bit and one bit of headroom; never above
-    ``default`` (the session's ``comparison_bits``)."""
-    if bound is None:
-        return default
-    return max(2, min(default, math.ceil(math.log2(bound)) + fraction_bits + 2))
 
 
 class ComparisonError(ValueError):
@@ -123,19 +115,6 @@ def open_with(values: torch.Tensor, bits: int, extra: torch.Tensor | None) -> tu
     return opened, (tail + torch.from_numpy(words[packed.size // 8:].copy())).reshape(extra.shape)
 
 
-def shift_for(points: Sequence[float], resolution: float, bits: int) -> int:
-    """Low bits a gate on ``bits`` may drop for thresholds ``points`` and a ``resolution`` (both
-    in ring units, ulps): the largest ``k <= bits - 3`` with ``ceil(c / 2^k) 2^k + 2^k <= c +
-    resolution`` for every ``c`` (0: no truncation, exact)."""
-    shift = 0
-    while shift + 1 <= bits - 3:
-        step = 2 ** (shift + 1)
-        if any(math.ceil(c / step) * step + step > c + resolution for c in points):
-            break
-        shift += 1
-    return shift
-
-
 def truncated(share: np.ndarray, bits: int, shift: int) -> np.ndarray:
     """One party's local truncation ``floor((share mod 2^bits) / 2^shift)`` of int64 shares: both
     parties' results sum to ``floor((x mod 2^bits) / 2^shift) - carry`` mod ``2^(bits - shift)``,
@@ -151,8 +130,6 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray,
     of ``bits - shift`` bits and one opening (with the shares ``extra`` opened in the same
     exchange, :func:`open_with`); a single threshold may take bit-output keys and a second
     round (:func:`protocols.mpc.kernel_choice.comparison_keys`: the same result)."""
-    from protocols.mpc import kernel_choice  # kernel_choice prices comparisons with this module's widths
-
     width = bits - shift
     if np.any(np.abs(points) >= 2 ** (width - 2)):
         raise ComparisonError(f"thresholds {points.tolist()} do not fit a {width}-bit gate")

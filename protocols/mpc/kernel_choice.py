@@ -40,7 +40,7 @@ from typing import Any
 from models import ops
 from privinf.ledger.pricing import CriticalPath, NetworkProfile, price
 from protocols.mpc import fss, fss_bit
-from protocols.mpc.compare import bits_for, shift_for
+from protocols.mpc.compare_widths import bits_for, shift_for
 from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import ProtocolConfig
 
