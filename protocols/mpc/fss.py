@@ -24,7 +24,9 @@ for any public ``c`` (evaluate at ``y - c``: :meth:`SignKey.evaluate_points`), s
 one secret against many thresholds cost one key.
 
 Keys travel as flat int64 arrays (nothing pickled), laid out level-major so that a party reads
-them without copying: see :class:`DcfKey` and :func:`sign_key_words`.
+them without copying: see :class:`DcfKey` and :func:`sign_key_words`. A gate with a single
+threshold may use the bit-output, early-terminated keys of :mod:`protocols.mpc.fss_bit` instead
+(~16.4 bytes per level, one more round; :func:`protocols.mpc.kernel_choice.comparison_keys`).
 
 Generation and evaluation run in the compiled kernel (:mod:`protocols.mpc.fss_native`: C with
 AES-NI, threaded, built by ``make``) when it is built and the CPU has AES-NI, else in the numpy
