@@ -49,8 +49,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled by PRIVINF_FSS_NATIVE=0"
     if not LIBRARY.is_file():
         return None, f"{LIBRARY.name} is not built (run `make native`)"
-    if SOURCE.is_file() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
-        return None, f"{LIBRARY.name} is older than {SOURCE.name} (run `make native`)"
+    for source in (SOURCE, *sorted(SOURCE.parent.glob("*.h"))):  # make's rule: the .c and every header
+        if source.is_file() and source.stat().st_mtime > LIBRARY.stat().st_mtime:
+            return None, f"{LIBRARY.name} is older than {source.name} (run `make native`)"
     try:
         lib = ctypes.CDLL(str(LIBRARY))
     except OSError as exc:
