@@ -36,8 +36,10 @@ about ``x``. Both gates compute the same function of the shares, so choosing one
 (:func:`protocols.mpc.kernel_choice.comparison_keys`, from public shapes) changes no result.
 
 Keys are flat int64 arrays, level-major (:class:`BitDcfKey`), nothing pickled. Generation and
-evaluation run in the compiled kernel (:mod:`protocols.mpc.fss_native`) when it is usable, else
-in the numpy code below; both give the same keys and bits (tests/unit/test_fss_bit.py).
+evaluation run in the compiled kernel (:mod:`protocols.mpc.fss_native`, threaded) when it is
+usable, else in the numpy code below in the calling thread (the key-generation worker processes
+of :mod:`protocols.mpc.keygen_workers` serve the arithmetic keys only); both give the same keys
+and bits (tests/unit/test_fss_bit.py).
 """
 
 from __future__ import annotations
