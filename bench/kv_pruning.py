@@ -374,9 +374,6 @@ def main() -> None:
     parser.add_argument("--policies", help="comma-separated policies to run (e.g. none); default all")
     parser.add_argument("--repeats", type=int, default=1, help="warm runs per configuration (median wall)")
     parser.add_argument("--breakdown", action="store_true", help="print each row's costliest scopes")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch (and ring-product kernel) threads per process (default 1: a party's work runs on "
-                             "its own thread, so the thread CPU column counts all of it)")
     args = parser.parse_args()
     if args.smollm2:
         smollm2()
@@ -387,9 +384,6 @@ def main() -> None:
         parser.exit(2, f"--contexts must be comma-separated integers, got {args.contexts!r}\n")
     if args.repeats < 1:
         parser.exit(2, f"--repeats must be >= 1, got {args.repeats}\n")
-    if args.threads < 1:
-        parser.exit(2, f"--threads must be >= 1, got {args.threads}\n")
-    torch.set_num_threads(args.threads)
     only = set(args.policies.split(",")) if args.policies else None
     if only is not None and not only <= set(POLICIES):
         parser.exit(2, f"--policies: unknown {sorted(only - set(POLICIES))}; known: {', '.join(POLICIES)}\n")
