@@ -217,13 +217,16 @@ def table_key(model: str, example: torch.Tensor, config: ProtocolConfig) -> dict
 
 
 def _code_digest() -> str:
-    """A digest of the sources the prices depend on: a changed kernel invalidates cached tables."""
+    """A digest of the sources the prices depend on (every module and compiled kernel source of
+    :mod:`protocols.mpc`, and the attention kernels): a changed kernel invalidates cached tables."""
     from models import attention
-    from protocols.mpc import compare, fss, fused_gelu, fused_norm, numerics, secure_linear
+    from protocols import mpc
 
-    digest = hashlib.sha256()
-    for module in (attention, compare, fss, fused_gelu, fused_norm, numerics, secure_linear):
-        digest.update(Path(str(module.__file__)).read_bytes())
+    package = Path(str(mpc.__file__)).parent
+    sources = sorted([*package.rglob("*.py"), *package.glob("native/*.c"), *package.glob("native/*.h")])
+    digest = hashlib.sha256(Path(str(attention.__file__)).read_bytes())
+    for source in sources:
+        digest.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 
 
