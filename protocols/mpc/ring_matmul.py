@@ -12,7 +12,10 @@ quarter of) the bytes, with AVX-512's 64-bit multiply where the CPU has it.
 **Which.** A C shared library loaded with ctypes (as :mod:`protocols.mpc.fss_native`), built by
 ``make`` with the system C compiler; ctypes releases the GIL for the call. It reads W in either
 layout torch hands it over (row-major ``[out, in]``, or the transposed view of an embedding
-table ``[vocab, dim]``), so no copy is made.
+table ``[vocab, dim]``), so no copy is made. Products of more than 2^22 multiply-adds are split
+over plain pthreads by output columns (the host's cores, as the FSS kernel: the vocabulary
+products of a decode step run on both cores of a 2-core host while the client waits for them;
+a party's thread-CPU clock then counts only its own thread's share).
 
 **Fallback.** Without the library (no compiler, a library older than its source, or
 ``PRIVINF_RING_MATMUL=0``), :func:`times_transposed` computes the same product with torch's
@@ -99,7 +102,9 @@ def _layout(weight: torch.Tensor) -> int | None:
 
 
 def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // WORK_PER_THREAD))
+    """Threads for ``work`` multiply-adds: the host's cores (as the FSS kernel), fewer for small products."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, work // WORK_PER_THREAD))
 
 
 def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
