@@ -4,10 +4,11 @@ sign gate and its B2A on edge values for every width the layer's gates use, the 
 formula, the per-call choice (kernel_choice.comparison_keys) and the gate on CrypTen shares with
 a dealer in memory.
 
-Widths: the sign-gate widths of compare.py's call sites at the default configuration (21-bit
-GeLU range tests, 23-bit win counts, 33-bit exact pairs, 40-bit default and reciprocal, the
-truncated row max's 23; tests/unit/test_fss_compact.py's SITES), the small widths whose DCF has
-no tree levels at all (n - 1 <= 7) and the ends of the range.
+Widths: every sign-gate width from 2 to 64 bits. The call sites at the default configuration use
+21 (GeLU's truncated range tests), 21-23 (win counts of groups of 3-16), 23 (the truncated row
+max), 33 (exact pairs under the row max's bound), 40 (the default, reciprocal, norms) and the
+KV selection's 2 count + 1 bounds (tests/unit/test_fss_compact.py's SITES, compare_widths.bits_for);
+widths up to 8 have a DCF with no tree levels at all (n - 1 <= 7).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from tests.unit.test_dealer import run_crypten_parties
 from tests.unit.test_fss_compact import SITES
 
 RNG = np.random.default_rng(2021)
-GATE_WIDTHS = sorted({bits - shift for bits, _, _, shift in SITES.values()} | {2, 3, 8, 9, 23, 33, 64})
+SITE_WIDTHS = {bits - shift for bits, _, _, shift in SITES.values()} | {21, 22, 23, 33, 40}
+GATE_WIDTHS = list(range(2, 65))
+assert SITE_WIDTHS <= set(GATE_WIDTHS)
 PATHS = ["numpy", "native"]
 
 
@@ -59,7 +62,7 @@ def _edge_points(alpha: np.ndarray, bits: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("bits", sorted({w - 1 for w in GATE_WIDTHS} | {7, 63}))
+@pytest.mark.parametrize("bits", list(range(1, 65)))
 def test_bit_keys_give_the_old_evaluators_predicate(path: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """XOR of the two bit-output shares == sum of the arithmetic DCF's shares (beta = 1) at every point."""
     _skip_unless(path)
