@@ -51,7 +51,7 @@ from protocols.mpc import fss_native
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.dealer import Dealer
 from protocols.mpc.dealer_pool import MaterialPool, PoolLimits, needed_by
-from protocols.mpc.vocabulary import RequestSchedule
+from protocols.mpc.vocabulary import KEY_KINDS, RequestSchedule
 from protocols.protocol_config import ProtocolConfig
 from protocols.routes import mpc as mpc_route
 from protocols.routes.local_run import run_local_session
@@ -118,7 +118,7 @@ def generate_in_pool(schedule: RequestSchedule, inferences: int, workers: int, m
 def part_gen(args: argparse.Namespace) -> None:
     """Generation seconds per exact BERT-base layer-inference: request loop vs pool."""
     schedule = load_schedule(args.schedule)
-    signs = sum(r.kind == "sign" for r in schedule.requests)
+    signs = sum(r.kind in KEY_KINDS for r in schedule.requests)
     print(f"schedule: {len(schedule)} requests ({signs} sign), {schedule.correction_bytes() / MIB:.1f} MiB of "
           "dealer material for party 0 per inference")
     print(f"FSS kernel: {'compiled' if fss_native.available() else 'numpy'} ({fss_native.REASON})")
