@@ -358,28 +358,48 @@ def _group_winners(head: Tensor) -> Tensor:
 
 def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     """One binary level: neighbours compared (ties keep the earlier), the winner (value and
-    position stacked) kept by one product; an odd entry out waits for the next level."""
+    position stacked) kept by one product; an odd entry out waits for the next level.
+
+    The comparison bit stays at scale 1 (CrypTen's encoding of comparison results), so its
+    product with the difference needs no truncation; positions taken from public indices are
+    formed at scale 1 (exact integers) and re-encoded locally."""
     last = x.dim() - 1
     m = x.size(-1)
     even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
     a, b = ops.index(x, last, even), ops.index(x, last, odd)
-    take_a = as_fixed_point(a >= b, a)
+    diff = a - b
+    later = diff < 0  # [b > a]: the later entry wins, ties keep the earlier
+    if ops.is_plain(later):
+        later = later.to(diff.dtype)
     where = None
     if position is None:
-        top = take_a * (a - b) + b
+        top = a - later * diff
     else:
         ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
         if ops.is_plain(ia):
-            top, where = take_a * (a - b) + b, take_a * (ia - ib) + ib
+            top, where = a - later * diff, as_fixed_point(later * (ib - ia) + ia, a)
         else:
-            both = type(a).stack([a - b, ia - ib]) * take_a
-            top, where = both[0] + b, both[1] + ib
+            both = type(a).stack([diff, ia - ib]) * later
+            top, where = a - both[0], ia - both[1]
     if m % 2:
         final = torch.tensor([m - 1])
         top = ops.cat([top, ops.index(x, last, final)], dim=-1)
         if position is not None:
             where = ops.cat([where, ops.index(position, last, final)], dim=-1)
     return top, where
+
+
+def _padded(x: Tensor, position: Any, multiple: int) -> tuple[Tensor, Any]:
+    """``x`` (and ``position``) [..., n] padded to a multiple of ``multiple`` entries with copies of
+    the first entry: neither the max nor the first max's position changes (the copies sit after
+    every original entry, which wins ties against them), and no binary level has an odd entry out."""
+    n = x.size(-1)
+    extra = -n % multiple
+    if extra == 0:
+        return x, position
+    order = torch.cat([torch.arange(n), torch.zeros(extra, dtype=torch.long)])
+    last = x.dim() - 1
+    return ops.index(x, last, order), (None if position is None else ops.index(position, last, order))
 
 
 def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
@@ -430,6 +450,10 @@ def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
     instead of 20, for 2.4x the comparisons (most of them in the short top levels); a prefill's
     1,536 rows of 128 stay binary (14 rounds, a seventh of the keys)."""
     config = session_config(x)
+    binary, n = 0, x.size(-1)
+    while n > ALL_PAIRS_LIMIT:  # levels that are binary whatever the pricing (all_pairs needs n <= the limit)
+        binary, n = binary + 1, -(-n // 2)
+    x, position = _padded(x, position, 1 << binary)
     while x.size(-1) > 1:
         carried = 1 if position is None or ops.is_plain(position) else 2
         pairs = all_pairs(x.nelement() // x.size(-1), x.size(-1), config, carried)
