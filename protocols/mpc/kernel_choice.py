@@ -22,9 +22,13 @@ the session runs CrypTen's circuit, where both forms pay more per comparison.
 * A single-threshold FSS comparison (:mod:`protocols.mpc.compare`): **value** keys (arithmetic
   output: one opening, one round) or **bit** keys (:mod:`protocols.mpc.fss_bit`: ~40% fewer key
   bytes, a second round to open one masked bit): :func:`comparison_keys`. Here the whole cost
-  counts: the dealer's key bytes are priced with the online bytes on the same profile (as if the
-  dealer link were as fast as the parties' link), so prefill-sized calls (bound by bytes) take
-  bit keys and decode-sized ones (bound by rounds) value keys.
+  counts: the dealer's key bytes are priced with the online bytes on the same profile, at
+  :data:`DEALER_BYTE_WEIGHT` of an online byte. The dealer pool makes keys ahead while the parties
+  compute, so a key byte delays no inference until the dealer link is the bottleneck, while the
+  bit keys' extra round is paid on every one; at 1/8 the break-even is ~5,800 comparisons at 40
+  bits (~8,600 at 23) on LAN: a BERT-base prefill's big max-tree levels (98k-12k comparisons)
+  take bit keys, a decode step's or a short MiniLM input's (~6k and fewer) keep value keys and
+  their rounds (GPT-2-small at 1024: 638 -> 571 rounds per step; issue 14's budget is 600).
 
 Elsewhere dealer material is not priced; all-pairs levels multiply the comparison keys (an exact
 pair is a key of ~0.8 KB per party), so ``numerics.all_pairs`` also caps a level's pairs at
@@ -45,6 +49,7 @@ from protocols.mpc.cryptenlib.binding import bound
 from protocols.protocol_config import ProtocolConfig
 
 RING_BYTES = 8  # an opened arithmetic share element (CrypTen's int64 ring)
+DEALER_BYTE_WEIGHT = 1 / 8  # a dealer key byte against an online byte in comparison_keys (see above)
 Cost = tuple[int, int]  # (online rounds, bytes sent per party)
 
 
@@ -132,8 +137,9 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
 
 
 def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
-    """Whole cost (rounds, bytes per party: sent online plus received from the dealer) of one
-    single-threshold comparison of ``elements`` values on a ``width``-bit gate:
+    """Whole cost (rounds, bytes per party: sent online plus :data:`DEALER_BYTE_WEIGHT` of those
+    received from the dealer) of one single-threshold comparison of ``elements`` values on a
+    ``width``-bit gate:
 
     * ``value``: open ``x + r`` (``ceil(width / 8)`` bytes per element), one round; keys of
       :func:`protocols.mpc.fss.sign_key_words` words;
@@ -141,8 +147,10 @@ def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
       :func:`protocols.mpc.fss_bit.bit_sign_key_words` words.
     """
     opened = elements * math.ceil(width / 8)
-    return {"value": (1, opened + RING_BYTES * fss.sign_key_words(width, elements)),
-            "bit": (2, opened + RING_BYTES * (-(-elements // 64) + fss_bit.bit_sign_key_words(width, elements)))}
+    value_keys = RING_BYTES * fss.sign_key_words(width, elements)
+    bit_keys = RING_BYTES * fss_bit.bit_sign_key_words(width, elements)
+    return {"value": (1, opened + round(DEALER_BYTE_WEIGHT * value_keys)),
+            "bit": (2, opened + RING_BYTES * -(-elements // 64) + round(DEALER_BYTE_WEIGHT * bit_keys))}
 
 
 def comparison_keys(elements: int, width: int, points: int, config: ProtocolConfig) -> str:

@@ -202,8 +202,10 @@ def test_the_rule_takes_bit_keys_for_prefill_sizes_and_value_keys_for_decode_siz
     assert kernel_choice.comparison_keys(prefill, 21, 2, lan) == "value"  # several thresholds: one value key
     assert kernel_choice.comparison_keys(decode, 40, 1, ProtocolConfig(comparison_keys="bit")) == "bit"
     assert kernel_choice.comparison_keys(prefill, 40, 1, ProtocolConfig(comparison_keys="value")) == "value"
+    assert kernel_choice.comparison_keys(6144, 23, 1, lan) == "value"  # a decode step's first max level
     costs = kernel_choice.comparison_key_costs(64, 40)  # 64 elements: 985.75 vs 572.125 key bytes each
-    assert costs == {"value": (1, 64 * 5 + 63_088), "bit": (2, 64 * 5 + 8 + 36_616)}
+    weight = kernel_choice.DEALER_BYTE_WEIGHT
+    assert costs == {"value": (1, 64 * 5 + round(weight * 63_088)), "bit": (2, 64 * 5 + 8 + round(weight * 36_616))}
 
 
 # ----- on CrypTen shares with the dealer ----------------------------------------------------------
@@ -217,15 +219,15 @@ def _compare(rank: int, context: object, ledger: Ledger, x: torch.Tensor) -> dic
             "bytes": after.bytes_sent - before.bytes_sent, "kinds": [(r.kind, r.bits) for r in schedule.requests]}
 
 
-@pytest.mark.parametrize("n", [1000, 40])
+@pytest.mark.parametrize("n", [8000, 40])
 def test_gate_on_crypten_shares_takes_the_cheaper_keys(n: int) -> None:
-    """1,000 elements: bit keys, two rounds, 5 bytes + 1 bit per element; 40: value keys, one round."""
+    """8,000 elements: bit keys, two rounds, 5 bytes + 1 bit per element; 40: value keys, one round."""
     x = torch.linspace(-5, 5, n)
     x[:6] = torch.tensor([0.25, 0.25 - 2 ** -16, 0.25 + 2 ** -16, 0.0, -128.0, 127.0])
     ledger = {0: Ledger("p0"), 1: Ledger("p1")}
     (r0, r1), _ = run_crypten_parties(lambda rank, ctx: _compare(rank, ctx, ledger[rank], x), mpc_ledgers=ledger)
     assert torch.equal(r0["bits"], (x < 0.25).float()) and torch.equal(r1["bits"], r0["bits"])
-    bit = n >= 1000
+    bit = n >= 8000
     assert r0["kinds"] == [("signbit" if bit else "sign", 40)]
     assert r0["rounds"] == (2 if bit else 1)
     opened = 5 * n + (8 * -(-n // 64) if bit else 0)

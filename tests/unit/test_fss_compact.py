@@ -22,6 +22,7 @@ from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import KEY_KINDS
+from protocols.protocol_config import ProtocolConfig
 from tests.unit.test_dealer import run_crypten_parties
 
 RNG = np.random.default_rng(16)
@@ -126,6 +127,7 @@ ROW_X[0, 0, :2] = torch.tensor([5.0, 5.0 + 2.0 ** -8])  # a near-tie within the 
 
 def _site_rows(rank: int, context: cp.PartyContext, ledger: Ledger) -> dict[str, object]:
     out: dict[str, object] = {}
+    context.config = ProtocolConfig(gelu_form="poly")  # the polynomial form (auto takes the table at this size)
     x = crypten.cryptensor(GELU_X, src=0)
     rows = crypten.cryptensor(ROW_X, src=0)
     with context.provider.recording() as schedule:
@@ -146,13 +148,13 @@ def test_each_site_records_its_width_and_the_keys_have_it() -> None:
     assert (r0["max"] <= true_max + 1e-3).all()
     assert (r0["max"] >= true_max - levels * ops.STABILISING_SLACK - 1e-3).all()
     # one 21-bit key per GeLU input; a row of 16 is one group of the tournament: its 120 pairs
-    # exact on 33 bits (1,440 single-threshold comparisons: bit-output keys are cheaper whole on
-    # the LAN profile, kernel_choice.comparison_keys), then each entry's win count against 15 on 23 bits
-    assert r0["widths"] == [((GELU_X.numel(),), 21, "sign"), ((3, 4, 1, 120), 33, "signbit"),
+    # exact on 33 bits (1,440 single-threshold comparisons: value keys, below the LAN break-even of
+    # kernel_choice.comparison_keys), then each entry's win count against 15 on 23 bits
+    assert r0["widths"] == [((GELU_X.numel(),), 21, "sign"), ((3, 4, 1, 120), 33, "sign"),
                             ((3, 4, 1, 16), 23, "sign")]
     extra = {r.name: r.counters.extra for r in ledger[0].rows()}
     assert extra["gelu"] == {"fss_keys_32b_shift11": GELU_X.numel(), "fss_points_32b_shift11": 2 * GELU_X.numel()}
-    assert extra["max"] == {"fss_bitkeys_33b_shift0": 12 * 120, "fss_points_33b_shift0": 12 * 120,
+    assert extra["max"] == {"fss_keys_33b_shift0": 12 * 120, "fss_points_33b_shift0": 12 * 120,
                             "fss_keys_23b_shift0": 12 * 16, "fss_points_23b_shift0": 12 * 16}
 
 
