@@ -335,7 +335,8 @@ def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Any = Non
 
 def _group_winners(head: Tensor) -> Tensor:
     """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest
-    of equal ones), at ``head``'s scale, in two rounds of comparisons: all g (g - 1) / 2 pairs at
+    of equal ones), at scale 1 on shares (its products need no truncation; ``head``'s dtype in
+    torch), in two rounds of comparisons: all g (g - 1) / 2 pairs at
     once (exact, under the caller's magnitude bound), then ``[wins == g - 1]`` of each entry's
     win count (a linear sum of the pair bits; the exact pairs order the group totally, so one
     entry wins all)."""
@@ -347,13 +348,18 @@ def _group_winners(head: Tensor) -> Tensor:
     with ops.compare_bound(bound, 0.0) if bound is not None else contextlib.nullcontext():
         later = diff < 0  # [x_j > x_i] for each pair i < j: the later entry wins
     if g == 2:
-        return as_fixed_point(ops.cat([1 - later, later], dim=-1), head)
+        return _as_values(ops.cat([1 - later, later], dim=-1), head)
     moves = torch.zeros(len(first), g)
     moves[torch.arange(len(first)), first] = -1.0
     moves[torch.arange(len(first)), second] = 1.0
     wins = later.matmul(moves) + torch.arange(g - 1, -1, -1, dtype=torch.float32)  # scale 1, exact
     with ops.compare_bound(2.0 * g):
-        return as_fixed_point(1 - (wins < g - 1), head)
+        return _as_values(1 - (wins < g - 1), head)
+
+
+def _as_values(bit: Tensor, like: Tensor) -> Tensor:
+    """A comparison result as a factor for ``like``: in ``like``'s dtype in torch, unchanged (scale 1) on shares."""
+    return bit.to(like.dtype) if ops.is_plain(bit) else bit
 
 
 def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
@@ -369,8 +375,7 @@ def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     a, b = ops.index(x, last, even), ops.index(x, last, odd)
     diff = a - b
     later = diff < 0  # [b > a]: the later entry wins, ties keep the earlier
-    if ops.is_plain(later):
-        later = later.to(diff.dtype)
+    later = _as_values(later, diff)
     where = None
     if position is None:
         top = a - later * diff
@@ -418,7 +423,7 @@ def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
         return (onehot * head).sum(-1), None
     spots = ops.index(position, last, order).reshape(*lead, groups, g)
     if ops.is_plain(spots):
-        return (onehot * head).sum(-1), (onehot * spots).sum(-1)
+        return (onehot * head).sum(-1), as_fixed_point((onehot * spots).sum(-1), head)
     both = (type(head).stack([head, spots]) * onehot).sum(-1)
     return both[0], both[1]
 
