@@ -364,18 +364,14 @@ def _as_values(bit: Tensor, like: Tensor) -> Tensor:
 
 def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     """One binary level: neighbours compared (ties keep the earlier), the winner (value and
-    position stacked) kept by one product; an odd entry out waits for the next level.
-
-    The comparison bit stays at scale 1 (CrypTen's encoding of comparison results), so its
-    product with the difference needs no truncation; positions taken from public indices are
-    formed at scale 1 (exact integers) and re-encoded locally."""
+    position stacked) kept by one product (the bit at scale 1: no truncation; public positions
+    formed exactly, then re-encoded); an odd entry out waits for the next level."""
     last = x.dim() - 1
     m = x.size(-1)
     even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
     a, b = ops.index(x, last, even), ops.index(x, last, odd)
     diff = a - b
-    later = diff < 0  # [b > a]: the later entry wins, ties keep the earlier
-    later = _as_values(later, diff)
+    later = _as_values(diff < 0, diff)  # [b > a]: the later entry wins, ties keep the earlier
     where = None
     if position is None:
         top = a - later * diff
@@ -408,20 +404,16 @@ def _padded(x: Tensor, position: Any, multiple: int) -> tuple[Tensor, Any]:
 
 
 def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
-    """One level of groups of up to :data:`SINGLE_GROUP` (the row padded with copies of its first
-    entry, which change neither the max nor the first max's position): each group's winner by
-    :func:`_group_winners` and one product (value and position stacked)."""
-    last = x.dim() - 1
-    n = x.size(-1)
-    g = min(n, SINGLE_GROUP)
-    groups = -(-n // g)
-    order = torch.cat([torch.arange(n), torch.zeros(groups * g - n, dtype=torch.long)])
-    lead = tuple(x.shape[:-1])
-    head = ops.index(x, last, order).reshape(*lead, groups, g)
+    """One level of groups of up to :data:`SINGLE_GROUP` (the row :func:`_padded` to whole groups):
+    each group's winner by :func:`_group_winners` and one product (value and position stacked)."""
+    g = min(x.size(-1), SINGLE_GROUP)
+    x, position = _padded(x, position, g)
+    lead, groups = tuple(x.shape[:-1]), x.size(-1) // g
+    head = x.reshape(*lead, groups, g)
     onehot = _group_winners(head)
     if position is None:
         return (onehot * head).sum(-1), None
-    spots = ops.index(position, last, order).reshape(*lead, groups, g)
+    spots = position.reshape(*lead, groups, g)
     if ops.is_plain(spots):
         return (onehot * head).sum(-1), as_fixed_point((onehot * spots).sum(-1), head)
     both = (type(head).stack([head, spots]) * onehot).sum(-1)
