@@ -355,11 +355,18 @@ class MpcServer(MpcParty):
         left = self._ws_left.get(shape, 0)
         if left == 0:
             budget = self._budget(shape)
-            shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
-            with self.ledger.scope("preprocess", "offline"):
-                preprocess_server(self.secure, shapes, budget, self.dealer, CLIENT_RANK, self._mask_id)
+            with self.ledger.scope("preprocess", "offline"), self.ledger.phase(Phase.OFFLINE):
+                preprocess_server(self.secure, self._layer_shapes(shape), budget, self.dealer, CLIENT_RANK,
+                                  self._mask_id)
             left = budget
         self._ws_left[shape] = left - 1
+
+    def _layer_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Every weight-stationary layer's input shape for inputs of ``shape`` (a plaintext dry run,
+        once per shape)."""
+        if shape not in self._shapes_seen:
+            self._shapes_seen[shape] = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
+        return self._shapes_seen[shape]
 
 
     def _fetch_ws_generation(self, request: dict[str, Any]) -> None:

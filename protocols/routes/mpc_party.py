@@ -92,6 +92,7 @@ class MpcParty:
         self._hooks: Any = None
         self._schedules: dict[tuple[int, ...], RequestSchedule] = {}
         self._ws_left: dict[tuple[int, ...], int] = {}
+        self._shapes_seen: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # per input shape (at most max_positions)
         self._used: dict[tuple[int, ...], int] = {}
         self._step_schedules = ScheduleCache(MAX_SCHEDULED_REQUESTS)
         self.inferences = 0
