@@ -334,14 +334,12 @@ def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Any = Non
 
 
 def _group_winners(head: Tensor) -> Tensor:
-    """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest
-    of equal ones), at scale 1 on shares (its products need no truncation; ``head``'s dtype in
-    torch), in two rounds of comparisons: all g (g - 1) / 2 pairs at
-    once (exact, under the caller's magnitude bound), then ``[wins == g - 1]`` of each entry's
-    win count (a linear sum of the pair bits; the exact pairs order the group totally, so one
-    entry wins all)."""
-    g = head.size(-1)
-    last = head.dim() - 1
+    """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest of
+    equal ones), at scale 1 on shares (no truncation in its products; ``head``'s dtype in torch), in
+    two rounds of comparisons: all g (g - 1) / 2 pairs at once (exact, under the caller's bound),
+    then ``[wins == g - 1]`` of each entry's win count (a linear sum of the pair bits; the exact
+    pairs order the group totally, so one entry wins all)."""
+    g, last = head.size(-1), head.dim() - 1
     first, second = torch.triu_indices(g, g, 1)
     diff = ops.index(head, last, first) - ops.index(head, last, second)
     bound = ops.comparison_bound()
@@ -366,8 +364,7 @@ def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     """One binary level: neighbours compared (ties keep the earlier), the winner (value and
     position stacked) kept by one product (the bit at scale 1: no truncation; public positions
     formed exactly, then re-encoded); an odd entry out waits for the next level."""
-    last = x.dim() - 1
-    m = x.size(-1)
+    last, m = x.dim() - 1, x.size(-1)
     even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
     a, b = ops.index(x, last, even), ops.index(x, last, odd)
     diff = a - b
@@ -394,8 +391,7 @@ def _padded(x: Tensor, position: Any, multiple: int) -> tuple[Tensor, Any]:
     """``x`` (and ``position``) [..., n] padded to a multiple of ``multiple`` entries with copies of
     the first entry: neither the max nor the first max's position changes (the copies sit after
     every original entry, which wins ties against them), and no binary level has an odd entry out."""
-    n = x.size(-1)
-    extra = -n % multiple
+    n, extra = x.size(-1), -x.size(-1) % multiple
     if extra == 0:
         return x, position
     order = torch.cat([torch.arange(n), torch.zeros(extra, dtype=torch.long)])

@@ -420,10 +420,8 @@ def fused_gelu_equivalent(x: SimTensor, form: str = "erf") -> SimTensor:
     inside, w = numerics.gelu_range(x)
     v = x.square() * (1.0 / (t * t))
     v2 = v.square()
-    v3, v4 = v * v2, v2.square()
-    powers = [v, v2, v3, v4, v * v4, v3.square()]
-    coeffs = numerics.GELU_EVEN_COEFFS
-    even = sum((p * c for p, c in zip(powers, coeffs[1:])), start=coeffs[0])
+    v3, v4, coeffs = v * v2, v2.square(), numerics.GELU_EVEN_COEFFS
+    even = sum((p * c for p, c in zip([v, v2, v3, v4, v * v4, v3.square()], coeffs[1:])), start=coeffs[0])
     return x * 0.5 + inside * even + (w * x) * 0.5
 
 
