@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocols.mpc.fss_prg import PRG_KEY, SEED_LEFT, SEED_RIGHT, TWEAKS
+from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
 
 if TYPE_CHECKING:
     from protocols.mpc.fss_dpf import DpfKey
 
 ABI = 1
-SOURCE = Path(__file__).resolve().parent / "native" / "dpf_native.c"
-LIBRARY = SOURCE.with_name("libdpf_native.so")
+LIBRARY = NATIVE_DIR / "libdpf_native.so"
 THREAD_POINTS = 1 << 17  # domain points (elements x 2^m) per extra thread, at least
 _DISABLED: ContextVar[bool] = ContextVar("dpf_native_disabled", default=False)
 _P = ctypes.c_void_p
@@ -43,18 +41,9 @@ _INT = ctypes.c_int
 
 def _load(leaf_tweaks: np.ndarray) -> tuple[ctypes.CDLL | None, str]:
     """The initialised library, or None and the reason it is not used."""
-    if os.environ.get("PRIVINF_DPF_NATIVE", "1") == "0":
-        return None, "disabled by PRIVINF_DPF_NATIVE=0"
-    if not LIBRARY.is_file():
-        return None, f"{LIBRARY.name} is not built (run `make native`)"
-    if SOURCE.is_file() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
-        return None, f"{LIBRARY.name} is older than {SOURCE.name} (run `make native`)"
-    try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as exc:
-        return None, f"{LIBRARY.name} does not load: {exc}"
-    if lib.dpf_native_abi() != ABI:
-        return None, f"{LIBRARY.name} has ABI {lib.dpf_native_abi()}, expected {ABI} (run `make native`)"
+    lib, reason = open_library("dpf_native", "PRIVINF_DPF_NATIVE", ABI)
+    if lib is None:
+        return None, reason
     if not lib.dpf_native_supported():
         return None, "this CPU has no AES-NI"
     lib.dpf_native_init.argtypes = [ctypes.c_char_p, _P, _P]
@@ -94,7 +83,7 @@ def disabled() -> Iterator[None]:
 
 
 def _threads(points: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host_cores()
     return max(1, min(cores, points // THREAD_POINTS))
 
 

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
 
 import numpy as np
 
 from protocols.mpc.fss_prg import PRG_KEY, TWEAKS
+from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
 
 ABI = 2  # 2: the bit-output DCF of protocols/mpc/fss_bit.py
-SOURCE = Path(__file__).resolve().parent / "native" / "fss_native.c"
-LIBRARY = SOURCE.with_name("libfss_native.so")
+LIBRARY = NATIVE_DIR / "libfss_native.so"
 THREAD_MIN = 8192  # points (or elements to generate) per extra thread, at least
 _DISABLED: ContextVar[bool] = ContextVar("fss_native_disabled", default=False)
 _P = ctypes.c_void_p
@@ -45,19 +43,9 @@ _I64 = ctypes.c_int64
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The initialised library, or None and the reason it is not used."""
-    if os.environ.get("PRIVINF_FSS_NATIVE", "1") == "0":
-        return None, "disabled by PRIVINF_FSS_NATIVE=0"
-    if not LIBRARY.is_file():
-        return None, f"{LIBRARY.name} is not built (run `make native`)"
-    for source in (SOURCE, *sorted(SOURCE.parent.glob("*.h"))):  # make's rule: the .c and every header
-        if source.is_file() and source.stat().st_mtime > LIBRARY.stat().st_mtime:
-            return None, f"{LIBRARY.name} is older than {source.name} (run `make native`)"
-    try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as exc:
-        return None, f"{LIBRARY.name} does not load: {exc}"
-    if lib.fss_native_abi() != ABI:
-        return None, f"{LIBRARY.name} has ABI {lib.fss_native_abi()}, expected {ABI} (run `make native`)"
+    lib, reason = open_library("fss_native", "PRIVINF_FSS_NATIVE", ABI)
+    if lib is None:
+        return None, reason
     if not lib.fss_native_supported():
         return None, "this CPU has no AES-NI"
     lib.fss_native_init.argtypes = [ctypes.c_char_p, _P]
@@ -98,7 +86,7 @@ def disabled() -> Iterator[None]:
 
 def threads_for(count: int) -> int:
     """Threads for a call on ``count`` points or elements: the host's cores, fewer for small calls."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host_cores()
     return max(1, min(cores, count // THREAD_MIN))
 
 

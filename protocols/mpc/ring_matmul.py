@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-from pathlib import Path
 
 import torch
 
+from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
+
 ABI = 2
-SOURCE = Path(__file__).resolve().parent / "native" / "ring_matmul.c"
-LIBRARY = SOURCE.with_name("libring_matmul.so")
+LIBRARY = NATIVE_DIR / "libring_matmul.so"
 WORK_PER_THREAD = 1 << 22  # multiply-adds per extra thread, at least
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -42,18 +41,9 @@ _INT = ctypes.c_int
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The library, or None and the reason it is not used."""
-    if os.environ.get("PRIVINF_RING_MATMUL", "1") == "0":
-        return None, "disabled by PRIVINF_RING_MATMUL=0"
-    if not LIBRARY.is_file():
-        return None, f"{LIBRARY.name} is not built (run `make native`)"
-    if SOURCE.is_file() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
-        return None, f"{LIBRARY.name} is older than {SOURCE.name} (run `make native`)"
-    try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as exc:
-        return None, f"{LIBRARY.name} does not load: {exc}"
-    if lib.ring_matmul_abi() != ABI:
-        return None, f"{LIBRARY.name} has ABI {lib.ring_matmul_abi()}, expected {ABI} (run `make native`)"
+    lib, reason = open_library("ring_matmul", "PRIVINF_RING_MATMUL", ABI)
+    if lib is None:
+        return None, reason
     lib.ring_matmul.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _I64, _P, _INT]
     level = ("the default target", "AVX2", "AVX-512")[lib.ring_matmul_init()]
     return lib, f"kernel loaded ({level})"
@@ -103,7 +93,7 @@ def _layout(weight: torch.Tensor) -> int | None:
 
 def _threads(work: int) -> int:
     """Threads for ``work`` multiply-adds: the host's cores (as the FSS kernel), fewer for small products."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host_cores()
     return max(1, min(cores, work // WORK_PER_THREAD))
 
 

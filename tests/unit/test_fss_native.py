@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 
-from protocols.mpc import fss, fss_native
+from protocols.mpc import fss, fss_native, native_lib, ring_matmul
 from tests.unit.test_fss_compact import SITES
 
 RNG = np.random.default_rng(1616)
@@ -161,8 +161,9 @@ def test_with_the_kernel_generation_stays_in_this_process() -> None:
 
 
 def test_loader_says_why_it_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fss_native, "LIBRARY", tmp_path / "libfss_native.so")
+    monkeypatch.setattr(native_lib, "NATIVE_DIR", tmp_path)
     assert fss_native._load() == (None, "libfss_native.so is not built (run `make native`)")
+    assert ring_matmul._load() == (None, "libring_matmul.so is not built (run `make native`)")
     monkeypatch.setenv("PRIVINF_FSS_NATIVE", "0")
     assert fss_native._load() == (None, "disabled by PRIVINF_FSS_NATIVE=0")
     with fss_native.disabled():
