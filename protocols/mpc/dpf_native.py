@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocols.mpc.fss_prg import PRG_KEY, SEED_LEFT, SEED_RIGHT, TWEAKS
-from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
+from protocols.mpc.native_lib import NATIVE_DIR, Switch, open_library, pointer, threads_for
 
 if TYPE_CHECKING:
     from protocols.mpc.fss_dpf import DpfKey
@@ -33,7 +31,7 @@ if TYPE_CHECKING:
 ABI = 1
 LIBRARY = NATIVE_DIR / "libdpf_native.so"
 THREAD_POINTS = 1 << 17  # domain points (elements x 2^m) per extra thread, at least
-_DISABLED: ContextVar[bool] = ContextVar("dpf_native_disabled", default=False)
+_SWITCH = Switch("dpf_native")
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
@@ -69,28 +67,16 @@ def load(leaf_tweaks: np.ndarray) -> None:
 
 def active() -> bool:
     """Whether :mod:`fss_dpf` uses the kernel in this context (loaded and not :func:`disabled`)."""
-    return _LIB is not None and not _DISABLED.get()
+    return _LIB is not None and not _SWITCH.off()
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """The numpy path in this context (tests and benches compare the two)."""
-    token = _DISABLED.set(True)
-    try:
-        yield
-    finally:
-        _DISABLED.reset(token)
-
-
-def _threads(points: int) -> int:
-    cores = host_cores()
-    return max(1, min(cores, points // THREAD_POINTS))
+    return _SWITCH.disabled()
 
 
 def _ptr(array: np.ndarray, dtype: type) -> int:
-    if array.dtype != dtype or not array.flags.c_contiguous:
-        raise ValueError(f"the DPF kernel needs contiguous {np.dtype(dtype).name} buffers, got {array.dtype}")
-    return array.ctypes.data
+    return pointer(array, dtype, "DPF")
 
 
 def evaluate(key: DpfKey, lo: int, hi: int, shift: np.ndarray | None = None,
@@ -110,7 +96,7 @@ def evaluate(key: DpfKey, lo: int, hi: int, shift: np.ndarray | None = None,
         out = np.empty((hi - lo, tables.shape[0], payload), dtype=np.int64)
         extra = [shift.ctypes.data, tables.shape[0], tables.ctypes.data]
     status = _LIB.dpf_native_eval(key.party, bits, payload, n, *pointers, lo, hi, *extra, out.ctypes.data,
-                                  _threads((hi - lo) << bits))
+                                  threads_for((hi - lo) << bits, THREAD_POINTS))
     if status != 0:
         raise ValueError(f"the DPF kernel refused an evaluation (status {status})")
     return out

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager
 
 import numpy as np
 
 from protocols.mpc.fss_prg import PRG_KEY, TWEAKS
-from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
+from protocols.mpc.native_lib import NATIVE_DIR, Switch, open_library, pointer, threads_for
 
 ABI = 2  # 2: the bit-output DCF of protocols/mpc/fss_bit.py
 LIBRARY = NATIVE_DIR / "libfss_native.so"
 THREAD_MIN = 8192  # points (or elements to generate) per extra thread, at least
-_DISABLED: ContextVar[bool] = ContextVar("fss_native_disabled", default=False)
+_SWITCH = Switch("fss_native")
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
@@ -71,29 +69,16 @@ def available() -> bool:
 
 def active() -> bool:
     """Whether :mod:`fss` uses the kernel in this context (available and not :func:`disabled`)."""
-    return _LIB is not None and not _DISABLED.get()
+    return _LIB is not None and not _SWITCH.off()
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """The numpy path in this context (tests and benches compare the two)."""
-    token = _DISABLED.set(True)
-    try:
-        yield
-    finally:
-        _DISABLED.reset(token)
-
-
-def threads_for(count: int) -> int:
-    """Threads for a call on ``count`` points or elements: the host's cores, fewer for small calls."""
-    cores = host_cores()
-    return max(1, min(cores, count // THREAD_MIN))
+    return _SWITCH.disabled()
 
 
 def _ptr(array: np.ndarray, dtype: type, writable: bool = False) -> int:
-    if array.dtype != dtype or not array.flags.c_contiguous or (writable and not array.flags.writeable):
-        raise ValueError(f"the FSS kernel needs contiguous {np.dtype(dtype).name} buffers, got {array.dtype}")
-    return array.ctypes.data
+    return pointer(array, dtype, "FSS", writable)
 
 
 def dcf_eval(party: int, bits: int, keys: tuple[np.ndarray, ...], x: np.ndarray, repeat: int) -> np.ndarray:
@@ -106,7 +91,7 @@ def dcf_eval(party: int, bits: int, keys: tuple[np.ndarray, ...], x: np.ndarray,
     out = np.empty(x.shape[0], dtype=np.int64)
     pointers = [_ptr(seed, np.uint64), _ptr(cw_seed, np.uint64), _ptr(cw_value, np.int64), _ptr(cw_final, np.int64),
                 _ptr(cw_t, np.uint64), _ptr(x, np.uint64), _ptr(out, np.int64, True)]
-    status = _LIB.fss_dcf_eval(party, bits, n, repeat, *pointers, threads_for(x.shape[0]))
+    status = _LIB.fss_dcf_eval(party, bits, n, repeat, *pointers, threads_for(x.shape[0], THREAD_MIN))
     if status != 0:
         raise ValueError(f"the FSS kernel refused an evaluation (status {status})")
     return out
@@ -125,7 +110,7 @@ def dcf_gen(bits: int, lo: int, alpha: np.ndarray, beta: np.ndarray, seeds: np.n
     seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
     pointers = [_ptr(alpha, np.uint64), _ptr(beta, np.int64), _ptr(seeds, np.uint64), _ptr(cw_seed, np.uint64, True),
                 _ptr(cw_value, np.int64, True), _ptr(cw_final, np.int64, True), _ptr(cw_t, np.uint64, True)]
-    status = _LIB.fss_dcf_gen(bits, cw_final.shape[0], lo, m, *pointers, threads_for(m))
+    status = _LIB.fss_dcf_gen(bits, cw_final.shape[0], lo, m, *pointers, threads_for(m, THREAD_MIN))
     if status != 0:
         raise ValueError(f"the FSS kernel refused a key generation (status {status})")
 
@@ -144,7 +129,7 @@ def bit_dcf_eval(party: int, bits: int, keys: tuple[np.ndarray, ...], x: np.ndar
     out = np.empty(n, dtype=np.uint8)
     pointers = [_ptr(seed, np.uint64), _ptr(cw_seed, np.uint64), _ptr(cw_leaf, np.uint64), _ptr(cw_bits, np.uint64),
                 _ptr(x, np.uint64), _ptr(out, np.uint8, True)]
-    status = _LIB.fss_bit_eval(party, bits, _levels(bits), n, *pointers, threads_for(n))
+    status = _LIB.fss_bit_eval(party, bits, _levels(bits), n, *pointers, threads_for(n, THREAD_MIN))
     if status != 0:
         raise ValueError(f"the FSS kernel refused a bit-output evaluation (status {status})")
     return out
@@ -161,6 +146,6 @@ def bit_dcf_gen(bits: int, alpha: np.ndarray, seeds: np.ndarray, corrections: tu
     seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
     pointers = [_ptr(alpha, np.uint64), _ptr(seeds, np.uint64), _ptr(cw_seed, np.uint64, True),
                 _ptr(cw_leaf, np.uint64, True), _ptr(cw_bits, np.uint64, True)]
-    status = _LIB.fss_bit_gen(bits, _levels(bits), n, 0, n, *pointers, threads_for(n))
+    status = _LIB.fss_bit_gen(bits, _levels(bits), n, 0, n, *pointers, threads_for(n, THREAD_MIN))
     if status != 0:
         raise ValueError(f"the FSS kernel refused a bit-output key generation (status {status})")

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+
+import numpy as np
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 
@@ -39,3 +44,37 @@ def open_library(name: str, switch: str, abi: int) -> tuple[ctypes.CDLL | None, 
 def host_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_for(count: int, per_thread: int) -> int:
+    """Threads for a call on ``count`` points or elements: the host's cores, fewer for small calls
+    (at least ``per_thread`` per extra thread)."""
+    return max(1, min(host_cores(), count // per_thread))
+
+
+def pointer(array: np.ndarray, dtype: type, kernel: str, writable: bool = False) -> int:
+    """The address of ``array``, which must be a contiguous ``dtype`` buffer (writable if asked)."""
+    if array.dtype != dtype or not array.flags.c_contiguous or (writable and not array.flags.writeable):
+        raise ValueError(f"the {kernel} kernel needs contiguous {np.dtype(dtype).name} buffers, got {array.dtype}")
+    return array.ctypes.data
+
+
+class Switch:
+    """A kernel's per-context off switch: within :meth:`disabled` its module uses the fallback (tests
+    and benches compare the two)."""
+
+    def __init__(self, name: str) -> None:
+        self._off: ContextVar[bool] = ContextVar(f"{name}_disabled", default=False)
+
+    def off(self) -> bool:
+        """Whether the kernel is switched off in this context."""
+        return self._off.get()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The fallback path within the block."""
+        token = self._off.set(True)
+        try:
+            yield
+        finally:
+            self._off.reset(token)

@@ -29,7 +29,7 @@ import logging
 
 import torch
 
-from protocols.mpc.native_lib import NATIVE_DIR, host_cores, open_library
+from protocols.mpc.native_lib import NATIVE_DIR, open_library, threads_for
 
 ABI = 2
 LIBRARY = NATIVE_DIR / "libring_matmul.so"
@@ -91,12 +91,6 @@ def _layout(weight: torch.Tensor) -> int | None:
     return None
 
 
-def _threads(work: int) -> int:
-    """Threads for ``work`` multiply-adds: the host's cores (as the FSS kernel), fewer for small products."""
-    cores = host_cores()
-    return max(1, min(cores, work // WORK_PER_THREAD))
-
-
 def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` mod 2^64: ``x`` int64 [..., in], ``weight`` int16, int32 or int64 [out, in]
     (row-major, or the transposed view of a row-major table); int64 [..., out], contiguous."""
@@ -110,7 +104,7 @@ def times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x has {flat.shape[1]} features, weight {list(weight.shape)}")
     y = torch.empty(rows, out, dtype=torch.int64)
     status = _LIB.ring_matmul(flat.data_ptr(), rows, inner, weight.data_ptr(), _BITS[weight.dtype], layout, out,
-                              y.data_ptr(), _threads(rows * inner * out))
+                              y.data_ptr(), threads_for(rows * inner * out, WORK_PER_THREAD))
     if status != 0:
         raise ValueError(f"the ring product kernel refused shapes {list(flat.shape)} x {list(weight.shape)}")
     return y.reshape(*x.shape[:-1], out)
