@@ -26,53 +26,26 @@
 int dpf_native_abi(void) { return DPF_NATIVE_ABI; }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+#include "aes_mmo.h"
 
-int dpf_native_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse2");
-}
+int dpf_native_supported(void) { return aes_ni_supported(); }
 
-#define KERNEL __attribute__((target("aes,sse2")))
 #define LANES 4
 
-static __m128i round_keys[11];
 static __m128i side_tweak[2];           /* left, right child seeds */
 static __m128i leaf_tweak[MAX_PAYLOAD]; /* leaf block j: output words 2j, 2j + 1 */
 static int ready;
-
-KERNEL static __m128i expand_step(__m128i key, __m128i assist) {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    return _mm_xor_si128(key, assist);
-}
-
-#define EXPAND(i, rcon) round_keys[i] = expand_step(round_keys[i - 1], _mm_aeskeygenassist_si128(round_keys[i - 1], rcon))
 
 /* The PRG's AES key (16 bytes), its left and right seed tweaks (4 words) and the leaf tweaks
  * (2 MAX_PAYLOAD words); 0 on success. */
 KERNEL int dpf_native_init(const uint8_t *key, const uint64_t *sides, const uint64_t *leaves) {
     if (!dpf_native_supported()) return -1;
-    round_keys[0] = _mm_loadu_si128((const __m128i *)key);
-    EXPAND(1, 0x01); EXPAND(2, 0x02); EXPAND(3, 0x04); EXPAND(4, 0x08); EXPAND(5, 0x10);
-    EXPAND(6, 0x20); EXPAND(7, 0x40); EXPAND(8, 0x80); EXPAND(9, 0x1b); EXPAND(10, 0x36);
+    aes_set_key(key);
     for (int j = 0; j < 2; j++) side_tweak[j] = _mm_loadu_si128((const __m128i *)(sides + 2 * j));
     for (int j = 0; j < MAX_PAYLOAD; j++) leaf_tweak[j] = _mm_loadu_si128((const __m128i *)(leaves + 2 * j));
     ready = 1;
     return 0;
 }
-
-/* out[j] = AES(in[j]) ^ in[j] for count blocks, rounds interleaved across the blocks. */
-#define MMO(in, out, count) do { \
-    __m128i state_[count]; \
-    for (int j_ = 0; j_ < (count); j_++) state_[j_] = _mm_xor_si128((in)[j_], round_keys[0]); \
-    for (int r_ = 1; r_ < 10; r_++) \
-        for (int j_ = 0; j_ < (count); j_++) state_[j_] = _mm_aesenc_si128(state_[j_], round_keys[r_]); \
-    for (int j_ = 0; j_ < (count); j_++) \
-        (out)[j_] = _mm_xor_si128(_mm_aesenclast_si128(state_[j_], round_keys[10]), (in)[j_]); \
-} while (0)
 
 typedef struct {
     int party, bits, payload, tables;

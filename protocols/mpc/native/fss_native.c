@@ -25,55 +25,28 @@
 int fss_native_abi(void) { return FSS_NATIVE_ABI; }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+#include "aes_mmo.h"
 
-int fss_native_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse2");
-}
+int fss_native_supported(void) { return aes_ni_supported(); }
 
-#define KERNEL __attribute__((target("aes,sse2")))
 #define EVAL_LANES 4  /* points walked together: 8 AES blocks in flight per level */
 #define GEN_LANES 2   /* elements walked together: 12 AES blocks in flight per level */
 #define PREFETCH 16   /* keys ahead: a key's words lie in 3 bits rows, too many streams for the hardware prefetcher */
 
-static __m128i round_keys[11];
 static uint64_t tweaks[3][2];   /* left seed, right seed, values */
 static uint64_t right_delta;    /* tweaks[1] = tweaks[0] ^ (0, right_delta) */
 static int ready;
 
-KERNEL static __m128i expand_step(__m128i key, __m128i assist) {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
-    return _mm_xor_si128(key, assist);
-}
-
-#define EXPAND(i, rcon) round_keys[i] = expand_step(round_keys[i - 1], _mm_aeskeygenassist_si128(round_keys[i - 1], rcon))
-
 /* The PRG's AES key (16 bytes) and its three tweaks (6 words); 0 on success. */
 KERNEL int fss_native_init(const uint8_t *key, const uint64_t *tweak_words) {
     if (!fss_native_supported()) return -1;
-    round_keys[0] = _mm_loadu_si128((const __m128i *)key);
-    EXPAND(1, 0x01); EXPAND(2, 0x02); EXPAND(3, 0x04); EXPAND(4, 0x08); EXPAND(5, 0x10);
-    EXPAND(6, 0x20); EXPAND(7, 0x40); EXPAND(8, 0x80); EXPAND(9, 0x1b); EXPAND(10, 0x36);
+    aes_set_key(key);
     memcpy(tweaks, tweak_words, sizeof tweaks);
     if (tweaks[1][0] != tweaks[0][0] || tweaks[2][1] != tweaks[0][1]) return -2;
     right_delta = tweaks[0][1] ^ tweaks[1][1];
     ready = 1;
     return 0;
 }
-
-/* out[j] = AES(in[j]) ^ in[j] for count blocks, rounds interleaved across the blocks. */
-#define MMO(in, out, count) do { \
-    __m128i state_[count]; \
-    for (int j_ = 0; j_ < (count); j_++) state_[j_] = _mm_xor_si128((in)[j_], round_keys[0]); \
-    for (int r_ = 1; r_ < 10; r_++) \
-        for (int j_ = 0; j_ < (count); j_++) state_[j_] = _mm_aesenc_si128(state_[j_], round_keys[r_]); \
-    for (int j_ = 0; j_ < (count); j_++) \
-        (out)[j_] = _mm_xor_si128(_mm_aesenclast_si128(state_[j_], round_keys[10]), (in)[j_]); \
-} while (0)
 
 static inline uint64_t lo64(__m128i v) { return (uint64_t)_mm_cvtsi128_si64(v); }
 KERNEL static inline uint64_t hi64(__m128i v) { return (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(v, v)); }
