@@ -27,21 +27,12 @@ from protocols.mpc.vocabulary import TupleRequest
 from protocols.protocol_config import ProtocolConfig
 from tests.unit.test_dealer import run_crypten_parties
 from tests.unit.test_fss_compact import SITES
+from tests.unit.test_fss_native import PATHS, _skip_unless, _top
 
 RNG = np.random.default_rng(2021)
 SITE_WIDTHS = {bits - shift for bits, _, _, shift in SITES.values()} | {21, 22, 23, 33, 40}
 GATE_WIDTHS = list(range(2, 65))
 assert SITE_WIDTHS <= set(GATE_WIDTHS)
-PATHS = ["numpy", "native"]
-
-
-def _skip_unless(path: str) -> None:
-    if path == "native" and not fss_native.available():
-        pytest.skip(f"compiled FSS kernel not usable here: {fss_native.REASON}")
-
-
-def _top(bits: int) -> np.uint64:
-    return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2 ** 64 - 1)
 
 
 def _uniform(n: int, bits: int) -> np.ndarray:
