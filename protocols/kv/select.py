@@ -42,7 +42,7 @@ import torch
 from models import ops
 from models.config import ModelConfig
 from models.kv_pruning import KVPolicy, Plan
-from protocols.mpc import fixed_point, numerics
+from protocols.mpc import fixed_point, numerics, tournament
 from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.onehot import domain_for, one_hot
 
@@ -253,18 +253,18 @@ ROUNDS_PER = {"open": 1, "compare": 1, "compare_narrow": 1, "exp": 8, "reciproca
 
 def _max_ops(rows: int, n: int) -> list[OpCount]:
     """The softmax max's tournament over ``rows`` rows of ``n`` entries as
-    :func:`protocols.mpc.numerics._tournament` runs it: binary levels (a truncated comparison and
-    a product per pair) while :func:`protocols.mpc.numerics.all_pairs` says so, then groups compared
+    :func:`protocols.mpc.tournament._tournament` runs it: binary levels (a truncated comparison and
+    a product per pair) while :func:`protocols.mpc.tournament.all_pairs` says so, then groups compared
     all-pairs (exact), their win counts tested, and one product keeping each group's winner."""
     out: list[OpCount] = []
     while n > 1:
-        if not numerics.all_pairs(rows, n):
+        if not tournament.all_pairs(rows, n):
             pairs = n // 2
             out += [OpCount("softmax.max", "compare_narrow", rows * pairs, 1),
                     OpCount("softmax.max.select", "open", 2 * rows * pairs, 1)]
             n -= pairs
             continue
-        g = min(n, numerics.SINGLE_GROUP)
+        g = min(n, tournament.SINGLE_GROUP)
         groups = -(-n // g)
         out += [OpCount("softmax.max", "compare", rows * groups * g * (g - 1) // 2, 1),
                 OpCount("softmax.max.wins", "compare_narrow", rows * groups * g, 1),

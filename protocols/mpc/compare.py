@@ -219,3 +219,18 @@ def below_opening(x: Any, points: Sequence[float], extra: torch.Tensor | None) -
     shift = shift_for([c * scale for c in points], ops.comparison_resolution() * scale, bits)
     result, opened = _gate(x, context.provider, bits, shift, grid(points, scale, shift), extra)
     return MPCTensor.from_shares(result, precision=0), opened
+
+
+def as_fixed_point(bit: Any, like: Any) -> Any:
+    """A comparison result re-encoded at ``like``'s fixed-point scale (identity in torch).
+
+    CrypTen encodes comparison bits at scale 1; multiplying the share by the scale ratio (local,
+    in place) gives the same bit at ``like``'s scale, so ``bit * 0.25`` no longer rounds to 0.
+    """
+    if ops.is_plain(bit):
+        return bit.to(like.dtype) if ops.is_plain(like) else bit
+    factor = int(like.encoder.scale) // int(bit.encoder.scale)
+    if factor != 1:
+        bit.share = bit.share * factor
+        bit.encoder = like.encoder
+    return bit

@@ -7,7 +7,7 @@ on the shape: a decoding step's few rows are bound by rounds, a prefill's many r
   product that forms the squares and multiplies it into the root's last product (4 rounds, about
   9 ring elements sent per element of ``x``), or **fused** opens ``x`` once for ``x^2`` and
   ``x * s`` and multiplies the gain after (6 rounds, about 2 per element): :func:`norm_costs`.
-* A max / arg-max tournament level (``numerics._tournament``): **all-pairs** groups (3 rounds
+* A max / arg-max tournament level (``tournament._tournament``): **all-pairs** groups (3 rounds
   divide the row by up to 16, every pair of a group compared exactly) or **binary** levels (2
   rounds per halving, one truncated comparison per pair): :func:`level_costs`.
 
@@ -31,7 +31,7 @@ the session runs CrypTen's circuit, where both forms pay more per comparison.
   their rounds (GPT-2-small at 1024: 638 -> 571 rounds per step; issue 14's budget is 600).
 
 Elsewhere dealer material is not priced; all-pairs levels multiply the comparison keys (an exact
-pair is a key of ~0.8 KB per party), so ``numerics.all_pairs`` also caps a level's pairs at
+pair is a key of ~0.8 KB per party), so ``tournament.all_pairs`` also caps a level's pairs at
 ``ProtocolConfig.all_pairs_budget``.
 """
 

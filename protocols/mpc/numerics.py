@@ -20,13 +20,13 @@ context manager that installs them, optionally with a protocol's fused kernels
 * **Wide inverse square root** (SmolLM2's massive activations): the same power-of-four
   reduction, then CrypTen's inverse square root where it is accurate.
 * **Fixed-point scale**: CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would
-  round the constant to 0; :func:`as_fixed_point` multiplies the share by the scale ratio (a
+  round the constant to 0; :func:`protocols.mpc.compare.as_fixed_point` multiplies the share by the scale ratio (a
   local operation) to get the same bit at the usual 2^16 scale.
 * **GeLU**: ``x / 2 + g(x)`` on [-T, T] (T = 3.5), where ``g(x) = x (Phi(x) - 1/2)`` is even,
   fitted as a degree-6 polynomial in ``v = x^2 / T^2`` (near-minimax on [0, 1], max error
   2.3e-4), and ``relu(x)`` outside (GeLU differs from it by at most 8.1e-4 there); both range
   tests from one truncated 21-bit key per element (:func:`gelu_range`).
-* **Row max and arg-max**: comparison tournaments (:func:`_tournament`: binary levels on long
+* **Row max and arg-max**: comparison tournaments (:mod:`protocols.mpc.tournament`: binary levels on long
   rows or many rows, all-pairs groups of up to 16 where they are priced cheaper: three rounds
   per level, :mod:`protocols.mpc.kernel_choice`) instead of CrypTen's
   ``max(dim)``, which also builds the arg-max one-hot. A softmax's max runs its binary levels
@@ -48,9 +48,9 @@ from typing import Any
 import torch
 
 from models import ops
-from protocols.mpc.compare import below, below_opening
-from protocols.mpc.kernel_choice import cheaper, fold_gain, level_costs, session_config
-from protocols.protocol_config import ProtocolConfig
+from protocols.mpc.compare import as_fixed_point, below, below_opening
+from protocols.mpc.kernel_choice import fold_gain, session_config
+from protocols.mpc.tournament import argmax_last, row_max
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
@@ -59,8 +59,6 @@ INV_SQRT_POWERS = (-7, 5)     # k range of x / scale for inverse square roots: [
 RECIPROCAL_PIECES = 16  # quadratic pieces per octave of the reciprocal
 INV_SQRT_PIECES = 128  # linear pieces per power of four of the inverse square root
 CRYPTEN_RECIPROCAL_NEWTON_STEPS = 10
-ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups once the row is this short
-SINGLE_GROUP = 16      # ... in groups of up to 16 entries
 
 GELU_RANGE = 3.5
 GELU_COMPARE_BOUND = 2.0 ** 14  # |x| beyond this overflows the ring in x^2's product anyway
@@ -70,21 +68,6 @@ GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.063
                     3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
 GELU_SIGMOID_SLOPE = 1.702
 NUMERICS = ("reduced", "crypten")
-
-
-def as_fixed_point(bit: Tensor, like: Tensor) -> Tensor:
-    """A comparison result re-encoded at ``like``'s fixed-point scale (identity in torch).
-
-    CrypTen encodes comparison bits at scale 1; multiplying the share by the scale ratio (local,
-    in place) gives the same bit at ``like``'s scale, so ``bit * 0.25`` no longer rounds to 0.
-    """
-    if ops.is_plain(bit):
-        return bit.to(like.dtype) if ops.is_plain(like) else bit
-    factor = int(like.encoder.scale) // int(bit.encoder.scale)
-    if factor != 1:
-        bit.share = bit.share * factor
-        bit.encoder = like.encoder
-    return bit
 
 
 def _power_factors(x: Tensor, base: float, first: int, last: int, exponents: Sequence[float]) -> list[Tensor]:
@@ -331,151 +314,6 @@ def scaled_rows(x: Tensor, finish: Callable[[Tensor], Tensor], weight: Any = Non
     width = x.shape[-1]
     both = ops.cat([x, x], dim=-1) * ops.cat([x, weight.expand(x.shape)], dim=-1)
     return finish(both[..., :width], both[..., width:])
-
-
-def _group_winners(head: Tensor) -> Tensor:
-    """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest of
-    equal ones), at scale 1 on shares (no truncation in its products; ``head``'s dtype in torch), in
-    two rounds of comparisons: all g (g - 1) / 2 pairs at once (exact, under the caller's bound),
-    then ``[wins == g - 1]`` of each entry's win count (a linear sum of the pair bits; the exact
-    pairs order the group totally, so one entry wins all)."""
-    g, last = head.size(-1), head.dim() - 1
-    first, second = torch.triu_indices(g, g, 1)
-    diff = ops.index(head, last, first) - ops.index(head, last, second)
-    bound = ops.comparison_bound()
-    with ops.compare_bound(bound, 0.0) if bound is not None else contextlib.nullcontext():
-        later = diff < 0  # [x_j > x_i] for each pair i < j: the later entry wins
-    if g == 2:
-        return _as_values(ops.cat([1 - later, later], dim=-1), head)
-    moves = torch.zeros(len(first), g)
-    moves[torch.arange(len(first)), first] = -1.0
-    moves[torch.arange(len(first)), second] = 1.0
-    wins = later.matmul(moves) + torch.arange(g - 1, -1, -1, dtype=torch.float32)  # scale 1, exact
-    with ops.compare_bound(2.0 * g):
-        return _as_values(1 - (wins < g - 1), head)
-
-
-def _as_values(bit: Tensor, like: Tensor) -> Tensor:
-    """A comparison result as a factor for ``like``: in ``like``'s dtype in torch, unchanged (scale 1) on shares."""
-    return bit.to(like.dtype) if ops.is_plain(bit) else bit
-
-
-def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
-    """One binary level: neighbours compared (ties keep the earlier), the winner (value and
-    position stacked) kept by one product (the bit at scale 1: no truncation; public positions
-    formed exactly, then re-encoded); an odd entry out waits for the next level."""
-    last, m = x.dim() - 1, x.size(-1)
-    even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
-    a, b = ops.index(x, last, even), ops.index(x, last, odd)
-    diff = a - b
-    later = _as_values(diff < 0, diff)  # [b > a]: the later entry wins, ties keep the earlier
-    where = None
-    if position is None:
-        top = a - later * diff
-    else:
-        ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
-        if ops.is_plain(ia):
-            top, where = a - later * diff, as_fixed_point(later * (ib - ia) + ia, a)
-        else:
-            both = type(a).stack([diff, ia - ib]) * later
-            top, where = a - both[0], ia - both[1]
-    if m % 2:
-        final = torch.tensor([m - 1])
-        top = ops.cat([top, ops.index(x, last, final)], dim=-1)
-        if position is not None:
-            where = ops.cat([where, ops.index(position, last, final)], dim=-1)
-    return top, where
-
-
-def _padded(x: Tensor, position: Any, multiple: int) -> tuple[Tensor, Any]:
-    """``x`` (and ``position``) [..., n] padded to a multiple of ``multiple`` entries with copies of
-    the first entry: neither the max nor the first max's position changes (the copies sit after
-    every original entry, which wins ties against them), and no binary level has an odd entry out."""
-    n, extra = x.size(-1), -x.size(-1) % multiple
-    if extra == 0:
-        return x, position
-    order = torch.cat([torch.arange(n), torch.zeros(extra, dtype=torch.long)])
-    last = x.dim() - 1
-    return ops.index(x, last, order), (None if position is None else ops.index(position, last, order))
-
-
-def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
-    """One level of groups of up to :data:`SINGLE_GROUP` (the row :func:`_padded` to whole groups):
-    each group's winner by :func:`_group_winners` and one product (value and position stacked)."""
-    g = min(x.size(-1), SINGLE_GROUP)
-    x, position = _padded(x, position, g)
-    lead, groups = tuple(x.shape[:-1]), x.size(-1) // g
-    head = x.reshape(*lead, groups, g)
-    onehot = _group_winners(head)
-    if position is None:
-        return (onehot * head).sum(-1), None
-    spots = position.reshape(*lead, groups, g)
-    if ops.is_plain(spots):
-        return (onehot * head).sum(-1), as_fixed_point((onehot * spots).sum(-1), head)
-    both = (type(head).stack([head, spots]) * onehot).sum(-1)
-    return both[0], both[1]
-
-
-def all_pairs(rows: int, n: int, config: ProtocolConfig | None = None, carried: int = 1) -> bool:
-    """Whether a tournament level over ``rows`` rows of ``n`` entries (each kept entry carrying
-    ``carried`` secret values) compares groups all-pairs: rows of at most :data:`ALL_PAIRS_LIMIT`
-    entries, at most ``config.all_pairs_budget`` pairs in the level (all rows together: each pair
-    is a dealer key), and a lower priced online cost than the binary levels it replaces
-    (:mod:`protocols.mpc.kernel_choice`: a decoding step's few rows; a prefill's many rows stay
-    binary). ``config`` None: the defaults."""
-    config = config or ProtocolConfig()
-    g = min(n, SINGLE_GROUP)
-    if n > ALL_PAIRS_LIMIT or rows * -(-n // g) * g * (g - 1) // 2 > config.all_pairs_budget:
-        return False
-    costs = level_costs(rows, n, g, carried, config)
-    return cheaper(costs["pairs"], costs["binary"], config)
-
-
-def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
-    """(max, position of the first max or None) over the last dim of shares ``x`` [..., n].
-
-    Per level, as :func:`all_pairs` decides from the shape: binary (a comparison and a product:
-    two rounds per halving, one comparison per pair, under the caller's ``compare_bound`` and
-    resolution), or groups of up to :data:`SINGLE_GROUP` compared all-pairs (:func:`_groups_level`:
-    three rounds per level, a level dividing the row by up to 16, exact comparisons) once the
-    row is at most :data:`ALL_PAIRS_LIMIT` long, the level within the pairs budget and priced
-    cheaper. A decoding step's 12 rows of 1024: 3 binary levels and 2 group levels, 12 rounds
-    instead of 20, for 2.4x the comparisons (most of them in the short top levels); a prefill's
-    1,536 rows of 128 stay binary (14 rounds, a seventh of the keys)."""
-    config = session_config(x)
-    binary, n = 0, x.size(-1)
-    while n > ALL_PAIRS_LIMIT:  # levels that are binary whatever the pricing (all_pairs needs n <= the limit)
-        binary, n = binary + 1, -(-n // 2)
-    x, position = _padded(x, position, 1 << binary)
-    while x.size(-1) > 1:
-        carried = 1 if position is None or ops.is_plain(position) else 2
-        pairs = all_pairs(x.nelement() // x.size(-1), x.size(-1), config, carried)
-        x, position = (_groups_level if pairs else _pairs_level)(x, position)
-    return x.squeeze(-1), (None if position is None else position.squeeze(-1))
-
-
-def row_max(x: Tensor, dim: int = -1) -> Tensor:
-    """Max over ``dim`` with the dim kept, by a tournament on shares (:func:`_tournament`).
-
-    CrypTen's ``max(dim)`` computes the arg-max one-hot as well (about 2.4x the comparisons of a
-    binary tree). Under a ``compare_bound`` with a resolution (``models.ops.row_max``'s
-    ``slack``) a binary level may keep an entry within ``slack`` below the larger one; the
-    all-pairs levels compare exactly (near-equal entries compared inexactly could leave a group
-    without a winner). The result is an entry at most (binary levels) x slack below the max.
-    """
-    moved = x.transpose(dim, -1) if dim not in (-1, x.dim() - 1) else x
-    top, _ = _tournament(moved)
-    top = top.unsqueeze(-1)
-    return top.transpose(dim, -1) if moved is not x else top
-
-
-def argmax_last(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, index of the first max) over the last dim of shares ``x`` [..., n] by a tournament of
-    groups (:func:`_tournament`; exact comparisons, ties keep the earlier entry as ``torch.argmax``
-    does), instead of CrypTen's one-hot arg-max (a max tree plus an equality test of every entry
-    against the max). The index is a secret integer at the fixed-point scale."""
-    position = torch.arange(x.size(-1), dtype=torch.float32).expand(x.shape)
-    return _tournament(x, position)
 
 
 def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:

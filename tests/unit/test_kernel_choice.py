@@ -14,7 +14,7 @@ from models import ops
 from models.attention import _BIG
 from models.layers import LayerNorm
 from privinf.ledger.counting import Ledger
-from protocols.mpc import fused_norm, kernel_choice, numerics
+from protocols.mpc import fused_norm, kernel_choice, tournament
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
@@ -29,13 +29,13 @@ X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(16)) * 3
 
 
 def _levels(rows: int, n: int, config: ProtocolConfig) -> list[str]:
-    """The tournament's levels as numerics._tournament picks them under the softmax's bound."""
+    """The tournament's levels as tournament._tournament picks them under the softmax's bound."""
     out = []
     with ops.compare_bound(2 * _BIG, ops.STABILISING_SLACK):
         while n > 1:
-            pairs = numerics.all_pairs(rows, n, config)
+            pairs = tournament.all_pairs(rows, n, config)
             out.append(("pairs" if pairs else "binary") + f"@{n}")
-            n = -(-n // min(n, numerics.SINGLE_GROUP)) if pairs else -(-n // 2)
+            n = -(-n // min(n, tournament.SINGLE_GROUP)) if pairs else -(-n // 2)
     return out
 
 
