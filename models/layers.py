@@ -216,6 +216,7 @@ class AffineNorm(_Norm):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.inv_std = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.calibrated = False
+        self.gain_folded = False
 
     def forward(self, x: Any) -> Any:
         if self.center:
@@ -226,9 +227,23 @@ class AffineNorm(_Norm):
             out = x * torch.rsqrt(var) * self.weight
         elif not self.calibrated:
             raise NotCalibratedError("affine norm is not calibrated: call models.layers.calibrate")
+        elif self.gain_folded:
+            out = x * self.weight
         else:
             out = x * (self.weight * self.inv_std)
         return out if self.bias is None else out + self.bias
+
+    def fold_gain(self) -> None:
+        """Make the gain ``weight * inv_std`` (and 1/std one), computed in plaintext before a protocol
+        shares the parameters: on shares the norm then costs one product per call, not two (the gain's
+        own product is input-independent). New tensors, so copies sharing the old storage keep it."""
+        if self.gain_folded:
+            return
+        if not self.calibrated:
+            raise NotCalibratedError("affine norm is not calibrated: call models.layers.calibrate")
+        self.weight = nn.Parameter(self.weight.detach() * self.inv_std.detach(), self.weight.requires_grad)
+        self.inv_std = nn.Parameter(torch.ones_like(self.inv_std), requires_grad=False)
+        self.gain_folded = True
 
     def finish_calibration(self) -> None:
         if self._record:
@@ -316,6 +331,13 @@ def _calibrating(model: nn.Module) -> Iterator[list[Calibrated]]:
     finally:
         for norm in norms:
             norm.finish_calibration()
+
+
+def fold_norm_gains(model: nn.Module) -> None:
+    """Fold every calibrated affine norm's 1/std into its gain (:meth:`AffineNorm.fold_gain`)."""
+    for module in model.modules():
+        if isinstance(module, AffineNorm) and module.calibrated:
+            module.fold_gain()
 
 
 def calibrate(model: nn.Module, run: Callable[[], Any]) -> None:

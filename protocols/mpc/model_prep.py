@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.layers import Calibrated, Embedding, Linear
+from models.layers import Calibrated, Embedding, Linear, fold_norm_gains
 from models.registry import ModelBundle, load_model
 from models.variants import VariantSpec
 from protocols.mpc.cryptenlib import crypten
@@ -97,9 +97,11 @@ def strip_weights(model: nn.Module) -> None:
 
 
 def share_remaining_weights(model: nn.Module) -> None:
-    """Secret-share the server's remaining parameters (rank 1 provides, rank 0 passes shape)."""
+    """Secret-share the server's remaining parameters (rank 1 provides, rank 0 passes shape), affine
+    norms' gains folded first (both parties fold: the client's zeros keep the shapes)."""
     from models.ops import replace_parameters
 
+    fold_norm_gains(model)
     replace_parameters(model, lambda p: crypten.cryptensor(p.float(), src=SERVER_RANK))
 
 

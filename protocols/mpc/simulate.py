@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from models import ops
-from models.layers import Embedding
+from models.layers import Embedding, fold_norm_gains
 from protocols.mpc import compare, fixed_point, gelu_lut, numerics
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.model_prep import replace_module, secure_targets
@@ -484,6 +484,7 @@ def prepare(model: nn.Module, config: ProtocolConfig) -> nn.Module:
             bias = getattr(module, "bias", None)
             replace_module(sim, path, SimLinear(module.weight.detach(), None if bias is None else bias.detach(),
                                                 bits))
+    fold_norm_gains(sim)
     with fixed_point.session_precision(bits):
         ops.replace_parameters(sim, lambda p: SimTensor.new(p.float()))
     return sim

@@ -127,3 +127,25 @@ def test_compare_bound_is_scoped_and_positive() -> None:
     with pytest.raises(ValueError, match="positive limit"):
         with ops.compare_bound(0):
             pass
+
+
+def test_folding_an_affine_norms_gain_keeps_its_output_and_leaves_old_tensors_alone() -> None:
+    """The protocols share ``weight * inv_std`` as one gain (one product per call on shares)."""
+    from models.layers import AffineNorm, NotCalibratedError, calibrate, fold_norm_gains
+
+    torch.manual_seed(0)
+    norm = AffineNorm(8, 1e-12, center=True, bias=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 8) * 3
+    with pytest.raises(NotCalibratedError):
+        norm.fold_gain()
+    calibrate(norm, lambda: norm(x))
+    before, old_weight = norm(x), norm.weight.detach().clone()
+    kept = norm.weight
+    fold_norm_gains(norm)
+    fold_norm_gains(norm)  # once only
+    assert norm.gain_folded and float(norm.inv_std) == 1.0
+    assert torch.allclose(norm(x), before, atol=1e-6)
+    assert torch.equal(kept, old_weight) and not torch.equal(norm.weight, old_weight)

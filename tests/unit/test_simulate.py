@@ -59,7 +59,7 @@ def _tiny_minilm(variant: VariantSpec) -> ModelBundle:
 
 
 @pytest.mark.parametrize(("name", "variant"), [(SPAM, "exact"), (SPAM, "he"), (TINY, "exact"),
-                                               (TINY, "attn=relu,act=quad")])
+                                               (TINY, "attn=relu,act=quad"), (SPAM, "norm=affine")])
 def test_simulation_equals_the_two_party_run(models, name, variant):
     inputs = models[name]
     real = route.mpc_outputs(name, variant, inputs)
