@@ -56,6 +56,9 @@ def add_accuracy_commands(sub: Any) -> None:
     search.add_argument("--teacher-variant", default="exact",
                         help="the reference outputs: exact, or the variant the weights were trained for (he)")
     search.add_argument("--kinds", default="power,2quad,relu,scale,linear", help="attention kinds to consider")
+    search.add_argument("--max-growth", type=float, default=None,
+                        help="refuse configurations whose block outputs exceed this many times the teacher's "
+                             "largest (a trainability screen; e.g. 100)")
     search.add_argument("--verify", action="store_true",
                         help="run exact and the result through real in-process MPC and price both")
     search.set_defaults(func=_cmd_search)
@@ -116,8 +119,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     model, config = _model_name(args), _config(args)
     inputs = search.validation_examples(model, args.validation)
+    if args.max_growth is not None and not args.max_growth >= 1:
+        raise ValueError(f"--max-growth must be >= 1, got {args.max_growth}")
     result = search.search_model(model, profile, inputs, args.target_speedup, args.max_drop, config, kinds=kinds,
-                                 teacher_variant=args.teacher_variant)
+                                 teacher_variant=args.teacher_variant, max_growth=args.max_growth)
     search.write_overrides(result, args.out)
     report = result.to_json()
     if args.verify:

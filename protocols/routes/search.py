@@ -137,21 +137,45 @@ class VariantBuilder:
 
 class Scorer:
     """Agreement with the teacher and mean KL(teacher || candidate) on a validation set. The teacher
-    is the exact model, or ``teacher`` (e.g. the variant the weights were trained for)."""
+    is the exact model, or ``teacher`` (e.g. the variant the weights were trained for).
+
+    ``max_growth`` screens for trainability: a candidate whose transformer blocks output values
+    more than ``max_growth`` times the teacher's largest block output (on the validation set,
+    before any distillation) scores like an overflow (infinite KL), so the search never takes it.
+    Quad activations with affine norms and no exact norm between them grow without bound
+    (1e7-1e21 within two layers); such configurations went to NaN losses or distilled badly."""
 
     def __init__(self, builder: VariantBuilder, inputs: Sequence[torch.Tensor], batch: int = 128,
-                 teacher: nn.Module | None = None) -> None:
-        self.builder = builder
+                 teacher: nn.Module | None = None, max_growth: float | None = None) -> None:
+        if max_growth is not None and not max_growth >= 1:
+            raise SearchError(f"max_growth must be >= 1, got {max_growth}")
+        self.builder, self.max_growth = builder, max_growth
         self.groups = batches_by_shape(inputs, batch)
-        self.teacher = self._outputs(builder.model if teacher is None else teacher.eval())
+        self.teacher, self.teacher_peak = self._outputs(builder.model if teacher is None else teacher.eval())
 
-    def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [model(x).float().reshape(x.shape[0], -1) for _, x in self.groups]
+    def _outputs(self, model: nn.Module) -> tuple[list[torch.Tensor], float]:
+        """Outputs per validation group and the largest |block output| (inf for NaN)."""
+        peak = [0.0]
+
+        def watch(_module: nn.Module, _args: Any, out: Any) -> None:
+            value = out[0] if isinstance(out, tuple) else out
+            peak[0] = max(peak[0], float(torch.nan_to_num(value.detach().abs(), nan=math.inf).max()))
+
+        blocks = getattr(model, "layer", [])
+        handles = [block.register_forward_hook(watch) for block in blocks]
+        try:
+            with torch.no_grad():
+                outs = [model(x).float().reshape(x.shape[0], -1) for _, x in self.groups]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outs, peak[0]
 
     def score(self, assignment: Assignment) -> tuple[float, float]:
-        """(mean KL, agreement) of ``assignment``."""
-        outs = self._outputs(self.builder.build(assignment))
+        """(mean KL, agreement) of ``assignment``; KL is infinite past the growth screen."""
+        outs, peak = self._outputs(self.builder.build(assignment))
+        if self.max_growth is not None and peak > self.max_growth * self.teacher_peak:
+            return math.inf, 0.0
         kl = agree = 0.0
         count = 0
         for teacher, out in zip(self.teacher, outs):
@@ -180,6 +204,7 @@ class SearchResult:
     target_speedup: float
     max_drop: float | None
     moves: list[dict[str, Any]] = field(default_factory=list)
+    max_growth: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,7 +289,8 @@ def search(table: PriceTable, profile: NetworkProfile, scorer: Scorer, target_sp
     kl, agree = scorer.score(current)
     latency = table.latency_s(current, profile)
     return SearchResult(model, profile.spec(), overrides_json(current), exact_s, latency, exact_s / latency, agree,
-                        kl, sum(len(members) for members, _ in scorer.groups), target_speedup, max_drop, accepted)
+                        kl, sum(len(members) for members, _ in scorer.groups), target_speedup, max_drop, accepted,
+                        getattr(scorer, "max_growth", None))
 
 
 def validation_examples(model: str, count: int) -> list[torch.Tensor]:
@@ -300,14 +326,15 @@ def representative(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 def search_model(model: str, profile: NetworkProfile, inputs: Sequence[torch.Tensor], target_speedup: float = 3.0,
                  max_drop: float | None = None, config: ProtocolConfig | None = None,
                  cache_dir: str | Path | None = None, kinds: Sequence[str] = ATTENTION_KINDS[1:],
-                 teacher_variant: str = "exact") -> SearchResult:
+                 teacher_variant: str = "exact", max_growth: float | None = None) -> SearchResult:
     """Measure (or read) ``model``'s price table and search on ``inputs`` (validation); the
-    teacher runs ``teacher_variant`` (exact, or the variant the weights were trained for)."""
+    teacher runs ``teacher_variant`` (exact, or the variant the weights were trained for);
+    ``max_growth``: the trainability screen of :class:`Scorer`."""
     table = measure_prices(model, representative(inputs), config, cache_dir)
     exact = load_model(model, "exact").model.eval()
     teacher = None if teacher_variant == "exact" else load_model(model, teacher_variant).model
     calibration = batches_by_shape(inputs, 128)[0][1]
-    scorer = Scorer(VariantBuilder(exact, calibration), inputs, teacher=teacher)
+    scorer = Scorer(VariantBuilder(exact, calibration), inputs, teacher=teacher, max_growth=max_growth)
     return search(table, profile, scorer, target_speedup, max_drop, kinds, model=model)
 
 

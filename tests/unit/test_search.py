@@ -4,7 +4,9 @@ file (parsed by models.variants and run by the real MPC server) and its priced c
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -75,6 +77,22 @@ def test_search_within_an_agreement_budget(measured):
     result = search.search(table, WAN, search.Scorer(builder, inputs), target_speedup=50.0, max_drop=0.0)
     assert result.agreement == 1.0  # every accepted move kept the teacher's predictions
     assert result.speedup >= 1.0
+
+
+def test_growth_screen_refuses_a_candidate_whose_blocks_blow_up(measured):
+    table, inputs, _ = measured
+    model = _tiny(parse_variant("exact")).model
+    builder = search.VariantBuilder(model, torch.cat(inputs[:8]))
+    exact = op_prices.Assignment.exact(LAYERS, HEADS)
+    screened, plain = search.Scorer(builder, inputs, max_growth=100.0), search.Scorer(builder, inputs)
+    assert screened.teacher_peak > 0 and math.isfinite(screened.score(exact)[0])
+    blown = copy.deepcopy(model)
+    blown.layer[0].register_forward_hook(lambda _module, _args, out: out * 1e4)  # the next norm undoes it
+    builder.build = lambda assignment: blown
+    assert screened.score(exact) == (math.inf, 0.0)
+    assert math.isfinite(plain.score(exact)[0])  # without the screen the same candidate scores normally
+    with pytest.raises(search.SearchError):
+        search.Scorer(builder, inputs, max_growth=0.5)
 
 
 def test_overrides_of_an_assignment():
