@@ -152,10 +152,24 @@ class MpcParty:
 
     def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
         with self.ledger.scope("input", "share"):
+            if self.vocab is not None:
+                return self._client_onehot(value if self.rank == CLIENT_RANK else torch.zeros(shape + (self.vocab,)))
             if self.rank == CLIENT_RANK:
                 return crypten.cryptensor(value, src=CLIENT_RANK)
-            size = shape + ((self.vocab,) if self.vocab is not None else ())
-            return crypten.cryptensor(torch.zeros(size), src=CLIENT_RANK)
+            return crypten.cryptensor(torch.zeros(shape), src=CLIENT_RANK)
+
+    def _client_onehot(self, onehot: torch.Tensor) -> MPCTensor:
+        """The client's one-hot tokens shared trivially: the client holds the encoded one-hot, the
+        server zeros (its argument's values are ignored). Its only reader is the embedding's
+        weight-stationary product, which opens it under a fresh dealer mask, so the pseudo-random
+        zero sharing CrypTen would add (randomness for every vocabulary entry of every token, on
+        both parties) hides nothing more; the server's share is zero and tells it nothing."""
+        bits = fixed_point.precision_bits()
+        if self.rank == CLIENT_RANK:
+            share = fixed_point.encode(onehot, bits)
+        else:
+            share = torch.zeros(onehot.shape, dtype=torch.int64)
+        return MPCTensor.from_shares(share, precision=bits)
 
     def _run(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
         """Both parties: provider schedule handling + input sharing + forward."""
@@ -253,7 +267,7 @@ class MpcParty:
 
         The index comes from a tournament on shares (:func:`models.ops.argmax_last`); the server
         sends its share of it to the client, which learns the token and shares its one-hot as
-        the next input (a fresh input sharing, no communication). Returns that secret one-hot
+        the next input (shared trivially, :meth:`_client_onehot`: no communication). Returns that secret one-hot
         [1, 1, vocab]."""
         with self.ledger.scope("output", "argmax"), share_kernels():
             last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1])).reshape(self.vocab)
@@ -267,4 +281,4 @@ class MpcParty:
                 onehot[0, 0, tokens[-1]] = 1.0
             else:
                 self.peer.send(TAG_TOKEN, index_share)
-            return crypten.cryptensor(onehot, src=CLIENT_RANK)
+            return self._client_onehot(onehot)
