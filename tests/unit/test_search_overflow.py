@@ -59,6 +59,7 @@ def test_scorer_scores_nan_outputs_as_infinite_kl():
     scorer = search.Scorer.__new__(search.Scorer)
     scorer.groups = [([0, 1], torch.zeros(2, 3))]
     scorer.teacher = [torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])]
+    scorer.max_growth, scorer.teacher_peak = None, 0.0
     scorer.builder = _Builder(torch.tensor([[float("nan"), 0.0, 0.0]]))
     kl, _ = scorer.score(op_prices.Assignment.exact(1, 1))
     assert kl == math.inf
