@@ -472,9 +472,8 @@ class SimEmbedding(nn.Module):
 
 
 def prepare(model: nn.Module, config: ProtocolConfig) -> nn.Module:
-    """A copy of ``model`` as the MPC route runs it, on simulated values: its linears and word
-    embedding as :class:`SimLinear` / :class:`SimEmbedding` (``model_prep.secure_targets``), its
-    other parameters encoded as the server shares them (``crypten.cryptensor``: truncated)."""
+    """A copy of ``model`` as the MPC route runs it, on simulated values: linears and word embedding
+    as :class:`SimLinear` / :class:`SimEmbedding`, other parameters as the server shares them."""
     sim = copy.deepcopy(model).eval()
     bits = config.fixed_point_bits
     for path, module in secure_targets(sim):
