@@ -153,14 +153,14 @@ class MpcParty:
     def _share_input(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
         with self.ledger.scope("input", "share"):
             if self.vocab is not None:
-                return self._client_onehot(value if self.rank == CLIENT_RANK else torch.zeros(shape + (self.vocab,)))
+                return self._client_onehot(value, shape + (self.vocab,))
             if self.rank == CLIENT_RANK:
                 return crypten.cryptensor(value, src=CLIENT_RANK)
             return crypten.cryptensor(torch.zeros(shape), src=CLIENT_RANK)
 
-    def _client_onehot(self, onehot: torch.Tensor) -> MPCTensor:
-        """The client's one-hot tokens shared trivially: the client holds the encoded one-hot, the
-        server zeros (its argument's values are ignored). Its only reader is the embedding's
+    def _client_onehot(self, onehot: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
+        """The client's one-hot tokens (``shape``) shared trivially: the client holds the encoded
+        one-hot, the server zeros (it passes no values). Its only reader is the embedding's
         weight-stationary product, which opens it under a fresh dealer mask, so the pseudo-random
         zero sharing CrypTen would add (randomness for every vocabulary entry of every token, on
         both parties) hides nothing more; the server's share is zero and tells it nothing."""
@@ -168,7 +168,7 @@ class MpcParty:
         if self.rank == CLIENT_RANK:
             share = fixed_point.encode(onehot, bits)
         else:
-            share = torch.zeros(onehot.shape, dtype=torch.int64)
+            share = torch.zeros(shape, dtype=torch.int64)
         return MPCTensor.from_shares(share, precision=bits)
 
     def _run(self, value: torch.Tensor | None, shape: tuple[int, ...]) -> MPCTensor:
@@ -273,12 +273,13 @@ class MpcParty:
             last = ops.index(logits, 1, torch.tensor([logits.shape[1] - 1])).reshape(self.vocab)
             _, index = ops.argmax_last(last)
             index_share = index.share.reshape(1)
-            onehot = torch.zeros(1, 1, self.vocab)
+            onehot = None
             if self.rank == CLIENT_RANK:
                 theirs = torch.from_numpy(np.asarray(self.peer.recv(TAG_TOKEN)))
                 tokens.append(int(round(float(index_share + theirs) / (1 << fixed_point.bits_of(index)))))
                 self.ledger.record_rounds(1)
+                onehot = torch.zeros(1, 1, self.vocab)
                 onehot[0, 0, tokens[-1]] = 1.0
             else:
                 self.peer.send(TAG_TOKEN, index_share)
-            return self._client_onehot(onehot)
+            return self._client_onehot(onehot, (1, 1, self.vocab))

@@ -154,14 +154,15 @@ class Scorer:
         self.teacher, self.teacher_peak = self._outputs(builder.model if teacher is None else teacher.eval())
 
     def _outputs(self, model: nn.Module) -> tuple[list[torch.Tensor], float]:
-        """Outputs per validation group and the largest |block output| (inf for NaN)."""
+        """Outputs per validation group and, with the screen on, the largest |block output| (inf for
+        NaN; 0 with the screen off)."""
         peak = [0.0]
 
         def watch(_module: nn.Module, _args: Any, out: Any) -> None:
             value = out[0] if isinstance(out, tuple) else out
             peak[0] = max(peak[0], float(torch.nan_to_num(value.detach().abs(), nan=math.inf).max()))
 
-        blocks = getattr(model, "layer", [])
+        blocks = getattr(model, "layer", []) if self.max_growth is not None else []  # watched for the screen only
         handles = [block.register_forward_hook(watch) for block in blocks]
         try:
             with torch.no_grad():
