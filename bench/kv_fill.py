@@ -9,7 +9,9 @@ parties (:mod:`protocols.routes.mpc`) always prefill the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,17 +46,27 @@ class _Filling:
     """Mix-in: every generation's cache starts filled with ``fill`` public random entries; the
     thread CPU seconds of each generation's steps (forward passes and arg-max, offline material
     excluded) are appended to ``cpu_s``, one entry per generation (a load-independent measure
-    beside the wall)."""
+    beside the wall); ``spans`` gets, per generation, each step's online (start, end) on the
+    process-wide ``perf_counter`` clock, from the end of the step's offline material to the
+    step's last online work."""
 
     fill = 0
 
     def _new_cache(self, request: dict[str, Any]) -> StationaryCache:
         self.__dict__.setdefault("cpu_s", []).append(0.0)
+        self.__dict__.setdefault("spans", []).append([])
         cache = super()._new_cache(request)  # type: ignore[misc]
         with self.ledger.step("fill"):  # type: ignore[attr-defined]
             cfg = self.bundle.config  # type: ignore[attr-defined]
             fill_public(cache, self.fill, cfg.kv_heads, cfg.head_dim, seed=0)
         return cache
+
+    @contextlib.contextmanager
+    def _step_material(self, request: dict[str, Any], step: str) -> Iterator[None]:
+        with super()._step_material(request, step):  # type: ignore[misc]
+            started = time.perf_counter()
+            yield
+            self.spans[-1].append((started, time.perf_counter()))
 
     def _forward_cached(self, x: Any, cache: StationaryCache) -> Any:
         started = time.thread_time()
@@ -69,6 +81,14 @@ class _Filling:
             return super()._next_token(logits, tokens)  # type: ignore[misc]
         finally:
             self.cpu_s[-1] += time.thread_time() - started
+
+
+def step_latency(client_spans: list[tuple[float, float]], server_spans: list[tuple[float, float]]) -> float:
+    """Mean online latency of a generation's steps: from the moment both parties hold the step's
+    material (the later online start) to the moment both are done (the later end). A party that
+    starts early and waits for its peer's offline work does not count that wait."""
+    pairs = list(zip(client_spans, server_spans, strict=True))
+    return sum(max(c[1], s[1]) - max(c[0], s[0]) for c, s in pairs) / len(pairs)
 
 
 def filling_parties(fill: int) -> tuple[type[MpcClient], type[MpcServer]]:

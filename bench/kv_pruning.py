@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kv_fill import filling_parties
+from bench.kv_fill import filling_parties, step_latency
 from models.bench_layers import GPT2_SMALL, MPCACHE_BLOCK
 from models.kv_pruning import POLICIES, make_policy, mpcache_split
 from models.registry import load_model
@@ -205,9 +205,11 @@ class StepCost:
 
 def step_cost(parties: list[list[Row]]) -> StepCost:
     """Per-step means over :data:`STEPS` of one generation's rows ([client, server, dealer]): the
-    client's bytes, rounds and offline costs; the wall is the larger of the two computing parties'
-    online walls (a step ends when both have finished it; since the client's input-independent
-    products moved offline, the server is usually the later one)."""
+    client's bytes, rounds and offline costs; the wall here is the larger of the two computing
+    parties' online ledger walls, an upper bound: a party that reaches the step first waits for its
+    peer's offline work inside its first online scope (the server, while the client precomputes its
+    input-independent products). :func:`measure` replaces it with the joint span
+    (:func:`bench.kv_fill.step_latency`)."""
     cost = StepCost()
     for row in parties[0]:
         if row.step not in STEPS:
@@ -221,7 +223,7 @@ def step_cost(parties: list[list[Row]]) -> StepCost:
             cost.off_wall += c.wall_s
             cost.off_recv += c.bytes_recv
     cost.wall = max(sum(row.counters.wall_s for row in rows if row.step in STEPS and row.phase == Phase.ONLINE)
-                    for rows in parties[:2])
+                    for rows in parties[:2])  # an upper bound; measure() sets the parties' joint span
     online = [row for rows in parties for row in rows if row.step in STEPS]
     cost.lan = estimate(online, LAN, Phase.ONLINE).latency_s
     cost.wan = estimate(online, WAN, Phase.ONLINE).latency_s
@@ -264,11 +266,12 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
         calls = [c.call() for _ in range(1 + repeats) for c in configs]
         session = run_session(setting.model, ["a"] * len(calls), calls, transport, filling_parties(setting.fill(ctx)))
         cpu = [max(pair) / len(STEPS) for pair in zip(session.client.cpu_s, session.server.cpu_s)]
+        spans = [step_latency(c, s) for c, s in zip(session.client.spans, session.server.spans, strict=True)]
         for index, config in enumerate(configs):
             runs = [rows for _, rows, _ in session.result[index::len(configs)]]
             costs = [step_cost(r) for r in runs]
-            for cost, seconds in zip(costs, cpu[index::len(configs)]):
-                cost.cpu = seconds
+            for cost, seconds, span in zip(costs, cpu[index::len(configs)], spans[index::len(configs)]):
+                cost.cpu, cost.wall = seconds, span
             warm = costs[1:]
             table[(ctx, config.label)] = Measured(config, costs[0], median_cost(warm), runs[1],
                                                   [w.wall for w in warm])
@@ -308,7 +311,8 @@ def print_table(setting: Setting, table: Table, transport: str) -> None:
     link = "gRPC + mutual TLS over loopback" if transport == "grpc" else "in-memory channels"
     print(f"\n== setting {setting.name}: {setting.title}")
     print(f"links: {link}, parties as threads, one session per context; per decode step (mean of "
-          f"{len(STEPS)} steps): client bytes and rounds, online wall of the later of client and server; "
+          f"{len(STEPS)} steps): client bytes and rounds, online latency (the later party's online start "
+          f"to the later end); "
           f"LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
     print(f"{'ctx':>5} {'policy':12} {'stored':>6} {'attnd':>5} {'MiB sent':>8} {'MiB recv':>8} {'rounds':>6} "
           f"{'online s':>8} {'LAN s':>6} {'WAN s':>6} {'offl s':>6} {'cold s':>6} {'x comm':>6} "
