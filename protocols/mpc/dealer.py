@@ -275,6 +275,8 @@ class Dealer:
         self._pool: MaterialPool | None = None
         self._lock = threading.Lock()
         self._serving: set[int] = set()
+        self._seeded: set[int] = set()  # ranks sent their seed: the loops the session waits for
+        self._ended: set[int] = set()  # ranks whose loop ended normally
         self._closed = False
         if sorted(self._seeds) != [0, 1]:
             raise DealerError(f"the dealer needs seeds for ranks 0 and 1, got ranks {sorted(self._seeds)}")
@@ -295,6 +297,8 @@ class Dealer:
         for rank, channel in channels.items():
             if rank not in self._seeds:
                 raise DealerError(f"no seed for rank {rank}")
+            with self._lock:
+                self._seeded.add(rank)
             if self.ledger is not None:
                 with self.ledger.phase(Phase.OFFLINE):
                     send_seed(channel, self._seeds[rank])
@@ -383,9 +387,12 @@ class Dealer:
         """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
 
         A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
-        When the loop fails, or ends as the last one running, the pool is closed; so it is when
-        the link breaks (links with ``on_failure``, e.g. gRPC), which wakes a loop waiting for
-        material at once instead of after ``wait_s``.
+        When the loop fails, the pool is closed and the party is told on its link (an abort
+        naming the error, so it does not wait out its idle limit); so it is when the link breaks
+        (links with ``on_failure``, e.g. gRPC), which wakes a loop waiting for material at once
+        instead of after ``wait_s``. When the loop ends normally the pool is closed once every
+        rank sent its seed has ended (a loop that has not started yet is still to come), or,
+        without :meth:`distribute_seeds`, once no loop is running.
         """
         with self._lock:
             self._serving.add(rank)
@@ -397,10 +404,15 @@ class Dealer:
             sent = self._serve_loop(channel, rank, on_report)
             ended = True
             return sent
+        except Exception as exc:
+            channel.abort(f"the dealer stopped serving rank {rank}: {type(exc).__name__}: {exc}")
+            raise
         finally:
             with self._lock:
                 self._serving.discard(rank)
-                last = not self._serving
+                if ended:
+                    self._ended.add(rank)
+                last = not self._serving and self._ended >= self._seeded
             if not ended:
                 self.close(f"rank {rank}'s dealer link failed")
             elif last:

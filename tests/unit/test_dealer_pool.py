@@ -15,8 +15,8 @@ from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer, compute_correction, receive_seed
 from protocols.mpc.dealer_pool import MaterialPool, PoolClosed, PoolLimits, material_bytes
 from protocols.mpc.fss import SignKey
-from protocols.mpc.vocabulary import TAG_MSG, DealerError, RequestSchedule, TupleRequest
-from protocols.net.channels import Channel, PeerLost, memory_pair, run_parties
+from protocols.mpc.vocabulary import TAG_CORR, TAG_MSG, DealerError, RequestSchedule, TupleRequest
+from protocols.net.channels import Channel, PeerAborted, PeerLost, memory_pair, run_parties
 
 torch.set_num_threads(1)
 SQUARE = TupleRequest("square", (4, 4))  # 128 bytes of correction
@@ -169,23 +169,24 @@ def _inference(provider: cp.DealerProvider) -> list[Any]:
             provider.sign_key((6,), 16)]
 
 
+def _party_runs(provider: cp.DealerProvider, inferences: int, ahead: int) -> list[list[Any]]:
+    """One party: one recorded (online) inference, then preprocessed ones as MpcParty asks."""
+    with provider.recording() as schedule:
+        runs = [_inference(provider)]
+    for done in range(1, inferences):
+        if provider.stored == 0:
+            provider.preprocess(schedule, max(1, ahead - done))
+        runs.append(_inference(provider))
+    provider.close()
+    return runs
+
+
 def _session(dealer: Dealer, inferences: int, ahead: int) -> tuple[list[list[Any]], list[list[Any]]]:
-    """Both parties: one recorded (online) inference, then preprocessed ones as MpcParty asks."""
+    """Both parties at once (:func:`_party_runs`), each with its dealer loop."""
     providers, ends = _pair(dealer)
-
-    def party(rank: int) -> list[list[Any]]:
-        provider = providers[rank]
-        with provider.recording() as schedule:
-            runs = [_inference(provider)]
-        for done in range(1, inferences):
-            if provider.stored == 0:
-                provider.preprocess(schedule, max(1, ahead - done))
-            runs.append(_inference(provider))
-        provider.close()
-        return runs
-
-    out0, out1, *_ = run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(ends[0], 0),
-                                 lambda: dealer.serve(ends[1], 1), timeout_s=120)
+    out0, out1, *_ = run_parties(lambda: _party_runs(providers[0], inferences, ahead),
+                                 lambda: _party_runs(providers[1], inferences, ahead),
+                                 lambda: dealer.serve(ends[0], 0), lambda: dealer.serve(ends[1], 1), timeout_s=120)
     return out0, out1
 
 
@@ -268,3 +269,27 @@ def test_a_broken_link_wakes_the_loop_waiting_for_material_and_the_pool_stops() 
     loop.join(30)
     assert not loop.is_alive() and isinstance(errors[0], PoolClosed) and "p0 went away" in str(errors[0])
     assert dealer.pool is not None and dealer.pool.alive_threads == 0 and dealer.pool.held_bytes == 0
+
+
+def test_a_rank_whose_loop_starts_after_the_other_ended_is_still_served() -> None:
+    # Under load a party's dealer loop may start only after the other party's whole session: the
+    # pool used to close when the first loop ended as "the last one running", and the late rank's
+    # preprocess hung until its idle limit (the flaky test_fss_dpf case).
+    dealer = Dealer(pool=PoolLimits(ahead=2, workers=2))
+    providers, ends = _pair(dealer)
+    out0, _ = run_parties(lambda: _party_runs(providers[0], 4, 2), lambda: dealer.serve(ends[0], 0), timeout_s=60)
+    assert dealer.pool is not None and dealer.pool.alive_threads > 0  # rank 1 is still to come
+    out1, _ = run_parties(lambda: _party_runs(providers[1], 4, 2), lambda: dealer.serve(ends[1], 1), timeout_s=60)
+    for run0, run1 in zip(out0, out1, strict=True):
+        _check_run(run0, run1)
+    assert dealer.pool.alive_threads == 0 and dealer.pool.held_bytes == 0  # closed when both had ended
+
+
+def test_a_failing_loop_aborts_its_party_at_once() -> None:
+    dealer = Dealer(pool=PoolLimits(ahead=2))
+    dealer_end, party_end = memory_pair("dealer", "p0")
+    party_end.send_json(TAG_MSG, {"type": "nonsense"})
+    with pytest.raises(DealerError, match="unknown dealer message type"):
+        dealer.serve(dealer_end, 0)
+    with pytest.raises(PeerAborted, match="the dealer stopped serving rank 0: DealerError: unknown dealer message"):
+        party_end.recv(TAG_CORR, timeout=5)  # at once, not after the link's idle limit
