@@ -1,8 +1,8 @@
 """Private decoding costs: KV-pruning policies per decode step, and SmolLM2 tokens vs plaintext.
 
 ``python bench/kv_pruning.py [--setting gpt2-small|mpcache|all] [--quick]``: per decode step, the
-bytes the client sends and receives, rounds, wall time on loopback (online, the later of client and
-server) and the estimated latency on
+bytes the client sends and receives, rounds, wall time on loopback (online: from the later party's
+online start to the later end, :func:`bench.kv_fill.step_latency`) and the estimated latency on
 the LAN and WAN profiles (``privinf.ledger.pricing``) of private generation end to end: client,
 server and dealer as threads of one process linked by gRPC + mutual TLS over loopback
 (``--transport memory``: in-memory channels; bytes and rounds are the same, deterministic).
