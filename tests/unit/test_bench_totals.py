@@ -22,6 +22,7 @@ from bench.cost_totals import (
     target_lines,
 )
 from bench.crypten_baseline import CrypTenError, combine
+from bench.kv_fill import step_latency
 from bench.whole_cost import first_totals, step_totals
 from privinf.ledger.pricing import LAN, WAN, NetworkProfile
 from privinf.ledger.records import ROOT_SCOPE, Counters, Phase, Row
@@ -182,3 +183,12 @@ def test_process_cpu_counts_reaped_children() -> None:
     spent = children_s() - kids
     assert spent > 0.05
     assert process_cpu_s(os.getpid()) - before >= spent - 0.03  # clock ticks of 10 ms, two readings
+
+
+def test_step_latency_runs_from_the_later_start_to_the_later_end() -> None:
+    # the server starts each step early (it waits for the client's offline work): not latency
+    client = [(10.0, 10.4), (20.0, 20.3)]
+    server = [(9.8, 10.5), (19.9, 20.2)]
+    assert step_latency(client, server) == pytest.approx(((10.5 - 10.0) + (20.3 - 20.0)) / 2)
+    with pytest.raises(ValueError):
+        step_latency(client, server[:1])  # the parties disagree on the number of steps
