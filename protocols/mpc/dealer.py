@@ -58,7 +58,7 @@ from protocols.mpc.vocabulary import (
     TupleRequest,
     _numel,
 )
-from protocols.net.channels import Channel
+from protocols.net.channels import Channel, PeerAborted, PeerLost
 
 
 class ScheduleCache:
@@ -387,8 +387,9 @@ class Dealer:
         """Answer ``rank``'s messages until it sends ``end``; returns the number of corrections sent.
 
         A ``report`` message calls ``on_report`` (the session sends the dealer's ledger rows).
-        When the loop fails, the pool is closed and the party is told on its link (an abort
-        naming the error, so it does not wait out its idle limit); so it is when the link breaks
+        When the loop fails, the pool is closed and, unless its link is gone or its party went
+        quiet, the party is told (an abort naming the error, so it does not wait out its idle
+        limit for an answer that will not come); so it is when the link breaks
         (links with ``on_failure``, e.g. gRPC), which wakes a loop waiting for material at once
         instead of after ``wait_s``. When the loop ends normally the pool is closed once every
         rank sent its seed has ended (a loop that has not started yet is still to come), or,
@@ -404,6 +405,8 @@ class Dealer:
             sent = self._serve_loop(channel, rank, on_report)
             ended = True
             return sent
+        except (PeerAborted, PeerLost):
+            raise  # the link is gone, or its party went quiet: nobody there waits for an answer
         except Exception as exc:
             channel.abort(f"the dealer stopped serving rank {rank}: {type(exc).__name__}: {exc}")
             raise
