@@ -228,7 +228,7 @@ class Channel(ABC):
         except TimeoutError:
             limit = " (timeout_s, the session's idle limit)" if timeout is None else ""
             raise IdleTimeout(
-                f"{self.local}: no message {tag!r} from {self.peer} within {wait:.0f} s{limit}", wait
+                f"{self.local}: no message {tag!r} from {self.peer} within {wait:g} s{limit}", wait
             ) from None
         finally:
             if self.ledger is not None:

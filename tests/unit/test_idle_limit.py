@@ -14,7 +14,7 @@ from protocols.routes.mpc import serve_dealer_session
 
 def test_receive_timeout_is_an_idle_timeout_naming_the_limit() -> None:
     a, _b = memory_pair("client", "server", timeout_s=0.05)
-    with pytest.raises(IdleTimeout, match=r"from server within 0 s \(timeout_s, the session's idle limit\)"):
+    with pytest.raises(IdleTimeout, match=r"from server within 0.05 s \(timeout_s, the session's idle limit\)"):
         a.recv("x")
     with pytest.raises(IdleTimeout) as info:
         a.recv_json("y", timeout=0.05)  # an explicit wait is not the idle limit
