@@ -58,7 +58,7 @@ from protocols.mpc.vocabulary import (
     TupleRequest,
     _numel,
 )
-from protocols.net.channels import Channel, PeerAborted, PeerLost
+from protocols.net.channels import Channel, PeerAborted, PeerLost, TransportError
 
 
 class ScheduleCache:
@@ -408,7 +408,8 @@ class Dealer:
         except (PeerAborted, PeerLost):
             raise  # the link is gone, or its party went quiet: nobody there waits for an answer
         except Exception as exc:
-            channel.abort(f"the dealer stopped serving rank {rank}: {type(exc).__name__}: {exc}")
+            said = f": {exc}" if isinstance(exc, (DealerError, TransportError)) else ""  # our messages hold no secrets
+            channel.abort(f"the dealer stopped serving rank {rank}: {type(exc).__name__}{said}")
             raise
         finally:
             with self._lock:
