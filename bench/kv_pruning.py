@@ -265,16 +265,27 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
         configs = [c for c in setting.configs(ctx) if only is None or c.policy in only]
         calls = [c.call() for _ in range(1 + repeats) for c in configs]
         session = run_session(setting.model, ["a"] * len(calls), calls, transport, filling_parties(setting.fill(ctx)))
-        cpu = [max(pair) / len(STEPS) for pair in zip(session.client.cpu_s, session.server.cpu_s)]
-        spans = [step_latency(c, s) for c, s in zip(session.client.spans, session.server.spans, strict=True)]
-        for index, config in enumerate(configs):
-            runs = [rows for _, rows, _ in session.result[index::len(configs)]]
-            costs = [step_cost(r) for r in runs]
-            for cost, seconds, span in zip(costs, cpu[index::len(configs)], spans[index::len(configs)]):
-                cost.cpu, cost.wall = seconds, span
-            warm = costs[1:]
-            table[(ctx, config.label)] = Measured(config, costs[0], median_cost(warm), runs[1],
-                                                  [w.wall for w in warm])
+        runs = [rows for _, rows, _ in session.result]
+        table.update(tabulate(ctx, configs, runs, (session.client.cpu_s, session.server.cpu_s),
+                              (session.client.spans, session.server.spans)))
+    return table
+
+
+def tabulate(ctx: int, configs: list[Config], runs: list[list[list[Row]]], cpu: tuple[list[float], list[float]],
+             spans: tuple[list[Any], list[Any]]) -> Table:
+    """Rows of the table at ``ctx`` from one session's generations, the configurations interleaved
+    (cold first): each generation's rows ([client, server, dealer]), each party's thread CPU and
+    step spans per generation (``bench/kv_fill.py``)."""
+    busier = [max(pair) / len(STEPS) for pair in zip(*cpu)]
+    latency = [step_latency(c, s) for c, s in zip(*spans, strict=True)]
+    table: Table = {}
+    for index, config in enumerate(configs):
+        mine = runs[index::len(configs)]
+        costs = [step_cost(r) for r in mine]
+        for cost, seconds, span in zip(costs, busier[index::len(configs)], latency[index::len(configs)]):
+            cost.cpu, cost.wall = seconds, span
+        warm = costs[1:]
+        table[(ctx, config.label)] = Measured(config, costs[0], median_cost(warm), mine[1], [w.wall for w in warm])
     return table
 
 
@@ -305,12 +316,12 @@ def _ratio(base: float, value: float) -> str:
     return f"{base / value:6.2f}" if value > 0 else "     -"
 
 
-def print_table(setting: Setting, table: Table, transport: str) -> None:
+def print_table(setting: Setting, table: Table, transport: str, parties: str = "parties as threads") -> None:
     """The per-step table, ratios against ``none`` at the same context."""
     layers = load_model(setting.model, "exact").config.layers
     link = "gRPC + mutual TLS over loopback" if transport == "grpc" else "in-memory channels"
     print(f"\n== setting {setting.name}: {setting.title}")
-    print(f"links: {link}, parties as threads, one session per context; per decode step (mean of "
+    print(f"links: {link}, {parties}, one session per context; per decode step (mean of "
           f"{len(STEPS)} steps): client bytes and rounds, online latency (the later party's online start "
           f"to the later end); "
           f"LAN {LAN.spec()}, WAN {WAN.spec()} (online, all parties)")
