@@ -43,18 +43,16 @@ def fill_public(cache: StationaryCache, entries: int, kv_heads: int, head_dim: i
 
 
 class _Filling:
-    """Mix-in: every generation's cache starts filled with ``fill`` public random entries; the
-    thread CPU seconds of each generation's steps (forward passes and arg-max, offline material
-    excluded) are appended to ``cpu_s``, one entry per generation (a load-independent measure
-    beside the wall); ``spans`` gets, per generation, each step's online (start, end) on the
-    process-wide ``perf_counter`` clock, from the end of the step's offline material to the
-    step's last online work."""
+    """Mix-in: every generation's cache starts filled with ``fill`` public random entries, and
+    ``steps`` gets, per generation, each step's name -> [online start, end, thread CPU]: the start
+    once the step's offline material is in place, on the process-wide ``perf_counter`` clock (one
+    clock for the threads of a process and for the processes of a host), and the thread CPU
+    seconds of the step's online work (a load-independent measure beside the wall)."""
 
     fill = 0
 
     def _new_cache(self, request: dict[str, Any]) -> StationaryCache:
-        self.__dict__.setdefault("cpu_s", []).append(0.0)
-        self.__dict__.setdefault("spans", []).append([])
+        self.__dict__.setdefault("steps", []).append({})
         cache = super()._new_cache(request)  # type: ignore[misc]
         with self.ledger.step("fill"):  # type: ignore[attr-defined]
             cfg = self.bundle.config  # type: ignore[attr-defined]
@@ -64,23 +62,9 @@ class _Filling:
     @contextlib.contextmanager
     def _step_material(self, request: dict[str, Any], step: str) -> Iterator[None]:
         with super()._step_material(request, step):  # type: ignore[misc]
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             yield
-            self.spans[-1].append((started, time.perf_counter()))
-
-    def _forward_cached(self, x: Any, cache: StationaryCache) -> Any:
-        started = time.thread_time()
-        try:
-            return super()._forward_cached(x, cache)  # type: ignore[misc]
-        finally:
-            self.cpu_s[-1] += time.thread_time() - started
-
-    def _next_token(self, logits: Any, tokens: list[int]) -> Any:
-        started = time.thread_time()
-        try:
-            return super()._next_token(logits, tokens)  # type: ignore[misc]
-        finally:
-            self.cpu_s[-1] += time.thread_time() - started
+            self.steps[-1][step] = [started, time.perf_counter(), time.thread_time() - cpu]
 
 
 def step_latency(client_spans: list[tuple[float, float]], server_spans: list[tuple[float, float]]) -> float:

@@ -10,8 +10,8 @@ threaded bench does; the compiled kernels keep their own threads.
 
 Start-up: the dealer and the server bind port 0 and print ``ready HOST:PORT`` on stdout once
 bound; the parent passes the addresses on. Results come back as files the client and server
-write at the end (ledger rows as JSON, the server's spans and thread CPU as JSON; nothing
-pickled). Step latency is on ``perf_counter`` (CLOCK_MONOTONIC, one clock for every process on
+write at the end (ledger rows as JSON, each party's per-step spans and thread CPU as JSON;
+nothing pickled). Step latency is on ``perf_counter`` (CLOCK_MONOTONIC, one clock for every process on
 the host).
 """
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kv_fill import filling_parties
-from bench.kv_pruning import SETTINGS, print_table, print_targets, tabulate
+from bench.kv_pruning import SETTINGS, print_breakdown, print_table, print_targets, tabulate
 from models.kv_pruning import POLICIES
 from privinf.ledger.counting import Ledger
 from privinf.ledger.records import rows_from_dicts, rows_to_dicts
@@ -69,7 +69,7 @@ def dealer_main(tmp: str) -> None:
 
 
 def server_main(tmp: str, dealer: str, fill: int, out: str) -> None:
-    """The server: link to the dealer, accept the client, serve; write its spans and CPU."""
+    """The server: link to the dealer, accept the client, serve; write its steps' spans and CPU."""
     server, ledger = _serve(SERVER, tmp), Ledger(SERVER)
     try:
         to_dealer = connect(dealer, TlsConfig.load(tmp, SERVER), DEALER, SESSION, ledger, timeout_s=TIMEOUT_S)
@@ -78,11 +78,11 @@ def server_main(tmp: str, dealer: str, fill: int, out: str) -> None:
         party.serve()
     finally:
         server.stop()
-    Path(out).write_text(json.dumps({"cpu": party.cpu_s, "spans": party.spans}))
+    Path(out).write_text(json.dumps({"steps": party.steps}))
 
 
 def client_main(tmp: str, dealer: str, server: str, fill: int, calls: str, out: str) -> None:
-    """The client: link to both, run every generation; write the rows, spans and CPU."""
+    """The client: link to both, run every generation; write the rows and its steps' spans and CPU."""
     ledger, tls = Ledger(CLIENT), TlsConfig.load(tmp, CLIENT)
     to_server = connect(server, tls, SERVER, SESSION, ledger, timeout_s=TIMEOUT_S)
     to_dealer = connect(dealer, tls, DEALER, SESSION, ledger, timeout_s=TIMEOUT_S)
@@ -90,7 +90,7 @@ def client_main(tmp: str, dealer: str, server: str, fill: int, calls: str, out: 
     party.start()
     runs = [[rows_to_dicts(rows) for rows in party.generate("a", **call)[1]] for call in json.loads(calls)]
     party.finish()
-    Path(out).write_text(json.dumps({"runs": runs, "cpu": party.cpu_s, "spans": party.spans}))
+    Path(out).write_text(json.dumps({"runs": runs, "steps": party.steps}))
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -106,8 +106,8 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     return child, line[1]
 
 
-def session(ctx: int, calls: list[dict[str, Any]]) -> tuple[list[Any], tuple[list[Any], list[Any]], tuple[Any, Any]]:
-    """One session of ``calls`` at ``ctx`` across three processes: (runs, cpu, spans)."""
+def session(ctx: int, calls: list[dict[str, Any]]) -> tuple[list[Any], tuple[list[Any], list[Any]]]:
+    """One session of ``calls`` at ``ctx`` across three processes: (runs, each party's steps)."""
     fill = str(SETTING.fill(ctx))
     with tempfile.TemporaryDirectory(prefix="privinf-kvproc-") as tmp:
         write_certs(Path(tmp))
@@ -122,7 +122,7 @@ def session(ctx: int, calls: list[dict[str, Any]]) -> tuple[list[Any], tuple[lis
             raise SystemExit(f"a party process failed: exit codes client, server, dealer = {codes}")
         mine, theirs = json.loads(Path(client_out).read_text()), json.loads(Path(server_out).read_text())
     runs = [[rows_from_dicts(rows) for rows in run] for run in mine["runs"]]
-    return runs, (mine["cpu"], theirs["cpu"]), (mine["spans"], theirs["spans"])
+    return runs, (mine["steps"], theirs["steps"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="4096", help="comma-separated prompt lengths (default 4096)")
     parser.add_argument("--policies", help="comma-separated policies (default all of the setting's)")
     parser.add_argument("--repeats", type=int, default=3, help="warm runs per configuration (median wall)")
+    parser.add_argument("--breakdown", action="store_true", help="print each row's costliest scopes")
     args = parser.parse_args(argv)
     if args.role is not None:
         torch.set_num_threads(1)
@@ -159,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for ctx in contexts:
         configs = [c for c in SETTING.configs(ctx) if only is None or c.policy in only]
-        runs, cpu, spans = session(ctx, [c.call() for _ in range(1 + args.repeats) for c in configs])
-        table.update(tabulate(ctx, configs, runs, cpu, spans))
+        runs, steps = session(ctx, [c.call() for _ in range(1 + args.repeats) for c in configs])
+        table.update(tabulate(ctx, configs, runs, steps))
     print_table(SETTING, table, "grpc", "client, server and dealer as separate processes")
+    if args.breakdown:
+        print_breakdown(table)
     print_targets(SETTING, table)
     print(f"kv_processes: {time.perf_counter() - started:.0f} s; load average (1 min) {load:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")

@@ -24,12 +24,14 @@ Every generation runs in one session first *cold* (each step's Beaver/FSS materi
 the dealer online, the request schedule recorded), then ``--repeats`` times *warm* (the same
 public generation again: each step's material preprocessed in one offline batch before the
 step; the configurations interleaved, the median wall reported); the weight-stationary
-and KV-stationary material is fetched before each step in both. Instead of a real prefill
+material is fetched before each step in both, the KV-stationary corrections as the step asks. Instead of a real prefill
 (hours of exact softmax in MPC on 2 cores), the cache starts as shares of public random K/V of
 the right shape (after the policy's eviction), which costs the same per step
-(``bench/kv_fill.py``). Two decode steps are measured per generation (the 1-token "prefill" on
-the filled cache and ``decode.0``); "keys MiB" is the dealer material the client receives per
-step (mostly FSS keys).
+(``bench/kv_fill.py``). Each generation makes three steps, all decode steps on the filled cache;
+the first (the 1-token "prefill") is not measured: in it the dealer expands and joins the masks
+of the whole filled cache for the KV-stationary corrections, which a real generation does in its
+prefill. ``decode.0`` and ``decode.1`` are measured; "keys MiB" is the dealer material the
+client receives per step (mostly FSS keys).
 
 ``python bench/kv_pruning.py --smollm2``: private greedy decoding of SmolLM2-135M (16-token
 prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logit margins.
@@ -62,8 +64,8 @@ from protocols.routes.local_run import LocalSession, run_local_session
 from protocols.routes.mpc import MpcClient, MpcServer
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
-NEW_TOKENS = 2  # the 1-token "prefill" on the filled cache and decode.0 are both decode steps
-STEPS = ("prefill", "decode.0")
+NEW_TOKENS = 3  # the 1-token "prefill" on the filled cache, then the measured decode steps
+STEPS = ("decode.0", "decode.1")  # the first step also joins the filled cache's masks at the dealer
 ROUNDS_TARGET = 600  # GPT-2-small, warm decode step at 1024
 MPCACHE_TARGETS = (3.4, 1.8)  # communication, latency: MPCache's efficiency claims
 
@@ -266,18 +268,19 @@ def measure(setting: Setting, contexts: tuple[int, ...], transport: str, only: s
         calls = [c.call() for _ in range(1 + repeats) for c in configs]
         session = run_session(setting.model, ["a"] * len(calls), calls, transport, filling_parties(setting.fill(ctx)))
         runs = [rows for _, rows, _ in session.result]
-        table.update(tabulate(ctx, configs, runs, (session.client.cpu_s, session.server.cpu_s),
-                              (session.client.spans, session.server.spans)))
+        table.update(tabulate(ctx, configs, runs, (session.client.steps, session.server.steps)))
     return table
 
 
-def tabulate(ctx: int, configs: list[Config], runs: list[list[list[Row]]], cpu: tuple[list[float], list[float]],
-             spans: tuple[list[Any], list[Any]]) -> Table:
+def tabulate(ctx: int, configs: list[Config], runs: list[list[list[Row]]],
+             steps: tuple[list[dict[str, list[float]]], list[dict[str, list[float]]]]) -> Table:
     """Rows of the table at ``ctx`` from one session's generations, the configurations interleaved
-    (cold first): each generation's rows ([client, server, dealer]), each party's thread CPU and
-    step spans per generation (``bench/kv_fill.py``)."""
-    busier = [max(pair) / len(STEPS) for pair in zip(*cpu)]
-    latency = [step_latency(c, s) for c, s in zip(*spans, strict=True)]
+    (cold first): each generation's rows ([client, server, dealer]) and each party's per-step
+    [online start, end, thread CPU] (``bench/kv_fill.py``), of which :data:`STEPS` count."""
+    busier, latency = [], []
+    for mine, theirs in zip(*steps, strict=True):
+        busier.append(max(sum(record[s][2] for s in STEPS) for record in (mine, theirs)) / len(STEPS))
+        latency.append(step_latency([mine[s][:2] for s in STEPS], [theirs[s][:2] for s in STEPS]))
     table: Table = {}
     for index, config in enumerate(configs):
         mine = runs[index::len(configs)]
