@@ -65,7 +65,8 @@ from protocols.routes.mpc import MpcClient, MpcServer
 
 SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 NEW_TOKENS = 3  # the 1-token "prefill" on the filled cache, then the measured decode steps
-STEPS = ("decode.0", "decode.1")  # the first step also joins the filled cache's masks at the dealer
+GENERATION_STEPS = ("prefill", "decode.0", "decode.1")  # every step a generation makes (all decode steps)
+STEPS = GENERATION_STEPS[1:]  # measured: the first step also joins the filled cache's masks at the dealer
 ROUNDS_TARGET = 600  # GPT-2-small, warm decode step at 1024
 MPCACHE_TARGETS = (3.4, 1.8)  # communication, latency: MPCache's efficiency claims
 
