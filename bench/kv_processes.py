@@ -94,7 +94,7 @@ def client_main(tmp: str, dealer: str, server: str, fill: int, calls: str, out: 
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """A party process and the address it announced (``None`` text for the client)."""
+    """A party process and the address it announced (empty for the client, which binds nothing)."""
     child = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     if args[1] == CLIENT:
         return child, ""

@@ -208,11 +208,9 @@ class StepCost:
 
 def step_cost(parties: list[list[Row]]) -> StepCost:
     """Per-step means over :data:`STEPS` of one generation's rows ([client, server, dealer]): the
-    client's bytes, rounds and offline costs; the wall here is the larger of the two computing
-    parties' online ledger walls, an upper bound: a party that reaches the step first waits for its
-    peer's offline work inside its first online scope (the server, while the client precomputes its
-    input-independent products). :func:`measure` replaces it with the joint span
-    (:func:`bench.kv_fill.step_latency`)."""
+    client's bytes, rounds and offline costs. The wall is left to :func:`tabulate`, which sets the
+    parties' joint span (:func:`bench.kv_fill.step_latency`): the ledger's per-party online walls
+    would count a party's wait for its peer's offline work inside its first online scope."""
     cost = StepCost()
     for row in parties[0]:
         if row.step not in STEPS:
@@ -225,13 +223,11 @@ def step_cost(parties: list[list[Row]]) -> StepCost:
         else:
             cost.off_wall += c.wall_s
             cost.off_recv += c.bytes_recv
-    cost.wall = max(sum(row.counters.wall_s for row in rows if row.step in STEPS and row.phase == Phase.ONLINE)
-                    for rows in parties[:2])  # an upper bound; measure() sets the parties' joint span
     online = [row for rows in parties for row in rows if row.step in STEPS]
     cost.lan = estimate(online, LAN, Phase.ONLINE).latency_s
     cost.wan = estimate(online, WAN, Phase.ONLINE).latency_s
     n = len(STEPS)
-    for name in ("sent", "recv", "rounds", "wall", "lan", "wan", "off_wall", "off_recv"):
+    for name in ("sent", "recv", "rounds", "lan", "wan", "off_wall", "off_recv"):
         setattr(cost, name, getattr(cost, name) / n)
     return cost
 

@@ -191,8 +191,7 @@ def measure_gpt2(context: int, transport: str) -> dict[str, Any]:
     measured (the first includes the dealer's joining of the filled cache's masks, which a real
     generation does in its prefill: errs slow)."""
     from bench.kv_fill import filling_parties
-    from bench.kv_pruning import GENERATION_STEPS as STEPS
-    from bench.kv_pruning import NEW_TOKENS, Config, run_generations
+    from bench.kv_pruning import GENERATION_STEPS, NEW_TOKENS, Config, run_generations
     from models.bench_layers import GPT2_SMALL
 
     call = Config("none", "none").call()
@@ -200,9 +199,9 @@ def measure_gpt2(context: int, transport: str) -> dict[str, Any]:
     results = run_generations(GPT2_SMALL, ["a", "a"], [call, call], transport, filling_parties(context - NEW_TOKENS))
     wall = time.perf_counter() - started
     cold_rows, warm_rows = ([r for party in rows for r in party if r.step != FILL_STEP] for _, rows, _ in results)
-    warm = step_totals(f"GPT-2 @{context}: decode step", warm_rows, STEPS)
-    steps_and_offline = [r for r in cold_rows if r.step in STEPS or r.phase == Phase.OFFLINE]
-    cold = first_totals(f"GPT-2 @{context}: first decode step", steps_and_offline, warm, len(STEPS), None,
+    warm = step_totals(f"GPT-2 @{context}: decode step", warm_rows, GENERATION_STEPS)
+    steps_and_offline = [r for r in cold_rows if r.step in GENERATION_STEPS or r.phase == Phase.OFFLINE]
+    cold = first_totals(f"GPT-2 @{context}: first decode step", steps_and_offline, warm, len(GENERATION_STEPS), None,
                         setup_wall(cold_rows))
     warm.setup_bytes, warm.setup_s, warm.kept = cold.setup_bytes, cold.setup_s, cold.kept
     return {"columns": [cold, warm],
