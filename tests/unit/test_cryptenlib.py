@@ -37,6 +37,8 @@ def crypten_state() -> dict[str, Any]:
         "get_default_provider": crypten.mpc.get_default_provider,
         "cfg class": type(crypten.cfg),
         "cfg provider": crypten.cfg.mpc.provider,
+        "getattribute": crypten.CrypTensor.__getattribute__,
+        "autograd": crypten.CrypTensor.AUTOGRAD_ENABLED,
     }
     for module_name in SAMPLER_MODULES:
         module = importlib.import_module(module_name)
@@ -69,6 +71,8 @@ def test_install_and_uninstall_twice_bring_crypten_back_each_time() -> None:
             assert isinstance(crypten.generators, PartyGenerators)
             assert crypten.communicator.DistributedCommunicator is ChannelCommunicator
             assert crypten.mpc.get_default_provider().NAME == PROVIDER_NAME
+            assert not hasattr(crypten.CrypTensor.__getattribute__, "__wrapped__")  # no validation hook
+            assert crypten.CrypTensor.AUTOGRAD_ENABLED is False
         finally:
             uninstall()
         assert crypten_state() == original
@@ -78,6 +82,7 @@ def test_install_and_uninstall_twice_bring_crypten_back_each_time() -> None:
         assert crypten.mpc.MPCTensor._ltz.__module__ == "crypten.mpc.mpc"
         assert crypten.common.rng.generate_random_ring_element.__module__ == "crypten.common.rng"
         assert type(crypten.cfg).__module__ == "crypten.config.config"
+        assert crypten.CrypTensor.AUTOGRAD_ENABLED is True
         assert crypten.mpc.get_default_provider() is getattr(crypten.mpc, "__SUPPORTED_PROVIDERS")["TFP"]
     uninstall()  # nothing installed in this thread: no effect
     assert crypten_state() == original

@@ -18,7 +18,13 @@ puts CrypTen's own objects back:
 - ``MPCTensor._ltz`` (every comparison): the FSS gate of :mod:`protocols.mpc.compare` when the
   bound party compares with dealer keys, CrypTen's circuit otherwise;
 - ``MPCTensor.shallow_copy`` (every op's result): without CrypTen's constructor, which
-  secret-shares an empty tensor first (about 75 us per op).
+  secret-shares an empty tensor first (about 75 us per op);
+- ``CrypTensor.__getattribute__`` (every attribute and op of a shared tensor) and CrypTen's
+  autograd switch: CrypTen's lookup without its validation hook (``cfg.debug.validation_mode``
+  decrypts every result to check it, which a session between two companies must never do), and
+  autograd off (private inference never differentiates; with it on, every op goes through a
+  freshly built autograd closure and two more lookups). Together ~10% of a party's CPU in a
+  tournament (``bench/kv_processes.py``'s arg-max, docs/kv_pruning.md).
 
 The set of replaced names does not depend on the arguments or on the order of installs: what
 differs between parties is bound to their thread (channel, rank, ledger and how the thread
@@ -155,9 +161,16 @@ def _patch() -> None:
     crypten.mpc.MPCTensor.shallow_copy = _shallow_copy
     _saved["get_default_provider"] = crypten.mpc.get_default_provider
     crypten.mpc.get_default_provider = _default_provider
+    tensor = crypten.CrypTensor
+    _saved["getattribute"] = tensor.__getattribute__
+    tensor.__getattribute__ = getattr(tensor.__getattribute__, "__wrapped__", tensor.__getattribute__)
+    _saved["autograd"] = tensor.AUTOGRAD_ENABLED
+    tensor.set_grad_enabled(False)
 
 
 def _unpatch() -> None:
+    crypten.CrypTensor.set_grad_enabled(_saved.pop("autograd"))
+    crypten.CrypTensor.__getattribute__ = _saved.pop("getattribute")
     crypten.mpc.get_default_provider = _saved.pop("get_default_provider")
     crypten.mpc.MPCTensor._ltz = _saved.pop("ltz")
     crypten.mpc.MPCTensor.shallow_copy = _saved.pop("shallow_copy")
