@@ -34,6 +34,8 @@ _ALLOWED_DTYPES = {
     "int64", "int32", "int16", "int8", "uint8", "bool", "float64", "float32", "float16",
 }
 ARRAY_DTYPES = frozenset(_ALLOWED_DTYPES)  # array dtypes a frame may carry (besides bytes, json)
+_LITTLE = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED_DTYPES}  # the wire's dtypes
+_NATIVE_NAMES = {np.dtype(name): name for name in _ALLOWED_DTYPES}  # a native array's dtype -> its name
 MAX_DIMS = 32  # numpy's own limit on dimensions
 MAX_ARRAY_BYTES = 1 << 40  # no frame shape may describe more (with zero-sized dimensions counted as 1)
 
@@ -106,10 +108,10 @@ def array_payload(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes | memo
     """dtype name, shape and a byte view of ``array`` in little-endian C order (no copy when it
     already is: the caller must not change the array while the view is in use)."""
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d arrays into 1-d
-    name = array.dtype.name
+    name = _NATIVE_NAMES.get(array.dtype) or array.dtype.name  # numpy's name lookup is Python, per call
     if name not in _ALLOWED_DTYPES:
         raise TypeError(f"cannot send dtype {name}; allowed: {sorted(_ALLOWED_DTYPES)}")
-    little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # no copy if already LE
+    little = np.asarray(array, dtype=_LITTLE[name], order="C")  # no copy if already LE
     data = memoryview(little).cast("B") if little.size else b""  # a view of no bytes cannot be cast
     return name, tuple(int(d) for d in array.shape), data
 
@@ -125,7 +127,7 @@ def array_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     have (negative, or so large that numpy cannot even describe it, zero-sized or not)."""
     if any(d < 0 for d in shape) or len(shape) > MAX_DIMS:
         raise ProtocolError(f"frame has an impossible shape {list(shape)}")
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = _LITTLE[dtype].itemsize if dtype in _LITTLE else np.dtype(dtype).itemsize
     if math.prod(max(d, 1) for d in shape) * itemsize > MAX_ARRAY_BYTES:
         raise ProtocolError(f"frame shape {list(shape)} of {dtype} is beyond any array this link carries")
     return math.prod(shape) * itemsize
@@ -141,7 +143,7 @@ def decode_array(dtype: str, shape: tuple[int, ...], payload: bytes) -> np.ndarr
             f"frame payload is {len(payload)} bytes but dtype {dtype} shape {list(shape)} "
             f"needs {expected} (truncated or corrupt frame)"
         )
-    array = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<"))
+    array = np.frombuffer(payload, dtype=_LITTLE[dtype])
     if array.dtype.isnative and array.flags.writeable:
         return array.reshape(shape)  # a bytearray the transport assembled for this frame alone: no copy
     # a writable copy; a plain copy when little-endian is native (about 4x faster than astype)

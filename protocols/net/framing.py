@@ -148,17 +148,18 @@ def encode_wire(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[byte
 
 
 class WireChunk:
-    """A received chunk message: its header fields parsed by protobuf (read through this object),
-    its payload a view of the received bytes (no copy)."""
+    """A received chunk message: its header fields, parsed by protobuf, copied into slots once
+    (the assembler reads each several times; a protobuf field read costs about as much as a
+    Python call), its payload a view of the received bytes (no copy)."""
 
-    __slots__ = ("header", "payload")
+    __slots__ = ("session", "seq", "tag", "kind", "dtype", "shape", "chunk_index", "chunk_count",
+                 "total_bytes", "payload")
 
     def __init__(self, header: pb.Frame, payload: memoryview) -> None:
-        self.header = header
+        self.session, self.seq, self.tag, self.kind = header.session, header.seq, header.tag, header.kind
+        self.dtype, self.shape, self.chunk_index = header.dtype, tuple(header.shape), header.chunk_index
+        self.chunk_count, self.total_bytes = header.chunk_count, header.total_bytes
         self.payload = payload
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.header, name)
 
 
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
