@@ -11,7 +11,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from privinf.ledger.counting import Ledger
-from protocols.mpc.cryptenlib import crypten, crypten_session, install, uninstall
+from protocols.mpc.cryptenlib import crypten, crypten_session, install, parties_as_threads, uninstall
 from protocols.mpc.cryptenlib.communicator import ChannelCommunicator, CommunicatorError
 from protocols.net.channels import ProtocolError, memory_pair, run_parties
 
@@ -38,7 +38,8 @@ def two_parties(body: Callable[[int, ChannelCommunicator, Ledger], Any], verbose
             return body(rank, comm, ledger)
 
     try:
-        return run_parties(lambda: party(0, ch0), lambda: party(1, ch1), timeout_s=60)
+        with parties_as_threads():  # CrypTen's softmax swaps its config: one per party thread
+            return run_parties(lambda: party(0, ch0), lambda: party(1, ch1), timeout_s=60)
     finally:
         crypten.cfg.communicator.verbose = previous
 

@@ -25,7 +25,7 @@ from protocols.kv.select import (
     ranks,
     threshold_topk_mask,
 )
-from protocols.mpc.cryptenlib import crypten, crypten_session
+from protocols.mpc.cryptenlib import crypten, crypten_session, parties_as_threads
 from protocols.mpc.numerics import share_kernels
 from protocols.net.channels import memory_pair, run_parties
 
@@ -92,7 +92,8 @@ def test_two_party_selection_matches_plaintext(scores: torch.Tensor) -> None:
                    "gather": reveal(exact.gather(rank_sel, enc_x))}
         return out
 
-    out0, out1 = run_parties(lambda: party(0, ch0), lambda: party(1, ch1), timeout_s=120)
+    with parties_as_threads():  # CrypTen's max and reciprocal swap its config: one per party thread
+        out0, out1 = run_parties(lambda: party(0, ch0), lambda: party(1, ch1), timeout_s=120)
     ref = PlainSelector().top_k(scores, 7, ordered=True)
     for name in ("rank", "threshold"):
         assert ((out0[name] - out0[name].round()).abs() < 1e-6).all(), f"{name}: not 0/1"

@@ -9,7 +9,7 @@ import torch
 
 from privinf.ledger.counting import Ledger
 from protocols.kv.stationary import StationaryDealer, StationaryParty, _Rows
-from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session
+from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session, parties_as_threads
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.vocabulary import MSG_END, TAG_MSG
 from protocols.net.channels import memory_pair, run_parties
@@ -45,7 +45,8 @@ def _run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, together: bo
         return {"rounds": rounds, "scores": scores, "values": cache_v, "opened": kvs.opened_rows,
                 "blocks": (ks.blocks, vs.blocks)}
 
-    return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
+    with parties_as_threads():  # CrypTen's reciprocal swaps its config: one per party thread
+        return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
 
 
 def test_k_and_v_blocks_open_in_one_round_with_the_same_cache() -> None:

@@ -14,7 +14,7 @@ from models.registry import InputError, load_model
 from privinf.ledger.counting import Ledger
 from protocols.kv.generate import plain_greedy
 from protocols.kv.stationary import StationaryDealer, StationaryError, StationaryParty
-from protocols.mpc.cryptenlib import crypten, crypten_session
+from protocols.mpc.cryptenlib import crypten, crypten_session, parties_as_threads
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.vocabulary import MSG_END, TAG_MSG
 from protocols.net.channels import memory_pair, run_parties
@@ -43,7 +43,8 @@ def _stationary_parties(body: Callable[[StationaryParty, Ledger], dict[str, Any]
             d0.send_json(TAG_MSG, {"type": MSG_END})
         return result
 
-    return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
+    with parties_as_threads():  # CrypTen's reciprocal swaps its config: one per party thread
+        return run_parties(lambda: party(0), lambda: party(1), lambda: dealer.serve(dd), timeout_s=120)[:2]
 
 
 def _stationary_run(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
