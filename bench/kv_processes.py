@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kv_fill import filling_parties
 from bench.kv_pruning import SETTINGS, print_breakdown, print_table, print_targets, tabulate
+from bench.ready_line import start
 from models.kv_pruning import POLICIES
 from privinf.ledger.counting import Ledger
 from privinf.ledger.records import rows_from_dicts, rows_to_dicts
@@ -95,15 +96,7 @@ def client_main(tmp: str, dealer: str, server: str, fill: int, calls: str, out: 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     """A party process and the address it announced (empty for the client, which binds nothing)."""
-    child = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    if args[1] == CLIENT:
-        return child, ""
-    assert child.stdout is not None
-    line = child.stdout.readline().split()
-    if len(line) != 2 or line[0] != "ready":
-        child.kill()
-        raise SystemExit(f"the {args[1]} process did not announce its port (got {line!r})")
-    return child, line[1]
+    return start(__file__, args, args[1] != CLIENT)
 
 
 def session(ctx: int, calls: list[dict[str, Any]]) -> tuple[list[Any], tuple[list[Any], list[Any]]]:

@@ -7,7 +7,8 @@ and :func:`~protocols.net.grpc_link.connect` (``Channel.send`` / ``recv``, as ev
 uses them). ``bare``: one gRPC bidi stream with the same credentials and keepalive options, the
 dialing end fed by a queue (gRPC's request-consumer thread) and drained by a reader thread as
 privinf's is, the serving end echoing on its handler thread. Prints the median round trip and,
-per end, the process CPU per round trip and each thread's share (``/proc`` counters). Where a
+per end, the process CPU per round trip and each thread's share over the timed round trips
+(``/proc`` counters). Where a
 round's time goes: docs/kv_pruning.md, "The per-operation floor".
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ready_line import start
 from protocols.net.certs import TlsConfig, role_hostname, write_certs
 from protocols.net.grpc_channel import DEFAULT_KEEPALIVE
 from protocols.net.grpc_link import PartyServer, connect
@@ -46,10 +48,9 @@ def _same(data: bytes) -> bytes:
     return data
 
 
-def thread_cpu(rounds: int) -> list[tuple[str, float]]:
-    """Each thread's CPU (user + system) in ms per round trip, from ``/proc/self/task``, largest first."""
-    tick, names = os.sysconf("SC_CLK_TCK"), {t.native_id: t.name for t in threading.enumerate()}
-    out = []
+def thread_ticks() -> dict[int, tuple[str, int]]:
+    """Each live thread's name and CPU clock ticks so far (user + system), from ``/proc/self/task``."""
+    names, out = {t.native_id: t.name for t in threading.enumerate()}, {}
     for task in glob.glob("/proc/self/task/*"):
         tid = int(task.rsplit("/", 1)[1])
         try:
@@ -57,26 +58,29 @@ def thread_cpu(rounds: int) -> list[tuple[str, float]]:
         except FileNotFoundError:  # the thread ended meanwhile
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        name = names.get(tid) or comm
-        out.append((name, (int(fields[11]) + int(fields[12])) / tick * 1e3 / rounds))
-    return sorted(out, key=lambda item: -item[1])
+        out[tid] = (names.get(tid) or comm, int(fields[11]) + int(fields[12]))
+    return out
 
 
-def _report(end: str, cpu_ms: float, rounds: int) -> None:
-    threads = ", ".join(f"{name} {ms:.3f}" for name, ms in thread_cpu(rounds) if ms >= 0.002)
+def _report(end: str, cpu_ms: float, rounds: int, before: dict[int, tuple[str, int]]) -> None:
+    """Print ``end``'s process CPU per round trip and each thread's share since ``before``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    shares = sorted(((name, (ticks - before.get(tid, (name, 0))[1]) / tick * 1e3 / rounds)
+                     for tid, (name, ticks) in thread_ticks().items()), key=lambda item: -item[1])
+    threads = ", ".join(f"{name} {ms:.3f}" for name, ms in shares if ms >= 0.002)
     print(f"{end}: process CPU {cpu_ms:.3f} ms per round trip ({threads})", file=sys.stderr, flush=True)
 
 
 def bare_serve(tmp: str, count: int) -> None:
     """The bare stream's serving end: echo every message on the handler's thread."""
     def link(requests: Iterator[bytes], _: grpc.ServicerContext) -> Iterator[bytes]:
-        started = 0.0
+        started, before = 0.0, {}
         for index, message in enumerate(requests):
             if index == WARMUP:
-                started = time.process_time()
+                started, before = time.process_time(), thread_ticks()
             yield message
             if index == WARMUP + count - 1:
-                _report("serving end", (time.process_time() - started) / count * 1e3, count)
+                _report("serving end", (time.process_time() - started) / count * 1e3, count, before)
     ca, cert, key = TlsConfig.load(tmp, SERVER).read()
     server = grpc.server(futures.ThreadPoolExecutor(4), options=DEFAULT_KEEPALIVE.options(server=True))
     handler = grpc.stream_stream_rpc_method_handler(link, request_deserializer=_same, response_serializer=_same)
@@ -127,9 +131,10 @@ def privinf_serve(tmp: str, count: int) -> None:
         link = server.accept("ping", CLIENT, timeout=TIMEOUT_S, timeout_s=TIMEOUT_S)
         for index in range(WARMUP + count):
             if index == WARMUP:
-                started = time.process_time()
+                started, before = time.process_time(), thread_ticks()
             link.send("p", link.recv("p"))
-        _report("serving end", (time.process_time() - started) / count * 1e3, count)
+        _report("serving end", (time.process_time() - started) / count * 1e3, count, before)
+        link.recv("done")  # the dialing end has read its threads' clocks: its reader may stop now
         link.close()
     finally:
         server.stop()
@@ -142,12 +147,16 @@ def dial(stack: str, tmp: str, address: str, count: int) -> None:
         message: object = np.zeros(16, dtype=np.int64).tobytes()
     else:
         link = connect(address, TlsConfig.load(tmp, CLIENT), SERVER, "ping", timeout_s=TIMEOUT_S)
-        send, receive, close = (lambda m: link.send("p", m)), (lambda: link.recv("p")), link.close
+        send, receive = (lambda m: link.send("p", m)), (lambda: link.recv("p"))
+
+        def close() -> None:
+            link.send("done", b"")
+            link.close()
         message = np.zeros(16, dtype=np.int64)
     walls = []
     for index in range(WARMUP + count):
         if index == WARMUP:
-            started = time.process_time()
+            started, before = time.process_time(), thread_ticks()
         wall = time.perf_counter()
         send(message)
         receive()
@@ -155,7 +164,7 @@ def dial(stack: str, tmp: str, address: str, count: int) -> None:
     cpu = (time.process_time() - started) / count * 1e3
     print(f"{stack}: round trip median {1e3 * statistics.median(walls[WARMUP:]):.3f} ms over {count}; "
           f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores", flush=True)
-    _report("dialing end", cpu, count)
+    _report("dialing end", cpu, count, before)
     close()
 
 
@@ -177,14 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="privinf-ping-") as tmp:
             write_certs(Path(tmp))
-            common = [sys.executable, __file__, "--stack", args.stack, "--count", str(args.count), "--dir", tmp]
-            serving = subprocess.Popen([*common, "--role", "serve"], stdout=subprocess.PIPE, text=True)
-            assert serving.stdout is not None
-            line = serving.stdout.readline().split()
-            if len(line) != 2 or line[0] != "ready":
-                serving.kill()
-                raise SystemExit(f"the serving process did not announce its port (got {line!r})")
-            dialing = subprocess.run([*common, "--role", "dial", "--address", line[1]], timeout=TIMEOUT_S)
+            common = ["--stack", args.stack, "--count", str(args.count), "--dir", tmp]
+            serving, address = start(__file__, [*common, "--role", "serve"], True)
+            dialing = subprocess.run([sys.executable, __file__, *common, "--role", "dial", "--address", address],
+                                     timeout=TIMEOUT_S)
             if args.stack == "bare":
                 serving.terminate()
             serving.wait(TIMEOUT_S)

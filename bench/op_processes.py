@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ready_line import start
 from models import ops
 from protocols.mpc import fixed_point, numerics
 from protocols.mpc.cryptenlib import crypten, crypten_session
@@ -134,28 +134,15 @@ def party_main(tmp: str, rank: int, dealer_at: str, peer_at: str, op: str, count
     Path(out).write_text(json.dumps(result))
 
 
-def _start(args: list[str], announces: bool) -> tuple[subprocess.Popen[str], str]:
-    """A process of this script and the address it announced ("" when it binds nothing)."""
-    child = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    if not announces:
-        return child, ""
-    assert child.stdout is not None
-    line = child.stdout.readline().split()
-    if len(line) != 2 or line[0] != "ready":
-        child.kill()
-        raise SystemExit(f"a {args[1]} process did not announce its port (got {line!r})")
-    return child, line[1]
-
-
 def measure(op: str, count: int) -> list[dict[str, Any]]:
     """Run ``op`` ``count`` times across three processes; each rank's timings."""
     with tempfile.TemporaryDirectory(prefix="privinf-op-") as tmp:
         write_certs(Path(tmp))
         outs = [str(Path(tmp) / f"{rank}.json") for rank in (0, 1)]
-        dealer, dealer_at = _start(["--role", DEALER, "--dir", tmp], True)
-        second, second_at = _start(["--role", "1", "--dir", tmp, "--dealer", dealer_at, "--op", op,
+        dealer, dealer_at = start(__file__, ["--role", DEALER, "--dir", tmp], True)
+        second, second_at = start(__file__, ["--role", "1", "--dir", tmp, "--dealer", dealer_at, "--op", op,
                                     "--count", str(count), "--out", outs[1]], True)
-        first, _ = _start(["--role", "0", "--dir", tmp, "--dealer", dealer_at, "--peer", second_at, "--op", op,
+        first, _ = start(__file__, ["--role", "0", "--dir", tmp, "--dealer", dealer_at, "--peer", second_at, "--op", op,
                            "--count", str(count), "--out", outs[0]], False)
         codes = [p.wait(TIMEOUT_S) for p in (first, second, dealer)]
         if any(codes):
