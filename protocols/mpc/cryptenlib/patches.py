@@ -23,8 +23,8 @@ puts CrypTen's own objects back:
   autograd switch: CrypTen's lookup without its validation hook (``cfg.debug.validation_mode``
   decrypts every result to check it, which a session between two companies must never do), and
   autograd off (private inference never differentiates; with it on, every op goes through a
-  freshly built autograd closure and two more lookups). Together ~10% of a party's CPU in a
-  tournament (``bench/kv_processes.py``'s arg-max, docs/kv_pruning.md).
+  freshly built autograd closure and two more lookups). Together ~8% of a party's CPU in the
+  arg-max over a vocabulary (``bench/op_processes.py --op argmax``, docs/kv_pruning.md).
 
 The set of replaced names does not depend on the arguments or on the order of installs: what
 differs between parties is bound to their thread (channel, rank, ledger and how the thread
