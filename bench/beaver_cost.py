@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from privinf.ledger.counting import Ledger
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib.provider import PartyContext
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 
 def products(shape: tuple[int, ...], count: int) -> dict[str, Any]:

@@ -9,15 +9,17 @@ on the shape: a decoding step's few rows are bound by rounds, a prefill's many r
   ``x * s`` and multiplies the gain after (6 rounds, about 2 per element): :func:`norm_costs`.
 * A max / arg-max tournament level (``tournament._tournament``): **all-pairs** groups (3 rounds
   divide the row by up to 16, every pair of a group compared exactly) or **binary** levels (2
-  rounds per halving, one truncated comparison per pair): :func:`level_costs`.
+  rounds per halving, one truncated comparison per pair), each comparison batch with a round
+  more where it takes bit keys (below): :func:`level_costs`.
 
 Each form's online rounds and bytes sent per party are priced as the ledger prices a cell
 (:func:`privinf.ledger.pricing.price`: ``rounds * rtt + bytes * 8 / bandwidth``) on
 ``ProtocolConfig.kernel_profile`` (LAN by default: 0.8 ms and 3 Gbit/s, a round worth 300,000
 bytes), and the cheaper form runs (:func:`cheaper`). The choice depends only on public shapes
 and the shared configuration, so both parties and the simulation make the same one. Comparisons
-are priced as the dealer's FSS gate opens them (``ceil(width / 8)`` bytes, one round) also when
-the session runs CrypTen's circuit, where both forms pay more per comparison.
+are priced as the dealer's FSS gate opens them (``ceil(width / 8)`` bytes, one round; with bit
+keys a second round and the masked bits) also when the session runs CrypTen's circuit, where
+both forms pay more per comparison.
 
 * A single-threshold FSS comparison (:mod:`protocols.mpc.compare`): **value** keys (arithmetic
   output: one opening, one round) or **bit** keys (:mod:`protocols.mpc.fss_bit`: ~40% fewer key
@@ -79,13 +81,6 @@ def cheaper(first: Cost, second: Cost, config: ProtocolConfig) -> bool:
     return _priced_s(first, config) < _priced_s(second, config)
 
 
-def comparison_bytes(limit: float | None, resolution: float, config: ProtocolConfig) -> int:
-    """Bytes one party sends to open one FSS comparison of values below ``limit`` in magnitude
-    with ``resolution`` (:mod:`protocols.mpc.compare`'s width and dropped low bits)."""
-    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)
-    return math.ceil((bits - shift_for([0.0], resolution * config.scale, bits)) / 8)
-
-
 def norm_costs(rows: int, width: int) -> dict[str, Cost]:
     """Online (rounds, bytes sent per party) of a norm with a secret gain over ``rows`` rows of
     ``width`` entries (n = rows, d = width), finished as ``models.layers``' norms finish it (the
@@ -118,22 +113,38 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
     ``carried``: the secret values each kept entry carries (1: the value; 2: value and secret
     position). ``pairs``: all pairs of each group compared exactly, the win counts tested (not
     for pairs of two), one product of the one-hot with the carried values (``carried + 1``
-    elements opened per entry). ``binary``: one truncated comparison and one product (``carried +
-    1`` elements) per eliminated entry, two rounds per level.
+    elements opened per entry). ``binary``: per level, one truncated comparison and one product
+    (``carried + 1`` elements) per eliminated entry. Each batch of comparisons is priced with the
+    keys :func:`comparison_keys` gives it (bit keys: a second round and the masked bits).
     """
     groups = -(-n // group)
     kept = rows * groups * group
-    pairs = rows * groups * group * (group - 1) // 2
     product = (carried + 1) * RING_BYTES
     limit, resolution = ops.comparison_bound(), ops.comparison_resolution()
-    exact = comparison_bytes(limit, 0.0, config)
-    wins = 0 if group == 2 else comparison_bytes(2.0 * group, 0.0, config)
-    levels, length = 0, n
+    pair_rounds, pair_bytes = _comparisons(rows * groups * group * (group - 1) // 2, limit, 0.0, config)
+    if group > 2:
+        win_rounds, win_bytes = _comparisons(kept, 2.0 * group, 0.0, config)
+        pair_rounds, pair_bytes = pair_rounds + win_rounds, pair_bytes + win_bytes
+    binary_rounds = binary_bytes = 0
+    length = n
     while length > groups:
-        length, levels = -(-length // 2), levels + 1
-    binary = rows * (n - groups) * (comparison_bytes(limit, resolution, config) + product)
-    return {"pairs": (2 if group == 2 else 3, pairs * exact + kept * (wins + product)),
-            "binary": (2 * levels, binary)}
+        eliminated = rows * (length // 2)
+        level_rounds, level_bytes = _comparisons(eliminated, limit, resolution, config)
+        binary_rounds += level_rounds + 1
+        binary_bytes += level_bytes + eliminated * product
+        length = -(-length // 2)
+    return {"pairs": (pair_rounds + 1, pair_bytes + kept * product), "binary": (binary_rounds, binary_bytes)}
+
+
+def _comparisons(count: int, limit: float | None, resolution: float, config: ProtocolConfig) -> Cost:
+    """Online (rounds, bytes sent per party) of ``count`` single-threshold FSS comparisons of
+    values below ``limit`` with ``resolution``, with the keys :func:`comparison_keys` picks."""
+    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)  # the gate's width, as compare.py sets it
+    width = bits - shift_for([0.0], resolution * config.scale, bits)
+    opened = count * math.ceil(width / 8)
+    if count and comparison_keys(count, width, 1, config) == "bit":
+        return 2, opened + RING_BYTES * -(-count // 64)
+    return 1, opened
 
 
 def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:

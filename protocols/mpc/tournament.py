@@ -5,7 +5,8 @@
 Per level, as :func:`all_pairs` decides from the public shape and the session's configuration:
 binary levels (a comparison and a product per pair, two rounds per halving, under the caller's
 ``compare_bound`` and resolution) or groups of up to :data:`SINGLE_GROUP` compared all-pairs
-(three rounds, a level dividing the row by up to 16, exact comparisons) where they are priced
+(three rounds, four where the level's pairs take bit keys; a level dividing the row by up to 16,
+exact comparisons) where they are priced
 cheaper (:mod:`protocols.mpc.kernel_choice`). CrypTen's own ``max(dim)`` builds the arg-max
 one-hot as well, about 2.4x the comparisons of a binary tree.
 """
@@ -131,7 +132,8 @@ def _tournament(x: Tensor, position: Any = None) -> tuple[Tensor, Any]:
     Per level, as :func:`all_pairs` decides from the shape: binary (a comparison and a product:
     two rounds per halving, one comparison per pair, under the caller's ``compare_bound`` and
     resolution), or groups of up to :data:`SINGLE_GROUP` compared all-pairs (:func:`_groups_level`:
-    three rounds per level, a level dividing the row by up to 16, exact comparisons) once the
+    three rounds per level, four with bit keys for its pairs, a level dividing the row by up to
+    16, exact comparisons) once the
     row is at most :data:`ALL_PAIRS_LIMIT` long, the level within the pairs budget and priced
     cheaper. A decoding step's 12 rows of 1024: 3 binary levels and 2 group levels, 12 rounds
     instead of 20, for 2.4x the comparisons (most of them in the short top levels); a prefill's

@@ -7,72 +7,21 @@ over two more memory channels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from privinf.ledger.counting import Ledger, Phase
-from protocols.mpc.cryptenlib import crypten, crypten_session, parties_as_threads
+from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import Dealer, ScheduleCache, compute_correction, count_wraps, expand_shares, receive_seed
 from protocols.mpc.vocabulary import DealerError, RequestSchedule, TupleRequest
 from protocols.net.channels import memory_pair, run_parties
+from protocols.routes.local_run import run_crypten_parties
 
 torch.set_num_threads(1)
-
-
-def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: Dealer | None = None,
-                        ledgers: dict[int, Ledger] | None = None, mpc_ledgers: dict[int, Ledger] | None = None,
-                        before_init: Callable[[int], None] | None = None,
-                        timeout_s: float = 120.0) -> tuple[list[Any], Any]:
-    """Run ``party(rank, context)`` in two CrypTen threads bound to privinf's provider.
-
-    ``ledgers`` count each party's dealer link and storage; ``mpc_ledgers`` its CrypTen link.
-    The dealer distributes seeds and serves both parties (one serve loop per link). Returns the
-    parties' results and the count of corrections served to rank 0.
-    """
-    dealer = dealer or Dealer()
-    ledgers = ledgers or {}
-    mpc_ledgers = mpc_ledgers or {}
-    links = {r: memory_pair("dealer", f"p{r}", ledger_b=ledgers.get(r)) for r in (0, 1)}
-    mpc = memory_pair("p0", "p1", "mpc", mpc_ledgers.get(0), mpc_ledgers.get(1))
-    threads = parties_as_threads()
-    threads.__enter__()
-
-    def make(rank: int) -> Callable[[], Any]:
-        def run() -> Any:
-            channel = links[rank][1]
-            try:
-                seed = receive_seed(channel, ledgers.get(rank))
-                if before_init is not None:
-                    before_init(rank)
-                with crypten_session(mpc[rank], rank, mpc_ledgers.get(rank)):
-                    context = cp.PartyContext.create(seed, channel, ledgers.get(rank))
-                    with cp.bind(context):
-                        result = party(rank, context)
-                context.provider.close()
-                return result
-            except BaseException:
-                mpc[rank].abort("party failed")
-                channel.abort("party failed")
-                raise
-        return run
-
-    def serve(rank: int) -> Callable[[], int]:
-        def run() -> int:
-            if rank == 0:
-                dealer.distribute_seeds({r: links[r][0] for r in (0, 1)})
-            return dealer.serve(links[rank][0], rank)
-        return run
-
-    try:
-        *results, served, _ = run_parties(make(0), make(1), serve(0), serve(1), timeout_s=timeout_s)
-    finally:
-        threads.__exit__(None, None, None)
-    return results, served
 
 
 # ----- pure dealer arithmetic ----------------------------------------------------------------

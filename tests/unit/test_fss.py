@@ -22,7 +22,7 @@ from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import DealerError, TupleRequest
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 RNG = np.random.default_rng(7)
 WORDS = 2 ** 64

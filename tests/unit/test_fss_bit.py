@@ -25,7 +25,7 @@ from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.dealer_pool import material_bytes
 from protocols.mpc.vocabulary import TupleRequest
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 from tests.unit.test_fss_compact import SITES
 from tests.unit.test_fss_native import PATHS, _skip_unless, _top
 

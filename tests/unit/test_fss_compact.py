@@ -23,7 +23,7 @@ from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import KEY_KINDS
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 RNG = np.random.default_rng(16)
 SCALE = 2 ** 16

@@ -20,7 +20,7 @@ from protocols.mpc.onehot import material_bytes, one_hot, uses_dpf
 from protocols.mpc.vocabulary import DealerError, TupleRequest
 from protocols.net.channels import memory_pair, run_parties
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 from tests.unit.test_kv_select import reveal
 
 

@@ -16,7 +16,7 @@ from protocols.mpc.dealer import compute_correction, expand_shares
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import GELU_MASKS, GELU_PRODUCTS, TupleRequest
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 # inside [-3.5, 3.5], both edges, and far outside (where the powers overflow and are zeroed)
 X = torch.cat([torch.linspace(-6.0, 6.0, 250), torch.tensor([-3.5, 3.5, 0.0, 100.0, -100.0, 3000.0])]).reshape(2, -1)

@@ -18,7 +18,7 @@ from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import compute_correction, expand_shares
 from protocols.mpc.numerics import share_kernels
 from protocols.mpc.vocabulary import TupleRequest
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4)) * 3
 

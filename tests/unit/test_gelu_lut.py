@@ -14,7 +14,7 @@ from protocols.mpc import fused_gelu, gelu_lut, numerics, simulate
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 BITS = 16
 ULP = 2.0 ** -BITS

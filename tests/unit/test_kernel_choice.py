@@ -20,7 +20,7 @@ from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
 from protocols.net.channels import HEADER_BYTES
 from protocols.protocol_config import ProtocolConfig, ProtocolConfigError
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 DEFAULT = ProtocolConfig()
 BYTES_ONLY = ProtocolConfig(kernel_profile="free-rounds:bw=1Gbps,rtt=0s")  # rounds cost nothing
@@ -59,6 +59,20 @@ def test_tournament_levels_follow_the_shape_the_profile_and_the_budget() -> None
     unbounded = dataclasses.replace(ROUNDS_ONLY, all_pairs_budget=10 ** 9)
     assert _levels(1536, 128, unbounded) == ["pairs@128", "pairs@8"]
     assert _levels(1536, 128, dataclasses.replace(unbounded, kernel_profile="wan"))[0] == "binary@128"
+
+
+def test_tournament_levels_are_priced_with_the_keys_their_comparisons_take() -> None:
+    # a GPT-2 decode step's 12 rows of 128: each binary level's 768..96 comparisons keep value
+    # keys (one round); the all-pairs level's 11,520 pairs take bit keys, its 1,536 win tests not
+    decode = kernel_choice.level_costs(12, 128, 16, 1, DEFAULT)
+    assert decode["binary"][0] == 4 * 2 and decode["pairs"][0] == 2 + 1 + 1
+    assert kernel_choice.level_costs(2, 128, 16, 1, DEFAULT)["pairs"][0] == 1 + 1 + 1
+    # a prefill's rows: 98k..12k comparisons per binary level take bit keys, a second round each
+    prefill = kernel_choice.level_costs(1536, 128, 16, 1, DEFAULT)
+    assert prefill["binary"][0] == 4 * 3 and prefill["pairs"][0] == 2 + 2 + 1
+    forced = dataclasses.replace(DEFAULT, comparison_keys="value")
+    assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][0] == 4 * 2
+    assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][1] < prefill["binary"][1]
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -15,7 +15,7 @@ from protocols.mpc.csprng import new_seed
 from protocols.mpc.dealer import compute_correction, expand_shares
 from protocols.mpc.onehot import OneHotError, domain_for, one_hot
 from protocols.mpc.vocabulary import DealerError, TupleRequest
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 from tests.unit.test_kv_select import reveal
 
 VALUES = torch.randint(0, 8, (4, 64), generator=torch.Generator().manual_seed(3)).float()

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_dealer import run_crypten_parties
 from torch import nn
 
 from privinf.ledger.counting import Ledger, Phase
@@ -31,6 +30,7 @@ from protocols.mpc.secure_linear import (
     weight_mask,
 )
 from protocols.net.channels import HEADER_BYTES, memory_pair
+from protocols.routes.local_run import run_crypten_parties
 
 torch.set_num_threads(1)
 CLIENT, SERVER = 0, 1

@@ -13,7 +13,7 @@ from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
 from protocols.protocol_config import ProtocolConfig
-from tests.unit.test_dealer import run_crypten_parties
+from protocols.routes.local_run import run_crypten_parties
 
 LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
 
