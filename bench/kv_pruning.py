@@ -291,18 +291,20 @@ def tabulate(ctx: int, configs: list[Config], runs: list[list[list[Row]]],
 
 def print_breakdown(table: Table, top: int = 16) -> None:
     """The client's costliest scopes of a warm step, per row (online, per step; the scopes of
-    all layers summed, ``*`` standing for the layer number)."""
+    all layers summed, ``*`` standing for the layer number): bytes, rounds, wall, and the part of
+    the wall spent blocked on a link (waiting for the peer: its compute and the round trips)."""
     for (ctx, label), measured in table.items():
         scopes: dict[str, list[float]] = {}
         for row in measured.rows[0]:
             if row.step in STEPS and row.phase == Phase.ONLINE:
-                cell = scopes.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", row.name), [0.0, 0.0, 0.0])
+                cell = scopes.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", row.name), [0.0, 0.0, 0.0, 0.0])
                 cell[0] += row.counters.bytes_sent / len(STEPS)
                 cell[1] += row.counters.rounds / len(STEPS)
                 cell[2] += row.counters.wall_s / len(STEPS)
-        print(f"-- {ctx} {label}: scopes by rounds, all layers (per step: KiB sent, rounds, wall s)")
-        for name, (sent, rounds, wall) in sorted(scopes.items(), key=lambda kv: -kv[1][1])[:top]:
-            print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f}")
+                cell[3] += row.counters.wait_s / len(STEPS)
+        print(f"-- {ctx} {label}: scopes by rounds, all layers (per step: KiB sent, rounds, wall s, of it waiting s)")
+        for name, (sent, rounds, wall, wait) in sorted(scopes.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f} {wait:7.3f}")
 
 
 def _sizes(setting: Setting, ctx: int, config: Config, layers: int) -> tuple[int, int]:
