@@ -167,3 +167,17 @@ def test_install_refuses_bad_arguments() -> None:
     with pytest.raises(CommunicatorError, match="randomness must be one of"):
         install(a, 0, randomness="mersenne")
     assert crypten_state() == original
+
+
+@pytest.mark.parametrize("key, value", [("exp_iterations", 9), ("reciprocal_all_pos", True),
+                                        ("sqrt_nr_iters", 5)])
+def test_install_refuses_changed_function_settings_before_changing_anything(key: str, value: Any) -> None:
+    original = crypten_state()
+    a, _ = memory_pair("a", "b")
+    with crypten.cfg.temp_override({f"functions.{key}": value}):
+        with pytest.raises(CommunicatorError, match=rf"cfg\.functions\.{key} is {value!r}, not CrypTen's default"):
+            install(a, 0)
+        assert crypten_state() == original
+    install(a, 0)  # the override is gone: CrypTen's shipped settings again
+    uninstall()
+    assert comparable(crypten_state()) == comparable(original)

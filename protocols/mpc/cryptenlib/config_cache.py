@@ -99,6 +99,11 @@ class ThreadLocalConfig(CachedConfig):
         self._local.config = value
 
 
+def shipped_config() -> Any:
+    """A fresh copy of the configuration CrypTen ships (its ``default.yaml``), as an OmegaConf node."""
+    return _BASE().config
+
+
 _lock = threading.Lock()
 _users = 0
 

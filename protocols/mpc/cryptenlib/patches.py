@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from privinf.ledger.counting import Ledger
 from protocols.mpc.cryptenlib import config_cache
 from protocols.mpc.cryptenlib.binding import (
@@ -184,6 +186,31 @@ def _unpatch() -> None:
     crypten.communicator.DistributedCommunicator = _saved.pop("communicator")
 
 
+_DEFAULT_FUNCTIONS: dict[str, Any] = {}  # CrypTen's shipped ``functions`` settings, read once
+
+
+def check_functions_config() -> None:
+    """Refuse a CrypTen configuration whose ``functions`` settings (exp iterations, the reciprocal's
+    and the root's methods...) differ from the ones CrypTen ships: they choose the circuits of its
+    approximations, both parties must compute the same ones, and a session carries no copy of
+    them. A setting changed in one process (or a ``cfg.temp_override`` left in force by two
+    parties run as threads without ``parties_as_threads``) otherwise shows up mid-session as a
+    peer sending an unexpected message; here it is one line, before any secret moves."""
+    if not _DEFAULT_FUNCTIONS:
+        _DEFAULT_FUNCTIONS.update(OmegaConf.to_container(config_cache.shipped_config().functions))
+    current = OmegaConf.to_container(crypten.cfg.config.functions)
+    for key, default in _DEFAULT_FUNCTIONS.items():
+        if current.get(key) != default:
+            raise CommunicatorError(
+                f"CrypTen's cfg.functions.{key} is {current.get(key)!r}, not CrypTen's default {default!r}: privinf "
+                "parties run CrypTen's shipped function settings so that both compute the same circuits; "
+                "reload CrypTen's defaults with crypten.cfg.load_config(None) (or start a fresh process) "
+                "before the session")
+    extra = sorted(set(current) - set(_DEFAULT_FUNCTIONS))
+    if extra:
+        raise CommunicatorError(f"CrypTen's cfg.functions has settings CrypTen does not ship: {extra}")
+
+
 def install(channel: Channel, rank: int, ledger: Ledger | None = None, randomness: str = PRIVINF_RANDOMNESS) -> None:
     """Install privinf's CrypTen integration for the party this thread runs (before ``crypten.init()``).
 
@@ -191,7 +218,8 @@ def install(channel: Channel, rank: int, ledger: Ledger | None = None, randomnes
     round per exchange. ``randomness``: ``"privinf"`` (CSPRNG streams and the dealer provider;
     bind a ``PartyContext`` after ``crypten.init()``) or ``"crypten"`` (CrypTen's own generators
     and provider: baselines and transport tests). Counted: installing the same party again in
-    this thread nests (one :func:`uninstall` each); another party in this thread is refused.
+    this thread nests (one :func:`uninstall` each); another party in this thread is refused, and
+    so is a CrypTen configuration with changed function settings (:func:`check_functions_config`).
     """
     if not isinstance(channel, Channel):
         raise CommunicatorError(f"install needs a protocols.net.channels.Channel, got {type(channel).__name__}")
@@ -203,6 +231,8 @@ def install(channel: Channel, rank: int, ledger: Ledger | None = None, randomnes
     depth = getattr(_thread, "depth", 0)
     if depth and _thread.party != party:
         raise CommunicatorError("another party is already installed in this thread; call uninstall() first")
+    if not depth:
+        check_functions_config()
     global _installs
     with _lock:
         if _installs == 0:
