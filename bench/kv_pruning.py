@@ -289,10 +289,11 @@ def tabulate(ctx: int, configs: list[Config], runs: list[list[list[Row]]],
     return table
 
 
-def print_breakdown(table: Table, top: int = 16) -> None:
+def print_breakdown(table: Table, top: int = 24) -> None:
     """The client's costliest scopes of a warm step, per row (online, per step; the scopes of
     all layers summed, ``*`` standing for the layer number): bytes, rounds, wall, and the part of
-    the wall spent blocked on a link (waiting for the peer: its compute and the round trips)."""
+    the wall spent blocked on a link (waiting for the peer: its compute and the round trips); by
+    rounds, then wall; then the sum over every scope of the step."""
     for (ctx, label), measured in table.items():
         scopes: dict[str, list[float]] = {}
         for row in measured.rows[0]:
@@ -303,8 +304,12 @@ def print_breakdown(table: Table, top: int = 16) -> None:
                 cell[2] += row.counters.wall_s / len(STEPS)
                 cell[3] += row.counters.wait_s / len(STEPS)
         print(f"-- {ctx} {label}: scopes by rounds, all layers (per step: KiB sent, rounds, wall s, of it waiting s)")
-        for name, (sent, rounds, wall, wait) in sorted(scopes.items(), key=lambda kv: -kv[1][1])[:top]:
-            print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f} {wait:7.3f}")
+        ranked = sorted(scopes.items(), key=lambda kv: (-kv[1][1], -kv[1][2]))
+        for name, (sent, rounds, wall, wait) in ranked[:top]:
+            if sent or rounds or wall >= 0.0005:
+                print(f"   {name:48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f} {wait:7.3f}")
+        sent, rounds, wall, wait = (sum(cell[i] for cell in scopes.values()) for i in range(4))
+        print(f"   {'(every scope of the step)':48} {sent / 1024:9.1f} {rounds:6.1f} {wall:7.3f} {wait:7.3f}")
 
 
 def _sizes(setting: Setting, ctx: int, config: Config, layers: int) -> tuple[int, int]:
