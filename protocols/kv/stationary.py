@@ -424,10 +424,10 @@ class StationaryParty:
             self._ledger.record_rounds(1)
         e = share - a + theirs
         f, own = view.operands()
+        z = _product(op, e, own) + _product(op, a, f)  # party 0: E (F + B_0)' + A F', while the dealer computes C_0
         if self.rank == 0:
             c = self._receive_correction(c_shape)
-        z = _product(op, e, own) + _product(op, a, f) + c  # party 0: E (F + B_0)' + A F' + C_0
-        return fixed_point.truncated(z, fixed_point.precision_bits())
+        return fixed_point.truncated(z + c, fixed_point.precision_bits())
 
     def _ask_correction(self, op: str, view: StationaryView, index: int, a_shape: tuple[int, ...],
                         lead: tuple[int, ...], d: int) -> None:
