@@ -281,6 +281,22 @@ class SecureLinearClient(nn.Module):
             a, c0 = activation_masks(self._seed, spec, self.inferences)
             self._ready = (self.inferences, spec.x_shape, a, times_transposed(a, self._masked_weight).add_(c0))
 
+    def open_input(self, x: MPCTensor) -> None:
+        """Send ``x - A`` for the next inference now (what :meth:`forward` sends first; it then
+        finds ``x`` opened): a decode step's token, known before the step's offline work, so the
+        server's product runs while this party precomputes."""
+        x0 = _local_share(x, self.in_features)
+        spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape), self.mask_group)
+        self._open(x0, spec, activation_masks(self._seed, spec, self.inferences)[0])
+
+    def _open(self, x0: torch.Tensor, spec: LayerSpec, a: torch.Tensor) -> None:
+        """Send ``x0 - A`` of the current inference unless this layer's mask group already did."""
+        if self._groups.get(spec.group, self.inferences, x0) is None:
+            self._channel.send(f"{TAG_E}.{spec.group}", x0 - a)
+            self._groups.put(spec.group, self.inferences, x0, x0 - a)
+            if self._ledger is not None:
+                self._ledger.record_rounds(1)
+
     def forward(self, x: MPCTensor) -> MPCTensor:
         if self._masked_weight is None:
             raise SecureLinearError(f"{self.name}: no masked weight yet; call receive_weight_mask() offline")
@@ -292,11 +308,7 @@ class SecureLinearClient(nn.Module):
         else:
             a, c0 = activation_masks(self._seed, spec, self.inferences)
             partial = times_transposed(a, self._masked_weight) + c0
-        if self._groups.get(spec.group, self.inferences, x0) is None:
-            self._channel.send(f"{TAG_E}.{spec.group}", x0 - a)
-            self._groups.put(spec.group, self.inferences, x0, x0 - a)
-            if self._ledger is not None:
-                self._ledger.record_rounds(1)
+        self._open(x0, spec, a)
         self.inferences += 1
         return fixed_point.truncated(partial, fixed_point.bits_of(x))
 

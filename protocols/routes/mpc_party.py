@@ -31,7 +31,7 @@ from protocols.mpc.cryptenlib import MPCTensor, crypten, crypten_session
 from protocols.mpc.cryptenlib import provider as crypten_provider
 from protocols.mpc.dealer import ScheduleCache, receive_seed
 from protocols.mpc.mask_store import MaskStore, check_entry_id
-from protocols.mpc.model_prep import secure_targets, share_remaining_weights
+from protocols.mpc.model_prep import EmbeddingAsLinear, secure_targets, share_remaining_weights
 from protocols.mpc.secure_linear import SecureLinearClient
 from protocols.mpc.vocabulary import CLIENT_RANK, TAG_EPOCH, DealerError, RequestSchedule
 from protocols.net.channels import Channel, ProtocolError
@@ -207,12 +207,26 @@ class MpcParty:
                 x = self._share_input(value, (1, request["prompt_len"]))
                 onehot = self._next_token(self._forward_cached(x, cache), tokens)
             for i in range(request["new_tokens"] - 1):
-                with self.ledger.step(f"decode.{i}"), self._step_material(request, f"decode.{i}"):
-                    onehot = self._next_token(self._forward_cached(onehot, cache), tokens)
+                with self.ledger.step(f"decode.{i}"):
+                    self._open_token_early(onehot)
+                    with self._step_material(request, f"decode.{i}"):
+                        onehot = self._next_token(self._forward_cached(onehot, cache), tokens)
         finally:
             cache.close()
         self.last_cache = cache
         return tokens
+
+    def _open_token_early(self, onehot: MPCTensor) -> None:
+        """Client: open the decode step's one-hot token to the embedding's weight-stationary
+        product before the step's offline work (:meth:`_step_material`), so the server's pass over
+        its vocabulary table runs while the client precomputes; the embedding then finds it opened.
+        Counted in the step and the embedding's scope, as when the forward opens it."""
+        if self.rank != CLIENT_RANK:
+            return
+        for path, module in self.model.named_modules():
+            if isinstance(module, EmbeddingAsLinear) and isinstance(module.inner, SecureLinearClient):
+                with self.ledger.scope(f"{self.bundle.name}.{path}.inner", module.inner.op_kind):
+                    module.inner.open_input(onehot)
 
     def _new_cache(self, request: dict[str, Any]) -> StationaryCache:
         """An empty secret-shared KV cache under the request's pruning policy."""
