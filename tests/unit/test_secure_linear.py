@@ -61,8 +61,9 @@ def _holds(obj: Any, secret: Any) -> bool:
     return False
 
 
-def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1) -> dict[str, Any]:
-    """Offline setup + ``inferences`` online runs of one weight-stationary layer, both parties."""
+def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1, open_early: bool = False) -> dict[str, Any]:
+    """Offline setup + ``inferences`` online runs of one weight-stationary layer, both parties
+    (``open_early``: the client opens each input with ``open_input`` before the forward)."""
     name = "encoder.0.attn.q"
     ledgers = {CLIENT: Ledger("client"), SERVER: Ledger("server")}
     dealer = Dealer(ledger=Ledger("dealer"))
@@ -78,10 +79,15 @@ def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1) -> dict[str, A
             layer = SecureLinearServer.from_linear(name, linear, context.seed, to_client, ledger)
             layer.send_weight_mask()
             preprocess_server([layer], [tuple(x.shape)], inferences, context.provider.dealer, CLIENT)
-        outputs, xs, seconds, sent, rounds = [], [], [], [], []
+        outputs, xs, seconds, sent, rounds, early = [], [], [], [], [], []
         for i in range(inferences):
             xi = crypten.cryptensor(x * (i + 1), src=CLIENT)
             before = ledger.totals(Phase.ONLINE)
+            if open_early and rank == CLIENT:
+                layer.open_input(xi)
+                opened = ledger.totals(Phase.ONLINE)
+                early.append((opened.bytes_sent - before.bytes_sent, opened.rounds - before.rounds))
+                before = opened
             started = time.perf_counter()
             y = layer(xi)
             seconds.append(time.perf_counter() - started)
@@ -91,7 +97,7 @@ def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1) -> dict[str, A
             outputs.append(y.get_plain_text())
             xs.append(xi.share.clone())
         return {"layer": layer, "outputs": outputs, "x_share": xs, "sent": sent, "rounds": rounds,
-                "seconds": seconds, "seed": context.seed, "ledger": ledger}
+                "seconds": seconds, "seed": context.seed, "ledger": ledger, "early": early}
 
     (client, server), _ = run_crypten_parties(party, dealer=dealer, ledgers=ledgers)
     return {"client": client, "server": server, "dealer": dealer}
@@ -127,6 +133,20 @@ def test_online_traffic_is_the_activation_only_and_storage_is_recorded() -> None
     assert client_store["weight_masks"] == 20 * 12 * 8
     assert server_store["triples"] == 2 * 7 * 20 * 8
     assert out["dealer"].ledger.totals(Phase.OFFLINE).storage["seeds"] == 32
+
+
+def test_an_input_opened_before_the_forward_is_not_sent_again_and_gives_the_same_product() -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(12, 20)
+    x = torch.randn(3, 12)
+    out = _run(linear, x, inferences=2, open_early=True)
+    tag = f"{TAG_E}.encoder.0.attn.q"
+    assert out["client"]["early"] == [(3 * 12 * 8 + HEADER_BYTES + len(tag), 1)] * 2
+    assert out["client"]["sent"] == [0, 0] and out["client"]["rounds"] == [0, 0]
+    assert out["server"]["rounds"] == [1, 1]
+    for i, (y0, y1) in enumerate(zip(out["client"]["outputs"], out["server"]["outputs"])):
+        assert torch.equal(y0, y1)
+        assert torch.allclose(y0, _expected(linear, x * (i + 1)), atol=4 / 2 ** 16 * 12 + 1e-4)
 
 
 def test_client_and_server_hold_none_of_each_others_secrets() -> None:
