@@ -153,40 +153,67 @@ def server_correction(client_seed: bytes, server_seed: bytes, spec: LayerSpec, i
     return out.sub_(c0)
 
 
-def preprocess_message(specs: list[LayerSpec], start: int, inferences: int, client_rank: int,
-                       mask_id: str | None = None) -> dict[str, Any]:
-    """The server's request to the dealer for ``inferences`` corrections of every layer
-    (``mask_id``: the kept masks' name under ``storage = keep``, :mod:`protocols.mpc.mask_store`)."""
-    if inferences < 1:
-        raise SecureLinearError(f"inferences must be >= 1, got {inferences}")
-    msg = {"type": MSG_WS_PREPROCESS, "layers": [s.to_json() for s in specs], "start": start,
-           "inferences": inferences, "client_rank": client_rank}
+Run = tuple[list[LayerSpec], int]  # every layer's spec (its input shape) and the inferences on it
+
+
+def preprocess_message(runs: list[Run], start: int, client_rank: int, mask_id: str | None = None) -> dict[str, Any]:
+    """The server's request to the dealer for the corrections of consecutive runs of inferences
+    (each run: ``inferences`` on every layer at the run's input shapes, e.g. a generation's prefill
+    then its decode steps; one request, so the dealer expands each layer's weight mask once);
+    ``mask_id``: the kept masks' name under ``storage = keep`` (:mod:`protocols.mpc.mask_store`)."""
+    if not runs or any(count < 1 for _, count in runs):
+        raise SecureLinearError(f"every run needs >= 1 inference, got {[count for _, count in runs]}")
+    msg = {"type": MSG_WS_PREPROCESS, "start": start, "client_rank": client_rank,
+           "runs": [{"layers": [s.to_json() for s in specs], "inferences": count} for specs, count in runs]}
     return msg | ({"mask_id": mask_id} if mask_id is not None else {})
+
+
+def _runs_of(msg: dict[str, Any]) -> list[Run]:
+    """The runs of a ``ws_preprocess`` request, checked (unique names per run, one shape per name)."""
+    runs, dims = [], {}
+    for item in msg.get("runs") or []:
+        specs = [LayerSpec.from_json(layer) for layer in item.get("layers", [])] if isinstance(item, dict) else []
+        count = item.get("inferences", 0) if isinstance(item, dict) else 0
+        if not specs or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise SecureLinearError(f"malformed ws_preprocess run: {len(specs)} layers, inferences={count!r}")
+        if len({s.name for s in specs}) != len(specs):
+            raise SecureLinearError("weight-stationary layer names must be unique")
+        for spec in specs:
+            if dims.setdefault(spec.name, (spec.out_features, spec.in_features)) != (spec.out_features,
+                                                                                     spec.in_features):
+                raise SecureLinearError(f"layer {spec.name!r} has two weight shapes in one request")
+        runs.append((specs, count))
+    if not runs:
+        raise SecureLinearError("malformed ws_preprocess message: no runs")
+    return runs
 
 
 def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str, Any],
                        mask_seed: bytes | None = None) -> Iterator[torch.Tensor]:
-    """Dealer side of :func:`preprocess_message`: C1 per inference, per layer, in that order.
+    """Dealer side of :func:`preprocess_message`: C1 per run, per inference, per layer, in that order.
 
     B comes from ``mask_seed`` when given (kept masks), else from the server's session seed; each
-    layer's B is expanded once per message, not once per inference."""
+    layer's B is expanded once per message (when the message covers more than one inference), not
+    once per inference or per run."""
     client_rank = int(msg.get("client_rank", -1))
     if client_rank == server_rank or client_rank not in seeds or server_rank not in seeds:
         raise SecureLinearError(f"bad ranks for weight-stationary preprocessing: client {client_rank}, "
                                 f"server {server_rank}")
-    specs = [LayerSpec.from_json(item) for item in msg.get("layers", [])]
-    if len({s.name for s in specs}) != len(specs):
-        raise SecureLinearError("weight-stationary layer names must be unique")
-    start, count = int(msg.get("start", -1)), int(msg.get("inferences", 0))
-    if start < 0 or count < 1 or not specs:
-        raise SecureLinearError(f"malformed ws_preprocess message: start={start} inferences={count} "
-                                f"layers={len(specs)}")
+    runs = _runs_of(msg)
+    start = msg.get("start", -1)
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise SecureLinearError(f"malformed ws_preprocess message: start={start!r}")
     mask_source = check_seed(mask_seed) if mask_seed is not None else seeds[server_rank]
-    masks = {s.name: weight_mask(mask_source, s.name, s.out_features, s.in_features) for s in specs} \
-        if count > 1 else {}
-    for j in range(start, start + count):
-        for spec in specs:
-            yield server_correction(seeds[client_rank], mask_source, spec, j, masks.get(spec.name))
+    many = sum(count for _, count in runs) > 1
+    masks: dict[str, torch.Tensor] = {}
+    for specs, count in runs:
+        for spec in specs if many else ():
+            if spec.name not in masks:
+                masks[spec.name] = weight_mask(mask_source, spec.name, spec.out_features, spec.in_features)
+        for j in range(start, start + count):
+            for spec in specs:
+                yield server_correction(seeds[client_rank], mask_source, spec, j, masks.get(spec.name))
+        start += count
 
 
 class WeightMaskLink:
@@ -402,26 +429,34 @@ class SecureLinearServer(nn.Module):
 def preprocess_server(layers: list[SecureLinearServer], x_shapes: list[tuple[int, ...]], inferences: int,
                       dealer: Channel, client_rank: int, mask_id: str | None = None) -> None:
     """Offline: fetch C1 for ``inferences`` runs of every layer from the dealer in one exchange."""
-    if len(layers) != len(x_shapes) or not layers:
-        raise SecureLinearError(f"need one input shape per layer, got {len(x_shapes)} for {len(layers)} layers")
+    preprocess_server_runs(layers, [(x_shapes, inferences)], dealer, client_rank, mask_id)
+
+
+def preprocess_server_runs(layers: list[SecureLinearServer], runs: list[tuple[list[tuple[int, ...]], int]],
+                           dealer: Channel, client_rank: int, mask_id: str | None = None) -> None:
+    """Offline: fetch C1 for consecutive runs (every layer's input shape, inferences) in one
+    exchange, e.g. a generation's prefill and its decode steps."""
+    if not layers or any(len(shapes) != len(layers) for shapes, _ in runs):
+        raise SecureLinearError(f"need one input shape per layer and run, got {[len(s) for s, _ in runs]} "
+                                f"for {len(layers)} layers")
     starts = {layer._next_preprocessed for layer in layers}
     if len(starts) != 1:
         raise SecureLinearError("layers have preprocessed different numbers of inferences")
-    start = starts.pop()
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
         raise SecureLinearError(f"layer names must be unique (they key the weight masks): {names}")
-    specs = [layer.spec(shape) for layer, shape in zip(layers, x_shapes)]
+    specs = [([layer.spec(shape) for layer, shape in zip(layers, shapes)], count) for shapes, count in runs]
     ledger = layers[0]._ledger
-    msg = preprocess_message(specs, start, inferences, client_rank, mask_id)
+    msg = preprocess_message(specs, starts.pop(), client_rank, mask_id)
     _phase_call(ledger, lambda: dealer.send_json(TAG_MSG, msg))
-    received: list[list[torch.Tensor]] = [[] for _ in layers]
-    for _ in range(inferences):
-        for i in range(len(layers)):
-            c1 = _phase_call(ledger, lambda: dealer.recv(TAG_CORR))
-            received[i].append(c1 if isinstance(c1, torch.Tensor) else torch.from_numpy(c1))
-    for layer, spec, corrections in zip(layers, specs, received):
-        layer.accept_corrections(spec, corrections)
+    for run_specs, count in specs:
+        received: list[list[torch.Tensor]] = [[] for _ in layers]
+        for _ in range(count):
+            for i in range(len(layers)):
+                c1 = _phase_call(ledger, lambda: dealer.recv(TAG_CORR))
+                received[i].append(c1 if isinstance(c1, torch.Tensor) else torch.from_numpy(c1))
+        for layer, spec, corrections in zip(layers, run_specs, received):
+            layer.accept_corrections(spec, corrections)
 
 
 def _phase_call(ledger: Ledger | None, fn: Any) -> Any:

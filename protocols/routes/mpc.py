@@ -70,6 +70,7 @@ from protocols.mpc.secure_linear import (
     SecureLinearServer,
     WeightMaskLink,
     preprocess_server,
+    preprocess_server_runs,
 )
 from protocols.mpc.vocabulary import (
     CLIENT_RANK,
@@ -375,11 +376,10 @@ class MpcServer(MpcParty):
             raise ProtocolError("generate cannot follow preprocessed inferences in one session "
                                 "(set preprocess = 1 for generation sessions)")
         plan = [((1, request["prompt_len"]), 1), ((1, 1), request["new_tokens"] - 1)]
+        runs = [(hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab), count)
+                for shape, count in plan if count]
         with self.ledger.scope("preprocess", "offline"):
-            for shape, count in plan:
-                if count:
-                    shapes = hidden_shapes(self._plain, secure_targets(self._plain), shape, self.vocab)
-                    preprocess_server(self.secure, shapes, count, self.dealer, CLIENT_RANK, self._mask_id)
+            preprocess_server_runs(self.secure, runs, self.dealer, CLIENT_RANK, self._mask_id)
 
 
 def _check_generation(data: Any, context: int) -> dict[str, Any]:

@@ -183,12 +183,12 @@ def test_the_dealer_answers_kept_masks_with_the_epoch_seed_only_under_keep() -> 
     spec = LayerSpec("l", 3, 2, (1, 3))
     server, dealer = memory_pair("server", "dealer")
     ident = "3" * 32
-    server.send_json(TAG_MSG, preprocess_message([spec], 0, 1, 0, ident))
+    server.send_json(TAG_MSG, preprocess_message([([spec], 1)], 0, 0, ident))
     server.send_json(TAG_MSG, {"type": "end"})
     assert WeightMaskLink(dealer, seeds, epoch, Ledger("dealer")).recv_json(TAG_MSG) == {"type": "end"}
     want = server_correction(seeds[0], mask_store.mask_seed(epoch.key, ident), spec, 0)
     assert torch.equal(torch.from_numpy(server.recv(TAG_CORR)), want)
     for link_epoch, msg_id in ((None, ident), (epoch, None)):
-        server.send_json(TAG_MSG, preprocess_message([spec], 1, 1, 0, msg_id))
+        server.send_json(TAG_MSG, preprocess_message([([spec], 1)], 1, 0, msg_id))
         with pytest.raises(DealerError, match="if and only if"):
             WeightMaskLink(dealer, seeds, link_epoch, Ledger("dealer")).recv_json(TAG_MSG)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from privinf.ledger.counting import Ledger, Phase
+from protocols.mpc import secure_linear
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.csprng import new_seed
@@ -22,7 +23,9 @@ from protocols.mpc.secure_linear import (
     SecureLinearError,
     SecureLinearServer,
     activation_masks,
+    dealer_corrections,
     encode,
+    preprocess_message,
     preprocess_server,
     server_correction,
     swap_linears,
@@ -147,6 +150,27 @@ def test_an_input_opened_before_the_forward_is_not_sent_again_and_gives_the_same
     for i, (y0, y1) in enumerate(zip(out["client"]["outputs"], out["server"]["outputs"])):
         assert torch.equal(y0, y1)
         assert torch.allclose(y0, _expected(linear, x * (i + 1)), atol=4 / 2 ** 16 * 12 + 1e-4)
+
+
+def test_one_request_for_two_runs_gives_each_runs_corrections_expanding_each_mask_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds = {CLIENT: new_seed(), SERVER: new_seed()}
+    prefill = [LayerSpec("l1", 4, 3, (1, 5, 4)), LayerSpec("l2", 3, 2, (1, 5, 3))]
+    decode = [LayerSpec("l1", 4, 3, (1, 1, 4)), LayerSpec("l2", 3, 2, (1, 1, 3))]
+    want = [server_correction(seeds[CLIENT], seeds[SERVER], spec, 7) for spec in prefill]
+    want += [server_correction(seeds[CLIENT], seeds[SERVER], spec, j) for j in (8, 9) for spec in decode]
+    expanded: list[str] = []
+    real = secure_linear.weight_mask
+    monkeypatch.setattr(secure_linear, "weight_mask", lambda seed, name, *dims: expanded.append(name) or real(
+        seed, name, *dims))
+    got = list(dealer_corrections(seeds, SERVER, preprocess_message([(prefill, 1), (decode, 2)], 7, CLIENT)))
+    assert sorted(expanded) == ["l1", "l2"]
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    clash = [LayerSpec("l1", 4, 6, (1, 1, 4))]
+    with pytest.raises(SecureLinearError, match="two weight shapes"):
+        list(dealer_corrections(seeds, SERVER, preprocess_message([(prefill, 1), (clash, 1)], 0, CLIENT)))
+    with pytest.raises(SecureLinearError, match="no runs"):
+        list(dealer_corrections(seeds, SERVER, {"type": "ws_preprocess", "start": 0, "client_rank": CLIENT}))
 
 
 def test_client_and_server_hold_none_of_each_others_secrets() -> None:
