@@ -272,7 +272,7 @@ class SecureLinearClient(nn.Module):
         self._channel = channel
         self._ledger = ledger
         self._masked_weight: torch.Tensor | None = None
-        self._ready: tuple[int, tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._ready: deque[tuple[int, tuple[int, ...], torch.Tensor, torch.Tensor]] = deque()
         self.inferences = 0
 
     def extra_repr(self) -> str:
@@ -300,13 +300,20 @@ class SecureLinearClient(nn.Module):
         """``F = W - B`` once received (what ``storage = keep`` stores)."""
         return self._masked_weight
 
-    def precompute(self, x_shape: tuple[int, ...]) -> None:
-        """Offline: ``A`` and ``A F^T + C_0`` of the next inference on inputs of ``x_shape`` (they do
-        not depend on the input; :meth:`forward` then only opens ``x - A``)."""
-        if self._masked_weight is not None:
-            spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape), self.mask_group)
-            a, c0 = activation_masks(self._seed, spec, self.inferences)
-            self._ready = (self.inferences, spec.x_shape, a, times_transposed(a, self._masked_weight).add_(c0))
+    def precompute(self, x_shape: tuple[int, ...], inferences: int = 1) -> None:
+        """Offline: ``A`` and ``A F^T + C_0`` of the next ``inferences`` inferences on inputs of
+        ``x_shape`` after those already precomputed, in one pass over ``F`` (a generation's decode
+        steps: the pass reads the table once for all of them); :meth:`forward` then only opens
+        ``x - A``."""
+        if self._masked_weight is None or inferences < 1:
+            return
+        spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape), self.mask_group)
+        first = self._ready[-1][0] + 1 if self._ready else self.inferences
+        masks = [activation_masks(self._seed, spec, first + j) for j in range(inferences)]
+        rows = torch.cat([a.reshape(-1, self.in_features) for a, _ in masks])
+        partials = times_transposed(rows, self._masked_weight).reshape(inferences, *spec.y_shape)
+        for j, ((a, c0), partial) in enumerate(zip(masks, partials)):
+            self._ready.append((first + j, spec.x_shape, a, partial.add_(c0)))
 
     def open_input(self, x: MPCTensor) -> None:
         """Send ``x - A`` for the next inference now (what :meth:`forward` sends first; it then
@@ -329,9 +336,10 @@ class SecureLinearClient(nn.Module):
             raise SecureLinearError(f"{self.name}: no masked weight yet; call receive_weight_mask() offline")
         x0 = _local_share(x, self.in_features)
         spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape), self.mask_group)
-        ready, self._ready = self._ready, None
-        if ready is not None and ready[:2] == (self.inferences, spec.x_shape):
-            a, partial = ready[2], ready[3]
+        while self._ready and self._ready[0][0] < self.inferences:
+            self._ready.popleft()  # precomputed for inferences that ran without it
+        if self._ready and self._ready[0][:2] == (self.inferences, spec.x_shape):
+            a, partial = self._ready.popleft()[2:]
         else:
             a, c0 = activation_masks(self._seed, spec, self.inferences)
             partial = times_transposed(a, self._masked_weight) + c0

@@ -247,7 +247,9 @@ class MpcParty:
         length, policy and its parameters), whose request schedule is recorded; preprocessed
         (offline, one batch before the step) every later time, as inferences of a seen shape are."""
         provider = self.context.provider
-        self._precompute_linears(request["prompt_len"] if step == "prefill" else 1)
+        if step == "prefill":  # the prefill's and then every decode step's, one pass over each table
+            self._precompute_linears(request["prompt_len"])
+            self._precompute_linears(1, request["new_tokens"] - 1)
         key = self._step_key(request, step)
         schedule = self._step_schedules.get(key)
         if schedule is None:
@@ -262,15 +264,15 @@ class MpcParty:
         if provider.stored:
             raise ProtocolError(f"generation step {step} left {provider.stored} preprocessed requests unused")
 
-    def _precompute_linears(self, tokens: int) -> None:
-        """Client, offline: the input-independent half (``A F^T + C_0``) of the step's
-        weight-stationary products, for inputs of ``tokens`` positions."""
-        if self.rank != CLIENT_RANK:
+    def _precompute_linears(self, tokens: int, inferences: int = 1) -> None:
+        """Client, offline: the input-independent half (``A F^T + C_0``) of the weight-stationary
+        products of the next ``inferences`` inferences on inputs of ``tokens`` positions."""
+        if self.rank != CLIENT_RANK or inferences < 1:
             return
         with self.ledger.scope("preprocess", "offline"), self.ledger.phase(Phase.OFFLINE):
             for module in self.model.modules():
                 if isinstance(module, SecureLinearClient):
-                    module.precompute((1, tokens, module.in_features))
+                    module.precompute((1, tokens, module.in_features), inferences)
 
     def _forward_cached(self, x: MPCTensor, cache: StationaryCache) -> MPCTensor:
         with torch.no_grad(), share_kernels():

@@ -64,9 +64,11 @@ def _holds(obj: Any, secret: Any) -> bool:
     return False
 
 
-def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1, open_early: bool = False) -> dict[str, Any]:
+def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1, open_early: bool = False,
+         precompute: int = 0) -> dict[str, Any]:
     """Offline setup + ``inferences`` online runs of one weight-stationary layer, both parties
-    (``open_early``: the client opens each input with ``open_input`` before the forward)."""
+    (``open_early``: the client opens each input with ``open_input`` before the forward;
+    ``precompute``: the client precomputes that many inferences in one call first)."""
     name = "encoder.0.attn.q"
     ledgers = {CLIENT: Ledger("client"), SERVER: Ledger("server")}
     dealer = Dealer(ledger=Ledger("dealer"))
@@ -78,6 +80,8 @@ def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1, open_early: bo
             layer: nn.Module = SecureLinearClient(name, linear.in_features, linear.out_features, context.seed,
                                                   to_server, ledger)
             layer.receive_weight_mask()
+            layer.precompute(tuple(x.shape), precompute)
+            ready = len(layer._ready)
         else:
             layer = SecureLinearServer.from_linear(name, linear, context.seed, to_client, ledger)
             layer.send_weight_mask()
@@ -100,7 +104,8 @@ def _run(linear: nn.Linear, x: torch.Tensor, inferences: int = 1, open_early: bo
             outputs.append(y.get_plain_text())
             xs.append(xi.share.clone())
         return {"layer": layer, "outputs": outputs, "x_share": xs, "sent": sent, "rounds": rounds,
-                "seconds": seconds, "seed": context.seed, "ledger": ledger, "early": early}
+                "seconds": seconds, "seed": context.seed, "ledger": ledger, "early": early,
+                "ready": ready if rank == CLIENT else 0}
 
     (client, server), _ = run_crypten_parties(party, dealer=dealer, ledgers=ledgers)
     return {"client": client, "server": server, "dealer": dealer}
@@ -136,6 +141,17 @@ def test_online_traffic_is_the_activation_only_and_storage_is_recorded() -> None
     assert client_store["weight_masks"] == 20 * 12 * 8
     assert server_store["triples"] == 2 * 7 * 20 * 8
     assert out["dealer"].ledger.totals(Phase.OFFLINE).storage["seeds"] == 32
+
+
+def test_inferences_precomputed_in_one_pass_are_used_in_order_and_give_the_products() -> None:
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(1, 1, 16)
+    out = _run(linear, x, inferences=3, precompute=3)
+    for i, (y0, y1) in enumerate(zip(out["client"]["outputs"], out["server"]["outputs"])):
+        assert torch.equal(y0, y1)
+        assert torch.allclose(y0, _expected(linear, x * (i + 1)), atol=4 / 2 ** 16 * 16 + 1e-4)
+    assert out["client"]["ready"] == 3 and not out["client"]["layer"]._ready  # all three used in order
 
 
 def test_an_input_opened_before_the_forward_is_not_sent_again_and_gives_the_same_product() -> None:
