@@ -315,6 +315,10 @@ class SecureLinearClient(nn.Module):
         for j, ((a, c0), partial) in enumerate(zip(masks, partials)):
             self._ready.append((first + j, spec.x_shape, a, partial.add_(c0)))
 
+    def precomputed(self) -> int:
+        """Inferences from the next one on whose halves are precomputed."""
+        return sum(1 for entry in self._ready if entry[0] >= self.inferences)
+
     def open_input(self, x: MPCTensor) -> None:
         """Send ``x - A`` for the next inference now (what :meth:`forward` sends first; it then
         finds ``x`` opened): a decode step's token, known before the step's offline work, so the

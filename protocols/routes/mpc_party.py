@@ -43,6 +43,8 @@ TAG_ROWS = "mpc.rows"
 TAG_TOKEN = "mpc.token"
 MAX_SCHEDULED_REQUESTS = 200_000  # recorded generation requests kept per session (~300 B each; oldest steps dropped)
 STEP_KEYS = ("prompt_len", "policy", "budget", "options")  # what a generation step's dealer requests depend on
+PRECOMPUTED_STEPS = 32  # decode steps whose weight-stationary halves the client makes in one pass
+# over each table (at a 50k vocabulary ~0.8 MB held per step: 26 MB per batch)
 
 
 def share_kernels() -> contextlib.AbstractContextManager[None]:
@@ -245,11 +247,16 @@ class MpcParty:
         """Dealer material of one generation step: fetched online the first time this session
         runs that step of a generation with the same public shape (:meth:`_step_key`: prompt
         length, policy and its parameters), whose request schedule is recorded; preprocessed
-        (offline, one batch before the step) every later time, as inferences of a seen shape are."""
+        (offline, one batch before the step) every later time, as inferences of a seen shape are.
+        Before it, the client's weight-stationary halves: the prefill's, and those of the decode
+        steps :data:`PRECOMPUTED_STEPS` at a time (one pass over each table per batch)."""
         provider = self.context.provider
-        if step == "prefill":  # the prefill's and then every decode step's, one pass over each table
+        if step == "prefill":
             self._precompute_linears(request["prompt_len"])
-            self._precompute_linears(1, request["new_tokens"] - 1)
+            self._precompute_linears(1, min(PRECOMPUTED_STEPS, request["new_tokens"] - 1))
+        elif not self._linears_ready():
+            left = request["new_tokens"] - 1 - int(step.rpartition(".")[2])
+            self._precompute_linears(1, min(PRECOMPUTED_STEPS, left))
         key = self._step_key(request, step)
         schedule = self._step_schedules.get(key)
         if schedule is None:
@@ -263,6 +270,12 @@ class MpcParty:
         yield
         if provider.stored:
             raise ProtocolError(f"generation step {step} left {provider.stored} preprocessed requests unused")
+
+    def _linears_ready(self) -> bool:
+        """Client: whether the next inference's weight-stationary halves are precomputed (the
+        server precomputes nothing: always True)."""
+        return self.rank != CLIENT_RANK or any(
+            module.precomputed() for module in self.model.modules() if isinstance(module, SecureLinearClient))
 
     def _precompute_linears(self, tokens: int, inferences: int = 1) -> None:
         """Client, offline: the input-independent half (``A F^T + C_0``) of the weight-stationary

@@ -181,6 +181,29 @@ def test_generation_matches_plaintext_policy(generations: Any, which: int) -> No
     assert stored > 0
 
 
+def test_decode_steps_precomputed_in_batches_give_the_plaintext_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from protocols.mpc.secure_linear import SecureLinearClient
+    from protocols.routes import mpc_party
+
+    monkeypatch.setattr(mpc_party, "PRECOMPUTED_STEPS", 2)  # 4 decode steps: batches of 2 and 2
+    batches: list[tuple[int, int]] = []
+    real = SecureLinearClient.precompute
+
+    def precompute(self: SecureLinearClient, x_shape: tuple[int, ...], inferences: int = 1) -> None:
+        if self.name == "lm_head":
+            batches.append((x_shape[1], inferences))
+        real(self, x_shape, inferences)
+
+    monkeypatch.setattr(SecureLinearClient, "precompute", precompute)
+    session = run_local_session("gpt2-tiny", "exact", lambda client: client.generate(PROMPT, max_new_tokens=5)[0],
+                                timeout_s=300)
+    bundle = load_model("gpt2-tiny", "exact")
+    want, margins, _ = plain_greedy(bundle.model, bundle.encode(PROMPT), 5, "none", None, None)
+    assert min(margins) > 1e-2 and session.result["token_ids"] == want
+    assert batches == [(len(PROMPT), 1), (1, 2), (1, 2)]  # the prefill, then two batches of two steps
+    assert all(not m.precomputed() for m in session.client.model.modules() if isinstance(m, SecureLinearClient))
+
+
 def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> None:
     """The cluster choice made on shares (opened here with both parties' shares) is the top-k of
     the cluster scores; it equals the plaintext model's choice for every head whose k-th and
