@@ -178,10 +178,9 @@ def _runs_of(msg: dict[str, Any]) -> list[Run]:
             raise SecureLinearError(f"malformed ws_preprocess run: {len(specs)} layers, inferences={count!r}")
         if len({s.name for s in specs}) != len(specs):
             raise SecureLinearError("weight-stationary layer names must be unique")
-        for spec in specs:
-            if dims.setdefault(spec.name, (spec.out_features, spec.in_features)) != (spec.out_features,
-                                                                                     spec.in_features):
-                raise SecureLinearError(f"layer {spec.name!r} has two weight shapes in one request")
+        if any(dims.setdefault(s.name, (s.out_features, s.in_features)) != (s.out_features, s.in_features)
+               for s in specs):
+            raise SecureLinearError("a layer has two weight shapes in one request")
         runs.append((specs, count))
     if not runs:
         raise SecureLinearError("malformed ws_preprocess message: no runs")
@@ -190,11 +189,9 @@ def _runs_of(msg: dict[str, Any]) -> list[Run]:
 
 def dealer_corrections(seeds: dict[int, bytes], server_rank: int, msg: dict[str, Any],
                        mask_seed: bytes | None = None) -> Iterator[torch.Tensor]:
-    """Dealer side of :func:`preprocess_message`: C1 per run, per inference, per layer, in that order.
-
-    B comes from ``mask_seed`` when given (kept masks), else from the server's session seed; each
-    layer's B is expanded once per message (when the message covers more than one inference), not
-    once per inference or per run."""
+    """Dealer side of :func:`preprocess_message`: C1 per run, per inference, per layer, in order;
+    B from ``mask_seed`` when given (kept masks), else from the server's session seed, each
+    layer's expanded once per message (when it covers more than one inference)."""
     client_rank = int(msg.get("client_rank", -1))
     if client_rank == server_rank or client_rank not in seeds or server_rank not in seeds:
         raise SecureLinearError(f"bad ranks for weight-stationary preprocessing: client {client_rank}, "
@@ -302,18 +299,17 @@ class SecureLinearClient(nn.Module):
 
     def precompute(self, x_shape: tuple[int, ...], inferences: int = 1) -> None:
         """Offline: ``A`` and ``A F^T + C_0`` of the next ``inferences`` inferences on inputs of
-        ``x_shape`` after those already precomputed, in one pass over ``F`` (a generation's decode
-        steps: the pass reads the table once for all of them); :meth:`forward` then only opens
-        ``x - A``."""
+        ``x_shape`` after those already precomputed, one pass over ``F`` for all of them (a
+        generation's decode steps); :meth:`forward` then only opens ``x - A``."""
         if self._masked_weight is None or inferences < 1:
             return
         spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x_shape), self.mask_group)
         first = self._ready[-1][0] + 1 if self._ready else self.inferences
         masks = [activation_masks(self._seed, spec, first + j) for j in range(inferences)]
-        rows = torch.cat([a.reshape(-1, self.in_features) for a, _ in masks])
-        partials = times_transposed(rows, self._masked_weight).reshape(inferences, *spec.y_shape)
-        for j, ((a, c0), partial) in enumerate(zip(masks, partials)):
-            self._ready.append((first + j, spec.x_shape, a, partial.add_(c0)))
+        partials = times_transposed(torch.cat([a.reshape(-1, self.in_features) for a, _ in masks]),
+                                    self._masked_weight).reshape(inferences, *spec.y_shape)
+        self._ready.extend((first + j, spec.x_shape, a, partial.add_(c0))
+                           for j, ((a, c0), partial) in enumerate(zip(masks, partials)))
 
     def precomputed(self) -> int:
         """Inferences from the next one on whose halves are precomputed."""
