@@ -141,10 +141,15 @@ def _comparisons(count: int, limit: float | None, resolution: float, config: Pro
     values below ``limit`` with ``resolution``, with the keys :func:`comparison_keys` picks."""
     bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)  # the gate's width, as compare.py sets it
     width = bits - shift_for([0.0], resolution * config.scale, bits)
-    opened = count * math.ceil(width / 8)
-    if count and comparison_keys(count, width, 1, config) == "bit":
-        return 2, opened + RING_BYTES * -(-count // 64)
-    return 1, opened
+    kind = comparison_keys(count, width, 1, config) if count else "value"
+    return _online_comparisons(count, width)[kind]
+
+
+def _online_comparisons(elements: int, width: int) -> dict[str, Cost]:
+    """Online (rounds, bytes sent per party) of ``elements`` comparisons on a ``width``-bit gate
+    with value keys (open ``x + r``) and with bit keys (then the masked bits, 64 to a word)."""
+    opened = elements * math.ceil(width / 8)
+    return {"value": (1, opened), "bit": (2, opened + RING_BYTES * -(-elements // 64))}
 
 
 def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
@@ -157,11 +162,9 @@ def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
     * ``bit``: the same opening, then ``d`` packed 64 bits to a word, two rounds; keys of
       :func:`protocols.mpc.fss_bit.bit_sign_key_words` words.
     """
-    opened = elements * math.ceil(width / 8)
-    value_keys = RING_BYTES * fss.sign_key_words(width, elements)
-    bit_keys = RING_BYTES * fss_bit.bit_sign_key_words(width, elements)
-    return {"value": (1, opened + round(DEALER_BYTE_WEIGHT * value_keys)),
-            "bit": (2, opened + RING_BYTES * -(-elements // 64) + round(DEALER_BYTE_WEIGHT * bit_keys))}
+    keys = {"value": fss.sign_key_words(width, elements), "bit": fss_bit.bit_sign_key_words(width, elements)}
+    return {kind: (rounds, sent + round(DEALER_BYTE_WEIGHT * RING_BYTES * keys[kind]))
+            for kind, (rounds, sent) in _online_comparisons(elements, width).items()}
 
 
 def comparison_keys(elements: int, width: int, points: int, config: ProtocolConfig) -> str:

@@ -316,12 +316,12 @@ class SecureLinearClient(nn.Module):
         return sum(1 for entry in self._ready if entry[0] >= self.inferences)
 
     def open_input(self, x: MPCTensor) -> None:
-        """Send ``x - A`` for the next inference now (what :meth:`forward` sends first; it then
-        finds ``x`` opened): a decode step's token, known before the step's offline work, so the
-        server's product runs while this party precomputes."""
+        """Send ``x - A`` of the next inference now, as :meth:`forward` would (it then finds ``x``
+        opened): a decode step's token, so the server's product runs while this party precomputes."""
         x0 = _local_share(x, self.in_features)
         spec = LayerSpec(self.name, self.in_features, self.out_features, tuple(x0.shape), self.mask_group)
-        self._open(x0, spec, activation_masks(self._seed, spec, self.inferences)[0])
+        a = next((r[2] for r in self._ready if r[:2] == (self.inferences, spec.x_shape)), None)  # precomputed
+        self._open(x0, spec, a if a is not None else activation_masks(self._seed, spec, self.inferences)[0])
 
     def _open(self, x0: torch.Tensor, spec: LayerSpec, a: torch.Tensor) -> None:
         """Send ``x0 - A`` of the current inference unless this layer's mask group already did."""

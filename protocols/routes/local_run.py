@@ -129,8 +129,6 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
     mpc_ledgers = mpc_ledgers or {}
     links = {r: memory_pair("dealer", f"p{r}", ledger_b=ledgers.get(r)) for r in (0, 1)}
     mpc = memory_pair("p0", "p1", "mpc", mpc_ledgers.get(0), mpc_ledgers.get(1))
-    threads = parties_as_threads()
-    threads.__enter__()
 
     def make(rank: int) -> Callable[[], Any]:
         def run() -> Any:
@@ -158,8 +156,6 @@ def run_crypten_parties(party: Callable[[int, cp.PartyContext], Any], dealer: De
             return dealer.serve(links[rank][0], rank)
         return run
 
-    try:
+    with parties_as_threads():
         *results, served, _ = run_parties(make(0), make(1), serve(0), serve(1), timeout_s=timeout_s)
-    finally:
-        threads.__exit__(None, None, None)
     return results, served
