@@ -379,6 +379,12 @@ def print_targets(setting: Setting, table: Table) -> None:
                        ("est. WAN (warm)", base.warm.wan, pruned.warm.wan),
                        ("cold (online + offline wall)", base.cold.cold, pruned.cold.cold)):
         print(f"  latency, {what}: {b / p:.2f}x (>= {lat_goal}x: {_verdict(b / p >= lat_goal)})")
+    base_wall, pruned_wall = base.warm.wall, pruned.warm.wall
+    if base_wall < lat_goal * pruned_wall:
+        common = (lat_goal * pruned_wall - base_wall) / (lat_goal - 1)
+        print(f"  (the wall's gap) {lat_goal}x needs the 6% step at <= {base_wall / lat_goal:.3f} s with none "
+              f"unchanged ({(pruned_wall - base_wall / lat_goal) * 1e3:.0f} ms less), or {common * 1e3:.0f} ms "
+              f"less in each step (a cut common to both)")
     print(f"  (not a target) thread CPU per step of the busier party: {base.warm.cpu:.3f} s vs "
           f"{pruned.warm.cpu:.3f} s, {_ratio(base.warm.cpu, pruned.warm.cpu).strip()}x")
 

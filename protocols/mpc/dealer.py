@@ -368,7 +368,7 @@ class Dealer:
             return self._pool
 
     def _stop_pool(self, reason: str) -> None:
-        """Wake everyone waiting on the pool with ``reason`` (from a link's reader thread: no joining)."""
+        """Wake everyone waiting on the pool with ``reason`` (from the link loop: no joining)."""
         with self._lock:
             self._closed = True
             pool = self._pool

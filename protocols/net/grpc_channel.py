@@ -1,8 +1,10 @@
 """The channel over one gRPC bidi stream, shared by the serving and the dialing end of a link.
 
-Sending never waits for the peer to read: frames are cut into 1 MiB chunks and queued for gRPC's
-sender thread, and each link has a reader thread that drains the stream into an inbox. Both
-parties send at once in CrypTen's ``all_reduce``; blocking sends would deadlock.
+Sending never waits for the peer to read: frames are cut into 1 MiB chunks and queued for the
+link's writer, and each link has a reader that drains the stream into an inbox; both run on the
+process's gRPC event loop (:mod:`protocols.net.aio_loop`), the party's thread only queues and
+takes whole frames. Both parties send at once in CrypTen's ``all_reduce``; blocking sends would
+deadlock.
 
 What a peer may make this end hold is bounded by the link's :class:`~protocols.net.framing.LinkLimits`:
 the largest frame, checked on a frame's first chunk before its payload is kept, and (before the
@@ -12,14 +14,17 @@ at once; closing, aborting or dropping a channel lets go of whatever it still he
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from privinf.ledger.counting import Ledger
+from protocols.net import aio_loop
 from protocols.net.channels import (
     DEFAULT_TIMEOUT_S,
     Channel,
@@ -53,6 +58,13 @@ LINK_METHOD = f"/{LINK_SERVICE}/Link"
 META_SESSION = "privinf-session"
 META_ROLE = "privinf-role"
 ABORT_FLUSH_S = 1.0  # an aborting dialer gives its ABORT frame this long to reach the peer
+
+
+_CUT = b""  # an empty chunk never leaves a sender (every chunk carries a header): "cut the stream now"
+
+
+class LinkCut(Exception):
+    """The serving end cut its stream (limits broken, nobody accepted it, dropped)."""
 
 
 class PeerRefused(TransportError):
@@ -113,14 +125,14 @@ def message_options(max_receive: int = GRPC_MAX_CHUNK_MESSAGE) -> list[tuple[str
             ("grpc.max_send_message_length", GRPC_MAX_CHUNK_MESSAGE)]
 
 
-def open_link(grpc_channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+def open_link(grpc_channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
     """The dialing side's ``Link`` call, with the party links' own (de)serializers (the wire
     format is privinf.proto's ``Frame``; payloads are copied once each way, not three times)."""
     return grpc_channel.stream_stream(LINK_METHOD, request_serializer=wire_bytes,
                                       response_deserializer=decode_wire, _registered_method=True)
 
 
-def link_handler(link: Callable[..., Iterator[bytes]]) -> grpc.RpcMethodHandler:
+def link_handler(link: Callable[..., Coroutine[Any, Any, None]]) -> grpc.RpcMethodHandler:
     """The serving side's ``Link`` handler, with the same (de)serializers as :func:`open_link`."""
     return grpc.stream_stream_rpc_method_handler(link, request_deserializer=decode_wire,
                                                  response_serializer=wire_bytes)
@@ -146,19 +158,21 @@ class GrpcChannel(Channel):
         self.peer_name = peer  # who holds the peer's certificate (its client name; the role if none)
         self._assembler = FrameAssembler(peer, limits=limits if limits is not None else (
             SESSION_LIMITS if max_message_bytes == MAX_MESSAGE_BYTES else LinkLimits(max_message_bytes)))
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # serialized chunks
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # serialized chunks, read on the link loop
         self._inbox: queue.SimpleQueue[Frame | TransportError] = queue.SimpleQueue()
         self._unread = 0  # payload bytes in the inbox
         self._unread_lock = threading.Lock()
         self._link_error: TransportError | None = None
         self._reader_started = False
         self._reader_done = threading.Event()
+        self._cut = False  # set before _CUT is queued: the writer stops before what is still queued
         self._release: Callable[[bool], None] | None = None
         self._failure_hooks: list[Callable[[TransportError], None]] = []
         self.close_wait_s = 0.0  # how long an orderly close waits for the peer to close too (dialing end)
 
     def on_failure(self, hook: Callable[[TransportError], None]) -> None:
-        """Call ``hook(error)`` once, from the reader thread, when the link breaks or the peer aborts."""
+        """Call ``hook(error)`` once, on the link loop (so it must not block), when the link breaks or
+        the peer aborts."""
         self._failure_hooks.append(hook)
 
     def _failed(self, error: TransportError) -> None:
@@ -183,21 +197,31 @@ class GrpcChannel(Channel):
         """The largest frame the peer may send now."""
         return self._assembler.limits.max_message_bytes
 
-    def outgoing(self) -> Iterator[bytes]:
-        """The serialized chunks this end sends, in order; ends when the channel closes."""
+    async def outgoing(self) -> AsyncIterator[bytes]:
+        """The serialized chunks this end sends, in order; ends when the channel closes (on the link loop)."""
         while True:
-            msg = self._outbox.get()
+            msg = await self._outbox.get()
+            if self._cut:
+                raise LinkCut(f"{self.local}: link to {self.peer} cut")
             if msg is None:
                 return
             yield msg
 
-    def start_reader(self, stream: Iterable[pb.Frame | WireChunk]) -> None:
-        """Drain the peer's stream into the inbox on a daemon thread (once)."""
+    def cut_sending(self) -> None:
+        """Make :meth:`outgoing` raise :class:`LinkCut` at once (from any thread)."""
+        self._cut = True
+        aio_loop.post(self._outbox.put_nowait, _CUT)
+
+    def end_sending(self) -> None:
+        """End :meth:`outgoing` after what is queued (from any thread)."""
+        aio_loop.post(self._outbox.put_nowait, None)
+
+    def start_reader(self, stream: AsyncIterable[pb.Frame | WireChunk]) -> None:
+        """Drain the peer's stream into the inbox on the link loop (once)."""
         if self._reader_started:
             return
         self._reader_started = True
-        threading.Thread(target=self._read, args=(stream,), daemon=True,
-                         name=f"grpc-reader-{self.local}<-{self.peer}").start()
+        aio_loop.spawn(self._read(stream))
 
     def _check_buffer(self) -> None:
         bound = self.limits.max_buffered_bytes
@@ -206,11 +230,11 @@ class GrpcChannel(Channel):
             raise LimitExceeded(f"{self.local}: {self.peer} sent {held} bytes ahead of the party, above the "
                                 f"{bound}-byte limit of the {self.limits.phase} phase")
 
-    def _read(self, stream: Iterable[pb.Frame | WireChunk]) -> None:
+    async def _read(self, stream: AsyncIterable[pb.Frame | WireChunk]) -> None:
         ended = False  # the peer sent CLOSE or ABORT: what follows does not matter
         error: TransportError | None = None
         try:
-            for msg in stream:
+            async for msg in stream:
                 if self._closed:
                     break
                 frame = self._assembler.feed(msg)
@@ -232,6 +256,9 @@ class GrpcChannel(Channel):
         except grpc.RpcError as exc:
             if not ended:
                 error = _lost(self, exc)
+        except asyncio.CancelledError:  # the call was cancelled here (drop, close) or the loop stops
+            if not ended and not self._closed:
+                error = PeerLost(f"{self.local}: link to {self.peer} in session {self.session!r} was cut")
         except Exception as exc:
             error = PeerLost(f"{self.local}: link to {self.peer} failed: {type(exc).__name__}: {exc}")
         finally:
@@ -248,8 +275,8 @@ class GrpcChannel(Channel):
         if isinstance(self._link_error, PeerLost):
             raise PeerLost(f"{self.local}: cannot send {frame.tag!r}: {self._link_error}")
         wire = 0
-        for chunk in wire_chunks(frame, self.chunk_bytes):  # gRPC's sender takes each as it is made
-            self._outbox.put(chunk)
+        for chunk in wire_chunks(frame, self.chunk_bytes):  # the writer takes each as it is made
+            aio_loop.post(self._outbox.put_nowait, chunk)
             wire += len(chunk) + GRPC_PREFIX_BYTES
         return wire
 
@@ -290,7 +317,7 @@ class GrpcChannel(Channel):
         super().abort(reason)
 
     def _shutdown(self) -> None:
-        self._outbox.put(None)
+        self.end_sending()
         if self._release is not None:
             self._release(True)
         self._forget_unread()
@@ -300,7 +327,7 @@ class GrpcChannel(Channel):
         self._closed = True
         if self._release is not None:
             self._release(False)  # cancel first: ending the sender first would end the RPC with OK
-        self._outbox.put(None)
+        self.end_sending()
         self._forget_unread()
 
 

@@ -8,7 +8,8 @@ the network twin of :class:`~protocols.net.channels.MemoryChannel`: same framing
 same counting. This module is the dialing side and the one import point of the transport:
 
 - :mod:`protocols.net.framing`: chunking, frame assembly, limits by phase (hello / session);
-- :mod:`protocols.net.grpc_channel`: the channel, its reader thread and its memory bound;
+- :mod:`protocols.net.grpc_channel`: the channel, its reader and its memory bound;
+- :mod:`protocols.net.aio_loop`: the event loop that carries every link of the process;
 - :mod:`protocols.net.grpc_server`: the serving side, admission and per-client limits.
 
 Why it is built this way:
@@ -24,11 +25,14 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 import grpc
 
 from privinf.ledger.counting import Ledger
+from protocols.net import aio_loop
 from protocols.net.certs import TlsConfig, check_role, role_hostname
 from protocols.net.channels import DEFAULT_TIMEOUT_S, PeerLost
 from protocols.net.framing import (
@@ -100,32 +104,63 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
     ca, cert, key = tls.read()
     hostname = role_hostname(peer_role)
     options = [("grpc.ssl_target_name_override", hostname), ("grpc.default_authority", hostname)]
-    grpc_channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert),
-                                       options=options + keepalive.options(server=False) + message_options())
-    stub = rpc.PartyLinkStub(grpc_channel)
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    options += keepalive.options(server=False) + message_options()
+    grpc_channel = aio_loop.call(_dial(address, credentials, options))
     try:
-        reply = stub.Ready(pb.ReadyRequest(session=session, role=tls.role), timeout=timeout)
+        reply = aio_loop.call(_ready(grpc_channel, pb.ReadyRequest(session=session, role=tls.role), timeout))
     except grpc.RpcError as exc:
-        grpc_channel.close()
+        aio_loop.spawn(grpc_channel.close())
         raise _refused(f"{tls.role} -> {peer_role} at {address}", exc) from None
     if reply.role != peer_role:
-        grpc_channel.close()
+        aio_loop.spawn(grpc_channel.close())
         raise PeerRefused(f"{tls.role}: server at {address} is {reply.role!r}, expected {peer_role!r}")
 
     channel = GrpcChannel(tls.role, peer_role, session, ledger, timeout_s, chunk_bytes, max_message_bytes, limits)
-    call = open_link(grpc_channel)(channel.outgoing(), metadata=((META_SESSION, session), (META_ROLE, tls.role)),
-                                   timeout=session_deadline_s)
+    metadata = ((META_SESSION, session), (META_ROLE, tls.role))
+    call = aio_loop.call(_open(grpc_channel, channel, metadata, session_deadline_s))
+
+    async def cut() -> None:
+        call.cancel()
+        await grpc_channel.close()
 
     def release(orderly: bool) -> None:
         # Cancelling at once could drop chunks still queued in gRPC: an orderly close waits
         # (bounded; shorter after an abort) for the peer to end the stream, which it does when it
-        # closes its side.
+        # closes its side. Called from the party's thread (orderly) or the link loop (not).
         if orderly:
             channel.wait_peer_closed(channel.close_wait_s)
-        call.cancel()
-        grpc_channel.close()
+        aio_loop.spawn(cut())
 
     channel.close_wait_s = close_timeout_s
     channel._release = release
     channel.start_reader(call)
     return channel
+
+
+async def _dial(address: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    """A gRPC channel on the link loop (gRPC's asyncio objects belong to the loop that made them)."""
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+async def _ready(grpc_channel: grpc.aio.Channel, request: pb.ReadyRequest, timeout: float) -> pb.ReadyReply:
+    """The ``Ready`` call: both certificates checked, the peer's role and room confirmed."""
+    return await rpc.PartyLinkStub(grpc_channel).Ready(request, timeout=timeout)
+
+
+async def _open(grpc_channel: grpc.aio.Channel, channel: GrpcChannel, metadata: tuple[tuple[str, str], ...],
+                deadline_s: float | None) -> grpc.aio.StreamStreamCall:
+    """The session's ``Link`` stream, fed by ``channel``'s queued chunks (a writer task: explicit
+    writes, which gRPC takes sooner than it drains a request iterator)."""
+    call = open_link(grpc_channel)(metadata=metadata, timeout=deadline_s)
+
+    async def write() -> None:
+        try:
+            async for chunk in channel.outgoing():
+                await call.write(chunk)
+            await call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):  # the call ended: the reader reports why
+            pass
+
+    asyncio.ensure_future(write())
+    return call

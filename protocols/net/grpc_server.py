@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 
 from privinf.ledger.counting import Ledger
+from protocols.net import aio_loop
 from protocols.net.certs import PeerIdentity, TlsConfig, check_role, identity_from_auth_context
 from protocols.net.channels import DEFAULT_TIMEOUT_S, PeerLost, TransportError
 from protocols.net.framing import (
@@ -40,6 +40,7 @@ from protocols.net.grpc_channel import (
     META_SESSION,
     GrpcChannel,
     Keepalive,
+    LinkCut,
     check_session,
     is_link_session,
     link_handler,
@@ -54,7 +55,7 @@ BUSY_DETAIL = "busy"  # first word of a refusal for lack of room; the dialer map
 @dataclass
 class _Pending:
     channel: GrpcChannel
-    stream: Iterator[WireChunk]
+    stream: AsyncIterable[WireChunk]
     since: float
 
 
@@ -67,39 +68,43 @@ class _Servicer(rpc.PartyLinkServicer):
     def __init__(self, server: PartyServer) -> None:
         self._server = server
 
-    def _authenticate(self, context: grpc.ServicerContext, claimed: str) -> PeerIdentity:
+    async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str) -> PeerIdentity:
         identity = identity_from_auth_context(context.auth_context())
         if identity is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate carries no privinf role")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate carries no privinf role")
         if claimed != identity.role:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"certificate is for role {identity.role!r} but the caller claims {claimed!r}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"certificate is for role {identity.role!r} but the caller claims {claimed!r}")
         allowed = self._server.peers
         if allowed is not None and identity.role not in allowed:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"role {identity.role!r} may not connect to {self._server.role}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"role {identity.role!r} may not connect to {self._server.role}")
         return identity
 
-    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.ReadyReply:  # noqa: N802
-        identity = self._authenticate(context, request.role)
+    async def Ready(self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext) -> pb.ReadyReply:  # noqa: N802
+        identity = await self._authenticate(context, request.role)
         refusal = self._server._refusal(request.session, identity)
         if refusal is not None:
-            context.abort(*refusal)
+            await context.abort(*refusal)
         return pb.ReadyReply(role=self._server.role)
 
-    def Link(self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext) -> Iterator[bytes]:  # noqa: N802
-        meta = dict(context.invocation_metadata())
-        identity = self._authenticate(context, meta.get(META_ROLE, ""))
+    async def Link(self, request_iterator: AsyncIterable[WireChunk],  # noqa: N802
+                   context: grpc.aio.ServicerContext) -> None:
+        meta = dict(context.invocation_metadata() or ())
+        identity = await self._authenticate(context, meta.get(META_ROLE, ""))
         session = meta.get(META_SESSION, "")
         if not is_link_session(session):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid session id {session!r}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid session id {session!r}")
         channel, refusal = self._server._register(session, identity, request_iterator)
         if channel is None:
-            context.abort(*refusal)
-        context.add_callback(lambda: channel._outbox.put(None))  # RPC over: stop our sender
-        channel._release = lambda orderly: None if orderly else context.cancel()
+            await context.abort(*refusal)
+        context.add_done_callback(lambda _: channel.end_sending())  # RPC over: stop our sender
+        channel._release = lambda orderly: None if orderly else channel.cut_sending()
         try:
-            yield from channel.outgoing()
+            async for chunk in channel.outgoing():  # explicit writes: gRPC drains a generator more slowly
+                await context.write(chunk)
+        except LinkCut:
+            await context.abort(grpc.StatusCode.CANCELLED, f"{self._server.role} cut the link")
         finally:
             self._server._unregister(session, identity.role, channel)
 
@@ -140,13 +145,10 @@ class PartyServer:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._stopped = False
         self._closing_reason: str | None = None
-        # each live stream holds one worker for its sender; leave room for Ready calls, and let
-        # our own refusal (which names the retry time) come before gRPC's bare one
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_sessions + 8, thread_name_prefix=f"grpc-{self.role}"),
-            options=keepalive.options(server=True) + message_options(max_receive_bytes or GRPC_MAX_CHUNK_MESSAGE),
-            maximum_concurrent_rpcs=max_sessions + 8,
-        )
+        # leave room for Ready calls, and let our own refusal (which names the retry time) come
+        # before gRPC's bare one
+        options = keepalive.options(server=True) + message_options(max_receive_bytes or GRPC_MAX_CHUNK_MESSAGE)
+        self._server = aio_loop.call(_make_server(options, max_sessions + 8))
         servicer = _Servicer(self)
         handlers = {"Link": link_handler(servicer.Link),
                     "Ready": grpc.unary_unary_rpc_method_handler(
@@ -171,11 +173,13 @@ class PartyServer:
         """Bind and serve; :attr:`port` is valid afterwards (announce it to peers)."""
         ca, cert, key = self.tls.read()
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-        port = self._server.add_secure_port(f"{self.host}:{self._requested_port}", creds)
+        try:
+            port = aio_loop.call(_bind(self._server, f"{self.host}:{self._requested_port}", creds))
+        except RuntimeError as exc:  # gRPC's asyncio server raises where the synchronous one returned 0
+            raise TransportError(f"{self.role}: cannot bind {self.host}:{self._requested_port}: {exc}") from None
         if port == 0:
             raise TransportError(f"{self.role}: cannot bind {self.host}:{self._requested_port}")
         self._port = port
-        self._server.start()
         threading.Thread(target=self._expire_pending, daemon=True, name=f"grpc-{self.role}-expiry").start()
         return self
 
@@ -201,7 +205,7 @@ class PartyServer:
                     f"{identity.label} already holds {held} links to {self.role}", retry)
         return None
 
-    def _register(self, session: str, identity: PeerIdentity, stream: Iterator[WireChunk]
+    def _register(self, session: str, identity: PeerIdentity, stream: AsyncIterable[WireChunk]
                   ) -> tuple[GrpcChannel | None, tuple[grpc.StatusCode, str] | None]:
         with self._cond:
             refusal = self._refusal(session, identity)
@@ -325,10 +329,23 @@ class PartyServer:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._server.stop(grace).wait()
+        aio_loop.call(self._server.stop(grace))
 
     def __enter__(self) -> PartyServer:
         return self.start() if self._port is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _make_server(options: list[tuple[str, int]], max_rpcs: int) -> grpc.aio.Server:
+    """A gRPC server on the link loop (gRPC's asyncio objects belong to the loop that made them)."""
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
+
+
+async def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """Bind ``address`` (port 0: a free one) and start serving; the bound port."""
+    port = server.add_secure_port(address, credentials)
+    if port:
+        await server.start()
+    return port
