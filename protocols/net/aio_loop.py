@@ -24,6 +24,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
+_tasks: set[asyncio.Task[Any]] = set()  # spawned tasks, held until they end
 
 
 def get() -> asyncio.AbstractEventLoop:
@@ -65,5 +66,12 @@ def post(fn: Callable[..., Any], *args: Any) -> None:
 
 
 def spawn(coro: Coroutine[Any, Any, Any]) -> None:
-    """Start ``coro`` as a task on the link loop, without waiting for it."""
-    asyncio.run_coroutine_threadsafe(coro, get())
+    """Start ``coro`` as a task on the link loop, without waiting for it (from any thread, the
+    loop's own included). The task is held until it ends: asyncio keeps only weak references."""
+
+    def start() -> None:
+        task = asyncio.ensure_future(coro)
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    get().call_soon_threadsafe(start)

@@ -162,5 +162,5 @@ async def _open(grpc_channel: grpc.aio.Channel, channel: GrpcChannel, metadata: 
         except (grpc.RpcError, asyncio.InvalidStateError):  # the call ended: the reader reports why
             pass
 
-    asyncio.ensure_future(write())
+    aio_loop.spawn(write())
     return call
