@@ -4,9 +4,10 @@
 with mutual TLS (certificates from ``cryptography``), one ping-pong of 16 int64 per round trip,
 ``count`` round trips after 200 warm-up ones. ``privinf``: :class:`~protocols.net.grpc_link.PartyServer`
 and :func:`~protocols.net.grpc_link.connect` (``Channel.send`` / ``recv``, as every MPC round
-uses them). ``bare``: one gRPC bidi stream with the same credentials and keepalive options, the
-dialing end fed by a queue (gRPC's request-consumer thread) and drained by a reader thread as
-privinf's is, the serving end echoing on its handler thread. Prints the median round trip and,
+uses them; since 2026-12-07 on gRPC's asyncio stack, :mod:`protocols.net.aio_loop`). ``bare``: one
+gRPC bidi stream on gRPC's synchronous API with the same credentials and keepalive options, the
+dialing end fed by a queue (gRPC's request-consumer thread) and drained by a reader thread (as
+privinf's was before), the serving end echoing on its handler thread. Prints the median round trip and,
 per end, the process CPU per round trip and each thread's share over the timed round trips
 (``/proc`` counters). Where a
 round's time goes: docs/kv_pruning.md, "The per-operation floor".
