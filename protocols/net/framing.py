@@ -178,7 +178,7 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-_WHOLE_PARSE_BYTES = 4096  # a payload this small is copied anyway (see decode_wire)
+_WHOLE_PARSE_BYTES = 4096  # messages up to this size are parsed whole by protobuf (see decode_wire)
 
 
 def decode_wire(raw: bytes) -> WireChunk:
@@ -186,9 +186,9 @@ def decode_wire(raw: bytes) -> WireChunk:
     (the last one if repeated, as protobuf takes it) is kept as a view of ``raw`` when the rest of
     ``raw`` is at most 1/16 of it (a 1 MiB chunk and its header; else it is copied, so what a kept
     chunk holds stays within 1/16 of the payload the limits count); every other field goes to
-    protobuf's parser, which checks them as it would the whole message. A message too small for
-    its payload to stay a view (most of a session's rounds) goes to protobuf's parser whole: the
-    same fields, parsed in C instead of field by field in Python."""
+    protobuf's parser, which checks them as it would the whole message. A message of at most
+    4 KiB (most of a session's rounds) goes to protobuf's parser whole: the same fields, parsed in
+    C instead of field by field in Python, its payload copied (at most 4 KiB)."""
     if len(raw) <= _WHOLE_PARSE_BYTES:
         try:
             whole = pb.Frame.FromString(raw)
