@@ -38,6 +38,8 @@ def crypten_state() -> dict[str, Any]:
         "cfg class": type(crypten.cfg),
         "cfg provider": crypten.cfg.mpc.provider,
         "getattribute": crypten.CrypTensor.__getattribute__,
+        "class getattribute": type(crypten.CrypTensor).__getattribute__,
+        **{name: crypten.mpc.MPCTensor.__dict__[name] for name in ("shallow_copy", "clone", "from_shares")},
         "autograd": crypten.CrypTensor.AUTOGRAD_ENABLED,
     }
     for module_name in SAMPLER_MODULES:
@@ -86,6 +88,29 @@ def test_install_and_uninstall_twice_bring_crypten_back_each_time() -> None:
         assert crypten.mpc.get_default_provider() is getattr(crypten.mpc, "__SUPPORTED_PROVIDERS")["TFP"]
     uninstall()  # nothing installed in this thread: no effect
     assert crypten_state() == original
+
+
+def test_tensors_built_without_crypten_constructor_match_its_own() -> None:
+    """from_shares, clone, shallow_copy and the static cat / stack build the same tensors with
+    privinf installed, without secret-sharing an empty tensor first: no party context is bound
+    here, so a draw of randomness (CrypTen's PRZS) would raise."""
+    a, _ = memory_pair("a", "b")
+    install(a, 0)
+    try:
+        share = torch.tensor([[5, -7], [1 << 40, 3]], dtype=torch.int64)
+        x = crypten.mpc.MPCTensor.from_shares(share, precision=16)
+        assert type(x) is crypten.mpc.MPCTensor and x.ptype == crypten.mpc.ptype.arithmetic
+        assert torch.equal(x.share, share) and x.encoder.scale == 1 << 16 and not x.requires_grad
+        copy = x.clone()
+        copy.share[0, 0] = 9
+        assert x.share[0, 0] == 5 and copy.encoder.scale == x.encoder.scale
+        assert x.shallow_copy()._tensor is x._tensor
+        bits = crypten.mpc.MPCTensor.from_shares(share[0], precision=0)
+        assert bits.encoder.scale == 1
+        assert torch.equal(crypten.mpc.MPCTensor.cat([x, copy]).share, torch.cat([x.share, copy.share]))
+        assert torch.equal(crypten.mpc.MPCTensor.stack([x, x]).share, torch.stack([share, share]))
+    finally:
+        uninstall()
 
 
 def test_nested_installs_in_either_order_leave_the_same_state(other_thread: Callable[..., Any]) -> None:

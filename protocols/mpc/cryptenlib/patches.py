@@ -17,14 +17,17 @@ puts CrypTen's own objects back:
   object swapped by ``cfg.temp_override`` cannot lose the choice);
 - ``MPCTensor._ltz`` (every comparison): the FSS gate of :mod:`protocols.mpc.compare` when the
   bound party compares with dealer keys, CrypTen's circuit otherwise;
-- ``MPCTensor.shallow_copy`` (every op's result): without CrypTen's constructor, which
-  secret-shares an empty tensor first (about 75 us per op);
+- ``MPCTensor.shallow_copy`` (every op's result), ``clone``, ``from_shares`` (every comparison
+  result and wrapped share) and the dummy behind the static ``MPCTensor.cat`` / ``stack``
+  (``CrypTensorMetaclass.__getattribute__``): without CrypTen's constructor, which secret-shares
+  an empty tensor first (a PRZS and an encoding, about 75 us per tensor; no randomness is drawn
+  for an empty tensor, so results are bit for bit the same);
 - ``CrypTensor.__getattribute__`` (every attribute and op of a shared tensor) and CrypTen's
   autograd switch: CrypTen's lookup without its validation hook (``cfg.debug.validation_mode``
-  decrypts every result to check it, which a session between two companies must never do), and
-  autograd off (private inference never differentiates; with it on, every op goes through a
-  freshly built autograd closure and two more lookups). Together ~8% of a party's CPU in the
-  arg-max over a vocabulary (``bench/op_processes.py --op argmax``, docs/kv_pruning.md).
+  decrypts every result to check it, which a session between two companies must never do) and
+  without its reads of class lists through the metaclass on every access (about 3x faster per
+  access), and autograd off (private inference never differentiates; with it on, every op goes
+  through a freshly built autograd closure and two more lookups).
 
 The set of replaced names does not depend on the arguments or on the order of installs: what
 differs between parties is bound to their thread (channel, rank, ledger and how the thread
@@ -122,14 +125,85 @@ def _ltz(self: Any) -> Any:
     return context.less_than_zero(self)
 
 
-def _shallow_copy(self: Any) -> Any:
-    """Stands in for ``MPCTensor.shallow_copy`` (every op's result wrapper): the same object without
-    CrypTen's constructor, which secret-shares an empty tensor (a PRZS and an encoding per op)."""
-    result = object.__new__(type(self))
+def _bare(cls: type) -> Any:
+    """An instance of the CrypTensor class ``cls`` without CrypTen's constructor (which secret-shares
+    an empty tensor: a PRZS and an encoding, ~75 us); its shares are set by the caller."""
+    result = object.__new__(cls)
     crypten.CrypTensor.__init__(result, requires_grad=False)
+    return result
+
+
+def _shallow_copy(self: Any) -> Any:
+    """Stands in for ``MPCTensor.shallow_copy`` (every op's result wrapper): the same object, built by :func:`_bare`."""
+    result = _bare(type(self))
     result._tensor = self._tensor
     result.ptype = self.ptype
     return result
+
+
+def _clone(self: Any) -> Any:
+    """Stands in for ``MPCTensor.clone``: a deep copy built by :func:`_bare`."""
+    result = _bare(type(self))
+    result._tensor = self._tensor.clone()
+    result.ptype = self.ptype
+    return result
+
+
+def _from_shares(share: Any, precision: Any = None, ptype: Any = None) -> Any:
+    """Stands in for ``MPCTensor.from_shares`` (every comparison result, every share wrapped by
+    privinf's kernels): the tensor over ``share``, built by :func:`_bare`."""
+    ptype = crypten.mpc.ptype.arithmetic if ptype is None else ptype
+    result = _bare(crypten.mpc.MPCTensor)
+    result._tensor = ptype.to_tensor().from_shares(share, precision=precision)
+    result.ptype = ptype
+    return result
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    """Stands in for ``CrypTensorMetaclass.__getattribute__`` (``MPCTensor.cat`` / ``stack``): the
+    static function through a dummy instance built by :func:`_bare`, as CrypTen's reaches it."""
+    if name in _STATIC_FUNCTIONS:
+        dummy = _bare(cls)
+        dummy.__IS_DUMMY__ = True
+        return cls.__getattribute__(dummy, name)
+    return type.__getattribute__(cls, name)
+
+
+_CONSTRUCTORS = {"shallow_copy": _shallow_copy, "clone": _clone, "from_shares": staticmethod(_from_shares)}
+_METACLASS = type(crypten.CrypTensor)
+_STATIC_FUNCTIONS = frozenset(importlib.import_module("crypten.cryptensor").STATIC_FUNCTIONS)
+
+
+_CRYPTENSOR_ATTRS = crypten.CrypTensor.__dict__  # read without the metaclass's lookup
+_PROTECTED = frozenset([*crypten.CrypTensor.PROTECTED_ATTRIBUTES, "copy_"])
+_REQUIRED = frozenset(crypten.CrypTensor.REQUIRED_FUNCTIONS)
+_BUILTIN = dict(crypten.CrypTensor.PYTHON_BUILTIN)
+_GRAD_FUNCTIONS = importlib.import_module("crypten.gradients").FUNCTION_REGISTRY
+_LOOKUP = getattr(crypten.CrypTensor.__getattribute__, "__wrapped__", crypten.CrypTensor.__getattribute__)
+
+
+def _attribute(self: Any, name: str) -> Any:
+    """Stands in for ``CrypTensor.__getattribute__`` (every attribute and op of a shared tensor):
+    CrypTen's lookup without its validation hook and, with autograd off, without its per-access
+    reads of class lists through the metaclass (about 4,000 accesses per party in a decode step);
+    in-place names and autograd go to CrypTen's own lookup. Written here because CrypTen offers no
+    switch for either."""
+    if name in _PROTECTED:
+        return object.__getattribute__(self, name)
+    if _CRYPTENSOR_ATTRS["AUTOGRAD_ENABLED"]:
+        return _LOOKUP(self, name)
+    name = _BUILTIN.get(name, name)
+    if name[-1:] == "_" and name[-2:] != "__":
+        return _LOOKUP(self, name)
+    grad_fn = _GRAD_FUNCTIONS.get(name)
+    if grad_fn is None:
+        return object.__getattribute__(self, name)
+    try:
+        return object.__getattribute__(self, name)
+    except AttributeError:
+        if name in _REQUIRED:
+            raise
+        return object.__getattribute__(self, "_get_forward_function_no_ctx")(grad_fn)
 
 
 def _default_provider() -> Any:
@@ -159,13 +233,16 @@ def _patch() -> None:
                 setattr(module, func_name, replacement)
     _saved["ltz"] = crypten.mpc.MPCTensor._ltz
     crypten.mpc.MPCTensor._ltz = _ltz
-    _saved["shallow_copy"] = crypten.mpc.MPCTensor.shallow_copy
-    crypten.mpc.MPCTensor.shallow_copy = _shallow_copy
+    for name, replacement in _CONSTRUCTORS.items():
+        _saved[name] = crypten.mpc.MPCTensor.__dict__[name]
+        setattr(crypten.mpc.MPCTensor, name, replacement)
+    _saved["class_attribute"] = _METACLASS.__getattribute__
+    _METACLASS.__getattribute__ = _class_attribute
     _saved["get_default_provider"] = crypten.mpc.get_default_provider
     crypten.mpc.get_default_provider = _default_provider
     tensor = crypten.CrypTensor
     _saved["getattribute"] = tensor.__getattribute__
-    tensor.__getattribute__ = getattr(tensor.__getattribute__, "__wrapped__", tensor.__getattribute__)
+    tensor.__getattribute__ = _attribute
     _saved["autograd"] = tensor.AUTOGRAD_ENABLED
     tensor.set_grad_enabled(False)
 
@@ -175,7 +252,9 @@ def _unpatch() -> None:
     crypten.CrypTensor.__getattribute__ = _saved.pop("getattribute")
     crypten.mpc.get_default_provider = _saved.pop("get_default_provider")
     crypten.mpc.MPCTensor._ltz = _saved.pop("ltz")
-    crypten.mpc.MPCTensor.shallow_copy = _saved.pop("shallow_copy")
+    _METACLASS.__getattribute__ = _saved.pop("class_attribute")
+    for name in _CONSTRUCTORS:
+        setattr(crypten.mpc.MPCTensor, name, _saved.pop(name))
     for key in [key for key in _saved if ":" in key]:
         module_name, func_name = key.split(":")
         setattr(importlib.import_module(module_name), func_name, _saved.pop(key))
