@@ -32,9 +32,13 @@ both forms pay more per comparison.
   take bit keys, a decode step's or a short MiniLM input's (~6k and fewer) keep value keys and
   their rounds (GPT-2-small at 1024: 638 -> 571 rounds per step; issue 14's budget is 600).
 
-Elsewhere dealer material is not priced; all-pairs levels multiply the comparison keys (an exact
-pair is a key of ~0.8 KB per party), so ``tournament.all_pairs`` also caps a level's pairs at
-``ProtocolConfig.all_pairs_budget``.
+A tournament level's forms are priced the same whole way (:func:`level_costs`): an all-pairs
+level multiplies the comparison keys (an exact pair is a key of ~0.6 KB per party at 40 bits,
+read once by a local evaluation of ~0.2-0.7 us), so at MPCache's setting (32 rows of 123-129
+entries down to groups of 16: ~31,000-34,600 pairs, ~18-20 MB of keys per party and step) four
+binary levels (~3,800 comparisons, four rounds more) are the cheaper whole cost, while GPT-2-small's
+12 rows and every level of a few rows or short groups keep their all-pairs level.
+``tournament.all_pairs`` also caps a level's pairs at ``ProtocolConfig.all_pairs_budget``.
 """
 
 from __future__ import annotations
@@ -106,16 +110,20 @@ def fold_gain(rows: int, width: int, config: ProtocolConfig) -> bool:
 
 
 def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolConfig) -> dict[str, Cost]:
-    """Online (rounds, bytes sent per party) of dividing ``rows`` rows of ``n`` entries into
-    groups of ``group`` by one all-pairs level (``pairs``) or by binary levels down to the same
-    length (``binary``), under the innermost ``models.ops.compare_bound`` as the tournament runs.
+    """Whole cost (rounds, bytes per party: sent online, plus :data:`DEALER_BYTE_WEIGHT` of the
+    comparison keys' bytes as :func:`comparison_key_costs` prices them) of dividing ``rows`` rows
+    of ``n`` entries into groups of ``group`` by one all-pairs level (``pairs``) or by binary levels
+    down to the same length (``binary``), under the innermost ``models.ops.compare_bound`` as the
+    tournament runs.
 
     ``carried``: the secret values each kept entry carries (1: the value; 2: value and secret
     position). ``pairs``: all pairs of each group compared exactly, the win counts tested (not
     for pairs of two), one product of the one-hot with the carried values (``carried + 1``
     elements opened per entry). ``binary``: per level, one truncated comparison and one product
     (``carried + 1`` elements) per eliminated entry. Each batch of comparisons is priced with the
-    keys :func:`comparison_keys` gives it (bit keys: a second round and the masked bits).
+    keys :func:`comparison_keys` gives it (bit keys: a second round and the masked bits). The
+    products' triples (one ring element per product element from the dealer, in either form) are
+    left out.
     """
     groups = -(-n // group)
     kept = rows * groups * group
@@ -137,12 +145,13 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
 
 
 def _comparisons(count: int, limit: float | None, resolution: float, config: ProtocolConfig) -> Cost:
-    """Online (rounds, bytes sent per party) of ``count`` single-threshold FSS comparisons of
+    """Whole cost (:func:`comparison_key_costs`) of ``count`` single-threshold FSS comparisons of
     values below ``limit`` with ``resolution``, with the keys :func:`comparison_keys` picks."""
+    if count == 0:
+        return 0, 0
     bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)  # the gate's width, as compare.py sets it
     width = bits - shift_for([0.0], resolution * config.scale, bits)
-    kind = comparison_keys(count, width, 1, config) if count else "value"
-    return _online_comparisons(count, width)[kind]
+    return comparison_key_costs(count, width)[comparison_keys(count, width, 1, config)]
 
 
 def _online_comparisons(elements: int, width: int) -> dict[str, Cost]:

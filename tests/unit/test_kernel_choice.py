@@ -72,7 +72,19 @@ def test_tournament_levels_are_priced_with_the_keys_their_comparisons_take() -> 
     assert prefill["binary"][0] == 4 * 3 and prefill["pairs"][0] == 2 + 2 + 1
     forced = dataclasses.replace(DEFAULT, comparison_keys="value")
     assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][0] == 4 * 2
-    assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][1] < prefill["binary"][1]
+    # the whole cost counts the keys (at 1/8 of an online byte): value keys' are ~1.7x the bit keys'
+    assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][1] > prefill["binary"][1]
+
+
+def test_mpcache_rows_trade_a_big_all_pairs_level_for_binary_levels_priced_with_its_keys() -> None:
+    # MPCache's 32 heads: ~31,000 exact pairs at 123 entries cost ~18 MB of keys per party; two
+    # rounds more of binary levels are cheaper, and the all-pairs level comes one halving later
+    assert _levels(32, 246, DEFAULT) == ["binary@246", "binary@123", "pairs@62", "pairs@4"]
+    assert _levels(32, 4097, DEFAULT)[-3:] == ["binary@65", "pairs@33", "pairs@3"]
+    with ops.compare_bound(2 * _BIG, ops.STABILISING_SLACK):
+        costs = kernel_choice.level_costs(32, 123, 16, 1, DEFAULT)
+        online = kernel_choice._online_comparisons(32 * 8 * 16 * 15 // 2, 33)["bit"]
+    assert costs["pairs"][0] < costs["binary"][0] and costs["pairs"][1] > 10 * online[1]
 
 
 @pytest.mark.parametrize("changes, message", [
