@@ -53,7 +53,6 @@ CrypTen's circuit (no width limit, no truncation).
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -176,8 +175,12 @@ def open_xor_bits(bits01: np.ndarray) -> np.ndarray:
 
 
 def grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
-    """Thresholds in ulps rounded up to the 2^shift grid, in units of the grid."""
-    return np.array([math.ceil(c * scale / 2 ** shift) for c in points], dtype=np.int64)
+    """Thresholds in ulps rounded up to the 2^shift grid, in units of the grid (in numpy: a norm's
+    table has ~1,700 thresholds; the same float64 products and ceilings as one by one)."""
+    units = np.ceil(np.asarray(points, dtype=np.float64) * scale / 2 ** shift)
+    if not np.all(np.abs(units) < 2.0 ** 62):
+        raise ComparisonError(f"thresholds out of any gate's range: {np.asarray(points)[:8].tolist()}")
+    return units.astype(np.int64)
 
 
 def less_than_zero(x: Any, provider: Any, bits: int) -> Any:

@@ -104,6 +104,17 @@ def test_shift_for_keeps_every_threshold_within_its_resolution() -> None:
         compare._gate(None, None, 8, 0, np.array([100], dtype=np.int64))  # checked before any key is asked for
 
 
+def test_grid_rounds_each_threshold_up_as_python_does_and_refuses_unusable_ones() -> None:
+    table = numerics._piece_table(4.0, *numerics.INV_SQRT_POWERS, numerics.INV_SQRT_PIECES, -0.5, 1)
+    points = [*table["thresholds"].tolist(), *(RNG.standard_normal(500) * 1e4).tolist(), 0.0, -0.0, -3.5]
+    for shift in (0, 3, 9):
+        exact = [math.ceil(c * SCALE / 2 ** shift) for c in points]
+        assert compare.grid(points, SCALE, shift).tolist() == exact
+    for bad in ([float("nan")], [1e30], [-1e30]):
+        with pytest.raises(compare.ComparisonError, match="out of any gate"):
+            compare.grid(bad, SCALE, 0)
+
+
 def test_gelu_polynomial_stays_within_its_bound_where_the_range_tests_may_err() -> None:
     """Just outside [-T, T] (within the resolution) either piece may be chosen: both stay within
     8.2e-4 of erf GeLU, the kernel's bound inside."""
