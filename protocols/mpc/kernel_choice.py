@@ -33,11 +33,12 @@ both forms pay more per comparison.
   their rounds (GPT-2-small at 1024: 638 -> 571 rounds per step; issue 14's budget is 600).
 
 A tournament level's forms are priced the same whole way (:func:`level_costs`): an all-pairs
-level multiplies the comparison keys (an exact pair is a key of ~0.6 KB per party at 40 bits,
-read once by a local evaluation of ~0.2-0.7 us), so at MPCache's setting (32 rows of 123-129
-entries down to groups of 16: ~31,000-34,600 pairs, ~18-20 MB of keys per party and step) four
-binary levels (~3,800 comparisons, four rounds more) are the cheaper whole cost, while GPT-2-small's
-12 rows and every level of a few rows or short groups keep their all-pairs level.
+level multiplies the comparison keys (an exact pair at the softmax max's 33 bits is a key of
+~0.46 KB per party with bit keys, ~0.8 KB with value keys, each read once by a local evaluation),
+so at MPCache's setting (32 rows of 123-129 entries down to groups of 16: ~31,000-34,600 pairs,
+~14-16 MB of keys per party and step) binary levels go one or two halvings further first (two
+to four rounds more, a quarter to a third of the pairs), while GPT-2-small's 12 rows and every
+level of a few rows or short groups keep their all-pairs level (tests/unit/test_kernel_choice.py).
 ``tournament.all_pairs`` also caps a level's pairs at ``ProtocolConfig.all_pairs_budget``.
 """
 

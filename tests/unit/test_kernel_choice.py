@@ -77,7 +77,7 @@ def test_tournament_levels_are_priced_with_the_keys_their_comparisons_take() -> 
 
 
 def test_mpcache_rows_trade_a_big_all_pairs_level_for_binary_levels_priced_with_its_keys() -> None:
-    # MPCache's 32 heads: ~31,000 exact pairs at 123 entries cost ~18 MB of keys per party; two
+    # MPCache's 32 heads: ~31,000 exact pairs at 123 entries cost ~14 MB of keys per party; two
     # rounds more of binary levels are cheaper, and the all-pairs level comes one halving later
     assert _levels(32, 246, DEFAULT) == ["binary@246", "binary@123", "pairs@62", "pairs@4"]
     assert _levels(32, 4097, DEFAULT)[-3:] == ["binary@65", "pairs@33", "pairs@3"]
