@@ -77,12 +77,18 @@ def operand_masks(seed: bytes, rank: int, layer: int, kind: str, op: str, index:
 def _product(op: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``left @ right^T`` for ``qk``, ``left @ right`` for ``pv`` (int64, wraps mod 2^64), per batch
     entry and head with the ring kernel (:mod:`protocols.mpc.ring_matmul`; torch's batched int64
-    matmul reads the cached rows ~4.5x slower), else with torch; the same ring elements."""
+    matmul reads the cached rows ~4.5x slower): one call for all heads where the cache's heads sit
+    one stride apart, else one per head; without the kernel torch's; the same ring elements."""
     if left.dim() != 4 or left.shape[:2] != right.shape[:2] or not ring_matmul.available():
         return torch.matmul(left, right.transpose(-2, -1) if op == "qk" else right)
-    rows = [ring_matmul.times_transposed(left[b, h], right[b, h] if op == "qk" else right[b, h].t())
-            for b in range(left.shape[0]) for h in range(left.shape[1])]
-    return torch.stack(rows).reshape(*left.shape[:2], *rows[0].shape)
+    weight = right if op == "qk" else right.transpose(-2, -1)
+    lead = tuple(left.shape[:2])
+    if weight.shape[0] == 1 or weight.stride(0) == weight.shape[1] * weight.stride(1):  # heads one stride apart
+        flat = left.reshape(-1, *left.shape[2:])
+        out = ring_matmul.times_transposed_batched(flat, weight.flatten(0, 1))
+        return out.reshape(*lead, *out.shape[1:])
+    rows = [ring_matmul.times_transposed(left[b, h], weight[b, h]) for b in range(lead[0]) for h in range(lead[1])]
+    return torch.stack(rows).reshape(*lead, *rows[0].shape)
 
 
 def _c_shape(op: str, a_shape: tuple[int, ...], rows: int, dim: int) -> tuple[int, ...]:

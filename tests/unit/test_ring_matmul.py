@@ -57,3 +57,30 @@ def test_other_layouts_and_dtypes_take_the_torch_path() -> None:
     weight = torch.randint(-100, 100, (6, 10), generator=gen)[:, ::2]  # neither layout: strides (10, 2)
     x = torch.randint(-2**63, 2**63 - 1, (3, 5), generator=gen)
     assert torch.equal(ring_matmul.times_transposed(x, weight), _reference(x, weight))
+    table = torch.randint(-100, 100, (10, 6), generator=gen)
+    for strided in (table[:, 2:3].t(), table[:, 2:3]):  # one output (one input) read 6 entries apart
+        x = torch.randint(-2**63, 2**63 - 1, (2, strided.shape[1]), generator=gen)
+        assert ring_matmul._layout(strided) is None
+        assert torch.equal(ring_matmul.times_transposed(x, strided), _reference(x, strided))
+    for vector in (table[2:3], table[2:3].t(), table[:, 2:3].contiguous()):  # one row or column, unit stride
+        assert ring_matmul._layout(vector) is not None
+        x = torch.randint(-2**63, 2**63 - 1, (2, vector.shape[1]), generator=gen)
+        assert torch.equal(ring_matmul.times_transposed(x, vector), _reference(x, vector))
+
+
+@needs_kernel
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_batched_products_equal_one_product_per_entry(transposed: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    heads, capacity, rows, dim = 5, 40, 33, 7  # a cache view: each head's rows, capacity apart
+    info = torch.iinfo(dtype)
+    store = torch.randint(info.min, info.max, (heads, capacity, dim), generator=gen, dtype=torch.int64).to(dtype)
+    weight = store[:, :rows].transpose(1, 2) if transposed else store[:, :rows]  # [G, dim, rows] or [G, rows, dim]
+    for n in (1, 3):
+        x = torch.randint(-2**63, 2**63 - 1, (heads, n, weight.shape[2]), generator=gen)
+        got = ring_matmul.times_transposed_batched(x, weight)
+        assert got.shape == (heads, n, weight.shape[1]) and got.is_contiguous()
+        assert torch.equal(got, torch.stack([_reference(x[g], weight[g]) for g in range(heads)]))
+    with pytest.raises(ValueError, match="batched ring product"):
+        ring_matmul.times_transposed_batched(x, weight[:2])

@@ -10,15 +10,16 @@
  *
  * Each kernel is compiled three times (AVX-512, AVX2, the compiler's default target) from one
  * body; the widest the CPU supports is chosen at run time. Large calls are split over plain
- * pthreads by output columns (no two threads write the same element). No allocation besides
- * the threads, no I/O.
+ * pthreads by output columns (no two threads write the same element); a batch of products
+ * (ring_matmul_batched: one per attention head of a KV-stationary product) by whole entries. No
+ * allocation besides the threads, no I/O.
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <pthread.h>
 
-#define RING_MATMUL_ABI 2
+#define RING_MATMUL_ABI 3
 #define MAX_THREADS 64
 #define ROW_BLOCK 4     /* x rows per pass over a W row ("rows") */
 #define COL_ROWS 8      /* x rows accumulated per pass over W ("cols") */
@@ -161,6 +162,54 @@ int ring_matmul(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bi
     }
     for (int t = 1; t < used; t++) started[t] = pthread_create(&ids[t], NULL, run_thread, &parts[t]) == 0;
     for (int t = 0; t < used; t++) if (t == 0 || !started[t]) run_part(&parts[t]);
+    for (int t = 1; t < used; t++) if (started[t]) pthread_join(ids[t], NULL);
+    return 0;
+}
+
+typedef struct {
+    const int64_t *x;
+    const char *w;
+    int64_t *y;
+    int64_t x_stride, w_stride_bytes, n, in, out, g_lo, g_hi;
+    int bits, cols;
+} Batch;
+
+static void run_batch(const Batch *b) {
+    for (int64_t g = b->g_lo; g < b->g_hi; g++) {
+        Part part = {b->x + g * b->x_stride, b->w + g * b->w_stride_bytes, b->y + g * b->n * b->out,
+                     b->n, b->in, b->out, 0, b->out, b->bits, b->cols};
+        run_part(&part);
+    }
+}
+
+static void *run_batch_thread(void *arg) {
+    run_batch((const Batch *)arg);
+    return NULL;
+}
+
+/* batch products y_g [n, out] = x_g [n, in] @ W_g^T mod 2^64: x_g at x + g * x_stride (rows of in
+ * elements), W_g at w + g * w_stride entries (laid out as in ring_matmul), y_g at y + g * n * out;
+ * threads: at most this many, each taking whole entries. 0 on success. */
+int ring_matmul_batched(const int64_t *x, int64_t x_stride, int64_t n, int64_t in, const void *w, int64_t w_stride,
+                        int w_bits, int cols, int64_t out, int64_t batch, int64_t *y, int threads) {
+    if (n < 0 || in < 1 || out < 1 || batch < 0 || x_stride < 0 || w_stride < 0 ||
+        (w_bits != 16 && w_bits != 32 && w_bits != 64) || (cols != 0 && cols != 1)) return -1;
+    if (level < 0) return -2;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > batch) threads = batch > 0 ? (int)batch : 1;
+    Batch parts[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int64_t step = (batch + threads - 1) / threads;
+    int used = 0;
+    for (int t = 0; t < threads && t * step < batch; t++, used++) {
+        Batch part = {x, (const char *)w, y, x_stride, w_stride * (w_bits / 8), n, in, out,
+                      t * step, (t + 1) * step < batch ? (t + 1) * step : batch, w_bits, cols};
+        parts[t] = part;
+    }
+    for (int t = 1; t < used; t++) started[t] = pthread_create(&ids[t], NULL, run_batch_thread, &parts[t]) == 0;
+    for (int t = 0; t < used; t++) if (t == 0 || !started[t]) run_batch(&parts[t]);
     for (int t = 1; t < used; t++) if (started[t]) pthread_join(ids[t], NULL);
     return 0;
 }
