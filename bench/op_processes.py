@@ -11,7 +11,7 @@ gRPC and compiled kernels' threads included). Kernels (``--op``):
 - ``product``: a Beaver product of two secret 32 x 32 tensors (one round);
 - ``compare``: ``x < 0`` on 25,000 secret entries (the FSS gate);
 - ``max240`` / ``max4097``: the softmax max over 32 rows of 240 / 4,097 (a 6% and a full cache
-  at MPCache's setting, ``models.ops.row_max``);
+  at MPCache's setting, ``models.ops.row_max`` under the softmax's bound and slack);
 - ``argmax``: the arg-max over GPT-2's 50,257 logits (``models.ops.argmax_last``).
 
 The per-kernel counterpart of ``bench/kv_processes.py`` (whole decode steps) and of
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ready_line import start
 from models import ops
+from models.attention import ROW_MAX_BOUND
 from protocols.mpc import fixed_point, numerics
 from protocols.mpc.cryptenlib import crypten, crypten_session
 from protocols.mpc.cryptenlib import provider as crypten_provider
@@ -71,7 +72,7 @@ def kernel(op: str, communicator: Any) -> Callable[[], Any]:
         return lambda: x < 0
     if op in ("max240", "max4097"):
         x = _secret(32, int(op[3:]))
-        return lambda: ops.row_max(x)
+        return lambda: ops.row_max(x, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK)
     x = _secret(1, 50_257)
     return lambda: ops.argmax_last(x)
 

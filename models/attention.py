@@ -24,6 +24,7 @@ from models.layers import Calibrated, Linear
 from models.variants import LayerVariant, OpSpec
 
 _BIG = 1.0e4  # public offset that keeps masked scores out of the row max (softmax only)
+ROW_MAX_BOUND = 2 * _BIG  # what the softmax promises its row max: differences below twice the offset
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SoftmaxAttention(_Quadratic):
 
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
         shifted = scores * dense + (dense - 1.0) * _BIG
-        return ops.exp(shifted - ops.row_max(shifted, bound=2 * _BIG, slack=ops.STABILISING_SLACK))
+        return ops.exp(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK))
 
 
 class PowerAttention(_Quadratic):
