@@ -10,7 +10,8 @@ thread the same general channel (a party thread sending and receiving through qu
 stack").
 
 Everything gRPC creates for a link (channels, calls, servers) is made on this loop; other threads
-reach it through :func:`call` (run a coroutine and wait) or :func:`post` (schedule, do not wait).
+reach it through :func:`call` (run a coroutine and wait), :func:`make` (build an object there) or
+:func:`post` (schedule, do not wait).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def call(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         coro.close()
         raise RuntimeError("aio_loop.call from the link loop would wait for itself")
     return asyncio.run_coroutine_threadsafe(coro, get()).result(timeout)
+
+
+def make(factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``factory(*args, **kwargs)`` run on the link loop (gRPC's asyncio channels and servers belong
+    to the loop that made them), its result returned to the caller."""
+    async def build() -> T:
+        return factory(*args, **kwargs)
+
+    return call(build())
 
 
 def post(fn: Callable[..., Any], *args: Any) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
 
 import grpc
 
@@ -106,7 +105,7 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
     options = [("grpc.ssl_target_name_override", hostname), ("grpc.default_authority", hostname)]
     credentials = grpc.ssl_channel_credentials(ca, key, cert)
     options += keepalive.options(server=False) + message_options()
-    grpc_channel = aio_loop.call(_dial(address, credentials, options))
+    grpc_channel = aio_loop.make(grpc.aio.secure_channel, address, credentials, options=options)
     try:
         reply = aio_loop.call(_ready(grpc_channel, pb.ReadyRequest(session=session, role=tls.role), timeout))
     except grpc.RpcError as exc:
@@ -136,11 +135,6 @@ def connect(address: str, tls: TlsConfig, peer_role: str, session: str, ledger: 
     channel._release = release
     channel.start_reader(call)
     return channel
-
-
-async def _dial(address: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    """A gRPC channel on the link loop (gRPC's asyncio objects belong to the loop that made them)."""
-    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 async def _ready(grpc_channel: grpc.aio.Channel, request: pb.ReadyRequest, timeout: float) -> pb.ReadyReply:

@@ -148,7 +148,7 @@ class PartyServer:
         # leave room for Ready calls, and let our own refusal (which names the retry time) come
         # before gRPC's bare one
         options = keepalive.options(server=True) + message_options(max_receive_bytes or GRPC_MAX_CHUNK_MESSAGE)
-        self._server = aio_loop.call(_make_server(options, max_sessions + 8))
+        self._server = aio_loop.make(grpc.aio.server, options=options, maximum_concurrent_rpcs=max_sessions + 8)
         servicer = _Servicer(self)
         handlers = {"Link": link_handler(servicer.Link),
                     "Ready": grpc.unary_unary_rpc_method_handler(
@@ -336,11 +336,6 @@ class PartyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def _make_server(options: list[tuple[str, int]], max_rpcs: int) -> grpc.aio.Server:
-    """A gRPC server on the link loop (gRPC's asyncio objects belong to the loop that made them)."""
-    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
 
 
 async def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:

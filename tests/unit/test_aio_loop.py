@@ -19,6 +19,10 @@ def test_call_runs_on_the_link_thread_and_returns() -> None:
     assert not aio_loop.on_loop()
 
 
+def test_make_builds_on_the_link_thread() -> None:
+    assert aio_loop.make(lambda suffix: threading.current_thread().name + suffix, "!") == "grpc-links!"
+
+
 def test_posts_run_in_order_on_the_loop() -> None:
     seen: list[int] = []
     done = threading.Event()
