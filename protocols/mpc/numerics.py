@@ -98,15 +98,15 @@ def _piece_table(base: float, first: int, last: int, pieces: int, exponent: floa
     """
     grid = [base ** (j / pieces) for j in range(pieces + 1)]
     nodes = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, 4 * degree + 9, dtype=torch.float64))
-    rows = []
-    for p in range(first, last + 1):
-        for j in range(pieces):
-            a, b = grid[j], grid[j + 1]
-            u = nodes * (b - a)
-            target = (a + u) ** exponent
-            design = torch.stack([u ** i for i in range(degree + 1)], dim=-1) / target[:, None]
-            coeffs = torch.linalg.lstsq(design, torch.ones_like(u)[:, None]).solution[:, 0]
-            rows.append([base ** p * a, base ** -p, a] + (base ** (p * exponent) * coeffs).tolist())
+    fits = []  # c_i of each j: the same for every power p (only base^(p exponent) scales them)
+    for j in range(pieces):
+        a, b = grid[j], grid[j + 1]
+        u = nodes * (b - a)
+        target = (a + u) ** exponent
+        design = torch.stack([u ** i for i in range(degree + 1)], dim=-1) / target[:, None]
+        fits.append(torch.linalg.lstsq(design, torch.ones_like(u)[:, None]).solution[:, 0])
+    rows = [[base ** p * grid[j], base ** -p, grid[j]] + (base ** (p * exponent) * fits[j]).tolist()
+            for p in range(first, last + 1) for j in range(pieces)]
     table = torch.tensor(rows, dtype=torch.float64)
     out = {"thresholds": table[1:, 0], "f": table[:, 1], "left": table[:, 2]}
     out.update({f"d{i}": table[:, 3 + i] for i in range(degree + 1)})
