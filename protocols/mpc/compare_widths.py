@@ -5,6 +5,7 @@ shared by the gate and by the per-shape pricing (:mod:`protocols.mpc.kernel_choi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,12 @@ def shift_for(points: Sequence[float], resolution: float, bits: int) -> int:
     """Low bits a gate on ``bits`` may drop for thresholds ``points`` and a ``resolution`` (both
     in ring units, ulps): the largest ``k <= bits - 3`` with ``ceil(c / 2^k) 2^k + 2^k <= c +
     resolution`` for every ``c`` (0: no truncation, exact)."""
+    return _shift_for(tuple(points), resolution, bits)
+
+
+@functools.lru_cache(maxsize=256)
+def _shift_for(points: tuple[float, ...], resolution: float, bits: int) -> int:
+    """:func:`shift_for`, cached (a tournament asks it per level and step with the same numbers)."""
     shift = 0
     while shift + 1 <= bits - 3:
         step = 2 ** (shift + 1)

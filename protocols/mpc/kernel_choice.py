@@ -126,10 +126,17 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
     products' triples (one ring element per product element from the dealer, in either form) are
     left out.
     """
+    return dict(_level_costs(rows, n, group, carried, config, ops.comparison_bound(), ops.comparison_resolution()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolConfig,
+                 limit: float | None, resolution: float) -> dict[str, Cost]:
+    """:func:`level_costs` with the bound's limit and resolution passed in: a pure function of public
+    shapes and configuration, cached (a decoding step prices the same levels every step)."""
     groups = -(-n // group)
     kept = rows * groups * group
     product = (carried + 1) * RING_BYTES
-    limit, resolution = ops.comparison_bound(), ops.comparison_resolution()
     pair_rounds, pair_bytes = _comparisons(rows * groups * group * (group - 1) // 2, limit, 0.0, config)
     if group > 2:
         win_rounds, win_bytes = _comparisons(kept, 2.0 * group, 0.0, config)
@@ -177,6 +184,7 @@ def comparison_key_costs(elements: int, width: int) -> dict[str, Cost]:
             for kind, (rounds, sent) in _online_comparisons(elements, width).items()}
 
 
+@functools.lru_cache(maxsize=4096)
 def comparison_keys(elements: int, width: int, points: int, config: ProtocolConfig) -> str:
     """``"bit"`` or ``"value"``: the sign keys of a comparison of ``elements`` values on ``width``
     bits against ``points`` public thresholds. Several thresholds keep value keys (one key for all

@@ -87,6 +87,21 @@ def test_mpcache_rows_trade_a_big_all_pairs_level_for_binary_levels_priced_with_
     assert costs["pairs"][0] < costs["binary"][0] and costs["pairs"][1] > 10 * online[1]
 
 
+def test_cached_level_prices_follow_the_bound_in_force_and_are_not_shared() -> None:
+    """level_costs is cached per shape, configuration and compare_bound: a level priced under one
+    bound, then another, then the first again, gets each bound's own price, and a caller changing
+    the returned prices changes no later answer."""
+    def priced(limit: float, resolution: float) -> dict[str, tuple[int, int]]:
+        with ops.compare_bound(limit, resolution):
+            return kernel_choice.level_costs(32, 123, 16, 1, DEFAULT)
+
+    narrow, wide = priced(2 * _BIG, ops.STABILISING_SLACK), priced(2.0 ** 22, 0.0)
+    assert narrow["binary"][1] < wide["binary"][1]  # narrower, truncated gates open fewer bytes
+    kept = dict(narrow)
+    narrow["pairs"] = (0, 0)
+    assert priced(2 * _BIG, ops.STABILISING_SLACK) == kept != narrow
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"kernel_profile": "mars"}, "kernel_profile"), ({"kernel_profile": 3}, "kernel_profile"),
     ({"all_pairs_budget": -1}, "all_pairs_budget"), ({"all_pairs_budget": 1.5}, "all_pairs_budget"),
