@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from models import ops
+from models.attention import _BIG, ROW_MAX_BOUND
 
 if TYPE_CHECKING:
     from models.pruned_cache import PrunedCache
 
 POLICIES = ("none", "window", "static", "mpcache")
-_BIG = 1.0e4  # public offset that keeps causally masked scores out of the row max
 
 
 class PolicyError(ValueError):
@@ -122,6 +122,15 @@ def _group_queries(q: Any, kv_heads: int) -> Any:
     return q.reshape(b, kv_heads, (h // kv_heads) * t, d)
 
 
+def cluster_score_bound(head_dim: int, rows: int) -> float:
+    """A public bound on the difference of two cluster scores (the mean of a cluster's raw ``q . k``,
+    summed over ``rows`` query rows), from the softmax's own promise on each scaled score
+    (``|q . k / sqrt(head_dim)| < _BIG``, :data:`models.attention.ROW_MAX_BOUND` for a difference):
+    the width the selection's comparisons need, no wider (40-bit default gates: 35 bits at MPCache's
+    32-dim heads)."""
+    return ROW_MAX_BOUND * math.sqrt(head_dim) * rows
+
+
 def prefill_scores(q: Any, k: Any, q_pos: torch.Tensor, k_pos: torch.Tensor,
                    window: int | None = None) -> Any:
     """Accumulated softmax attention each key got from the last ``window`` prefill queries.
@@ -139,7 +148,7 @@ def prefill_scores(q: Any, k: Any, q_pos: torch.Tensor, k_pos: torch.Tensor,
     groups = qg.shape[2] // w
     dense = (k_pos[None, :] <= q_pos[:, None]).float().repeat(groups, 1)[None, None]
     shifted = scores * dense + (dense - 1.0) * _BIG
-    num = ops.exp(shifted - ops.row_max(shifted, bound=2 * _BIG, slack=ops.STABILISING_SLACK)) * dense
+    num = ops.exp(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK)) * dense
     scale = (dense.sum(-1, keepdim=True) / 8.0).clamp(min=1.0)
     probs = num * ops.reciprocal(num.sum(-1, keepdim=True), scale)
     return probs.sum(2)
@@ -336,7 +345,9 @@ class MPCachePolicy(StaticPolicy):
         shared = self._shared.get(anchor) if layer != anchor else None
         if shared is None or shared[0] != clusters:
             scores = self.cluster_scores(query, ck, clusters)
-            sel = self.selector.top_k(scores, chosen, ordered=True)
+            rows = query.shape[1] // k.shape[1] * query.shape[2]
+            with ops.compare_bound(cluster_score_bound(query.shape[-1], rows)):
+                sel = self.selector.top_k(scores, chosen, ordered=True)
             self._shared[layer] = (clusters, sel)
         else:
             sel = shared[1]

@@ -32,6 +32,7 @@ from models.kv_pruning import (
     MPCachePolicy,
     PlainSelector,
     PolicyError,
+    cluster_score_bound,
     make_policy,
 )
 from models.pruned_cache import PrunedCache
@@ -129,8 +130,9 @@ class StationaryCache(PrunedCache):
             return None
         return Selection(sink, clusters, chosen, policy.cluster, layer, self)
 
-    def choose(self, selection: Selection, scores: Any, kv_heads: int) -> StationaryView:
-        """Secret choice from per-entry scores [B, H, t, n] as a KV-stationary view of ``S^T``
+    def choose(self, selection: Selection, scores: Any, kv_heads: int, head_dim: int) -> StationaryView:
+        """Secret choice from per-entry raw scores [B, H, t, n] (``q . k`` of ``head_dim``-wide heads,
+        compared under :func:`models.kv_pruning.cluster_score_bound`) as a KV-stationary view of ``S^T``
         [B, kv_heads, clusters, chosen] (``S`` the one-hot of chosen clusters, opened masked
         once); computed at every ``share``-th layer and reused by the next ones, as the policy
         does."""
@@ -148,7 +150,8 @@ class StationaryCache(PrunedCache):
         if policy.similarity == "relu":
             sim = ops.relu(sim)
         sim = sim.reshape(b, kv_heads, (h // kv_heads) * t, selection.clusters).sum(2)
-        onehot = policy.selector.top_k(sim, selection.chosen, ordered=False)  # order: irrelevant here
+        with ops.compare_bound(cluster_score_bound(head_dim, (h // kv_heads) * t)):
+            onehot = policy.selector.top_k(sim, selection.chosen, ordered=False)  # order: irrelevant here
         party = self._party()
         view = party.view(party.new_store(layer, "s", onehot.transpose(-2, -1)), layer, "s")
         self._shared[layer] = (selection.clusters, view)
@@ -207,7 +210,7 @@ class StationaryKernel(nn.Module):
         keys = k.view if selection is not None else k
         raw = party.scores(q, keys)
         if selection is not None:
-            chooser, raw = self._gather(raw, selection, keys)
+            chooser, raw = self._gather(raw, selection, keys, q.shape[-1])
         scores = raw * (1.0 / math.sqrt(q.shape[-1]))
         num = inner.numerator(scores, dense) * dense
         inv_n = 1.0 / mask.counts()
@@ -218,11 +221,11 @@ class StationaryKernel(nn.Module):
         return party.weighted(probs, v)
 
     @staticmethod
-    def _gather(raw: Any, sel: Selection, keys: StationaryView) -> tuple[StationaryView, Any]:
+    def _gather(raw: Any, sel: Selection, keys: StationaryView, head_dim: int) -> tuple[StationaryView, Any]:
         """Scores of the attended entries (sinks, chosen clusters, tail) and ``S^T`` per query head."""
         b, h, t, n = raw.shape
         kv_heads = keys.store.f.shape[1]
-        chooser = sel.cache.choose(sel, raw, kv_heads)[:, keys.heads]
+        chooser = sel.cache.choose(sel, raw, kv_heads, head_dim)[:, keys.heads]
         stop = sel.sink + sel.clusters * sel.cluster
         mid = _to_rows(ops.index(raw, 3, torch.arange(sel.sink, stop)), sel.clusters, sel.cluster)
         picked = chooser.party.weighted(mid.transpose(-2, -1), chooser).transpose(-2, -1)  # S @ mid

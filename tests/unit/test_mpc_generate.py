@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from models.kv_pruning import PolicyError
+from models.kv_pruning import PolicyError, cluster_score_bound
 from models.registry import InputError, load_model
 from privinf.ledger.counting import Ledger
 from protocols.kv.generate import plain_greedy
 from protocols.kv.stationary import StationaryDealer, StationaryError, StationaryParty
+from protocols.mpc.compare_widths import bits_for
 from protocols.mpc.cryptenlib import crypten, crypten_session, parties_as_threads
 from protocols.mpc.csprng import new_seed
 from protocols.mpc.vocabulary import MSG_END, TAG_MSG
@@ -234,6 +235,16 @@ def test_mpcache_choice_on_shares_equals_plaintext_choice(generations: Any) -> N
                 assert torch.equal(got[0, head], ref[0, head])
                 clear += 1
     assert clear >= 3  # 4 of the 12 (selection, head) pairs have a gap above 1e-2
+    # every rank comparison ran under the softmax's promise on each score (16-dim heads, one query
+    # row: 35 bits instead of the default 40)
+    width = bits_for(cluster_score_bound(bundle.config.hidden // bundle.config.heads, 1), 40, 16)
+    ranked = sum(sim.shape[1] * sim.shape[-1] * (sim.shape[-1] - 1) // 2 for _, sim, _ in client_cache.selections)
+    extra: dict[str, float] = {}
+    for row in results[-1][1][0]:
+        for key, value in row.counters.extra.items():
+            extra[key] = extra.get(key, 0.0) + value
+    assert width == 35 and ranked > 0
+    assert extra.get(f"fss_keys_{width}b_shift0", 0) + extra.get(f"fss_bitkeys_{width}b_shift0", 0) == ranked
 
 
 def test_a_repeated_generation_preprocesses_every_step(generations: Any) -> None:
