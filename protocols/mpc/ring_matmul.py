@@ -13,9 +13,12 @@ quarter of) the bytes, with AVX-512's 64-bit multiply where the CPU has it.
 ``make`` with the system C compiler; ctypes releases the GIL for the call. It reads W in either
 layout torch hands it over (row-major ``[out, in]``, or the transposed view of an embedding
 table ``[vocab, dim]``), so no copy is made. Products of more than 2^22 multiply-adds are split
-over plain pthreads by output columns (the host's cores, as the FSS kernel: the vocabulary
-products of a decode step run on both cores of a 2-core host while the client waits for them;
-a party's thread-CPU clock then counts only its own thread's share).
+over plain pthreads (the host's cores, as the FSS kernel: the vocabulary products of a decode
+step run on both cores of a 2-core host while the client waits for them; a party's thread-CPU
+clock then counts only its own thread's share): a row-major weight by output rows, a transposed
+table by blocks of its rows, each thread summing a partial product that is added up at the end
+(split by output columns, each thread would stream half of every table row and gain nothing:
+50,257 x 1,024 int16 embedding, 2 threads, 16.9 ms before, 10.1 ms after, 18.0 ms on one).
 
 **Fallback.** Without the library (no compiler, a library older than its source, or
 ``PRIVINF_RING_MATMUL=0``), :func:`times_transposed` computes the same product with torch's

@@ -42,6 +42,24 @@ def test_wide_tables_split_over_threads() -> None:
     assert torch.equal(ring_matmul.times_transposed(x, table.t().contiguous()), _reference(x, table.t()))
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 5, 64])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_every_thread_split_gives_the_same_product(threads: int, dtype: torch.dtype,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table read as its transpose is split by input rows (partial products added up at the end),
+    a row-major weight by output rows: any number of threads, uneven splits and more threads than
+    rows give torch's product (a 4-row input: one table of 3 rows, one of 1,001)."""
+    monkeypatch.setattr(ring_matmul, "threads_for", lambda count, per_thread: threads)
+    gen = torch.Generator().manual_seed(threads)
+    info = torch.iinfo(dtype)
+    for inner, out in ((3, 40), (1001, 37)):
+        table = torch.randint(info.min, info.max, (inner, out), generator=gen, dtype=torch.int64).to(dtype)
+        x = torch.randint(-2**63, 2**63 - 1, (4, inner), generator=gen)
+        assert torch.equal(ring_matmul.times_transposed(x, table.t()), _reference(x, table.t()))
+        assert torch.equal(ring_matmul.times_transposed(x, table.t().contiguous()), _reference(x, table.t()))
+
+
 @pytest.mark.parametrize(("entries", "narrow"), [([2**15 - 1, -2**15], torch.int16), ([2**15, 0], torch.int32),
                                                   ([2**31 - 1, -2**31], torch.int32), ([2**31, 0], torch.int64),
                                                   ([0, -2**31 - 1], torch.int64)])

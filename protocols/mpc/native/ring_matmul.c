@@ -10,12 +10,18 @@
  *
  * Each kernel is compiled three times (AVX-512, AVX2, the compiler's default target) from one
  * body; the widest the CPU supports is chosen at run time. Large calls are split over plain
- * pthreads by output columns (no two threads write the same element); a batch of products
- * (ring_matmul_batched: one per attention head of a KV-stationary product) by whole entries. No
- * allocation besides the threads, no I/O.
+ * pthreads: a row-major W by output columns (no two threads write the same element, each reads
+ * whole rows of W); a column-major W (an embedding table) by input rows, each thread summing its
+ * contiguous block of the table into a partial product of its own (malloc'd, [n, out]) that the
+ * caller's thread adds up at the end: split by output columns, each thread would read half of
+ * every table row and the prefetchers pull in the other half too (measured: 2 threads 17.5 ->
+ * 16.9 ms for a 50,257 x 1,024 int16 table, against 18.7 -> 9.5 ms for the row-major LM head). A
+ * batch of products (ring_matmul_batched: one per attention head of a KV-stationary product) is
+ * split by whole entries. No I/O.
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
 
@@ -34,6 +40,7 @@ typedef struct {
     int64_t n, in, out, o_lo, o_hi;
     int bits;  /* weight width: 16, 32 or 64 */
     int cols;  /* 1: w[i * out + o], 0: w[o * in + i] */
+    int64_t i_lo, i_hi;  /* input rows summed ("cols"; the whole of [0, in) otherwise) */
 } Part;
 
 /* One body per weight type and layout; KERNEL_ATTR picks the target. */
@@ -74,7 +81,7 @@ KERNEL_ATTR static void cols_##SUFFIX(const Part *p) {                          
         for (int64_t ob = p->o_lo; ob < p->o_hi; ob += COL_BLOCK) {                                    \
             int64_t on = p->o_hi - ob < COL_BLOCK ? p->o_hi - ob : COL_BLOCK;                          \
             for (int64_t r = 0; r < rn; r++) memset(p->y + (r0 + r) * p->out + ob, 0, on * 8);         \
-            for (int64_t i = 0; i < p->in; i++) {                                                      \
+            for (int64_t i = p->i_lo; i < p->i_hi; i++) {                                              \
                 const WTYPE *wi = w + i * p->out + ob;                                                 \
                 for (int64_t r = 0; r < rn; r++) {                                                     \
                     uint64_t xv = x[(r0 + r) * p->in + i];                                             \
@@ -141,6 +148,43 @@ static void *run_thread(void *arg) {
     return NULL;
 }
 
+/* Runs parts[0] on the caller's thread and the others on threads of their own (or the caller's,
+   where a thread cannot be started); returns when all are done. */
+static void run_parts(Part *parts, int used) {
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < used; t++) started[t] = pthread_create(&ids[t], NULL, run_thread, &parts[t]) == 0;
+    for (int t = 0; t < used; t++) if (t == 0 || !started[t]) run_part(&parts[t]);
+    for (int t = 1; t < used; t++) if (started[t]) pthread_join(ids[t], NULL);
+}
+
+/* A column-major W split by input rows: thread t sums rows [i_lo, i_hi) of the table into y (t = 0)
+   or a partial product of its own, added into y at the end (mod 2^64). Without memory for the
+   partials, the caller's thread does it all. */
+static int cols_split(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bits, int64_t out, int64_t *y,
+                      int threads) {
+    if (threads > in) threads = (int)in;
+    int64_t step = (in + threads - 1) / threads;
+    int used = (int)((in + step - 1) / step);
+    int64_t *partial = used > 1 ? malloc((size_t)(used - 1) * (size_t)(n * out) * sizeof(int64_t)) : NULL;
+    if (partial == NULL) used = 1;
+    step = (in + used - 1) / used;
+    Part parts[MAX_THREADS];
+    for (int t = 0; t < used; t++) {
+        int64_t *target = t == 0 ? y : partial + (int64_t)(t - 1) * n * out;
+        Part part = {x, w, target, n, in, out, 0, out, w_bits, 1, t * step, (t + 1) * step < in ? (t + 1) * step : in};
+        parts[t] = part;
+    }
+    run_parts(parts, used);
+    uint64_t *sum = (uint64_t *)y;
+    for (int t = 1; t < used; t++) {
+        const uint64_t *add = (const uint64_t *)(partial + (int64_t)(t - 1) * n * out);
+        for (int64_t e = 0; e < n * out; e++) sum[e] += add[e];
+    }
+    free(partial);
+    return 0;
+}
+
 /* y [n, out] = x [n, in] @ W^T mod 2^64; w_bits 16, 32 or 64; cols: W's layout (see above);
  * threads: at most this many (1: the caller's thread only). 0 on success. */
 int ring_matmul(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bits, int cols, int64_t out,
@@ -150,19 +194,16 @@ int ring_matmul(const int64_t *x, int64_t n, int64_t in, const void *w, int w_bi
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > out) threads = (int)out;
+    if (cols) return cols_split(x, n, in, w, w_bits, out, y, threads);
+    if (threads > out) threads = (int)out;
     Part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int64_t step = (out + threads - 1) / threads;
-    if (cols && step % 16) step += 16 - step % 16;  /* whole cache lines of W per thread */
     int used = 0;
     for (int t = 0; t < threads && t * step < out; t++, used++) {
-        Part part = {x, w, y, n, in, out, t * step, (t + 1) * step < out ? (t + 1) * step : out, w_bits, cols};
+        Part part = {x, w, y, n, in, out, t * step, (t + 1) * step < out ? (t + 1) * step : out, w_bits, cols, 0, in};
         parts[t] = part;
     }
-    for (int t = 1; t < used; t++) started[t] = pthread_create(&ids[t], NULL, run_thread, &parts[t]) == 0;
-    for (int t = 0; t < used; t++) if (t == 0 || !started[t]) run_part(&parts[t]);
-    for (int t = 1; t < used; t++) if (started[t]) pthread_join(ids[t], NULL);
+    run_parts(parts, used);
     return 0;
 }
 
@@ -177,7 +218,7 @@ typedef struct {
 static void run_batch(const Batch *b) {
     for (int64_t g = b->g_lo; g < b->g_hi; g++) {
         Part part = {b->x + g * b->x_stride, b->w + g * b->w_stride_bytes, b->y + g * b->n * b->out,
-                     b->n, b->in, b->out, 0, b->out, b->bits, b->cols};
+                     b->n, b->in, b->out, 0, b->out, b->bits, b->cols, 0, b->in};
         run_part(&part);
     }
 }
