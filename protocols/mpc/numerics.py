@@ -110,7 +110,7 @@ def _piece_table(base: float, first: int, last: int, pieces: int, exponent: floa
     table = torch.tensor(rows, dtype=torch.float64)
     out = {"thresholds": table[1:, 0], "f": table[:, 1], "left": table[:, 2]}
     out.update({f"d{i}": table[:, 3 + i] for i in range(degree + 1)})
-    return out
+    return {name: column.contiguous() for name, column in out.items()}
 
 
 def _piecewise_power(x: Tensor, base: float, powers: tuple[int, int], pieces: int, exponent: float,
