@@ -174,6 +174,52 @@ def open_xor_bits(bits01: np.ndarray) -> np.ndarray:
     return fss_bit.unpack(mine ^ theirs, bits01.shape[0])
 
 
+def below_zero_times(x: Any, values: Any) -> tuple[Any, Any]:
+    """``([x < 0], [x < 0] * values)`` for ``x`` [*S] and ``values`` [*S, c]: the bit at scale 1,
+    the product exact at ``values``' scale (no truncation), under the innermost
+    ``models.ops.compare_bound`` as :func:`less_than_zero`.
+
+    With the session's FSS comparisons the product's opening rides on the comparison's rounds
+    (two in all, where a comparison on bit keys and a product after it take three): the bit-output
+    key's mask bit ``m`` is known before the comparison, so round one opens ``x' + r`` together
+    with the Beaver openings ``e = values - A`` and ``g = m - B`` of ``m * values`` (a dealer triple);
+    round two opens ``d = [x' < 0] xor m``; then ``b = d + (1 - 2d) m`` and ``b * values = d * values
+    + (1 - 2d) (m * values)`` locally. Otherwise (a simulation, CrypTen's circuit, value keys forced
+    by the configuration, torch tensors): the comparison, then the product.
+    """
+    context = bound()
+    if (getattr(x, "compare_below", None) is not None or ops.is_plain(x) or context is None
+            or not context.compares_with_keys(x) or context.config.comparison_keys == "value"):
+        bit = x < 0
+        bit = bit.to(values.dtype) if ops.is_plain(bit) else bit
+        return bit, values * bit.unsqueeze(-1)
+    config, provider = context.config, context.provider
+    bits = bits_for(ops.comparison_bound(), config.comparison_bits, config.fixed_point_bits)
+    shift = shift_for([0.0], ops.comparison_resolution() * int(x.encoder.scale), bits)
+    share, payload = x._tensor.share, values._tensor.share
+    if share.device.type != "cpu" or tuple(payload.shape[:-1]) != tuple(share.shape):
+        raise ComparisonError(f"a selected product needs CPU shares [*S] and [*S, c], got {list(share.shape)} "
+                              f"on {share.device} and {list(payload.shape)}")
+    shape = tuple(share.shape)
+    key = provider.bit_sign_key(shape, bits - shift)
+    a, b, c = (t.share for t in provider.generate_additive_triple(tuple(payload.shape), shape + (1,), "mul"))
+    mask_bit = torch.from_numpy(key.bit_share).reshape(shape + (1,))
+    openings = torch.cat([(payload - a).reshape(-1), (mask_bit - b).reshape(-1)])
+    opened, both = open_with(torch.from_numpy(key.masked(truncated(share.reshape(-1).numpy(), bits, shift))),
+                             bits - shift, openings)
+    e, g = both[:payload.numel()].reshape(payload.shape), both[payload.numel():].reshape(mask_bit.shape)
+    d = open_xor_bits(key.xor_share(opened.numpy(), 0))
+    masked = c + e * b + g * a + (e * g if crypten.communicator.get().get_rank() == 0 else 0)  # m * values
+    flip = torch.from_numpy(d.astype(np.int64)).reshape(shape + (1,))
+    ledger = getattr(crypten.communicator.get(), "ledger", None)
+    if ledger is not None:
+        ledger.record_extra(f"fss_bitkeys_{bits}b_shift{shift}", len(d))
+        ledger.record_extra(f"fss_points_{bits}b_shift{shift}", len(d))
+    precision = int(values.encoder.scale).bit_length() - 1
+    return (MPCTensor.from_shares(torch.from_numpy(key.arithmetic(d)).reshape(shape), precision=0),
+            MPCTensor.from_shares(flip * payload + (1 - 2 * flip) * masked, precision=precision))
+
+
 def grid(points: Sequence[float], scale: int, shift: int) -> np.ndarray:
     """Thresholds in ulps rounded up to the 2^shift grid, in units of the grid (in numpy: a norm's
     table has ~1,700 thresholds; the same float64 products and ceilings as one by one)."""

@@ -8,9 +8,10 @@ on the shape: a decoding step's few rows are bound by rounds, a prefill's many r
   9 ring elements sent per element of ``x``), or **fused** opens ``x`` once for ``x^2`` and
   ``x * s`` and multiplies the gain after (6 rounds, about 2 per element): :func:`norm_costs`.
 * A max / arg-max tournament level (``tournament._tournament``): **all-pairs** groups (3 rounds
-  divide the row by up to 16, every pair of a group compared exactly) or **binary** levels (2
-  rounds per halving, one truncated comparison per pair), each comparison batch with a round
-  more where it takes bit keys (below): :func:`level_costs`.
+  divide the row by up to 16, every pair of a group compared exactly; a round more where the
+  pairs take bit keys, below) or **binary** levels (2 rounds per halving, one truncated comparison
+  per pair on bit keys, the product with its bit opened in the same rounds:
+  ``compare.below_zero_times``): :func:`level_costs`.
 
 Each form's online rounds and bytes sent per party are priced as the ledger prices a cell
 (:func:`privinf.ledger.pricing.price`: ``rounds * rtt + bytes * 8 / bandwidth``) on
@@ -121,10 +122,11 @@ def level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCon
     position). ``pairs``: all pairs of each group compared exactly, the win counts tested (not
     for pairs of two), one product of the one-hot with the carried values (``carried + 1``
     elements opened per entry). ``binary``: per level, one truncated comparison and one product
-    (``carried + 1`` elements) per eliminated entry. Each batch of comparisons is priced with the
-    keys :func:`comparison_keys` gives it (bit keys: a second round and the masked bits). The
-    products' triples (one ring element per product element from the dealer, in either form) are
-    left out.
+    (``carried + 1`` elements) per eliminated entry. The pairs are priced with the keys
+    :func:`comparison_keys` gives them (bit keys: a second round and the masked bits); a
+    comparison followed by a product with its bit (the win tests, a binary level) on bit keys with
+    the product's openings in its two rounds (:func:`_selections`). The products' triples (one
+    ring element per product element from the dealer, in either form) are left out.
     """
     return dict(_level_costs(rows, n, group, carried, config, ops.comparison_bound(), ops.comparison_resolution()))
 
@@ -138,18 +140,32 @@ def _level_costs(rows: int, n: int, group: int, carried: int, config: ProtocolCo
     kept = rows * groups * group
     product = (carried + 1) * RING_BYTES
     pair_rounds, pair_bytes = _comparisons(rows * groups * group * (group - 1) // 2, limit, 0.0, config)
-    if group > 2:
-        win_rounds, win_bytes = _comparisons(kept, 2.0 * group, 0.0, config)
-        pair_rounds, pair_bytes = pair_rounds + win_rounds, pair_bytes + win_bytes
+    win_rounds, win_bytes = _selections(kept if group > 2 else 0, 2.0 * group, 0.0, config)
     binary_rounds = binary_bytes = 0
     length = n
     while length > groups:
         eliminated = rows * (length // 2)
-        level_rounds, level_bytes = _comparisons(eliminated, limit, resolution, config)
-        binary_rounds += level_rounds + 1
+        level_rounds, level_bytes = _selections(eliminated, limit, resolution, config)
+        binary_rounds += level_rounds
         binary_bytes += level_bytes + eliminated * product
         length = -(-length // 2)
-    return {"pairs": (pair_rounds + 1, pair_bytes + kept * product), "binary": (binary_rounds, binary_bytes)}
+    return {"pairs": (pair_rounds + win_rounds, pair_bytes + win_bytes + kept * product),
+            "binary": (binary_rounds, binary_bytes)}
+
+
+def _selections(count: int, limit: float | None, resolution: float, config: ProtocolConfig) -> Cost:
+    """Whole cost of ``count`` comparisons each followed by a product with its bit, as
+    :func:`protocols.mpc.compare.below_zero_times` runs them: on bit keys with the product's
+    openings in the comparison's two rounds, or (value keys forced) a comparison and a round more
+    (the product's bytes are the caller's)."""
+    if count == 0:
+        return 0, 0
+    if config.comparison_keys == "value":
+        rounds, sent = _comparisons(count, limit, resolution, config)
+        return rounds + 1, sent
+    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)
+    width = bits - shift_for([0.0], resolution * config.scale, bits)
+    return comparison_key_costs(count, width)["bit"]
 
 
 def _comparisons(count: int, limit: float | None, resolution: float, config: ProtocolConfig) -> Cost:

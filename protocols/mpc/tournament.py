@@ -6,9 +6,11 @@ Per level, as :func:`all_pairs` decides from the public shape and the session's 
 binary levels (a comparison and a product per pair, two rounds per halving, under the caller's
 ``compare_bound`` and resolution) or groups of up to :data:`SINGLE_GROUP` compared all-pairs
 (three rounds, four where the level's pairs take bit keys; a level dividing the row by up to 16,
-exact comparisons) where they are priced
-cheaper (:mod:`protocols.mpc.kernel_choice`). CrypTen's own ``max(dim)`` builds the arg-max
-one-hot as well, about 2.4x the comparisons of a binary tree.
+exact comparisons) where they are priced cheaper (:mod:`protocols.mpc.kernel_choice`). Each
+product with a comparison's bit rides on that comparison's two rounds
+(:func:`protocols.mpc.compare.below_zero_times`: bit keys, the product's openings sent with the
+masked value). CrypTen's own ``max(dim)`` builds the arg-max one-hot as well, about 2.4x the
+comparisons of a binary tree.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from models import ops
-from protocols.mpc.compare import as_fixed_point
+from protocols.mpc.compare import as_fixed_point, below_zero_times
 from protocols.mpc.kernel_choice import cheaper, level_costs, session_config
 from protocols.protocol_config import ProtocolConfig
 
@@ -28,26 +30,26 @@ ALL_PAIRS_LIMIT = 136  # a max / arg-max tournament compares all pairs of groups
 SINGLE_GROUP = 16      # ... in groups of up to 16 entries
 
 
-def _group_winners(head: Tensor) -> Tensor:
-    """The one-hot [..., q, g] of each group's largest entry of ``head`` [..., q, g] (the earliest of
-    equal ones), at scale 1 on shares (no truncation in its products; ``head``'s dtype in torch), in
-    two rounds of comparisons: all g (g - 1) / 2 pairs at once (exact, under the caller's bound),
-    then ``[wins == g - 1]`` of each entry's win count (a linear sum of the pair bits; the exact
-    pairs order the group totally, so one entry wins all)."""
+def _group_select(head: Tensor, carried: Tensor) -> tuple[Tensor, Tensor]:
+    """``carried`` [..., q, g, c] of each group's largest entry of ``head`` [..., q, g] (the earliest
+    of equal ones) as [..., q, c], and the losers' bits [..., q, g] (scale 1), in two batches of
+    comparisons: all g (g - 1) / 2 pairs at once (exact, under the caller's bound), then
+    ``[wins < g - 1]`` of each entry's win count (a linear sum of the pair bits; the exact pairs
+    order the group totally, so one entry wins all) with the product that drops the losers in
+    the same rounds (:func:`compare.below_zero_times`)."""
     g, last = head.size(-1), head.dim() - 1
     first, second = torch.triu_indices(g, g, 1)
     diff = ops.index(head, last, first) - ops.index(head, last, second)
     bound = ops.comparison_bound()
     with ops.compare_bound(bound, 0.0) if bound is not None else contextlib.nullcontext():
         later = diff < 0  # [x_j > x_i] for each pair i < j: the later entry wins
-    if g == 2:
-        return _as_values(ops.cat([1 - later, later], dim=-1), head)
     moves = torch.zeros(len(first), g)
     moves[torch.arange(len(first)), first] = -1.0
     moves[torch.arange(len(first)), second] = 1.0
     wins = later.matmul(moves) + torch.arange(g - 1, -1, -1, dtype=torch.float32)  # scale 1, exact
     with ops.compare_bound(2.0 * g):
-        return _as_values(1 - (wins < g - 1), head)
+        losers, lost = below_zero_times(wins - (g - 1), carried)
+    return (carried - lost).sum(-2), losers
 
 
 def _as_values(bit: Tensor, like: Tensor) -> Tensor:
@@ -56,24 +58,26 @@ def _as_values(bit: Tensor, like: Tensor) -> Tensor:
 
 
 def _pairs_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
-    """One binary level: neighbours compared (ties keep the earlier), the winner (value and
-    position stacked) kept by one product (the bit at scale 1: no truncation; public positions
-    formed exactly, then re-encoded); an odd entry out waits for the next level."""
+    """One binary level: neighbours compared (ties keep the earlier), the winner (value and a secret
+    position stacked) kept by the product that rides on the comparison's rounds
+    (:func:`compare.below_zero_times`; the bit at scale 1: no truncation; public positions formed
+    exactly, then re-encoded); an odd entry out waits for the next level."""
     last, m = x.dim() - 1, x.size(-1)
     even, odd = torch.arange(0, m - 1, 2), torch.arange(1, m, 2)
     a, b = ops.index(x, last, even), ops.index(x, last, odd)
     diff = a - b
-    later = _as_values(diff < 0, diff)  # [b > a]: the later entry wins, ties keep the earlier
     where = None
-    if position is None:
-        top = a - later * diff
-    else:
+    ia = ib = None
+    if position is not None:
         ia, ib = ops.index(position, last, even), ops.index(position, last, odd)
-        if ops.is_plain(ia):
-            top, where = a - later * diff, as_fixed_point(later * (ib - ia) + ia, a)
-        else:
-            both = type(a).stack([diff, ia - ib]) * later
-            top, where = a - both[0], ia - both[1]
+    if position is None or ops.is_plain(ia):
+        later, taken = below_zero_times(diff, diff.unsqueeze(-1))  # [b > a]: the later entry wins
+        top = a - taken.squeeze(-1)
+        if position is not None:
+            where = as_fixed_point(_as_values(later, diff) * (ib - ia) + ia, a)
+    else:
+        _, taken = below_zero_times(diff, type(a).stack([diff, ia - ib], dim=-1))
+        top, where = a - taken[..., 0], ia - taken[..., 1]
     if m % 2:
         final = torch.tensor([m - 1])
         top = ops.cat([top, ops.index(x, last, final)], dim=-1)
@@ -96,19 +100,21 @@ def _padded(x: Tensor, position: Any, multiple: int) -> tuple[Tensor, Any]:
 
 def _groups_level(x: Tensor, position: Any) -> tuple[Tensor, Any]:
     """One level of groups of up to :data:`SINGLE_GROUP` (the row :func:`_padded` to whole groups):
-    each group's winner by :func:`_group_winners` and one product (value and position stacked)."""
+    each group's winner (value and position) by :func:`_group_select`; a row of two is a binary level."""
     g = min(x.size(-1), SINGLE_GROUP)
+    if g == 2:
+        return _pairs_level(x, position)
     x, position = _padded(x, position, g)
     lead, groups = tuple(x.shape[:-1]), x.size(-1) // g
     head = x.reshape(*lead, groups, g)
-    onehot = _group_winners(head)
     if position is None:
-        return (onehot * head).sum(-1), None
+        return _group_select(head, head.unsqueeze(-1))[0].squeeze(-1), None
     spots = position.reshape(*lead, groups, g)
-    if ops.is_plain(spots):
-        return (onehot * head).sum(-1), as_fixed_point((onehot * spots).sum(-1), head)
-    both = (type(head).stack([head, spots]) * onehot).sum(-1)
-    return both[0], both[1]
+    if ops.is_plain(spots):  # public positions: the winner's is a local sum over the losers' bits
+        top, losers = _group_select(head, head.unsqueeze(-1))
+        return top.squeeze(-1), as_fixed_point((losers * -spots + spots).sum(-1), head)
+    both, _ = _group_select(head, type(head).stack([head, spots], dim=-1))
+    return both[..., 0], both[..., 1]
 
 
 def all_pairs(rows: int, n: int, config: ProtocolConfig | None = None, carried: int = 1) -> bool:

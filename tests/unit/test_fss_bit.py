@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from models import ops
 from privinf.ledger.counting import Ledger
 from protocols.mpc import fss, fss_bit, fss_native, kernel_choice
+from protocols.mpc.compare import below_zero_times
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.dealer_pool import material_bytes
 from protocols.mpc.vocabulary import TupleRequest
@@ -225,3 +227,35 @@ def test_gate_on_crypten_shares_takes_the_cheaper_keys(n: int) -> None:
     assert opened <= r0["bytes"] < opened + 400  # the packed openings + frame headers
     extra = {k: v for row in ledger[0].rows() for k, v in row.counters.extra.items()}
     assert extra.get(f"fss_{'bitkeys' if bit else 'keys'}_40b_shift0") == n
+
+
+def _select(rank: int, context: object, ledger: Ledger, x: torch.Tensor, values: torch.Tensor,
+            keys: str) -> dict[str, object]:
+    context.config = ProtocolConfig(comparison_keys=keys)  # type: ignore[attr-defined]
+    shared, payload = crypten.cryptensor(x, src=0), crypten.cryptensor(values, src=0)
+    before = ledger.totals()
+    with context.provider.recording() as schedule, ops.compare_bound(256.0):  # type: ignore[attr-defined]
+        bit, product = below_zero_times(shared, payload)
+    after = ledger.totals()
+    return {"bit": bit.share.clone(), "product": product.share.clone(), "scale": product.encoder.scale,
+            "rounds": after.rounds - before.rounds, "kinds": [r.kind for r in schedule.requests]}
+
+
+@pytest.mark.parametrize("keys", ["auto", "value"])
+def test_a_product_with_the_comparison_bit_rides_on_its_rounds(keys: str) -> None:
+    """compare.below_zero_times: ``[x < 0]`` and ``[x < 0] * values`` ([*S, c]) exactly (shares summed
+    in the ring: the bit at scale 1, the product at the values' scale, no truncation), on bit keys
+    with the product's openings in the comparison's two rounds; with value keys forced the
+    comparison, then the product (two rounds as well)."""
+    x = torch.linspace(-5, 5, 60).reshape(3, 20)
+    x[0, :4] = torch.tensor([0.0, -2 ** -16, 2 ** -16, -200.0])
+    values = torch.randn(3, 20, 2, generator=torch.Generator().manual_seed(5)) * 7
+    ledger = {0: Ledger("p0"), 1: Ledger("p1")}
+    (r0, r1), _ = run_crypten_parties(lambda rank, ctx: _select(rank, ctx, ledger[rank], x, values, keys),
+                                      mpc_ledgers=ledger)
+    bit = (x < 0).long()
+    assert torch.equal(r0["bit"] + r1["bit"], bit)
+    encoded = (values * r0["scale"]).long()  # what crypten.cryptensor shares
+    assert torch.equal(r0["product"] + r1["product"], encoded * bit.unsqueeze(-1))
+    assert r0["rounds"] == 2
+    assert r0["kinds"] == (["signbit", "additive"] if keys == "auto" else ["sign", "additive"])

@@ -160,13 +160,14 @@ def test_each_site_records_its_width_and_the_keys_have_it() -> None:
     assert (r0["max"] >= true_max - levels * ops.STABILISING_SLACK - 1e-3).all()
     # one 21-bit key per GeLU input; a row of 16 is one group of the tournament: its 120 pairs
     # exact on 33 bits (1,440 single-threshold comparisons: value keys, below the LAN break-even of
-    # kernel_choice.comparison_keys), then each entry's win count against 15 on 23 bits
+    # kernel_choice.comparison_keys), then each entry's win count against 15 on 23 bits, on the
+    # bit keys whose mask bit lets the product ride on the comparison's rounds
     assert r0["widths"] == [((GELU_X.numel(),), 21, "sign"), ((3, 4, 1, 120), 33, "sign"),
-                            ((3, 4, 1, 16), 23, "sign")]
+                            ((3, 4, 1, 16), 23, "signbit")]
     extra = {r.name: r.counters.extra for r in ledger[0].rows()}
     assert extra["gelu"] == {"fss_keys_32b_shift11": GELU_X.numel(), "fss_points_32b_shift11": 2 * GELU_X.numel()}
     assert extra["max"] == {"fss_keys_33b_shift0": 12 * 120, "fss_points_33b_shift0": 12 * 120,
-                            "fss_keys_23b_shift0": 12 * 16, "fss_points_23b_shift0": 12 * 16}
+                            "fss_bitkeys_23b_shift0": 12 * 16, "fss_points_23b_shift0": 12 * 16}
 
 
 def _normalisers(rank: int, context: cp.PartyContext, x: torch.Tensor) -> dict[str, object]:

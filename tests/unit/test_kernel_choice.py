@@ -62,16 +62,19 @@ def test_tournament_levels_follow_the_shape_the_profile_and_the_budget() -> None
 
 
 def test_tournament_levels_are_priced_with_the_keys_their_comparisons_take() -> None:
-    # a GPT-2 decode step's 12 rows of 128: each binary level's 768..96 comparisons keep value
-    # keys (one round); the all-pairs level's 11,520 pairs take bit keys, its 1,536 win tests not
+    # every comparison followed by a product with its bit (a binary level, a group's win tests)
+    # takes bit keys and the product's openings in its two rounds; a GPT-2 decode step's 12 rows
+    # of 128: the all-pairs level's 11,520 pairs take bit keys (two rounds), 2 rows' 240 value keys
     decode = kernel_choice.level_costs(12, 128, 16, 1, DEFAULT)
-    assert decode["binary"][0] == 4 * 2 and decode["pairs"][0] == 2 + 1 + 1
-    assert kernel_choice.level_costs(2, 128, 16, 1, DEFAULT)["pairs"][0] == 1 + 1 + 1
-    # a prefill's rows: 98k..12k comparisons per binary level take bit keys, a second round each
+    assert decode["binary"][0] == 4 * 2 and decode["pairs"][0] == 2 + 2
+    assert kernel_choice.level_costs(2, 128, 16, 1, DEFAULT)["pairs"][0] == 1 + 2
+    # a prefill's rows (98k..12k comparisons per binary level): two rounds per level, not three
     prefill = kernel_choice.level_costs(1536, 128, 16, 1, DEFAULT)
-    assert prefill["binary"][0] == 4 * 3 and prefill["pairs"][0] == 2 + 2 + 1
+    assert prefill["binary"][0] == 4 * 2 and prefill["pairs"][0] == 2 + 2
+    # value keys forced: a comparison, then the product's round
     forced = dataclasses.replace(DEFAULT, comparison_keys="value")
     assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][0] == 4 * 2
+    assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["pairs"][0] == 1 + 1 + 1
     # the whole cost counts the keys (at 1/8 of an online byte): value keys' are ~1.7x the bit keys'
     assert kernel_choice.level_costs(1536, 128, 16, 1, forced)["binary"][1] > prefill["binary"][1]
 
