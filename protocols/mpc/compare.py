@@ -138,28 +138,33 @@ def _gate(x: Any, provider: Any, bits: int, shift: int, points: np.ndarray,
     config = kernel_choice.session_config(x)
     kind = kernel_choice.comparison_keys(share.numel(), width, points.shape[0], config)
     local = truncated(share.reshape(-1).numpy(), bits, shift)
-    if kind == "bit":
-        bits_out, extra_opened = _bit_gate(local, provider, share.shape, width, int(points[0]), extra)
+    if kind == "bit":  # bit-output keys: convert the opened d = [x' < point] xor m locally
+        bit_key = provider.bit_sign_key(share.shape, width)
+        d, extra_opened = _open_masked_bit(bit_key, local, width, int(points[0]), extra)
+        bits_out = bit_key.arithmetic(d)
     else:
         key = provider.sign_key(share.shape, width)
         opened, extra_opened = open_with(torch.from_numpy(key.masked(local)), width, extra)
         bits_out = key.evaluate_points(opened.numpy(), points)
-    ledger = getattr(crypten.communicator.get(), "ledger", None)
-    if ledger is not None:
-        ledger.record_extra(f"fss_{'bitkeys' if kind == 'bit' else 'keys'}_{bits}b_shift{shift}", share.numel())
-        ledger.record_extra(f"fss_points_{bits}b_shift{shift}", bits_out.size)
+    _record_gate(kind, bits, shift, share.numel(), bits_out.size)
     return torch.from_numpy(bits_out).reshape(*share.shape, points.shape[0]), extra_opened
 
 
-def _bit_gate(local: np.ndarray, provider: Any, shape: Any, width: int, point: int,
-              extra: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Arithmetic shares of ``[x' < point]`` from bit-output keys (:class:`~protocols.mpc.fss_bit.BitSignKey`):
-    open ``x' + r`` (with ``extra``), then ``d = [x' < point] xor m`` (one bit each: uniform, as
-    ``m`` is), and convert locally."""
-    key = provider.bit_sign_key(shape, width)
+def _open_masked_bit(key: Any, local: np.ndarray, width: int, point: int,
+                     extra: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor | None]:
+    """With a bit-output key (:class:`~protocols.mpc.fss_bit.BitSignKey`): open ``x' + r`` (with
+    ``extra``), then ``d = [x' < point] xor m`` (one bit each: uniform, as ``m`` is); returns the
+    opened ``d`` (0/1) and ``extra`` opened."""
     opened, extra_opened = open_with(torch.from_numpy(key.masked(local)), width, extra)
-    d = open_xor_bits(key.xor_share(opened.numpy(), point))
-    return key.arithmetic(d), extra_opened
+    return open_xor_bits(key.xor_share(opened.numpy(), point)), extra_opened
+
+
+def _record_gate(kind: str, bits: int, shift: int, keys: int, points: int) -> None:
+    """The gate's key and evaluation counts in the party's ledger row (see the module doc)."""
+    ledger = getattr(crypten.communicator.get(), "ledger", None)
+    if ledger is not None:
+        ledger.record_extra(f"fss_{'bitkeys' if kind == 'bit' else 'keys'}_{bits}b_shift{shift}", keys)
+        ledger.record_extra(f"fss_points_{bits}b_shift{shift}", points)
 
 
 def open_xor_bits(bits01: np.ndarray) -> np.ndarray:
@@ -205,16 +210,11 @@ def below_zero_times(x: Any, values: Any) -> tuple[Any, Any]:
     a, b, c = (t.share for t in provider.generate_additive_triple(tuple(payload.shape), shape + (1,), "mul"))
     mask_bit = torch.from_numpy(key.bit_share).reshape(shape + (1,))
     openings = torch.cat([(payload - a).reshape(-1), (mask_bit - b).reshape(-1)])
-    opened, both = open_with(torch.from_numpy(key.masked(truncated(share.reshape(-1).numpy(), bits, shift))),
-                             bits - shift, openings)
+    d, both = _open_masked_bit(key, truncated(share.reshape(-1).numpy(), bits, shift), bits - shift, 0, openings)
     e, g = both[:payload.numel()].reshape(payload.shape), both[payload.numel():].reshape(mask_bit.shape)
-    d = open_xor_bits(key.xor_share(opened.numpy(), 0))
     masked = c + e * b + g * a + (e * g if crypten.communicator.get().get_rank() == 0 else 0)  # m * values
     flip = torch.from_numpy(d.astype(np.int64)).reshape(shape + (1,))
-    ledger = getattr(crypten.communicator.get(), "ledger", None)
-    if ledger is not None:
-        ledger.record_extra(f"fss_bitkeys_{bits}b_shift{shift}", len(d))
-        ledger.record_extra(f"fss_points_{bits}b_shift{shift}", len(d))
+    _record_gate("bit", bits, shift, len(d), len(d))
     precision = int(values.encoder.scale).bit_length() - 1
     return (MPCTensor.from_shares(torch.from_numpy(key.arithmetic(d)).reshape(shape), precision=0),
             MPCTensor.from_shares(flip * payload + (1 - 2 * flip) * masked, precision=precision))

@@ -163,9 +163,7 @@ def _selections(count: int, limit: float | None, resolution: float, config: Prot
     if config.comparison_keys == "value":
         rounds, sent = _comparisons(count, limit, resolution, config)
         return rounds + 1, sent
-    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)
-    width = bits - shift_for([0.0], resolution * config.scale, bits)
-    return comparison_key_costs(count, width)["bit"]
+    return comparison_key_costs(count, _gate_width(limit, resolution, config))["bit"]
 
 
 def _comparisons(count: int, limit: float | None, resolution: float, config: ProtocolConfig) -> Cost:
@@ -173,9 +171,14 @@ def _comparisons(count: int, limit: float | None, resolution: float, config: Pro
     values below ``limit`` with ``resolution``, with the keys :func:`comparison_keys` picks."""
     if count == 0:
         return 0, 0
-    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)  # the gate's width, as compare.py sets it
-    width = bits - shift_for([0.0], resolution * config.scale, bits)
+    width = _gate_width(limit, resolution, config)
     return comparison_key_costs(count, width)[comparison_keys(count, width, 1, config)]
+
+
+def _gate_width(limit: float | None, resolution: float, config: ProtocolConfig) -> int:
+    """The bits a sign gate evaluates for values below ``limit`` with ``resolution``, as compare.py sets it."""
+    bits = bits_for(limit, config.comparison_bits, config.fixed_point_bits)
+    return bits - shift_for([0.0], resolution * config.scale, bits)
 
 
 def _online_comparisons(elements: int, width: int) -> dict[str, Cost]:
