@@ -59,8 +59,9 @@ def _edge_points(alpha: np.ndarray, bits: int) -> np.ndarray:
 def test_bit_keys_give_the_old_evaluators_predicate(path: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """XOR of the two bit-output shares == sum of the arithmetic DCF's shares (beta = 1) at every point."""
     _skip_unless(path)
-    monkeypatch.setattr(fss_native, "THREAD_MIN", 128)  # small calls split over threads too
-    n = 389  # not a multiple of 64, nor of the kernel's lanes
+    # small calls split over threads too; odd widths in one thread (the kernel's blocks of 256 points)
+    monkeypatch.setattr(fss_native, "THREAD_MIN", 128 if bits % 2 == 0 else 1 << 30)
+    n = 389  # not a multiple of 64, of the kernel's lanes, nor of its blocks
     alpha = _uniform(n, bits)
     top = int(_top(bits))
     alpha[:6] = [0, 1, top, top - 1 if bits > 1 else 0, top >> 1, (top >> 1) + 1 if bits > 1 else 1]

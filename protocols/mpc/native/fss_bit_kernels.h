@@ -8,7 +8,8 @@
 #ifndef FSS_BIT_KERNELS_H
 #define FSS_BIT_KERNELS_H
 /* ----- bit-output DCF with early termination (fss_bit.py) --------------------------------- */
-#define BIT_EVAL_LANES 8  /* points walked together: 8 AES blocks in flight per level */
+#define BIT_EVAL_LANES 4  /* points of a block stepped together: 4 AES blocks in flight */
+#define BIT_EVAL_BLOCK 256  /* points walked level by level (a multiple of BIT_EVAL_LANES) */
 #define BIT_GEN_LANES 2   /* elements walked together: 8 AES blocks in flight per level */
 #define BIT_MAX_LEVELS 64
 
@@ -28,47 +29,60 @@ static inline uint64_t block_bit(uint64_t low, uint64_t high, uint64_t index) {
     return (index >= 64 ? high >> (index - 64) : low >> index) & 1;
 }
 
+/* A block of BIT_EVAL_BLOCK points walked level by level: each level reads one contiguous run of
+   the block's seed corrections (the key is level-major), where walking a few points through
+   every level reads from `levels` rows at once, too many streams for the hardware prefetcher.
+   Within a level, BIT_EVAL_LANES points at a time keep that many AES blocks in flight. */
 KERNEL static void bit_eval_range(const BitEvalJob *job, int64_t lo, int64_t hi) {
     const int bits = job->bits, levels = job->levels;
     const int64_t n = job->n, w = job->bit_words;
     const uint64_t party = (uint64_t)job->party, leaf_mask = (1ULL << (bits - levels)) - 1;
     const __m128i tweak_left = words(tweaks[0][0], tweaks[0][1]), tweak_values = words(tweaks[2][0], tweaks[2][1]);
     const __m128i clear = words(~(uint64_t)3, ~(uint64_t)0);
-    for (int64_t first = lo; first < hi; first += BIT_EVAL_LANES) {
-        __m128i s[BIT_EVAL_LANES], tweaked[BIT_EVAL_LANES], block[BIT_EVAL_LANES];
-        uint64_t t[BIT_EVAL_LANES], value[BIT_EVAL_LANES], x[BIT_EVAL_LANES];
-        int64_t k[BIT_EVAL_LANES];
-        for (int j = 0; j < BIT_EVAL_LANES; j++) {  /* a short last group repeats its last point */
-            k[j] = first + j < hi ? first + j : hi - 1;
-            x[j] = job->x[k[j]];
-            s[j] = _mm_loadu_si128((const __m128i *)(job->seed + 2 * k[j]));
+    __m128i s[BIT_EVAL_BLOCK];
+    uint64_t t[BIT_EVAL_BLOCK], value[BIT_EVAL_BLOCK], x[BIT_EVAL_BLOCK];
+    for (int64_t first = lo; first < hi; first += BIT_EVAL_BLOCK) {
+        const int64_t count = hi - first < BIT_EVAL_BLOCK ? hi - first : BIT_EVAL_BLOCK;
+        const int64_t padded = (count + BIT_EVAL_LANES - 1) / BIT_EVAL_LANES * BIT_EVAL_LANES;
+        for (int64_t j = 0; j < padded; j++) {  /* a short last group repeats its last point */
+            const int64_t k = first + (j < count ? j : count - 1);
+            x[j] = job->x[k];
+            s[j] = _mm_loadu_si128((const __m128i *)(job->seed + 2 * k));
             t[j] = party;
             value[j] = 0;
         }
         for (int i = 0; i < levels; i++) {
-            uint64_t right[BIT_EVAL_LANES];
-            for (int j = 0; j < BIT_EVAL_LANES; j++) {
-                right[j] = (x[j] >> (bits - 1 - i)) & 1;
-                tweaked[j] = _mm_xor_si128(_mm_xor_si128(s[j], tweak_left), words(0, right_delta & (0 - right[j])));
-            }
-            const int64_t ahead = k[0] + PREFETCH < n ? k[0] + PREFETCH : n - 1;
-            _mm_prefetch((const char *)(job->cw_seed + 2 * ((int64_t)i * n + ahead)), _MM_HINT_T0);
-            MMO(tweaked, block, BIT_EVAL_LANES);
-            for (int j = 0; j < BIT_EVAL_LANES; j++) {
-                uint64_t on = 0 - t[j], low = lo64(block[j]);
-                __m128i cws = _mm_loadu_si128((const __m128i *)(job->cw_seed + 2 * ((int64_t)i * n + k[j])));
-                s[j] = _mm_xor_si128(_mm_and_si128(block[j], clear), _mm_and_si128(cws, _mm_set1_epi64x((long long)on)));
-                value[j] ^= ((low >> 1) & 1) ^ (t[j] & packed_bit(job->cw_bits, 3 * (int64_t)i + 2, w, k[j]));
-                t[j] = (low & 1) ^ (t[j] & packed_bit(job->cw_bits, 3 * (int64_t)i + (int64_t)right[j], w, k[j]));
+            const uint64_t *cw_row = job->cw_seed + 2 * ((int64_t)i * n + first);
+            const uint64_t *bits_row = job->cw_bits + 3 * (int64_t)i * w;
+            for (int64_t g = 0; g < padded; g += BIT_EVAL_LANES) {
+                __m128i tweaked[BIT_EVAL_LANES], block[BIT_EVAL_LANES];
+                uint64_t right[BIT_EVAL_LANES];
+                for (int j = 0; j < BIT_EVAL_LANES; j++) {
+                    right[j] = (x[g + j] >> (bits - 1 - i)) & 1;
+                    tweaked[j] = _mm_xor_si128(_mm_xor_si128(s[g + j], tweak_left), words(0, right_delta & (0 - right[j])));
+                }
+                MMO(tweaked, block, BIT_EVAL_LANES);
+                for (int j = 0; j < BIT_EVAL_LANES; j++) {
+                    const int64_t e = g + j < count ? g + j : count - 1, k = first + e;
+                    uint64_t on = 0 - t[g + j], low = lo64(block[j]);
+                    __m128i cws = _mm_loadu_si128((const __m128i *)(cw_row + 2 * e));
+                    s[g + j] = _mm_xor_si128(_mm_and_si128(block[j], clear), _mm_and_si128(cws, _mm_set1_epi64x((long long)on)));
+                    value[g + j] ^= ((low >> 1) & 1) ^ (t[g + j] & packed_bit(bits_row, 2, w, k));
+                    t[g + j] = (low & 1) ^ (t[g + j] & packed_bit(bits_row, (int64_t)right[j], w, k));
+                }
             }
         }
-        for (int j = 0; j < BIT_EVAL_LANES; j++) tweaked[j] = _mm_xor_si128(s[j], tweak_values);
-        MMO(tweaked, block, BIT_EVAL_LANES);
-        for (int j = 0; j < BIT_EVAL_LANES && first + j < hi; j++) {
-            uint64_t on = 0 - t[j];
-            uint64_t low = lo64(block[j]) ^ (job->cw_leaf[2 * k[j]] & on);
-            uint64_t high = hi64(block[j]) ^ (job->cw_leaf[2 * k[j] + 1] & on);
-            job->out[first + j] = (uint8_t)(value[j] ^ block_bit(low, high, x[j] & leaf_mask));
+        for (int64_t g = 0; g < padded; g += BIT_EVAL_LANES) {
+            __m128i tweaked[BIT_EVAL_LANES], block[BIT_EVAL_LANES];
+            for (int j = 0; j < BIT_EVAL_LANES; j++) tweaked[j] = _mm_xor_si128(s[g + j], tweak_values);
+            MMO(tweaked, block, BIT_EVAL_LANES);
+            for (int j = 0; j < BIT_EVAL_LANES && g + j < count; j++) {
+                const int64_t k = first + g + j;
+                uint64_t on = 0 - t[g + j];
+                uint64_t low = lo64(block[j]) ^ (job->cw_leaf[2 * k] & on);
+                uint64_t high = hi64(block[j]) ^ (job->cw_leaf[2 * k + 1] & on);
+                job->out[k] = (uint8_t)(value[g + j] ^ block_bit(low, high, x[g + j] & leaf_mask));
+            }
         }
     }
 }
