@@ -40,6 +40,7 @@ prompt, 8 new tokens, policy none) against plaintext greedy, with the top-2 logi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -199,6 +200,8 @@ class StepCost:
     off_wall: float = 0.0
     off_recv: float = 0.0
     cpu: float = 0.0  # thread CPU seconds of the busier computing party (bench/kv_fill.py)
+    lan_fixed: float = 0.0  # the LAN estimate's compute and round trips (s): what bandwidth does not change
+    lan_bytes: float = 0.0  # the LAN estimate's critical-path bytes
 
     @property
     def cold(self) -> float:
@@ -224,12 +227,25 @@ def step_cost(parties: list[list[Row]]) -> StepCost:
             cost.off_wall += c.wall_s
             cost.off_recv += c.bytes_recv
     online = [row for rows in parties for row in rows if row.step in STEPS]
-    cost.lan = estimate(online, LAN, Phase.ONLINE).latency_s
+    lan = estimate(online, LAN, Phase.ONLINE)
+    cost.lan, cost.lan_fixed, cost.lan_bytes = lan.latency_s, lan.compute_s + lan.rtt_s, lan.critical_bytes
     cost.wan = estimate(online, WAN, Phase.ONLINE).latency_s
     n = len(STEPS)
-    for name in ("sent", "recv", "rounds", "lan", "wan", "off_wall", "off_recv"):
+    for name in ("sent", "recv", "rounds", "lan", "wan", "off_wall", "off_recv", "lan_fixed", "lan_bytes"):
         setattr(cost, name, getattr(cost, name) / n)
     return cost
+
+
+def crossover_bps(base: StepCost, pruned: StepCost, goal: float) -> float | None:
+    """The link bandwidth (bits/s) below which the LAN estimate at LAN's round-trip time puts
+    ``pruned``'s step ``goal`` times below ``base``'s (each step ``fixed + 8 bytes / bandwidth``):
+    None where no bandwidth does (the pruned step's bytes are not ``goal`` times fewer), ``inf``
+    where every bandwidth does."""
+    gain = 8.0 * (base.lan_bytes - goal * pruned.lan_bytes)
+    deficit = goal * pruned.lan_fixed - base.lan_fixed
+    if gain <= 0:
+        return None
+    return math.inf if deficit <= 0 else gain / deficit
 
 
 def median_cost(costs: list[StepCost]) -> StepCost:
@@ -385,6 +401,11 @@ def print_targets(setting: Setting, table: Table) -> None:
         print(f"  (the wall's gap) {lat_goal}x needs the 6% step at <= {base_wall / lat_goal:.3f} s with none "
               f"unchanged ({(pruned_wall - base_wall / lat_goal) * 1e3:.0f} ms less), or {common * 1e3:.0f} ms "
               f"less in each step (a cut common to both)")
+    crossover = crossover_bps(base.warm, pruned.warm, lat_goal)
+    if crossover is not None:
+        where = "on any link" if math.isinf(crossover) else f"on links below {crossover / 1e6:.0f} Mbps"
+        print(f"  (not a target) est. at LAN's {LAN.rtt_s * 1e3:g} ms round trip, {lat_goal}x lower latency "
+              f"{where} (the bytes: {comm:.2f}x)")
     print(f"  (not a target) thread CPU per step of the busier party: {base.warm.cpu:.3f} s vs "
           f"{pruned.warm.cpu:.3f} s, {_ratio(base.warm.cpu, pruned.warm.cpu).strip()}x")
 

@@ -10,6 +10,12 @@ step, mean over the warm runs (the first run of each configuration, which fetche
 material online, is left out). Thread CPU does not move with the machine's load as the wall does;
 the compiled kernels' helper threads (FSS evaluation, ring products over 2^22 multiply-adds) are
 not counted (run under ``taskset -c 0`` to keep every kernel on the party's thread).
+
+Below the CPU table, the step's compiled work inside those scopes, per party and warm step
+(deterministic, whatever the load): FSS key evaluations in points x tree levels (bit-output and
+value keys), DPF full-domain points, and ring multiply-adds of the weight- and KV-stationary
+products. It shows how much of the full cache's work the pruned step still does
+(docs/kv_pruning.md, "Why 1.8x is out of reach").
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import protocols.kv.generate as generate
 import protocols.kv.stationary as stationary
 from bench.kv_fill import filling_parties
 from bench.kv_pruning import NEW_TOKENS, SETTINGS, run_session
-from protocols.mpc import secure_linear
+from protocols.mpc import dpf_native, fss_native, ring_matmul, secure_linear
 from protocols.routes import mpc_party
 
 SCOPES = (
@@ -50,8 +56,21 @@ SCOPES = (
     (mpc_party.MpcParty, "_next_token", "arg-max + token"),
     (mpc_party.MpcParty, "_forward_cached", "rest of the step"),
 )
+WORK = (  # (module, function, label, units of work of one call from its arguments)
+    (fss_native, "bit_dcf_eval", "FSS bit-key evaluations (points x levels)",
+     lambda party, bits, keys, x: x.shape[0] * (bits - min(7, bits))),
+    (fss_native, "dcf_eval", "FSS value-key evaluations (points x levels)",
+     lambda party, bits, keys, x, repeat: x.shape[0] * bits),
+    (dpf_native, "evaluate", "DPF full-domain points",
+     lambda key, lo, hi, shift=None, tables=None: (hi - lo) << key.bits),
+    (ring_matmul, "times_transposed", "ring multiply-adds (weight-stationary)",
+     lambda x, weight: x.numel() * weight.shape[0]),
+    (ring_matmul, "times_transposed_batched", "ring multiply-adds (KV-stationary)",
+     lambda x, weight: x.numel() * weight.shape[1]),
+)
 _local = threading.local()
 _spent: dict[tuple[str, str, str], float] = defaultdict(float)
+_work: dict[tuple[str, str, str], int] = defaultdict(int)
 
 
 def _timed(owner: Any, name: str, label: str) -> None:
@@ -71,6 +90,20 @@ def _timed(owner: Any, name: str, label: str) -> None:
                 stack[-1] += spent
             if getattr(_local, "config", None) is not None:
                 _spent[(_local.party, _local.config, label)] += spent - nested
+
+    setattr(owner, name, wrapper)
+
+
+def _counted(owner: Any, name: str, label: str, units: Any) -> None:
+    """Replace ``owner.name`` by a wrapper adding ``units(*args)`` to :data:`_work` when called
+    inside a timed scope of a measured generation (the online forward, not the offline work)."""
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_local, "config", None) is not None and _local.__dict__.get("stack"):
+            _work[(_local.party, _local.config, label)] += int(units(*args, **kwargs))
+        return inner(*args, **kwargs)
 
     setattr(owner, name, wrapper)
 
@@ -105,6 +138,8 @@ def main() -> None:
                        f"{[c.label for c in setting.configs(args.context)]}\n")
     for owner, name, label in SCOPES:
         _timed(owner, name, label)
+    for owner, name, label, units in WORK:
+        _counted(owner, name, label, units)
     client, server = filling_parties(setting.fill(args.context))
     calls = [c.call() for _ in range(1 + args.repeats) for c in configs]
     run_session(setting.model, ["a"] * len(calls), calls, "memory",
@@ -117,6 +152,9 @@ def main() -> None:
         print(f"{label:34}" + "".join(f"{1e3 * _spent.get((p, c, label), 0.0) / steps:20.1f}" for p, c in columns))
     print(f"{'total':34}" + "".join(
         f"{1e3 * sum(v for k, v in _spent.items() if k[:2] == col) / steps:20.1f}" for col in columns))
+    print(f"{'compiled work per warm step, millions':44}" + "".join(f"{p + ' ' + c:>20}" for p, c in columns))
+    for _, _, label, _ in WORK:
+        print(f"{label:44}" + "".join(f"{_work.get((p, c, label), 0) / steps / 1e6:20.2f}" for p, c in columns))
 
 
 if __name__ == "__main__":
