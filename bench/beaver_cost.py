@@ -5,7 +5,7 @@ dealer over in-memory links (``tests.unit.test_dealer.run_crypten_parties``) rec
 products of two secret ``shape`` tensors, have the dealer's material preprocessed, then run them
 again; per product it prints the wall and each party's thread CPU. Run it as is and under
 ``taskset -c 0`` to see what the threads' contention for the GIL costs on two cores (every torch
-call releases it and the other party's thread takes it): docs/kv_pruning.md.
+call releases it and the other party's thread takes it): docs/kv_pruning_history.md.
 """
 
 from __future__ import annotations

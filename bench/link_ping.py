@@ -10,7 +10,7 @@ dialing end fed by a queue (gRPC's request-consumer thread) and drained by a rea
 privinf's was before), the serving end echoing on its handler thread. Prints the median round trip and,
 per end, the process CPU per round trip and each thread's share over the timed round trips
 (``/proc`` counters). Where a
-round's time goes: docs/kv_pruning.md, "The per-operation floor".
+round's time goes: docs/kv_pruning_history.md, "The per-operation floor".
 """
 
 from __future__ import annotations

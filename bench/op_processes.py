@@ -15,7 +15,7 @@ gRPC and compiled kernels' threads included). Kernels (``--op``):
 - ``argmax``: the arg-max over GPT-2's 50,257 logits (``models.ops.argmax_last``).
 
 The per-kernel counterpart of ``bench/kv_processes.py`` (whole decode steps) and of
-``bench/beaver_cost.py`` (parties as threads): docs/kv_pruning.md, "The per-operation floor".
+``bench/beaver_cost.py`` (parties as threads): docs/kv_pruning_history.md, "The per-operation floor".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ not gRPC's synchronous API: there each message crosses three Python threads per 
 request consumer, the channel's completion-queue thread, the reader), and on a two-core host a
 round trip of a bidirectional stream took 0.67-0.70 ms and ~0.4 ms of CPU per end; on one loop
 thread the same general channel (a party thread sending and receiving through queues) took
-0.39 ms and ~0.23 ms (``bench/link_ping.py``; docs/kv_pruning.md, "The link on gRPC's asyncio
+0.39 ms and ~0.23 ms (``bench/link_ping.py``; docs/kv_pruning_history.md, "The link on gRPC's asyncio
 stack").
 
 Everything gRPC creates for a link (channels, calls, servers) is made on this loop; other threads
