@@ -153,7 +153,7 @@ class _Norm(Calibrated):
         :func:`models.ops.scaled_rows` (the products on ``x``, which a protocol may fuse or batch:
         ``x * weight`` in the same round as ``x^2``)."""
         if self.wide is not None or self._energy is not None:
-            return x * self._inv_rms(x) * weight
+            return self._over_rms(x) * weight
         return ops.scaled_rows(x, self._inv_from_squares, weight)
 
     def _inv_from_squares(self, squares: Any, times: Any = None) -> Any:
@@ -162,16 +162,16 @@ class _Norm(Calibrated):
         self._observe(ms)
         return ops.inv_sqrt(ms, self.mpc_scale, times)
 
-    def _inv_rms(self, x: Any) -> Any:
-        """``1 / sqrt(mean(x^2, -1) + eps)`` with the dim kept."""
+    def _over_rms(self, x: Any) -> Any:
+        """``x / sqrt(mean(x^2, -1) + eps)``; in wide mode ``x`` rides in the root's last product."""
         if self._energy is not None and ops.is_plain(x):
             energy = ops.square(x.detach().float()).sum(-1)
             self._energy += [float(energy.min()), float(energy.max())]
         if self.wide is None:
-            return self._inv_from_squares(ops.square(x))
+            return x * self._inv_from_squares(ops.square(x))
         scale = 2.0 ** -self.wide["shift"]
         energy = ops.rowdot(x, x * scale) + self.eps * self.dim * scale
-        return ops.inv_sqrt_wide(energy, self.wide["lo"], self.wide["hi"]) * math.sqrt(self.dim * scale)
+        return ops.inv_sqrt_wide(energy, self.wide["lo"], self.wide["hi"], times=x) * math.sqrt(self.dim * scale)
 
 
 class LayerNorm(_Norm):

@@ -178,12 +178,13 @@ def rowdot(x: Tensor, y: Tensor) -> Tensor:
     return x.unsqueeze(-2).matmul(y.unsqueeze(-1)).squeeze(-1)
 
 
-def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
-    """``1 / sqrt(x)`` for positive ``x`` spanning many orders of magnitude within the public
-    range [lo, hi] (``hi`` up to 4^8); on encrypted values a range-reduced approximation."""
+def inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None = None) -> Tensor:
+    """``times / sqrt(x)`` (``times`` None: ``1 / sqrt(x)``) for positive ``x`` [..., 1] spanning
+    many orders of magnitude within the public range [lo, hi]; on encrypted values a
+    range-reduced approximation, where a secret ``times`` [..., d] may share its last product."""
     if is_plain(x):
-        return torch.rsqrt(x)
-    return _kernel("inv_sqrt_wide")(x, lo, hi)
+        return torch.rsqrt(x) if times is None else times * torch.rsqrt(x)
+    return _kernel("inv_sqrt_wide")(x, lo, hi, times)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -17,8 +17,8 @@ context manager that installs them, optionally with a protocol's fused kernels
   (:func:`protocols.mpc.compare.below`): ~1 KB of dealer keys per element, whatever the count.
   Accurate for ``x / scale`` in [2^-14, 2^10) and [4^-7, 4^6); callers pass a public ``scale``
   that brings the private value into range. The general (signed) reciprocal is CrypTen's own.
-* **Wide inverse square root** (SmolLM2's massive activations): the same power-of-four
-  reduction, then CrypTen's inverse square root where it is accurate.
+* **Wide inverse square root** (SmolLM2's massive activations): a secret power of four from
+  one comparison key, then the piecewise root with the caller's factor in its last product.
 * **Fixed-point scale**: CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would
   round the constant to 0; :func:`protocols.mpc.compare.as_fixed_point` multiplies the share by the scale ratio (a
   local operation) to get the same bit at the usual 2^16 scale.
@@ -227,20 +227,42 @@ def crypten_inv_sqrt(x: Tensor, scale: float = 1.0, times: Any = None) -> Tensor
     return x.inv_sqrt() if times is None else times * x.inv_sqrt()
 
 
-def inv_sqrt_wide(x: Tensor, lo: float, hi: float) -> Tensor:
-    """``1 / sqrt(x)`` for positive shares spanning many orders of magnitude, [lo, hi] public.
-
-    The value is brought into [1, 4) by a public power of four chosen with comparisons against
-    public thresholds 4^j (:func:`_power_factors`). Then CrypTen's inverse square root runs where
-    it is accurate (its exp-based guess also covers values well above the last threshold, which
-    the linear guess of :func:`inv_sqrt` would not). The factors 4^-j are exact in fixed point
-    while 2j is at most the fractional bits, so ``hi`` may reach 4^8 at 16 bits.
-    """
+def _wide_factors(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    """Secret ``(4^-j, 2^-j)`` bringing positive ``x`` in [lo, hi] into [1, 4) (values above the
+    last threshold above it), from comparisons against public thresholds 4^j. The factors are
+    exact in fixed point while 2j is at most the fractional bits, so ``hi`` may reach 4^8 at 16
+    bits before the reduced values grow past 4."""
     fraction_bits = int(x.encoder.scale).bit_length() - 1
     first = math.floor(math.log(lo, 4))
     last = min(max(math.ceil(math.log(hi, 4)), first + 1), fraction_bits // 2) - 1
     factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
-    return (x * factor4).inv_sqrt() * factor2
+    return factor4, factor2
+
+
+def inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None = None) -> Tensor:
+    """``times / sqrt(x)`` (``times`` None: 1) for positive shares ``x`` [..., 1] spanning many
+    orders of magnitude within the public [lo, hi] (SmolLM2's norms: up to 4^10).
+
+    A secret power of four (:func:`_wide_factors`) brings ``x`` near [1, 4) (at most 4^10 / 4^7
+    above it, inside the piecewise root's range [4^-7, 4^6)), then the piecewise root
+    (:func:`_inv_sqrt_reduced`) with ``times * 2^-j`` as its factor: ``2^-j / sqrt(x 4^-j) = 1 /
+    sqrt(x)``. The two products ``x 4^-j`` and ``times 2^-j`` share one exchange, and the root's
+    last product multiplies ``times`` in: the comparisons, one product, then the root's three
+    rounds (CrypTen's inverse square root there took 17: an exp guess and three Newton steps)."""
+    factor4, factor2 = _wide_factors(x, lo, hi)
+    if times is None:
+        return _inv_sqrt_reduced(x * factor4, factor2)
+    rows, factor = x.nelement(), factor2.expand(tuple(times.shape))
+    both = ops.cat([x.reshape(-1), times.reshape(-1)]) * ops.cat([factor4.reshape(-1), factor.reshape(-1)])
+    return _inv_sqrt_reduced(both[:rows].reshape(x.shape), both[rows:].reshape(tuple(times.shape)))
+
+
+def crypten_inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None = None) -> Tensor:
+    """:func:`inv_sqrt_wide` with CrypTen's own inverse square root on the reduced value (what the
+    ``crypten`` numerics run: exp-seeded Newton, 17 rounds)."""
+    factor4, factor2 = _wide_factors(x, lo, hi)
+    root = (x * factor4).inv_sqrt() * factor2
+    return root if times is None else times * root
 
 
 def gelu_range(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -325,7 +347,8 @@ def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:
         "scaled_rows": scaled_rows, "row_max": row_max, "argmax_last": argmax_last,
     }
     if method == "crypten":
-        table.update(reciprocal=crypten_reciprocal, inv_sqrt=crypten_inv_sqrt, gelu=crypten_gelu)
+        table.update(reciprocal=crypten_reciprocal, inv_sqrt=crypten_inv_sqrt, inv_sqrt_wide=crypten_inv_sqrt_wide,
+                     gelu=crypten_gelu)
     return table
 
 

@@ -1,6 +1,7 @@
 """Issue 14's round cuts on two CrypTen parties with the dealer's FSS keys: the max / arg-max
 tournament (binary levels, then all-pairs groups), the piecewise reciprocal and inverse square
-root, and the range tests sharing their exchange with the fused GeLU's first opening."""
+root, the wide inverse square root of SmolLM2's norms, and the range tests sharing their exchange
+with the fused GeLU's first opening."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from protocols.protocol_config import ProtocolConfig
 from protocols.routes.local_run import run_crypten_parties
 
 LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
+ENERGY = torch.tensor([[1.5], [37.0], [900.0], [2.5e4], [9.9e5]])  # a wide norm's row energies (SmolLM2: 1.42-1.01e6)
+WIDE = (1.42, 1.01e6)
 
 
 def _rows() -> torch.Tensor:
@@ -46,7 +49,17 @@ def _party(rank: int, context: cp.PartyContext, ledger: Ledger) -> dict[str, obj
         root, out["root_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt(positive))
         gelu, out["gelu_rounds"] = _rounds(ledger, lambda: ops.gelu(gelu_in))
         out.update(recip=recip.get_plain_text(), root=root.get_plain_text(), gelu=gelu.get_plain_text())
+        energy = crypten.cryptensor(ENERGY, src=0)
+        rows = crypten.cryptensor(_wide_rows(), src=0)
+        wide, out["wide_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt_wide(energy, *WIDE, times=rows))
+        out["wide"] = wide.get_plain_text()
+    with share_kernels("crypten"):  # CrypTen's inverse square root on the reduced value
+        _, out["crypten_wide_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt_wide(energy, *WIDE, times=rows))
     return out
+
+
+def _wide_rows() -> torch.Tensor:
+    return torch.randn(len(ENERGY), 6, generator=torch.Generator().manual_seed(3)) * ENERGY.sqrt() / 3
 
 
 def _run() -> dict[str, object]:
@@ -86,6 +99,16 @@ def test_piecewise_reciprocal_and_inverse_square_root_rounds_and_accuracy() -> N
     assert ((r["recip"] - 1 / x).abs() * x)[:, 1:5].max() < 1e-3  # type: ignore[operator]
     assert ((r["root"] - x.rsqrt()).abs() / x.rsqrt()).max() < 2e-3  # type: ignore[operator]
     assert r["recip_rounds"] == 4 and r["root_rounds"] == 3
+
+
+def test_wide_inverse_square_root_takes_the_piecewise_root_and_its_factor() -> None:
+    r = _result()
+    want = _wide_rows() * ENERGY.rsqrt()
+    assert (r["wide"] - want).abs().max() < 2e-3  # type: ignore[operator]
+    # the power of four's comparisons, [x 4^-j, times 2^-j] in one exchange, the root's three
+    # rounds with times in its last product; CrypTen's root there: 17 rounds, then times
+    assert r["wide_rounds"] == 5
+    assert r["crypten_wide_rounds"] == 1 + 1 + 17 + 1 + 1
 
 
 def test_fused_gelu_opens_its_input_with_the_range_tests() -> None:
