@@ -227,15 +227,19 @@ def crypten_inv_sqrt(x: Tensor, scale: float = 1.0, times: Any = None) -> Tensor
     return x.inv_sqrt() if times is None else times * x.inv_sqrt()
 
 
-def _wide_factors(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-    """Secret ``(4^-j, 2^-j)`` bringing positive ``x`` in [lo, hi] into [1, 4) (values above the
-    last threshold above it), from comparisons against public thresholds 4^j. The factors are
-    exact in fixed point while 2j is at most the fractional bits, so ``hi`` may reach 4^8 at 16
-    bits before the reduced values grow past 4."""
+def _wide_powers(x: Tensor, lo: float, hi: float) -> tuple[int, int]:
+    """The first and last power j of the thresholds 4^j for :func:`_wide_factors`: the factors
+    4^-j are exact in fixed point while 2j is at most the fractional bits, so values above 4^8
+    (at 16 bits) stay above 4 after the reduction."""
     fraction_bits = int(x.encoder.scale).bit_length() - 1
     first = math.floor(math.log(lo, 4))
-    last = min(max(math.ceil(math.log(hi, 4)), first + 1), fraction_bits // 2) - 1
-    factor4, factor2 = _power_factors(x, 4.0, first, last, (1.0, 0.5))
+    return first, min(max(math.ceil(math.log(hi, 4)), first + 1), fraction_bits // 2) - 1
+
+
+def _wide_factors(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    """Secret ``(4^-j, 2^-j)`` bringing positive ``x`` in [lo, hi] into [1, 4) (values above the
+    last threshold above it), from comparisons against public thresholds 4^j."""
+    factor4, factor2 = _power_factors(x, 4.0, *_wide_powers(x, lo, hi), (1.0, 0.5))
     return factor4, factor2
 
 
@@ -248,7 +252,12 @@ def inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None = None) 
     (:func:`_inv_sqrt_reduced`) with ``times * 2^-j`` as its factor: ``2^-j / sqrt(x 4^-j) = 1 /
     sqrt(x)``. The two products ``x 4^-j`` and ``times 2^-j`` share one exchange, and the root's
     last product multiplies ``times`` in: the comparisons, one product, then the root's three
-    rounds (CrypTen's inverse square root there took 17: an exp guess and three Newton steps)."""
+    rounds (CrypTen's inverse square root there took 17: an exp guess and three Newton steps).
+    A range whose reduced values would pass the piecewise root's (``hi`` from 4^13 on, at 16 bits)
+    is refused with ``ValueError`` before any exchange (CrypTen's root was no better there)."""
+    limit = 4.0 ** (INV_SQRT_POWERS[1] + 1 + _wide_powers(x, lo, hi)[1])
+    if hi >= limit:
+        raise ValueError(f"wide inverse square root over [{lo:g}, {hi:g}]: the range must stay below {limit:g}")
     factor4, factor2 = _wide_factors(x, lo, hi)
     if times is None:
         return _inv_sqrt_reduced(x * factor4, factor2)

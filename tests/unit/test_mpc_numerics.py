@@ -64,6 +64,16 @@ def test_wide_inverse_square_root_spans_seven_orders_of_magnitude(crypten) -> No
     assert ((root - x.rsqrt()).abs() / x.rsqrt()).max() < 2e-2
 
 
+def test_wide_inverse_square_root_with_a_factor_and_beyond_the_piecewise_range(crypten) -> None:
+    energy = torch.tensor([[1.5], [900.0], [9.9e5]])  # SmolLM2's widest norm range: [1.42, 1.01e6]
+    rows = torch.tensor([[1.0, -2.0], [30.0, 5.0], [-900.0, 400.0]])
+    with share_kernels():
+        scaled = reveal(ops.inv_sqrt_wide(crypten.cryptensor(energy), 1.42, 1.01e6, times=crypten.cryptensor(rows)))
+        with pytest.raises(ValueError, match="must stay below"):  # reduced values past the root's 4^6
+            ops.inv_sqrt_wide(crypten.cryptensor(torch.tensor([[3.0]])), 1.0, 4.0 ** 13.5)
+    assert (scaled - rows * energy.rsqrt()).abs().max() < 2e-3
+
+
 def test_gelu_on_shares_is_the_piecewise_polynomial_within_1e_3(crypten) -> None:
     x = torch.linspace(-30.0, 30.0, 1201)
     with share_kernels():
