@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 Tensor = Any  # torch.Tensor or an encrypted tensor with the MPCTensor interface
-KERNELS = ("reciprocal", "inv_sqrt", "inv_sqrt_wide", "gelu", "scaled_rows", "row_max", "argmax_last")
+KERNELS = ("reciprocal", "inv_sqrt", "inv_sqrt_wide", "gelu", "silu", "scaled_rows", "row_max", "argmax_last")
 
 
 class MissingKernelError(LookupError):
@@ -232,8 +232,12 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
 
 
 def silu(x: Tensor) -> Tensor:
-    """SiLU ``x * sigmoid(x)`` on plain or encrypted values."""
-    return F.silu(x) if is_plain(x) else x * x.sigmoid()
+    """SiLU ``x * sigmoid(x)``: exact in torch; on encrypted values the installed approximation,
+    or the value's own ``x * x.sigmoid()`` where none is installed."""
+    if is_plain(x):
+        return F.silu(x)
+    impl = (_kernels.get() or {}).get("silu")
+    return x * x.sigmoid() if impl is None else impl(x)
 
 
 STABILISING_SLACK = 2.0 ** -6  # per comparison of a max that only shifts an exponential (row_max)

@@ -49,7 +49,7 @@ import torch
 
 from models import ops
 from protocols.mpc.compare import as_fixed_point, below, below_opening
-from protocols.mpc.kernel_choice import fold_gain, session_config
+from protocols.mpc.kernel_choice import DEALER_BYTE_WEIGHT, fold_gain, session_config
 from protocols.mpc.tournament import argmax_last, row_max
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
@@ -67,6 +67,11 @@ GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.063
                     0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
                     3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
 GELU_SIGMOID_SLOPE = 1.702
+SILU_RANGE = 12.0  # |SiLU(x) - ReLU(x)| < 7.4e-5 beyond +-T
+SILU_PIECES = 32  # quadratics on [-T, T], edges T s^1.5 for s uniform in [-1, 1]: denser where SiLU bends
+SILU_RESOLUTION = 2.0 ** -5  # a comparison may pick the neighbouring piece within 1/32 of an edge
+SILU_COSTS = {  # rounds; per element and party: online bytes sent, dealer bytes, local ns (see silu_by_pieces)
+    "pieces": (4, 83.0, 700.0, 5_800.0), "sigmoid": (17, 182.0, 150.0, 490.0)}
 NUMERICS = ("reduced", "crypten")
 
 
@@ -274,6 +279,76 @@ def crypten_inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None 
     return root if times is None else times * root
 
 
+@functools.lru_cache(maxsize=1)
+def _silu_table() -> dict[str, torch.Tensor]:
+    """SiLU's pieces: the edges as ``thresholds`` [J] and per interval [J + 1] the left end, a
+    quadratic ``d0 + d1 u + d2 u^2`` in ``u = x - left`` (least squares at Chebyshev nodes on the
+    piece widened by :data:`SILU_RESOLUTION` each side, where a comparison may pick it) and the
+    0/1 columns ``inside`` and ``above``: below -T SiLU is taken as 0, from T on as ``x``."""
+    s = torch.linspace(-1.0, 1.0, SILU_PIECES + 1, dtype=torch.float64)
+    edges = SILU_RANGE * s.sign() * s.abs() ** 1.5
+    nodes = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, 41, dtype=torch.float64))
+    rows = [[0.0] * 6]
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        xs = a - SILU_RESOLUTION + nodes * (b - a + 2 * SILU_RESOLUTION)
+        u = xs - a
+        design = torch.stack([torch.ones_like(u), u, u * u], dim=-1)
+        coeffs = torch.linalg.lstsq(design, torch.nn.functional.silu(xs)[:, None]).solution[:, 0]
+        rows.append([a, *coeffs.tolist(), 1.0, 0.0])
+    rows.append([0.0] * 5 + [1.0])
+    table = torch.tensor(rows, dtype=torch.float64)
+    out = {"thresholds": edges.contiguous()}
+    out.update({name: table[:, i].contiguous() for i, name in enumerate(("left", "d0", "d1", "d2", "inside", "above"))})
+    return out
+
+
+def silu_pieces(x: Tensor) -> Tensor:
+    """SiLU on shares as 32 quadratic pieces (max error ~3.3e-4; CrypTen's ``x * sigmoid(x)``:
+    ~3e-3): the piece's values from one comparison key for all 33 edges (:func:`_interval_values`),
+    ``[d1 u, d2 u]`` in one product, ``(d2 u) u`` in another, then ``inside * q + above * x``:
+    four rounds with value keys (CrypTen's form: 17). The last product keeps the pieces' terms,
+    which are unbounded outside [-T, T] (``u`` grows with ``x``), off the result there."""
+    with ops.compare_bound(GELU_COMPARE_BOUND, SILU_RESOLUTION):
+        left, d0, d1, d2, inside, above = _interval_values(
+            x, _silu_table(), ("left", "d0", "d1", "d2", "inside", "above"))
+    u, n = x - left, x.nelement()
+    first = ops.cat([d1.reshape(-1), d2.reshape(-1)]) * ops.cat([u.reshape(-1), u.reshape(-1)])
+    q = d0 + first[:n].reshape(x.shape) + first[n:].reshape(x.shape) * u
+    ends = ops.cat([inside.reshape(-1), above.reshape(-1)]) * ops.cat([q.reshape(-1), x.reshape(-1)])
+    return (ends[:n] + ends[n:]).reshape(x.shape)
+
+
+def crypten_silu(x: Tensor) -> Tensor:
+    """SiLU on shares as CrypTen computes it: ``x * sigmoid(x)`` (exp and reciprocal, 17 rounds)."""
+    return x * x.sigmoid()
+
+
+def silu_by_pieces(x: Tensor) -> bool:
+    """Whether SiLU of ``x`` (shares or a simulated value) runs as :func:`silu_pieces`: where it
+    is priced cheaper than CrypTen's form on the session's ``kernel_profile``, a public rule of
+    the shape. Priced per form (:data:`SILU_COSTS`): rounds at the profile's round trip, bytes
+    sent and dealer bytes (at ``kernel_choice.DEALER_BYTE_WEIGHT``) at its bandwidth, and local
+    time per element (thread CPU on two parties over in-memory links, 1,536 and 24,576 elements:
+    the pieces' key evaluated at 33 edges costs ~5.8 us an element). Break-even on LAN ~2,000
+    elements: a decoding step (SmolLM2: 1,536) takes the pieces, a prefill CrypTen's form; on WAN
+    up to ~100,000 take the pieces."""
+    config, n = session_config(x), x.nelement()
+    network = config.kernel_network()
+
+    def seconds(form: str) -> float:
+        rounds, sent, dealer, local_ns = SILU_COSTS[form]
+        return (rounds * network.rtt_s + n * (sent + dealer * DEALER_BYTE_WEIGHT) * 8 / network.bandwidth_bps
+                + n * local_ns * 1e-9)
+
+    return seconds("pieces") < seconds("sigmoid")
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU on shares: :func:`silu_pieces` where :func:`silu_by_pieces` prices it cheaper, else
+    CrypTen's form."""
+    return silu_pieces(x) if silu_by_pieces(x) else crypten_silu(x)
+
+
 def gelu_range(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(inside, w)`` at ``x``'s scale: ``inside = [-T <= x < T]`` and ``w = [x >= T] - [x < -T]``.
 
@@ -353,11 +428,11 @@ def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:
         raise ValueError(f"unknown numerics {method!r}; expected one of {NUMERICS}")
     table: dict[str, Callable[..., Any]] = {
         "reciprocal": reciprocal, "inv_sqrt": inv_sqrt, "inv_sqrt_wide": inv_sqrt_wide, "gelu": gelu,
-        "scaled_rows": scaled_rows, "row_max": row_max, "argmax_last": argmax_last,
+        "scaled_rows": scaled_rows, "row_max": row_max, "argmax_last": argmax_last, "silu": silu,
     }
     if method == "crypten":
         table.update(reciprocal=crypten_reciprocal, inv_sqrt=crypten_inv_sqrt, inv_sqrt_wide=crypten_inv_sqrt_wide,
-                     gelu=crypten_gelu)
+                     gelu=crypten_gelu, silu=crypten_silu)
     return table
 
 

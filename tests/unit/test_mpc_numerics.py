@@ -109,3 +109,13 @@ def test_comparison_bits_are_reencoded_at_the_operand_scale(crypten) -> None:
     assert torch.equal(reveal(scaled * 0.25), torch.tensor([0.0, 0.25, 0.25]))
     plain = numerics.as_fixed_point(torch.tensor([True, False]), torch.zeros(2))
     assert plain.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("elements", "profile", "pieces"), [
+    (1536, "lan", True), (3072, "lan", False), (24576, "lan", False), (24576, "wan", True)])
+def test_silu_takes_the_pieces_where_they_are_priced_cheaper(elements: int, profile: str, pieces: bool) -> None:
+    from protocols.mpc.simulate import SimTensor, simulation
+    from protocols.protocol_config import ProtocolConfig
+
+    with simulation(ProtocolConfig(kernel_profile=profile)):
+        assert numerics.silu_by_pieces(SimTensor.new(torch.zeros(elements))) is pieces

@@ -1,7 +1,7 @@
 """Issue 14's round cuts on two CrypTen parties with the dealer's FSS keys: the max / arg-max
 tournament (binary levels, then all-pairs groups), the piecewise reciprocal and inverse square
-root, the wide inverse square root of SmolLM2's norms, and the range tests sharing their exchange
-with the fused GeLU's first opening."""
+root, the wide inverse square root of SmolLM2's norms, SiLU's quadratic pieces, and the range
+tests sharing their exchange with the fused GeLU's first opening."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from protocols.mpc import fused_gelu, numerics
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
+from protocols.mpc.simulate import SimTensor, simulation
 from protocols.protocol_config import ProtocolConfig
 from protocols.routes.local_run import run_crypten_parties
 
 LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
 ENERGY = torch.tensor([[1.5], [37.0], [900.0], [2.5e4], [9.9e5]])  # a wide norm's row energies (SmolLM2: 1.42-1.01e6)
 WIDE = (1.42, 1.01e6)
+SILU_IN = torch.cat([torch.linspace(-14.0, 14.0, 1400), numerics._silu_table()["thresholds"].float(),
+                     torch.tensor([-3000.0, -40.0, 40.0, 3000.0])])  # a decoding step's size: the pieces
 
 
 def _rows() -> torch.Tensor:
@@ -53,8 +56,12 @@ def _party(rank: int, context: cp.PartyContext, ledger: Ledger) -> dict[str, obj
         rows = crypten.cryptensor(_wide_rows(), src=0)
         wide, out["wide_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt_wide(energy, *WIDE, times=rows))
         out["wide"] = wide.get_plain_text()
-    with share_kernels("crypten"):  # CrypTen's inverse square root on the reduced value
+        silu_in = crypten.cryptensor(SILU_IN, src=0)
+        silu, out["silu_rounds"] = _rounds(ledger, lambda: ops.silu(silu_in))
+        out["silu"] = silu.get_plain_text()
+    with share_kernels("crypten"):  # CrypTen's inverse square root on the reduced value; its x * sigmoid(x)
         _, out["crypten_wide_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt_wide(energy, *WIDE, times=rows))
+        _, out["crypten_silu_rounds"] = _rounds(ledger, lambda: ops.silu(silu_in))
     return out
 
 
@@ -109,6 +116,16 @@ def test_wide_inverse_square_root_takes_the_piecewise_root_and_its_factor() -> N
     # rounds with times in its last product; CrypTen's root there: 17 rounds, then times
     assert r["wide_rounds"] == 5
     assert r["crypten_wide_rounds"] == 1 + 1 + 17 + 1 + 1
+
+
+def test_silu_in_quadratic_pieces_is_four_rounds_and_matches_the_simulation() -> None:
+    r = _result()
+    want = torch.nn.functional.silu(SILU_IN.double())
+    assert (r["silu"] - want).abs().max() < 4e-4  # type: ignore[operator]
+    assert r["silu_rounds"] == 4 and r["crypten_silu_rounds"] == 17
+    with simulation(ProtocolConfig()), share_kernels():
+        simulated = ops.silu(SimTensor.new(SILU_IN))
+    assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < 4e-4
 
 
 def test_fused_gelu_opens_its_input_with_the_range_tests() -> None:
