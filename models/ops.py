@@ -10,8 +10,9 @@ type. The kernels in :data:`KERNELS` (``reciprocal``, ``inv_sqrt``, ``gelu``, ``
 compute in torch on plain values; on encrypted values they call the implementation the protocol
 installs with :func:`encrypted_kernels` (the MPC route installs ``protocols.mpc.numerics``'
 share numerics and its fused kernels around each forward), and raise :class:`MissingKernelError`
-when none is installed. :func:`compare_bound` lets model code promise a magnitude bound to the
-secure comparisons inside a block.
+when none is installed (``silu`` falls back to the value's own ``x * x.sigmoid()``).
+:func:`compare_bound` lets model code promise a magnitude bound to the secure comparisons inside
+a block.
 """
 
 from __future__ import annotations
