@@ -104,7 +104,7 @@ class SoftmaxAttention(_Quadratic):
 
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
         shifted = scores * dense + (dense - 1.0) * _BIG
-        return ops.exp(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK))
+        return ops.exp_nonpositive(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK))
 
 
 class PowerAttention(_Quadratic):

@@ -148,7 +148,7 @@ def prefill_scores(q: Any, k: Any, q_pos: torch.Tensor, k_pos: torch.Tensor,
     groups = qg.shape[2] // w
     dense = (k_pos[None, :] <= q_pos[:, None]).float().repeat(groups, 1)[None, None]
     shifted = scores * dense + (dense - 1.0) * _BIG
-    num = ops.exp(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK)) * dense
+    num = ops.exp_nonpositive(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK)) * dense
     scale = (dense.sum(-1, keepdim=True) / 8.0).clamp(min=1.0)
     probs = num * ops.reciprocal(num.sum(-1, keepdim=True), scale)
     return probs.sum(2)

@@ -10,7 +10,7 @@ type. The kernels in :data:`KERNELS` (``reciprocal``, ``inv_sqrt``, ``gelu``, ``
 compute in torch on plain values; on encrypted values they call the implementation the protocol
 installs with :func:`encrypted_kernels` (the MPC route installs ``protocols.mpc.numerics``'
 share numerics and its fused kernels around each forward), and raise :class:`MissingKernelError`
-when none is installed (``silu`` falls back to the value's own ``x * x.sigmoid()``).
+when none is installed (``silu`` and ``exp_nonpositive`` fall back to the value's own methods).
 :func:`compare_bound` lets model code promise a magnitude bound to the secure comparisons inside
 a block.
 """
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 Tensor = Any  # torch.Tensor or an encrypted tensor with the MPCTensor interface
-KERNELS = ("reciprocal", "inv_sqrt", "inv_sqrt_wide", "gelu", "silu", "scaled_rows", "row_max", "argmax_last")
+KERNELS = ("reciprocal", "inv_sqrt", "inv_sqrt_wide", "gelu", "silu", "exp_nonpositive", "scaled_rows", "row_max",
+           "argmax_last")
 
 
 class MissingKernelError(LookupError):
@@ -72,6 +73,16 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
 def exp(x: Tensor) -> Tensor:
     """Elementwise exponential."""
     return torch.exp(x) if is_plain(x) else x.exp()
+
+
+def exp_nonpositive(x: Tensor) -> Tensor:
+    """Elementwise exponential of values at most ~0 (a softmax's scores less their row max, which
+    exceed 0 by at most the max's slack); on encrypted values the installed approximation, or the
+    value's own ``exp`` where none is installed."""
+    if is_plain(x):
+        return torch.exp(x)
+    impl = (_kernels.get() or {}).get("exp_nonpositive")
+    return x.exp() if impl is None else impl(x)
 
 
 @contextlib.contextmanager

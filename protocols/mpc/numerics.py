@@ -1,7 +1,7 @@
 """The numerics that run on secret shares: what :mod:`models.ops` dispatches to for encrypted values.
 
 Models call :mod:`models.ops` (``reciprocal``, ``inv_sqrt``, ``inv_sqrt_wide``, ``gelu``, ``silu``,
-``row_max``, ``argmax_last``, ``scaled_rows``); on torch tensors those compute in torch, on
+``exp_nonpositive``, ``row_max``, ``argmax_last``, ``scaled_rows``); on torch tensors those compute in torch, on
 shares they call the implementation installed with ``models.ops.encrypted_kernels``. This module
 holds those implementations for CrypTen ``MPCTensor``s (duck-typed; comparisons against public
 thresholds go through :func:`protocols.mpc.compare.below`) and :func:`share_kernels`, the
@@ -19,8 +19,9 @@ context manager that installs them, optionally with a protocol's fused kernels
   that brings the private value into range. The general (signed) reciprocal is CrypTen's own.
 * **Wide inverse square root** (SmolLM2's massive activations): a secret power of four from
   one comparison key, then the piecewise root with the caller's factor in its last product.
-* **SiLU**: 32 quadratic pieces on [-12, 12] from one comparison key for their edges (4 rounds,
-  error 3.4e-4) where priced cheaper than CrypTen's ``x * sigmoid(x)`` (17 rounds).
+* **SiLU and a softmax's exp** (:mod:`protocols.mpc.pieces`): quadratic pieces from one comparison
+  key for their edges (4 rounds) where priced cheaper than CrypTen's ``x * sigmoid(x)`` (17) and
+  ``(1 + x/256)^256`` (8).
 * **Fixed-point scale**: CrypTen encodes comparison bits at scale 1, so ``bit * 0.25`` would
   round the constant to 0; :func:`protocols.mpc.compare.as_fixed_point` multiplies the share by the scale ratio (a
   local operation) to get the same bit at the usual 2^16 scale.
@@ -51,7 +52,9 @@ import torch
 
 from models import ops
 from protocols.mpc.compare import as_fixed_point, below, below_opening
-from protocols.mpc.kernel_choice import DEALER_BYTE_WEIGHT, fold_gain, session_config
+from protocols.mpc.intervals import interval_values
+from protocols.mpc.kernel_choice import fold_gain, session_config
+from protocols.mpc.pieces import crypten_exp, crypten_silu, exp_nonpositive, silu
 from protocols.mpc.tournament import argmax_last, row_max
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
@@ -69,11 +72,6 @@ GELU_EVEN_COEFFS = (0.0002246013663433183, 0.3969218679627679 * 3.5 ** 2, -0.063
                     0.008262958519470445 * 3.5 ** 6, -0.00069335772060879 * 3.5 ** 8,
                     3.2966547891262465e-05 * 3.5 ** 10, -6.672909071414601e-07 * 3.5 ** 12)
 GELU_SIGMOID_SLOPE = 1.702
-SILU_RANGE = 12.0  # |SiLU(x) - ReLU(x)| < 7.4e-5 beyond +-T
-SILU_PIECES = 32  # quadratics on [-T, T], edges T s^1.5 for s uniform in [-1, 1]: denser where SiLU bends
-SILU_RESOLUTION = 2.0 ** -5  # a comparison may pick the neighbouring piece within 1/32 of an edge
-SILU_COSTS = {  # rounds; per element and party: online bytes sent, dealer bytes, local ns (see silu_by_pieces)
-    "pieces": (4, 83.0, 700.0, 5_800.0), "sigmoid": (17, 182.0, 150.0, 490.0)}
 NUMERICS = ("reduced", "crypten")
 
 
@@ -124,7 +122,7 @@ def _piecewise_power(x: Tensor, base: float, powers: tuple[int, int], pieces: in
                      degree: int, times: Tensor | None = None) -> Tensor:
     """``x^exponent`` for positive ``x`` in [base^first, base^(last+1)) from one comparison key:
     the interval's factor ``base^-p``, left end and coefficients are local sums of the bits
-    (:func:`_interval_values`), ``u = x base^-p - g_j`` one product, then ``sum_i d_i u^i``: one
+    (:func:`~protocols.mpc.intervals.interval_values`), ``u = x base^-p - g_j`` one product, then ``sum_i d_i u^i``: one
     product more for degree 1, two for degree 2 (``d_1 u`` with ``d_2 u``, then ``(d_2 u) u``).
 
     With secret ``times`` [..., d] (degree 1; ``x`` [..., 1], e.g. a norm's rows): ``times *
@@ -133,7 +131,7 @@ def _piecewise_power(x: Tensor, base: float, powers: tuple[int, int], pieces: in
     if degree not in (1, 2) or (times is not None and degree != 1):
         raise ValueError(f"piecewise degree must be 1 or 2 (1 with a factor), got {degree}")
     table = _piece_table(base, *powers, pieces, exponent, degree)
-    factor, left, *coeffs = _interval_values(x, table, ("f", "left") + tuple(f"d{i}" for i in range(degree + 1)))
+    factor, left, *coeffs = interval_values(x, table, ("f", "left") + tuple(f"d{i}" for i in range(degree + 1)))
     if times is not None:
         shape, rows = tuple(times.shape), x.nelement()
         flat = [v.expand(shape).reshape(-1) for v in coeffs]
@@ -147,29 +145,6 @@ def _piecewise_power(x: Tensor, base: float, powers: tuple[int, int], pieces: in
     width = u.shape[-1]
     linear = ops.cat([coeffs[1], coeffs[2]], dim=-1) * ops.cat([u, u], dim=-1)
     return coeffs[0] + linear[..., :width] + linear[..., width:] * u
-
-
-def _interval_values(x: Tensor, table: dict[str, torch.Tensor], names: Sequence[str]) -> list[Tensor]:
-    """Secret per-interval values of ``table`` for ``x`` from one comparison key.
-
-    The bits ``[x < t_j]`` are monotone (a thermometer code; :func:`protocols.mpc.compare.below`
-    gets all of them from one key and one opening), so any function of the interval is linear in
-    them, ``v_J - sum_j bit_j (v_j - v_(j-1))``: local once the bits are known. The bits' shares
-    (scale 1) are multiplied by the integer steps of the values rounded to ``x``'s scale, so the
-    sum is exact (no truncation per term: hundreds of thresholds would add up their 1-ulp errors)
-    and each value is its rounding to the fixed-point grid."""
-    bits = below(x, table["thresholds"].tolist())
-    scale = int(x.encoder.scale)
-    if int(bits.encoder.scale) != 1:
-        raise ValueError(f"comparison bits at scale {bits.encoder.scale}, expected 1")
-    out = []
-    for name in names:
-        ints = torch.round(table[name] * scale).long()
-        value = bits.sum(-1)  # a share of the right shape; its share and encoder are replaced
-        value.share = -(bits.share * (ints[1:] - ints[:-1])).sum(-1)
-        value.encoder = x.encoder
-        out.append(value + float(ints[-1]) / scale)
-    return out
 
 
 def _reciprocal_reduced(x: Tensor) -> Tensor:
@@ -281,76 +256,6 @@ def crypten_inv_sqrt_wide(x: Tensor, lo: float, hi: float, times: Tensor | None 
     return root if times is None else times * root
 
 
-@functools.lru_cache(maxsize=1)
-def _silu_table() -> dict[str, torch.Tensor]:
-    """SiLU's pieces: the edges as ``thresholds`` [J] and per interval [J + 1] the left end, a
-    quadratic ``d0 + d1 u + d2 u^2`` in ``u = x - left`` (least squares at Chebyshev nodes on the
-    piece widened by :data:`SILU_RESOLUTION` each side, where a comparison may pick it) and the
-    0/1 columns ``inside`` and ``above``: below -T SiLU is taken as 0, from T on as ``x``."""
-    s = torch.linspace(-1.0, 1.0, SILU_PIECES + 1, dtype=torch.float64)
-    edges = SILU_RANGE * s.sign() * s.abs() ** 1.5
-    nodes = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, 41, dtype=torch.float64))
-    rows = [[0.0] * 6]
-    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        xs = a - SILU_RESOLUTION + nodes * (b - a + 2 * SILU_RESOLUTION)
-        u = xs - a
-        design = torch.stack([torch.ones_like(u), u, u * u], dim=-1)
-        coeffs = torch.linalg.lstsq(design, torch.nn.functional.silu(xs)[:, None]).solution[:, 0]
-        rows.append([a, *coeffs.tolist(), 1.0, 0.0])
-    rows.append([0.0] * 5 + [1.0])
-    table = torch.tensor(rows, dtype=torch.float64)
-    out = {"thresholds": edges.contiguous()}
-    out.update({name: table[:, i].contiguous() for i, name in enumerate(("left", "d0", "d1", "d2", "inside", "above"))})
-    return out
-
-
-def silu_pieces(x: Tensor) -> Tensor:
-    """SiLU on shares as 32 quadratic pieces (max error ~3.3e-4; CrypTen's ``x * sigmoid(x)``:
-    ~3e-3): the piece's values from one comparison key for all 33 edges (:func:`_interval_values`),
-    ``[d1 u, d2 u]`` in one product, ``(d2 u) u`` in another, then ``inside * q + above * x``:
-    four rounds with value keys (CrypTen's form: 17). The last product keeps the pieces' terms,
-    which are unbounded outside [-T, T] (``u`` grows with ``x``), off the result there."""
-    with ops.compare_bound(GELU_COMPARE_BOUND, SILU_RESOLUTION):
-        left, d0, d1, d2, inside, above = _interval_values(
-            x, _silu_table(), ("left", "d0", "d1", "d2", "inside", "above"))
-    u, n = x - left, x.nelement()
-    first = ops.cat([d1.reshape(-1), d2.reshape(-1)]) * ops.cat([u.reshape(-1), u.reshape(-1)])
-    q = d0 + first[:n].reshape(x.shape) + first[n:].reshape(x.shape) * u
-    ends = ops.cat([inside.reshape(-1), above.reshape(-1)]) * ops.cat([q.reshape(-1), x.reshape(-1)])
-    return (ends[:n] + ends[n:]).reshape(x.shape)
-
-
-def crypten_silu(x: Tensor) -> Tensor:
-    """SiLU on shares as CrypTen computes it: ``x * sigmoid(x)`` (exp and reciprocal, 17 rounds)."""
-    return x * x.sigmoid()
-
-
-def silu_by_pieces(x: Tensor) -> bool:
-    """Whether SiLU of ``x`` (shares or a simulated value) runs as :func:`silu_pieces`: where it
-    is priced cheaper than CrypTen's form on the session's ``kernel_profile``, a public rule of
-    the shape. Priced per form (:data:`SILU_COSTS`): rounds at the profile's round trip, bytes
-    sent and dealer bytes (at ``kernel_choice.DEALER_BYTE_WEIGHT``) at its bandwidth, and local
-    time per element (thread CPU on two parties over in-memory links, 1,536 and 24,576 elements:
-    the pieces' key evaluated at 33 edges costs ~5.8 us an element). Break-even on LAN ~2,000
-    elements: a decoding step (SmolLM2: 1,536) takes the pieces, a prefill CrypTen's form; on WAN
-    up to ~100,000 take the pieces."""
-    config, n = session_config(x), x.nelement()
-    network = config.kernel_network()
-
-    def seconds(form: str) -> float:
-        rounds, sent, dealer, local_ns = SILU_COSTS[form]
-        return (rounds * network.rtt_s + n * (sent + dealer * DEALER_BYTE_WEIGHT) * 8 / network.bandwidth_bps
-                + n * local_ns * 1e-9)
-
-    return seconds("pieces") < seconds("sigmoid")
-
-
-def silu(x: Tensor) -> Tensor:
-    """SiLU on shares: :func:`silu_pieces` where :func:`silu_by_pieces` prices it cheaper, else
-    CrypTen's form."""
-    return silu_pieces(x) if silu_by_pieces(x) else crypten_silu(x)
-
-
 def gelu_range(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(inside, w)`` at ``x``'s scale: ``inside = [-T <= x < T]`` and ``w = [x >= T] - [x < -T]``.
 
@@ -431,10 +336,11 @@ def kernels(method: str = "reduced") -> dict[str, Callable[..., Any]]:
     table: dict[str, Callable[..., Any]] = {
         "reciprocal": reciprocal, "inv_sqrt": inv_sqrt, "inv_sqrt_wide": inv_sqrt_wide, "gelu": gelu,
         "scaled_rows": scaled_rows, "row_max": row_max, "argmax_last": argmax_last, "silu": silu,
+        "exp_nonpositive": exp_nonpositive,
     }
     if method == "crypten":
         table.update(reciprocal=crypten_reciprocal, inv_sqrt=crypten_inv_sqrt, inv_sqrt_wide=crypten_inv_sqrt_wide,
-                     gelu=crypten_gelu, silu=crypten_silu)
+                     gelu=crypten_gelu, silu=crypten_silu, exp_nonpositive=crypten_exp)
     return table
 
 

@@ -114,8 +114,20 @@ def test_comparison_bits_are_reencoded_at_the_operand_scale(crypten) -> None:
 @pytest.mark.parametrize(("elements", "profile", "pieces"), [
     (1536, "lan", True), (3072, "lan", False), (24576, "lan", False), (24576, "wan", True)])
 def test_silu_takes_the_pieces_where_they_are_priced_cheaper(elements: int, profile: str, pieces: bool) -> None:
+    from protocols.mpc.pieces import silu_by_pieces
     from protocols.mpc.simulate import SimTensor, simulation
     from protocols.protocol_config import ProtocolConfig
 
     with simulation(ProtocolConfig(kernel_profile=profile)):
-        assert numerics.silu_by_pieces(SimTensor.new(torch.zeros(elements))) is pieces
+        assert silu_by_pieces(SimTensor.new(torch.zeros(elements))) is pieces
+
+
+@pytest.mark.parametrize(("elements", "profile", "pieces"), [
+    (216, "lan", True), (2000, "lan", False), (12288, "wan", True), (40000, "wan", False)])
+def test_softmax_exp_takes_the_pieces_where_they_are_priced_cheaper(elements: int, profile: str, pieces: bool) -> None:
+    from protocols.mpc.pieces import exp_by_pieces
+    from protocols.mpc.simulate import SimTensor, simulation
+    from protocols.protocol_config import ProtocolConfig
+
+    with simulation(ProtocolConfig(kernel_profile=profile)):
+        assert exp_by_pieces(SimTensor.new(torch.zeros(elements))) is pieces

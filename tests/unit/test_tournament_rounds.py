@@ -1,7 +1,7 @@
 """Issue 14's round cuts on two CrypTen parties with the dealer's FSS keys: the max / arg-max
 tournament (binary levels, then all-pairs groups), the piecewise reciprocal and inverse square
-root, the wide inverse square root of SmolLM2's norms, SiLU's quadratic pieces, and the range
-tests sharing their exchange with the fused GeLU's first opening."""
+root, the wide inverse square root of SmolLM2's norms, SiLU's and the softmax exp's quadratic
+pieces, and the range tests sharing their exchange with the fused GeLU's first opening."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from models import ops
 from privinf.ledger.counting import Ledger
 from protocols.mpc import fused_gelu, numerics
+from protocols.mpc import pieces as piecewise
 from protocols.mpc.cryptenlib import crypten
 from protocols.mpc.cryptenlib import provider as cp
 from protocols.mpc.numerics import share_kernels
@@ -20,8 +21,10 @@ from protocols.routes.local_run import run_crypten_parties
 LONG = 300  # > ALL_PAIRS_LIMIT: two binary levels (300 -> 150 -> 75), then groups (75 -> 5 -> 1)
 ENERGY = torch.tensor([[1.5], [37.0], [900.0], [2.5e4], [9.9e5]])  # a wide norm's row energies (SmolLM2: 1.42-1.01e6)
 WIDE = (1.42, 1.01e6)
-SILU_IN = torch.cat([torch.linspace(-14.0, 14.0, 1400), numerics._silu_table()["thresholds"].float(),
+SILU_IN = torch.cat([torch.linspace(-14.0, 14.0, 1400), piecewise._silu_table()["thresholds"].float(),
                      torch.tensor([-3000.0, -40.0, 40.0, 3000.0])])  # a decoding step's size: the pieces
+EXP_IN = torch.cat([torch.linspace(-14.0, 0.2, 400), piecewise._exp_table()["thresholds"].float(),
+                    torch.tensor([-2.0e4, -300.0])])  # a softmax's shifted scores at a short context
 
 
 def _rows() -> torch.Tensor:
@@ -59,9 +62,13 @@ def _party(rank: int, context: cp.PartyContext, ledger: Ledger) -> dict[str, obj
         silu_in = crypten.cryptensor(SILU_IN, src=0)
         silu, out["silu_rounds"] = _rounds(ledger, lambda: ops.silu(silu_in))
         out["silu"] = silu.get_plain_text()
+        exp_in = crypten.cryptensor(EXP_IN, src=0)
+        exp, out["exp_rounds"] = _rounds(ledger, lambda: ops.exp_nonpositive(exp_in))
+        out["exp"] = exp.get_plain_text()
     with share_kernels("crypten"):  # CrypTen's inverse square root on the reduced value; its x * sigmoid(x)
         _, out["crypten_wide_rounds"] = _rounds(ledger, lambda: ops.inv_sqrt_wide(energy, *WIDE, times=rows))
         _, out["crypten_silu_rounds"] = _rounds(ledger, lambda: ops.silu(silu_in))
+        _, out["crypten_exp_rounds"] = _rounds(ledger, lambda: ops.exp_nonpositive(exp_in))
     return out
 
 
@@ -126,6 +133,16 @@ def test_silu_in_quadratic_pieces_is_four_rounds_and_matches_the_simulation() ->
     with simulation(ProtocolConfig()), share_kernels():
         simulated = ops.silu(SimTensor.new(SILU_IN))
     assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < 4e-4
+
+
+def test_softmax_exp_in_quadratic_pieces_is_four_rounds_and_matches_the_simulation() -> None:
+    r = _result()
+    want = torch.exp(EXP_IN.double())
+    assert (r["exp"] - want).abs().max() < 2.5e-4  # type: ignore[operator]
+    assert r["exp_rounds"] == 4 and r["crypten_exp_rounds"] == 8
+    with simulation(ProtocolConfig()), share_kernels():
+        simulated = ops.exp_nonpositive(SimTensor.new(EXP_IN))
+    assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < 2.5e-4
 
 
 def test_fused_gelu_opens_its_input_with_the_range_tests() -> None:
