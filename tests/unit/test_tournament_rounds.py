@@ -5,6 +5,7 @@ pieces, and the range tests sharing their exchange with the fused GeLU's first o
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models import ops
@@ -125,24 +126,18 @@ def test_wide_inverse_square_root_takes_the_piecewise_root_and_its_factor() -> N
     assert r["crypten_wide_rounds"] == 1 + 1 + 17 + 1 + 1
 
 
-def test_silu_in_quadratic_pieces_is_four_rounds_and_matches_the_simulation() -> None:
+@pytest.mark.parametrize(("name", "kernel", "inputs", "exact", "error", "crypten_rounds"), [
+    ("silu", ops.silu, SILU_IN, torch.nn.functional.silu, 4e-4, 17),
+    ("exp", ops.exp_nonpositive, EXP_IN, torch.exp, 2.5e-4, 8)])
+def test_quadratic_pieces_are_four_rounds_and_match_the_simulation(name, kernel, inputs, exact, error,
+                                                                   crypten_rounds) -> None:
     r = _result()
-    want = torch.nn.functional.silu(SILU_IN.double())
-    assert (r["silu"] - want).abs().max() < 4e-4  # type: ignore[operator]
-    assert r["silu_rounds"] == 4 and r["crypten_silu_rounds"] == 17
+    want = exact(inputs.double())
+    assert (r[name] - want).abs().max() < error  # type: ignore[operator]
+    assert r[f"{name}_rounds"] == 4 and r[f"crypten_{name}_rounds"] == crypten_rounds
     with simulation(ProtocolConfig()), share_kernels():
-        simulated = ops.silu(SimTensor.new(SILU_IN))
-    assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < 4e-4
-
-
-def test_softmax_exp_in_quadratic_pieces_is_four_rounds_and_matches_the_simulation() -> None:
-    r = _result()
-    want = torch.exp(EXP_IN.double())
-    assert (r["exp"] - want).abs().max() < 2.5e-4  # type: ignore[operator]
-    assert r["exp_rounds"] == 4 and r["crypten_exp_rounds"] == 8
-    with simulation(ProtocolConfig()), share_kernels():
-        simulated = ops.exp_nonpositive(SimTensor.new(EXP_IN))
-    assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < 2.5e-4
+        simulated = kernel(SimTensor.new(inputs))
+    assert (simulated.share.double() / simulated.encoder.scale - want).abs().max() < error
 
 
 def test_fused_gelu_opens_its_input_with_the_range_tests() -> None:
