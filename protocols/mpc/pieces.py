@@ -25,7 +25,7 @@ from protocols.mpc.kernel_choice import DEALER_BYTE_WEIGHT, session_config
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
-COMPARE_BOUND = 2.0 ** 14  # |x| promised below this for the edges' comparisons (as GeLU's range tests)
+COMPARE_BOUND = 2.0 ** 14  # |x| promised below this for the edges' comparisons (CrypTen's exp: x > -256)
 RESOLUTION = 2.0 ** -5  # a comparison may pick the neighbouring piece within 1/32 of an edge (21-bit keys)
 SILU_RANGE = 12.0  # |SiLU(x) - ReLU(x)| < 7.4e-5 beyond +-T
 SILU_PIECES = 32  # quadratics on [-T, T], edges T s^1.5 for s uniform in [-1, 1]: denser where SiLU bends
