@@ -23,8 +23,8 @@ from models.kv_cache import KVCache
 from models.layers import Calibrated, Linear
 from models.variants import LayerVariant, OpSpec
 
-_BIG = 1.0e4  # public offset that keeps masked scores out of the row max (softmax only)
-ROW_MAX_BOUND = 2 * _BIG  # what the softmax promises its row max: differences below twice the offset
+MASK_OFFSET = 1.0e4  # public offset that keeps masked scores out of the row max (softmax only)
+ROW_MAX_BOUND = 2 * MASK_OFFSET  # what the softmax promises its row max: differences below twice the offset
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class SoftmaxAttention(_Quadratic):
     op_kind = "softmax"
 
     def numerator(self, scores: Any, dense: torch.Tensor) -> Any:
-        shifted = scores * dense + (dense - 1.0) * _BIG
+        shifted = scores * dense + (dense - 1.0) * MASK_OFFSET
         return ops.exp_nonpositive(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK))
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from models import ops
-from models.attention import _BIG, ROW_MAX_BOUND
+from models.attention import MASK_OFFSET, ROW_MAX_BOUND
 
 if TYPE_CHECKING:
     from models.pruned_cache import PrunedCache
@@ -125,7 +125,7 @@ def _group_queries(q: Any, kv_heads: int) -> Any:
 def cluster_score_bound(head_dim: int, rows: int) -> float:
     """A public bound on the difference of two cluster scores (the mean of a cluster's raw ``q . k``,
     summed over ``rows`` query rows), from the softmax's own promise on each scaled score
-    (``|q . k / sqrt(head_dim)| < _BIG``, :data:`models.attention.ROW_MAX_BOUND` for a difference):
+    (``|q . k / sqrt(head_dim)| < MASK_OFFSET``, :data:`models.attention.ROW_MAX_BOUND` for a difference):
     the width the selection's comparisons need, no wider (40-bit default gates: 35 bits at MPCache's
     32-dim heads)."""
     return ROW_MAX_BOUND * math.sqrt(head_dim) * rows
@@ -147,7 +147,7 @@ def prefill_scores(q: Any, k: Any, q_pos: torch.Tensor, k_pos: torch.Tensor,
     scores = ops.matmul(qg, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     groups = qg.shape[2] // w
     dense = (k_pos[None, :] <= q_pos[:, None]).float().repeat(groups, 1)[None, None]
-    shifted = scores * dense + (dense - 1.0) * _BIG
+    shifted = scores * dense + (dense - 1.0) * MASK_OFFSET
     num = ops.exp_nonpositive(shifted - ops.row_max(shifted, bound=ROW_MAX_BOUND, slack=ops.STABILISING_SLACK)) * dense
     scale = (dense.sum(-1, keepdim=True) / 8.0).clamp(min=1.0)
     probs = num * ops.reciprocal(num.sum(-1, keepdim=True), scale)

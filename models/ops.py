@@ -79,10 +79,7 @@ def exp_nonpositive(x: Tensor) -> Tensor:
     """Elementwise exponential of values at most ~0 (a softmax's scores less their row max, which
     exceed 0 by at most the max's slack); on encrypted values the installed approximation, or the
     value's own ``exp`` where none is installed."""
-    if is_plain(x):
-        return torch.exp(x)
-    impl = (_kernels.get() or {}).get("exp_nonpositive")
-    return x.exp() if impl is None else impl(x)
+    return torch.exp(x) if is_plain(x) else _kernel_or("exp_nonpositive", lambda v: v.exp())(x)
 
 
 @contextlib.contextmanager
@@ -112,6 +109,11 @@ def encrypted_kernels(**impls: Callable[..., Any]) -> Iterator[None]:
         raise ValueError(f"unknown encrypted kernel(s) {unknown}; expected some of {list(KERNELS)}")
     with _setting(_kernels, {**(_kernels.get() or {}), **impls}):
         yield
+
+
+def _kernel_or(name: str, default: Callable[..., Any]) -> Callable[..., Any]:
+    """The installed implementation of kernel ``name`` for encrypted values, else ``default``."""
+    return (_kernels.get() or {}).get(name) or default
 
 
 def _kernel(name: str) -> Callable[..., Any]:
@@ -246,10 +248,7 @@ def gelu(x: Tensor, form: str = "erf") -> Tensor:
 def silu(x: Tensor) -> Tensor:
     """SiLU ``x * sigmoid(x)``: exact in torch; on encrypted values the installed approximation,
     or the value's own ``x * x.sigmoid()`` where none is installed."""
-    if is_plain(x):
-        return F.silu(x)
-    impl = (_kernels.get() or {}).get("silu")
-    return x * x.sigmoid() if impl is None else impl(x)
+    return F.silu(x) if is_plain(x) else _kernel_or("silu", lambda v: v * v.sigmoid())(x)
 
 
 STABILISING_SLACK = 2.0 ** -6  # per comparison of a max that only shifts an exponential (row_max)

@@ -76,15 +76,17 @@ def _network(config: ProtocolConfig) -> NetworkProfile:
     return config.kernel_network()
 
 
-def _priced_s(cost: Cost, config: ProtocolConfig) -> float:
+def priced_s(cost: Cost, config: ProtocolConfig, compute_s: float = 0.0) -> float:
+    """Seconds of ``cost`` (online rounds, bytes sent per party) and ``compute_s`` of local work on
+    the configuration's kernel profile, priced as the ledger prices a cell."""
     rounds, sent = cost
-    return price(CriticalPath(rounds=rounds, critical_bytes=sent), _network(config)).latency_s
+    return price(CriticalPath(compute_s=compute_s, rounds=rounds, critical_bytes=sent), _network(config)).latency_s
 
 
 def cheaper(first: Cost, second: Cost, config: ProtocolConfig) -> bool:
     """Whether ``first`` costs less than ``second`` on the configuration's kernel profile (a tie
     goes to ``second``)."""
-    return _priced_s(first, config) < _priced_s(second, config)
+    return priced_s(first, config) < priced_s(second, config)
 
 
 def norm_costs(rows: int, width: int) -> dict[str, Cost]:

@@ -21,7 +21,7 @@ import torch
 
 from models import ops
 from protocols.mpc.intervals import interval_values
-from protocols.mpc.kernel_choice import DEALER_BYTE_WEIGHT, session_config
+from protocols.mpc.kernel_choice import DEALER_BYTE_WEIGHT, priced_s, session_config
 
 Tensor = Any  # an encrypted tensor with CrypTen's MPCTensor interface
 
@@ -79,13 +79,12 @@ def _pieces_value(x: Tensor, table: dict[str, torch.Tensor], extra: str | None =
 
 
 def _priced(x: Tensor, costs: dict[str, tuple[float, float, float, float]], form: str) -> float:
-    """Seconds of ``form`` of a kernel on ``x``'s element count on the session's ``kernel_profile``:
-    rounds at its round trip, bytes sent and dealer bytes (at ``DEALER_BYTE_WEIGHT``) at its
-    bandwidth, and local time per element."""
-    network, n = session_config(x).kernel_network(), x.nelement()
+    """Seconds of ``form`` of a kernel on ``x``'s element count on the session's ``kernel_profile``
+    (``kernel_choice.priced_s``): its rounds, bytes sent and dealer bytes (at
+    ``DEALER_BYTE_WEIGHT``), and local time per element."""
+    n = x.nelement()
     rounds, sent, dealer, local_ns = costs[form]
-    return (rounds * network.rtt_s + n * (sent + dealer * DEALER_BYTE_WEIGHT) * 8 / network.bandwidth_bps
-            + n * local_ns * 1e-9)
+    return priced_s((int(rounds), n * (sent + dealer * DEALER_BYTE_WEIGHT)), session_config(x), n * local_ns * 1e-9)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import ops
-from models.attention import _BIG
+from models.attention import MASK_OFFSET
 from models.layers import LayerNorm
 from privinf.ledger.counting import Ledger
 from protocols.mpc import fused_norm, kernel_choice, tournament
@@ -31,7 +31,7 @@ X = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(16)) * 3
 def _levels(rows: int, n: int, config: ProtocolConfig) -> list[str]:
     """The tournament's levels as tournament._tournament picks them under the softmax's bound."""
     out = []
-    with ops.compare_bound(2 * _BIG, ops.STABILISING_SLACK):
+    with ops.compare_bound(2 * MASK_OFFSET, ops.STABILISING_SLACK):
         while n > 1:
             pairs = tournament.all_pairs(rows, n, config)
             out.append(("pairs" if pairs else "binary") + f"@{n}")
@@ -84,7 +84,7 @@ def test_mpcache_rows_trade_a_big_all_pairs_level_for_binary_levels_priced_with_
     # rounds more of binary levels are cheaper, and the all-pairs level comes one halving later
     assert _levels(32, 246, DEFAULT) == ["binary@246", "binary@123", "pairs@62", "pairs@4"]
     assert _levels(32, 4097, DEFAULT)[-3:] == ["binary@65", "pairs@33", "pairs@3"]
-    with ops.compare_bound(2 * _BIG, ops.STABILISING_SLACK):
+    with ops.compare_bound(2 * MASK_OFFSET, ops.STABILISING_SLACK):
         costs = kernel_choice.level_costs(32, 123, 16, 1, DEFAULT)
         online = kernel_choice._online_comparisons(32 * 8 * 16 * 15 // 2, 33)["bit"]
     assert costs["pairs"][0] < costs["binary"][0] and costs["pairs"][1] > 10 * online[1]
@@ -98,11 +98,11 @@ def test_cached_level_prices_follow_the_bound_in_force_and_are_not_shared() -> N
         with ops.compare_bound(limit, resolution):
             return kernel_choice.level_costs(32, 123, 16, 1, DEFAULT)
 
-    narrow, wide = priced(2 * _BIG, ops.STABILISING_SLACK), priced(2.0 ** 22, 0.0)
+    narrow, wide = priced(2 * MASK_OFFSET, ops.STABILISING_SLACK), priced(2.0 ** 22, 0.0)
     assert narrow["binary"][1] < wide["binary"][1]  # narrower, truncated gates open fewer bytes
     kept = dict(narrow)
     narrow["pairs"] = (0, 0)
-    assert priced(2 * _BIG, ops.STABILISING_SLACK) == kept != narrow
+    assert priced(2 * MASK_OFFSET, ops.STABILISING_SLACK) == kept != narrow
 
 
 @pytest.mark.parametrize("changes, message", [
